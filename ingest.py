@@ -1,0 +1,301 @@
+"""Turning bytes on a store into catalogue records, all or nothing.
+
+Every way a file arrives (streamed upload, the two-step staging protocol,
+`register_instances`, later copies from other Librarians) ends in
+`register_staged` or `register_in_place`: metadata is gathered (records sent
+along, or read from the data, or inferred from similar names), then the
+File, its Observation if new, the FileInstance and a `create_instance` event
+are written in one transaction, and the bytes are moved into place inside
+that transaction. If the commit fails after the move, the bytes are removed
+again: the database and the disks never disagree.
+
+Imports nothing from Bottle; errors are `models.LibrarianError`.
+"""
+
+import logging
+import os
+
+import peewee as pw
+
+import uvmeta
+from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, LibrarianError,
+                    Observation, ObservingSession, check_file_name, check_md5, from_unix,
+                    utcnow, write_transaction)
+from stores import path_info, remove_tree, split_store_path
+
+log = logging.getLogger("librarian")
+
+
+# ---------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------
+
+def infer_obsid_from_name(name, mode):
+    """The obsid of a new file whose data carry none, by configuration
+    `obsid_inference_mode`: `hera` copies the obsid of existing files whose
+    names share the first three dot-separated fields (`zen.2458043.12552`)
+    and refuses unless exactly one candidate exists; `none` refuses.
+    Raises `LibrarianError(400)`."""
+    if mode != "hera":
+        raise LibrarianError(400, "cannot determine the obsid of %r from its data; upload it "
+                             "with null_obsid if it has none" % name)
+    bits = name.split(".")
+    if len(bits) < 4:
+        raise LibrarianError(400, "cannot infer the obsid of %r: a HERA name has at least "
+                             "four dot-separated fields" % name)
+    prefix = ".".join(bits[:3]) + "."
+    candidates = [row.obsid for row in
+                  File.select(File.observation).distinct()
+                  .where(File.name.startswith(prefix) & File.observation.is_null(False))
+                  .limit(2)]
+    if len(candidates) != 1:
+        raise LibrarianError(400, "cannot infer the obsid of %r: %s files named %s* with an "
+                             "obsid" % (name, "no" if not candidates else "several obsids among",
+                                        prefix))
+    return candidates[0]
+
+
+def gather_observation(abs_path, name, *, null_obsid, inference_mode):
+    """(obsid or None, observation metadata dict or None) for new bytes at
+    `abs_path` that will be called `name`. Raises `LibrarianError(400)`
+    when the data cannot be read, or the obsid is missing without
+    `null_obsid`, or present with it."""
+    try:
+        meta = uvmeta.read_observation(abs_path)
+    except uvmeta.MetadataError as e:
+        raise LibrarianError(400, "%s: %s" % (name, e)) from None
+    if null_obsid:
+        if meta is not None:
+            raise LibrarianError(400, "%s was sent with null_obsid but its data carry obsid %d"
+                                 % (name, meta["obsid"]))
+        return None, None
+    if meta is not None:
+        return meta["obsid"], meta
+    return infer_obsid_from_name(name, inference_mode), None
+
+
+def stated_observation(abs_path, name, obsid):
+    """(obsid, metadata or None) for a file whose caller stated its obsid:
+    the Observation must be known already or readable from the data, and
+    the data may not contradict the caller. Raises `LibrarianError(400)`."""
+    try:
+        meta = uvmeta.read_observation(abs_path)
+    except uvmeta.MetadataError:
+        meta = None
+    if meta is not None and meta["obsid"] != obsid:
+        raise LibrarianError(400, "%s: stated obsid %d but its data carry %d"
+                             % (name, obsid, meta["obsid"]))
+    if meta is None and Observation.get_or_none(Observation.obsid == obsid) is None:
+        raise LibrarianError(400, "%s: obsid %d is not a known observation and its data do "
+                             "not describe it" % (name, obsid))
+    return obsid, meta
+
+
+def ensure_observation(meta):
+    """Insert the Observation described by `meta` unless it exists."""
+    try:
+        with db.atomic():
+            Observation.insert(obsid=meta["obsid"], start_time_jd=meta["start_time_jd"],
+                               stop_time_jd=meta.get("stop_time_jd"),
+                               start_lst_hr=meta.get("start_lst_hr"),
+                               session=meta.get("session_id")).execute()
+    except pw.IntegrityError:
+        if Observation.get_or_none(Observation.obsid == meta["obsid"]) is None:
+            raise LibrarianError(400, "observation %r refers to an unknown session %r"
+                                 % (meta["obsid"], meta.get("session_id"))) from None
+
+
+def insert_file(record, source):
+    """Insert a File from `record` (`name, type, create_time (datetime),
+    obsid, size, md5`) unless an identical one exists. Returns True when it
+    was new. Raises `LibrarianError(409)` when a File of that name differs
+    in size or md5."""
+    try:
+        with db.atomic():
+            File.insert(name=record["name"], type=record["type"],
+                        create_time=record["create_time"], observation=record["obsid"],
+                        size=record["size"], md5=record["md5"], source=source).execute()
+        return True
+    except pw.IntegrityError:
+        existing = File.get_or_none(File.name == record["name"])
+        if existing is None:
+            raise LibrarianError(400, "file %r refers to unknown observation %r"
+                                 % (record["name"], record["obsid"])) from None
+        if existing.size != record["size"] or existing.md5 != record["md5"]:
+            raise LibrarianError(409, "a different file named %r is already registered "
+                                 "(size %d, md5 %s)" % (existing.name, existing.size,
+                                                        existing.md5)) from None
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Record sets sent by another Librarian
+# ---------------------------------------------------------------------------
+
+def _need(rec, key, types, where, nullable=False):
+    if key not in rec:
+        raise LibrarianError(400, "%s lacks %r" % (where, key))
+    value = rec[key]
+    if value is None and nullable:
+        return None
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise LibrarianError(400, "%s has a %r of the wrong type" % (where, key))
+    return float(value) if float in types else value
+
+
+def ingest_record_sets(files, observations, sessions, source):
+    """Create the records of a record set (API.md, `initiate_upload`) that
+    are not yet known, sessions first. Identical re-sends are no-ops; a File
+    that conflicts with a known one is refused (409). Call inside a
+    transaction."""
+    for key, rec in (sessions or {}).items():
+        where = "session %s" % key
+        sid = _need(rec, "id", (int,), where)
+        row = {"id": sid, "start_time_jd": _need(rec, "start_time_jd", (int, float), where),
+               "stop_time_jd": _need(rec, "stop_time_jd", (int, float), where)}
+        ObservingSession.insert(**row).on_conflict_ignore().execute()
+    for key, rec in (observations or {}).items():
+        where = "observation %s" % key
+        ensure_observation({
+            "obsid": _need(rec, "obsid", (int,), where),
+            "start_time_jd": _need(rec, "start_time_jd", (int, float), where),
+            "stop_time_jd": _need(rec, "stop_time_jd", (int, float), where, True)
+            if "stop_time_jd" in rec else None,
+            "start_lst_hr": _need(rec, "start_lst_hr", (int, float), where, True)
+            if "start_lst_hr" in rec else None,
+            "session_id": _need(rec, "session_id", (int,), where, True)
+            if "session_id" in rec else None})
+    for key, rec in (files or {}).items():
+        where = "file %s" % key
+        size = _need(rec, "size", (int,), where)
+        if size < 0:
+            raise LibrarianError(400, "%s has a negative size" % where)
+        insert_file({"name": check_file_name(_need(rec, "name", (str,), where)),
+                     "type": _need(rec, "type", (str,), where),
+                     "create_time": from_unix(_need(rec, "create_time", (int,), where)),
+                     "obsid": _need(rec, "obsid", (int,), where, True),
+                     "size": size, "md5": check_md5(_need(rec, "md5", (str,), where))},
+                    source)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+def policy_code(deletion_policy):
+    """The stored code of a deletion policy name; 400 on anything else."""
+    if deletion_policy is None:
+        return DELETION_POLICIES["disallowed"]
+    if deletion_policy not in DELETION_POLICIES:
+        raise LibrarianError(400, "deletion_policy must be 'allowed' or 'disallowed', got %r"
+                             % (deletion_policy,))
+    return DELETION_POLICIES[deletion_policy]
+
+
+def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mode,
+              null_obsid, inference_mode, abs_data, move=None, stated_obsid=None, claim=None):
+    """Shared core of the two registration paths; see `register_staged`."""
+    parent_dirs, name = split_store_path(store_path)
+    policy = policy_code(deletion_policy)
+    with write_transaction():
+        if claim is not None:
+            claim()
+        if meta_mode == "direct":
+            existing = File.get_or_none(File.name == name)
+            if existing is None:
+                raise LibrarianError(400, "meta_mode is direct but no record of %r was sent"
+                                     % name)
+            if existing.size != size or existing.md5 != md5:
+                raise LibrarianError(400, "the bytes of %r (size %d, md5 %s) do not match its "
+                                     "record (size %d, md5 %s)" % (name, size, md5,
+                                                                   existing.size, existing.md5))
+            new_file, obsid = False, existing.obsid
+        else:
+            if stated_obsid is not None:
+                obsid, meta = stated_observation(abs_data, name, stated_obsid)
+            else:
+                obsid, meta = gather_observation(abs_data, name, null_obsid=null_obsid,
+                                                 inference_mode=inference_mode)
+            if meta is not None:
+                ensure_observation(meta)
+            new_file = insert_file({"name": name, "type": uvmeta.file_type(name),
+                                    "create_time": utcnow(), "obsid": obsid, "size": size,
+                                    "md5": md5}, source)
+            if not new_file:
+                obsid = File.get(File.name == name).obsid
+        if not new_file and FileInstance.select().where(FileInstance.file == name).exists():
+            return {"created": False, "name": name, "obsid": obsid}
+        FileInstance.create(store=store.row, parent_dirs=parent_dirs, file=name,
+                            deletion_policy=policy)
+        FileEvent.record(name, "create_instance", store_name=store.name,
+                         parent_dirs=parent_dirs)
+        final = move() if move else None
+    return {"created": True, "name": name, "obsid": obsid, "final": final}
+
+
+def register_staged(store, abs_staged, store_path, *, source, deletion_policy=None,
+                    meta_mode="infer", null_obsid=False, inference_mode="none",
+                    readonly=True, expected_md5=None, size=None, md5=None, claim=None):
+    """Register the file or directory staged at `abs_staged` as
+    `store_path` on `store` (a `stores.LocalStore`) and move it there.
+
+    `size`/`md5` are those computed while receiving (computed here when
+    None); `expected_md5` is what the sender claimed (400 on mismatch).
+    `meta_mode` is `infer` (read the data, or infer from the name) or
+    `direct` (a File record was sent before and must match). Returns a dict
+    `{created, name, obsid}`; `created` is False when an identical file
+    already had an instance (the staged bytes are then left for the caller
+    to clean up). `claim`, if given, runs first inside the transaction
+    (used to consume an issued staging directory exactly once). Raises
+    `LibrarianError` (400, 409)."""
+    if size is None or md5 is None:
+        size, md5 = path_info(abs_staged)
+    if expected_md5 is not None and check_md5(expected_md5) != md5:
+        raise LibrarianError(400, "md5 mismatch: the sender said %s but the received bytes "
+                             "have %s" % (expected_md5.lower(), md5))
+    store.finish_staged(abs_staged, readonly)
+    moved = []
+
+    def move():
+        moved.append(store.move_into_place(abs_staged, store_path))
+        return moved[0]
+
+    try:
+        result = _register(store, store_path, size, md5, source=source,
+                           deletion_policy=deletion_policy, meta_mode=meta_mode,
+                           null_obsid=null_obsid, inference_mode=inference_mode,
+                           abs_data=abs_staged, move=move, claim=claim)
+    except BaseException:
+        # The transaction was rolled back: bytes already moved must go too.
+        for path in moved:
+            log.warning("removing %s: its registration was rolled back", path)
+            remove_tree(path)
+        raise
+    result.update(size=size, md5=md5)
+    return result
+
+
+def register_in_place(store, abs_path, *, source, size, md5, null_obsid=False,
+                      inference_mode="none", readonly=True, obsid=None):
+    """Register bytes that are already at their final place on `store`
+    (`register_instances`): checks that size and md5 match what the caller
+    said, then records them. Raises `LibrarianError`."""
+    root = os.path.realpath(store.prefix)
+    real = os.path.realpath(abs_path)
+    if not real.startswith(root + os.sep):
+        raise LibrarianError(400, "%s is not inside store %r (%s)" % (abs_path, store.name,
+                                                                     store.prefix))
+    store_path = os.path.relpath(real, root)
+    split_store_path(store_path)
+    if not os.path.exists(real):
+        raise LibrarianError(400, "%s does not exist on store %r" % (abs_path, store.name))
+    actual_size, actual_md5 = path_info(real)
+    if actual_size != size or actual_md5 != check_md5(md5):
+        raise LibrarianError(400, "%s has size %d and md5 %s, not %d and %s as stated"
+                             % (abs_path, actual_size, actual_md5, size, md5))
+    store.finish_staged(real, readonly)
+    result = _register(store, store_path, actual_size, actual_md5, source=source,
+                       deletion_policy=None, meta_mode="infer", null_obsid=null_obsid,
+                       inference_mode=inference_mode, abs_data=real, stated_obsid=obsid)
+    return result

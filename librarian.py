@@ -1,0 +1,719 @@
+"""The Librarian server: a Bottle app and its command line.
+
+    python librarian.py migrate --config PATH     apply database migrations
+    python librarian.py serve --config PATH       serve HTTP with waitress
+    python librarian.py add-store NAME PATH       register a store
+    python librarian.py add-user NAME --level L   create a source (prints its authenticator)
+    python librarian.py init-config PATH          write a fresh config for a local archive
+
+`--config` falls back to `$LIBRARIAN_CONFIG_PATH`, then `./librarian.ini`.
+
+The file reads top to bottom: setup, hooks and errors, authentication and
+argument checking, the JSON API (`/api/<operation>`, API.md section 1),
+streamed upload and download (section 2), then the command line.
+"""
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import sys
+import time
+import traceback
+
+import bottle
+from bottle import Bottle, HTTPError, HTTPResponse, request, response
+
+import ingest
+import models
+import settings as settings_mod
+from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
+                    db)
+from stores import (BodyReader, LocalStore, iter_tar, receive_file, receive_tar, remove_tree,
+                    split_store_path, tar_size)
+
+__version__ = "0.1.0"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIGRATIONS = os.path.join(HERE, "migrations")
+MAX_REQUEST_BODY = 1 << 50  # waitress refuses larger bodies; ours are files, so: none.
+AUTH_CACHE_SECONDS = 60
+
+log = logging.getLogger("librarian")
+
+# JSON arguments (record sets) may be large; bodies of PUT are streamed, not parsed.
+bottle.BaseRequest.MEMFILE_MAX = 64 << 20
+
+
+# ---------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------
+
+def configure_logging(level="INFO"):
+    """Log to stderr with UTC ISO-8601 times."""
+    handler = logging.StreamHandler()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                  "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def setup(config):
+    """Bind the database named by `config` (a `settings.Settings`), point
+    the templates at `views/` and return the Bottle app. Does not touch the
+    schema; see `startup` for what a serving process does next."""
+    models.bind_database(config.database["url"])
+    bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, "views")]
+    app = Bottle()
+    app.config["librarian.settings"] = config
+    app.config["librarian.auth_cache"] = {}
+    install_routes(app)
+    app.add_hook("before_request", _open_db)
+    app.add_hook("after_request", _close_db)
+    app.default_error_handler = render_error
+    return app
+
+
+def migration_router():
+    from peewee_migrate import Router
+
+    return Router(db, migrate_dir=MIGRATIONS, logger=log)
+
+
+def pending_migrations():
+    """Names of the migrations not yet applied to the bound database."""
+    return migration_router().diff
+
+
+def sync_config_records(config):
+    """Add the stores and sources named in the configuration to the database
+    if they are missing (existing records are left as they are)."""
+    with models.write_transaction():
+        for name, spec in config.stores.items():
+            Store.insert(name=name, path_prefix=os.path.abspath(spec["path_prefix"]),
+                         ssh_host=spec["ssh_host"], available=spec["available"]) \
+                .on_conflict_ignore().execute()
+        for name, spec in config.sources.items():
+            if Source.get_or_none(Source.name == name) is None:
+                models.create_source(name, spec["authenticator"], spec["level"])
+
+
+def clean_all_staging():
+    """Remove staging leftovers on every reachable local store, keeping the
+    directories issued by `initiate_upload` that are still outstanding."""
+    issued = [s.path for s in StagingDir.select()]
+    for row in Store.select():
+        store = LocalStore(row)
+        if store.is_reachable():
+            removed = store.clean_staging(keep=issued)
+            if removed:
+                log.info("removed %d staging leftovers on store %s", removed, row.name)
+
+
+def startup(app):
+    """What a serving process does before its first request: refuse an
+    unmigrated database (`SystemExit` with a message), add configured
+    stores and sources, clean staging areas."""
+    config = app.config["librarian.settings"]
+    with db.connection_context():
+        pending = pending_migrations()
+        if pending:
+            raise SystemExit("the database %s is not migrated (pending: %s); run: python "
+                             "librarian.py migrate --config %s"
+                             % (config.database["url"], ", ".join(pending),
+                                config.path or "PATH"))
+        sync_config_records(config)
+        clean_all_staging()
+        for row in Store.select():
+            os.makedirs(row.path_prefix, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# Hooks and errors
+# ---------------------------------------------------------------------------
+
+def _open_db():
+    db.connect(reuse_if_open=True)
+
+
+def _close_db():
+    if not db.is_closed():
+        db.close()
+
+
+def is_api_request():
+    return request.path.startswith("/api/")
+
+
+def render_error(error):
+    """Render any HTTP error: JSON `{success: false, message}` under `/api/`,
+    an HTML page elsewhere. A 500 never carries exception text."""
+    status = error.status_code
+    message = error.body if status < 500 else "internal error; see the server log"
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    if status == 404 and not message:
+        message = "not found: %s" % request.path
+    if is_api_request() or request.path.startswith("/stream/"):
+        response.content_type = "application/json"
+        return json.dumps({"success": False, "message": message or error.status_line})
+    response.content_type = "text/html; charset=utf-8"
+    return bottle.template("error", status=error.status_line, message=message)
+
+
+def fail(status, message):
+    """Stop the request with `status` and `message` (JSON under /api/)."""
+    raise HTTPError(status, message)
+
+
+def handle_errors(func):
+    """Turn `LibrarianError` into its status and any other exception into a
+    logged 500, so that handlers can simply raise."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except HTTPResponse:
+            raise
+        except LibrarianError as e:
+            raise HTTPError(e.status, e.message) from None
+        except Exception:
+            log.error("unhandled error in %s %s\n%s", request.method, request.path,
+                      traceback.format_exc())
+            raise HTTPError(500, "internal error") from None
+    return wrapper
+
+
+def json_reply(status=200, **fields):
+    response.status = status
+    response.content_type = "application/json"
+    return json.dumps(dict(success=True, **fields))
+
+
+# ---------------------------------------------------------------------------
+# Authentication and argument checking
+# ---------------------------------------------------------------------------
+
+def bearer_token():
+    header = request.get_header("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer "):].strip()
+    return None
+
+
+def authenticate(authenticator, level):
+    """The Source calling with `authenticator`, if its level is at least
+    `level`; otherwise 400 (missing or wrong) or 403 (too low). Verified
+    sources are cached for a minute so that Argon2's deliberate slowness is
+    paid once per client, not per request."""
+    if not isinstance(authenticator, str) or not authenticator:
+        fail(400, "no authenticator given")
+    cache = request.app.config["librarian.auth_cache"]
+    key = hashlib.sha256(authenticator.encode("utf-8")).hexdigest()
+    hit = cache.get(key)
+    source = None
+    if hit and hit[1] > time.monotonic():
+        source = Source.get_or_none(Source.id == hit[0])
+    if source is None:
+        source = models.find_source(authenticator)
+        if source is None:
+            fail(400, "unknown authenticator")
+        if len(cache) > 1000:
+            cache.clear()
+        cache[key] = (source.id, time.monotonic() + AUTH_CACHE_SECONDS)
+    if not source.allows(level):
+        fail(403, "%s needs level %s; source %r has level %s"
+             % (request.path, level, source.name, source.level))
+    return source
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+              dict: "an object", list: "a list"}
+
+
+def check_type(name, value, kind):
+    """Strict JSON typing of API.md: integers reject floats, strings and
+    booleans; floats accept integers; booleans are JSON booleans."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else fail(400, "argument %r must be %s, got %s"
+                                            % (name, TYPE_NAMES[kind], json.dumps(value)))
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        fail(400, "argument %r must be %s, got %s" % (name, TYPE_NAMES[kind], json.dumps(value)))
+    return value
+
+
+def validate(payload, spec):
+    """Check `payload` against `spec` (`{name: type}`, a name ending in `?`
+    is optional) and return `{name: value}` with absent optionals as None.
+    Missing required and unknown arguments are 400s naming them."""
+    args = {}
+    known = {"authenticator"}
+    for key, kind in spec.items():
+        name = key.rstrip("?")
+        known.add(name)
+        if name not in payload or payload[name] is None:
+            if not key.endswith("?"):
+                fail(400, "missing argument %r" % name)
+            args[name] = None
+            continue
+        args[name] = check_type(name, payload[name], kind)
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        fail(400, "unknown argument%s %s" % ("s" if len(unknown) > 1 else "",
+                                             ", ".join(repr(u) for u in unknown)))
+    return args
+
+
+def read_api_payload():
+    """The request object of the existing protocol: a JSON body, or the
+    form/query field `request` holding JSON. 400 when absent or not an
+    object."""
+    if request.content_type.split(";")[0].strip() == "application/json":
+        raw = request.body.read().decode("utf-8", "replace")
+    else:
+        raw = request.forms.getunicode("request") or request.query.getunicode("request")
+    if not raw:
+        fail(400, "no request payload: send a form field 'request' holding a JSON object")
+    try:
+        payload = json.loads(raw)
+    except ValueError as e:
+        fail(400, "request payload is not valid JSON: %s" % e)
+    if not isinstance(payload, dict):
+        fail(400, "request payload must be a JSON object")
+    return payload
+
+
+# ---------------------------------------------------------------------------
+# The JSON API
+# ---------------------------------------------------------------------------
+
+OPERATIONS = {}
+
+
+def operation(name, level, **spec):
+    """Register an `/api/NAME` operation for callers of at least `level`;
+    keyword arguments are the argument spec of `validate`. The handler is
+    called as `handler(source, args)` and returns a dict of reply fields."""
+    def register(func):
+        OPERATIONS[name] = (func, level, {k.replace("_Q", "?"): v for k, v in spec.items()})
+        return func
+    return register
+
+
+@handle_errors
+def api_dispatch(name):
+    if name not in OPERATIONS:
+        fail(400, "unknown operation %r" % name)
+    func, level, spec = OPERATIONS[name]
+    payload = read_api_payload()
+    source = authenticate(bearer_token() or payload.get("authenticator"), level)
+    args = validate(payload, spec)
+    return json_reply(**(func(source, args) or {}))
+
+
+def cfg():
+    return request.app.config["librarian.settings"]
+
+
+def local_instance(file_name):
+    """The FileInstance of `file_name` on an available store whose bytes are
+    present here; 400 when the file is unknown or has none."""
+    instances = (FileInstance.select(FileInstance, Store).join(Store)
+                 .where((FileInstance.file == file_name) & (Store.available == True))  # noqa: E712
+                 .order_by(Store.name))
+    for inst in instances:
+        if os.path.lexists(LocalStore(inst.store).resolve(inst.store_path)):
+            return inst
+    if File.get_or_none(File.name == file_name) is None:
+        fail(400, "no file named %r" % file_name)
+    fail(400, "file %r has no instance on an available store here" % file_name)
+
+
+def choose_store(upload_size):
+    """The available, reachable store with the most free space that can
+    hold `upload_size` bytes; 400 when there is none."""
+    best, best_free = None, -1
+    for row in Store.select().where(Store.available == True).order_by(Store.name):  # noqa: E712
+        store = LocalStore(row)
+        free = store.free_space() if store.is_reachable() else None
+        if free is not None and free >= upload_size and free > best_free:
+            best, best_free = store, free
+    if best is None:
+        fail(400, "no available store can hold %d bytes" % upload_size)
+    return best
+
+
+@operation("ping", "read-only")
+def op_ping(source, args):
+    return {"message": "hello"}
+
+
+@operation("probe_stores", "read-only")
+def op_probe_stores(source, args):
+    stores = Store.select().where(Store.available == True).order_by(Store.name)  # noqa: E712
+    return {"stores": [{"name": s.name, "path_prefix": s.path_prefix, "ssh_host": s.ssh_host}
+                       for s in stores]}
+
+
+@operation("create_file_event", "read-append", file_name=str, type=str, payload=dict)
+def op_create_file_event(source, args):
+    if not args["type"]:
+        fail(400, "event type may not be empty")
+    with models.write_transaction():
+        if File.get_or_none(File.name == args["file_name"]) is None:
+            fail(400, "no file named %r" % args["file_name"])
+        FileEvent.record(args["file_name"], args["type"], **args["payload"])
+    return {}
+
+
+@operation("locate_file_instance", "read-only", file_name=str)
+def op_locate_file_instance(source, args):
+    inst = local_instance(args["file_name"])
+    return {"full_path_on_store": inst.full_path_on_store, "store_name": inst.store.name,
+            "store_path": inst.store_path, "store_ssh_host": inst.store.ssh_host}
+
+
+@operation("initiate_upload", "read-append", upload_size=int, known_staging_store_Q=str,
+           known_staging_subdir_Q=str, files_Q=dict, observations_Q=dict, sessions_Q=dict)
+def op_initiate_upload(source, args):
+    if args["upload_size"] < 0:
+        fail(400, "upload_size may not be negative")
+    if (args["known_staging_store"] is None) != (args["known_staging_subdir"] is None):
+        fail(400, "give both known_staging_store and known_staging_subdir, or neither")
+    if args["known_staging_store"] is not None:
+        store = LocalStore(Store.by_name(args["known_staging_store"]))
+        staging = os.path.join(store.staging_root(), args["known_staging_subdir"])
+        os.makedirs(staging, exist_ok=True)
+        if not store.in_staging(staging):
+            fail(400, "known_staging_subdir %r is not a directory of store %r's staging area"
+                 % (args["known_staging_subdir"], store.name))
+    else:
+        store = choose_store(args["upload_size"])
+        staging = store.new_staging_dir()
+    try:
+        with models.write_transaction():
+            ingest.ingest_record_sets(args["files"], args["observations"], args["sessions"],
+                                      source.name)
+            StagingDir.insert(store=store.row, path=staging, source=source.name,
+                              created=models.utcnow()).on_conflict_ignore().execute()
+    except BaseException:
+        if args["known_staging_store"] is None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dict(store.row.to_dict(), staging_dir=staging)
+
+
+@operation("complete_upload", "read-append", store_name=str, staging_dir=str,
+           dest_store_path=str, meta_mode=str, deletion_policy_Q=str, staging_was_known_Q=bool,
+           null_obsid_Q=bool)
+def op_complete_upload(source, args):
+    if args["meta_mode"] not in ("direct", "infer"):
+        fail(400, "meta_mode must be 'direct' or 'infer', got %r" % args["meta_mode"])
+    store = LocalStore(Store.by_name(args["store_name"]))
+    _, name = split_store_path(args["dest_store_path"])
+    staged = os.path.join(args["staging_dir"], name)
+    issued = (StagingDir.select().where((StagingDir.store == store.row)
+                                        & (StagingDir.path == args["staging_dir"])).exists())
+    if not issued:
+        fail(400, "staging_dir %r was not issued by this server for store %r, or was already "
+             "used" % (args["staging_dir"], store.name))
+    if not os.path.lexists(staged) or os.path.islink(staged):
+        fail(400, "nothing staged at %s" % staged)
+
+    def claim():
+        used = StagingDir.delete().where((StagingDir.store == store.row)
+                                         & (StagingDir.path == args["staging_dir"])).execute()
+        if used != 1:
+            fail(400, "staging_dir %r was already used" % args["staging_dir"])
+
+    ingest.register_staged(store, staged, args["dest_store_path"], source=source.name,
+                           deletion_policy=args["deletion_policy"], meta_mode=args["meta_mode"],
+                           null_obsid=bool(args["null_obsid"]), claim=claim,
+                           inference_mode=cfg().librarian["obsid_inference_mode"],
+                           readonly=cfg().librarian["permissions_mode"] == "readonly")
+    shutil.rmtree(args["staging_dir"], ignore_errors=True)
+    return {}
+
+
+@operation("register_instances", "read-append", store_name=str, file_info=dict,
+           null_obsid_Q=bool)
+def op_register_instances(source, args):
+    store = LocalStore(Store.by_name(args["store_name"]))
+    with models.write_transaction():
+        for full_path, info in args["file_info"].items():
+            if not isinstance(info, dict):
+                fail(400, "file_info[%r] must be an object" % full_path)
+            spec = {"size": int, "md5": str, "type": str, "obsid?": int}
+            item = validate(info, spec)
+            ingest.register_in_place(store, full_path, source=source.name, size=item["size"],
+                                     md5=item["md5"], obsid=item["obsid"],
+                                     null_obsid=bool(args["null_obsid"]),
+                                     inference_mode=cfg().librarian["obsid_inference_mode"],
+                                     readonly=cfg().librarian["permissions_mode"] == "readonly")
+    return {}
+
+
+# ---------------------------------------------------------------------------
+# Streamed upload and download (API.md section 2)
+# ---------------------------------------------------------------------------
+
+def query_flag(name):
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no", ""):
+        return False
+    fail(400, "query argument %s must be true or false, got %r" % (name, value))
+
+
+@handle_errors
+def upload(dest_store_path):
+    """PUT /api/upload/<dest_store_path>: stream the body (a file, or a tar
+    of a directory with `X-Librarian-Directory: tar`) to staging, verify,
+    register, move into place. 201 when created, 200 when identical bytes
+    were already here, 409 when different bytes are."""
+    source = authenticate(bearer_token() or request.query.get("authenticator"), "read-append")
+    _, name = split_store_path(dest_store_path)
+    md5 = request.query.get("md5")
+    if md5 is not None:
+        md5 = models.check_md5(md5)
+    deletion_policy = request.query.get("deletion_policy")
+    ingest.policy_code(deletion_policy)
+    null_obsid = query_flag("null_obsid")
+    is_tar = request.get_header("X-Librarian-Directory", "").lower() == "tar"
+    length = request.content_length
+    if length == 0 or (length < 0 and request.get_header("Transfer-Encoding") is None):
+        fail(400, "empty request body: send the file's bytes")
+    store = choose_store(max(length, 0))
+    store.resolve(dest_store_path)  # refuse paths leaving the store before any byte moves
+    staging = store.new_staging_dir()
+    try:
+        reader = BodyReader(request.environ["wsgi.input"], length if length >= 0 else None)
+        staged = os.path.join(staging, name)
+        if is_tar:
+            size, got_md5 = receive_tar(reader, staged, name)
+        else:
+            size, got_md5 = receive_file(reader, staged)
+            if size == 0:
+                fail(400, "empty request body: send the file's bytes")
+        result = ingest.register_staged(
+            store, staged, dest_store_path, source=source.name, deletion_policy=deletion_policy,
+            null_obsid=null_obsid, expected_md5=md5, size=size, md5=got_md5,
+            inference_mode=cfg().librarian["obsid_inference_mode"],
+            readonly=cfg().librarian["permissions_mode"] == "readonly")
+    finally:
+        remove_tree(staging)
+    inst = FileInstance.get(FileInstance.file == result["name"])
+    return json_reply(201 if result["created"] else 200, name=result["name"],
+                      store_name=inst.store.name, store_path=inst.store_path, size=size,
+                      md5=got_md5, obsid=result["obsid"])
+
+
+@handle_errors
+def download(name):
+    """GET /api/download/<name> and /stream/<name>: the bytes of a local
+    instance; a directory as a tar under a top folder named after the file.
+    Flat files honour Range."""
+    authenticate(bearer_token() or request.query.get("authenticator"), "read-only")
+    models.check_file_name(name)
+    inst = local_instance(name)
+    path = LocalStore(inst.store).resolve(inst.store_path)
+    md5 = inst.file.md5
+    db.close()  # the stream may take long; it needs no database connection
+    if os.path.isdir(path):
+        headers = {"Content-Type": "application/x-tar", "Content-Length": str(tar_size(path, name)),
+                   "X-Librarian-MD5": md5,
+                   "Content-Disposition": 'attachment; filename="%s.tar"' % name}
+        return HTTPResponse(iter_tar(path, name), **headers)
+    resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                              mimetype="application/octet-stream")
+    resp.set_header("X-Librarian-MD5", md5)
+    return resp
+
+
+# ---------------------------------------------------------------------------
+# Pages (the web interface grows here)
+# ---------------------------------------------------------------------------
+
+def home():
+    config = cfg()
+    return bottle.template("home", site_name=config.server["displayed_site_name"],
+                           version=__version__)
+
+
+def install_routes(app):
+    app.route("/", "GET", home)
+    app.route("/api/upload/<dest_store_path:path>", "PUT", upload)
+    app.route("/api/download/<name>", "GET", download)
+    app.route("/stream/<name>", "GET", download)
+    app.route("/api/<name>", ["GET", "POST"], api_dispatch)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def load_config(path):
+    try:
+        return settings_mod.load(settings_mod.find_config_path(path))
+    except settings_mod.ConfigError as e:
+        raise SystemExit("configuration error: %s" % e) from None
+
+
+def cmd_migrate(args):
+    config = load_config(args.config)
+    configure_logging(config.server["log_level"])
+    setup(config)
+    with db.connection_context():
+        done = migration_router().run()
+    print("applied %d migration(s)%s" % (len(done), (": " + ", ".join(done)) if done else ""))
+    return 0
+
+
+def make_server_app(args):
+    config = load_config(args.config)
+    configure_logging(config.server["log_level"])
+    app = setup(config)
+    startup(app)
+    return config, app
+
+
+def cmd_serve(args):
+    import waitress
+
+    config, app = make_server_app(args)
+    host, port = config.server["host"], config.server["port"]
+    log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
+             config.server["threads"])
+    waitress.serve(app, host=host, port=port, threads=config.server["threads"],
+                   max_request_body_size=MAX_REQUEST_BODY, ident="librarian",
+                   _quiet=False)
+    return 0
+
+
+def cmd_add_store(args):
+    config = load_config(args.config)
+    setup(config)
+    with db.connection_context():
+        Store.create(name=args.name, path_prefix=os.path.abspath(args.path_prefix),
+                     ssh_host=args.ssh_host or socket.gethostname(), available=True)
+    os.makedirs(args.path_prefix, exist_ok=True)
+    print("added store %s at %s" % (args.name, os.path.abspath(args.path_prefix)))
+    return 0
+
+
+def cmd_add_user(args):
+    config = load_config(args.config)
+    setup(config)
+    authenticator = args.authenticator or secrets.token_urlsafe(24)
+    with db.connection_context():
+        try:
+            models.create_source(args.name, authenticator, args.level)
+        except LibrarianError as e:
+            raise SystemExit(e.message) from None
+    print("added source %s with level %s; its authenticator is:\n%s"
+          % (args.name, args.level, authenticator))
+    return 0
+
+
+CONFIG_TEMPLATE = """\
+# Generated by `python librarian.py init-config`; see config.example.ini.
+[server]
+host = 127.0.0.1
+port = {port}
+secret_key = {secret_key}
+displayed_site_name = Local Librarian
+
+[database]
+url = sqlite:///{db_path}
+
+[store:local]
+path_prefix = {store_path}
+
+[source:admin]
+authenticator = {authenticator}
+level = admin
+"""
+
+
+def cmd_init_config(args):
+    """Write a config for an archive under the config's folder (SQLite
+    database and a local store), unless the file exists."""
+    path = os.path.abspath(args.path)
+    if os.path.exists(path):
+        print("%s exists; leaving it as it is" % path)
+        return 0
+    base = os.path.dirname(path)
+    os.makedirs(base, exist_ok=True)
+    text = CONFIG_TEMPLATE.format(port=args.port, secret_key=secrets.token_hex(32),
+                                  db_path=os.path.join(base, "librarian.db"),
+                                  store_path=os.path.join(base, "store"),
+                                  authenticator=secrets.token_urlsafe(24))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    print("wrote %s" % path)
+    return 0
+
+
+def cmd_show_admin(args):
+    config = load_config(args.config)
+    for name, spec in config.sources.items():
+        if spec["level"] == "admin":
+            print("admin source %r authenticator: %s" % (name, spec["authenticator"]))
+    print("URL: http://%s:%d/" % (config.server["host"], config.server["port"]))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="librarian.py", description="The Librarian server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", help="INI file (default: $LIBRARIAN_CONFIG_PATH, then "
+                       "./librarian.ini)")
+        return p
+
+    with_config(sub.add_parser("migrate", help="apply database migrations")) \
+        .set_defaults(func=cmd_migrate)
+    with_config(sub.add_parser("serve", help="serve HTTP with waitress")) \
+        .set_defaults(func=cmd_serve)
+    p = with_config(sub.add_parser("add-store", help="register a store"))
+    p.add_argument("name")
+    p.add_argument("path_prefix")
+    p.add_argument("--ssh-host", help="host of the store (default: this host)")
+    p.set_defaults(func=cmd_add_store)
+    p = with_config(sub.add_parser("add-user", help="create a source (user) and print its "
+                                   "authenticator"))
+    p.add_argument("name")
+    p.add_argument("--level", choices=models.LEVELS, default="read-only")
+    p.add_argument("--authenticator", help="use this authenticator instead of a random one")
+    p.set_defaults(func=cmd_add_user)
+    p = sub.add_parser("init-config", help="write a config for a local archive")
+    p.add_argument("path")
+    p.add_argument("--port", type=int, default=settings_mod.DEFAULT_PORT)
+    p.set_defaults(func=cmd_init_config)
+    with_config(sub.add_parser("show-admin", help="print the URL and admin authenticators")) \
+        .set_defaults(func=cmd_show_admin)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

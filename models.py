@@ -1,0 +1,360 @@
+"""Database models of the Librarian and the query helpers that go with them.
+
+One `DatabaseProxy` (`db`) is bound at start from the configured URL
+(`bind_database`). Table and column names are those of the existing HERA
+deployment (`store`, `file`, `file_instance`, `file_event`, `observation`,
+`observing_session`) so that its data can be adopted. The schema itself is
+created only by the migrations in `migrations/`; this module never calls
+`create_tables`.
+
+Times are naive `datetime` objects in UTC, whole seconds for files. Unix
+times on the wire are converted with `to_unix` / `from_unix`, which do not
+depend on the host's time zone.
+
+This module imports nothing from Bottle: errors are `LibrarianError`, which
+the web layer turns into HTTP replies.
+"""
+
+import calendar
+import datetime
+import hashlib
+import json
+import logging
+import re
+
+import peewee as pw
+from playhouse.db_url import connect as db_url_connect
+
+log = logging.getLogger("librarian")
+
+db = pw.DatabaseProxy()
+
+MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_NAME_BYTES = 256
+
+LEVELS = ("read-only", "read-append", "read-write", "admin")
+
+DELETION_DISALLOWED = 0
+DELETION_ALLOWED = 1
+DELETION_POLICIES = {"disallowed": DELETION_DISALLOWED, "allowed": DELETION_ALLOWED}
+DELETION_POLICY_NAMES = {v: k for k, v in DELETION_POLICIES.items()}
+
+
+class LibrarianError(Exception):
+    """A refused operation: `status` is the HTTP status to answer with and
+    the message says what was wrong, for the caller to read."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ---------------------------------------------------------------------------
+# Database binding and time helpers
+# ---------------------------------------------------------------------------
+
+def open_database(url):
+    """Open the database named by `url` (`sqlite:///PATH` or
+    `postgresql://USER@HOST:PORT/DB`) and return the Peewee database.
+
+    SQLite gets foreign keys, WAL and a busy timeout so that several threads
+    (and a worker process) can share it. Raises `ValueError` on a URL of an
+    unsupported kind."""
+    if url.startswith("sqlite:"):
+        return db_url_connect(url, pragmas={"foreign_keys": 1, "journal_mode": "wal",
+                                            "busy_timeout": 30000, "synchronous": "normal"})
+    if url.startswith(("postgresql:", "postgres:")):
+        return db_url_connect(url, autorollback=True)
+    raise ValueError("database url must start with sqlite:/// or postgresql://, got %r" % url)
+
+
+def bind_database(url):
+    """Bind the module's proxy to the database at `url`; returns it."""
+    database = open_database(url)
+    db.initialize(database)
+    return database
+
+
+def is_postgres():
+    """True when the bound database is PostgreSQL."""
+    return isinstance(db.obj, pw.PostgresqlDatabase)
+
+
+def utcnow():
+    """The current UTC time as a naive datetime, whole seconds."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
+
+
+def to_unix(dt):
+    """Naive UTC datetime -> integer Unix seconds (host TZ plays no part)."""
+    return calendar.timegm(dt.utctimetuple())
+
+
+def from_unix(seconds):
+    """Integer Unix seconds -> naive UTC datetime (host TZ plays no part)."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(tzinfo=None)
+
+
+def check_file_name(name):
+    """Refuse a file name that is not a plain basename: empty, `.`, `..`,
+    containing `/` or NUL, or longer than 256 bytes in UTF-8. Raises
+    `LibrarianError(400)` naming the problem; returns the name."""
+    if not isinstance(name, str) or not name:
+        raise LibrarianError(400, "file name must be a non-empty string")
+    if name in (".", ".."):
+        raise LibrarianError(400, "file name may not be %r" % name)
+    if "/" in name:
+        raise LibrarianError(400, "file name %r may not contain '/'" % name)
+    if "\0" in name:
+        raise LibrarianError(400, "file name may not contain a NUL character")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LibrarianError(400, "file name %r is not valid UTF-8" % name) from None
+    if len(encoded) > MAX_NAME_BYTES:
+        raise LibrarianError(400, "file name is %d bytes long in UTF-8; at most %d allowed"
+                             % (len(encoded), MAX_NAME_BYTES))
+    return name
+
+
+def check_md5(md5):
+    """Normalise an MD5 given by a caller to 32 lowercase hex digits;
+    raises `LibrarianError(400)` when it is not one."""
+    if not isinstance(md5, str) or not MD5_RE.match(md5.lower()):
+        raise LibrarianError(400, "md5 must be 32 hexadecimal digits, got %r" % (md5,))
+    return md5.lower()
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = db
+
+
+class Store(BaseModel):
+    """A disk area where instances live, at `path_prefix` on `ssh_host`."""
+
+    name = pw.CharField(max_length=256, unique=True)
+    ssh_host = pw.CharField(max_length=256)
+    path_prefix = pw.CharField(max_length=1024)
+    http_prefix = pw.CharField(max_length=1024, null=True)
+    available = pw.BooleanField(default=True)
+
+    class Meta:
+        table_name = "store"
+
+    def to_dict(self):
+        """The store as the existing protocol describes it."""
+        return {"name": self.name, "path_prefix": self.path_prefix,
+                "ssh_host": self.ssh_host, "available": self.available}
+
+    @classmethod
+    def by_name(cls, name):
+        """The store called `name`; raises `LibrarianError(400)` if none."""
+        store = cls.get_or_none(cls.name == name)
+        if store is None:
+            raise LibrarianError(400, "no store named %r" % (name,))
+        return store
+
+
+class ObservingSession(BaseModel):
+    """A night's contiguous run of observations; `id` is its first obsid."""
+
+    id = pw.BigIntegerField(primary_key=True)
+    start_time_jd = pw.DoubleField()
+    stop_time_jd = pw.DoubleField()
+
+    class Meta:
+        table_name = "observing_session"
+
+    def to_dict(self):
+        return {"id": self.id, "start_time_jd": self.start_time_jd,
+                "stop_time_jd": self.stop_time_jd}
+
+
+class Observation(BaseModel):
+    """One observation: `obsid` is the integer GPS second of its start;
+    times are JD (UTC), `start_lst_hr` is hours."""
+
+    obsid = pw.BigIntegerField(primary_key=True)
+    start_time_jd = pw.DoubleField()
+    stop_time_jd = pw.DoubleField(null=True)
+    start_lst_hr = pw.DoubleField(null=True)
+    session = pw.ForeignKeyField(ObservingSession, null=True, column_name="session_id",
+                                 backref="observations", on_delete="SET NULL")
+
+    class Meta:
+        table_name = "observation"
+
+    def to_dict(self):
+        return {"obsid": self.obsid, "start_time_jd": self.start_time_jd,
+                "stop_time_jd": self.stop_time_jd, "start_lst_hr": self.start_lst_hr,
+                "session_id": self.session_id}
+
+
+class File(BaseModel):
+    """An immutable data product with a unique basename. Never deleted or
+    changed once created."""
+
+    name = pw.CharField(max_length=256, primary_key=True)
+    type = pw.CharField(max_length=32)
+    create_time = pw.DateTimeField()
+    observation = pw.ForeignKeyField(Observation, null=True, column_name="obsid",
+                                     backref="files", on_delete="RESTRICT")
+    size = pw.BigIntegerField()
+    md5 = pw.CharField(max_length=32)
+    source = pw.CharField(max_length=64)
+
+    class Meta:
+        table_name = "file"
+
+    def to_dict(self):
+        """The record shape shared between Librarians (`create_time` is Unix
+        seconds; `source` is local and not included)."""
+        return {"name": self.name, "type": self.type, "create_time": to_unix(self.create_time),
+                "obsid": self.obsid, "size": self.size, "md5": self.md5}
+
+
+class FileInstance(BaseModel):
+    """One copy of a file on one store, at
+    `store.path_prefix/parent_dirs/name`."""
+
+    store = pw.ForeignKeyField(Store, column_name="store", backref="instances",
+                               on_delete="RESTRICT")
+    parent_dirs = pw.CharField(max_length=1024)
+    file = pw.ForeignKeyField(File, column_name="name", backref="instances",
+                              on_delete="RESTRICT")
+    deletion_policy = pw.IntegerField(default=DELETION_DISALLOWED)
+
+    class Meta:
+        table_name = "file_instance"
+        primary_key = pw.CompositeKey("store", "parent_dirs", "file")
+
+    @property
+    def store_path(self):
+        """Path of the instance relative to its store's prefix."""
+        return "/".join(p for p in (self.parent_dirs, self.name) if p)
+
+    @property
+    def full_path_on_store(self):
+        return self.store.path_prefix.rstrip("/") + "/" + self.store_path
+
+    def to_dict(self):
+        return {"store_name": self.store.name, "store_ssh_host": self.store.ssh_host,
+                "parent_dirs": self.parent_dirs, "name": self.name,
+                "deletion_policy": DELETION_POLICY_NAMES[self.deletion_policy],
+                "full_path_on_store": self.full_path_on_store}
+
+
+class FileEvent(BaseModel):
+    """An append-only log entry about a file; `payload` is a JSON object."""
+
+    file = pw.ForeignKeyField(File, column_name="name", backref="events", on_delete="RESTRICT")
+    time = pw.DateTimeField()
+    type = pw.CharField(max_length=64)
+    payload = pw.TextField()
+
+    class Meta:
+        table_name = "file_event"
+
+    def to_dict(self):
+        return {"name": self.name, "time": to_unix(self.time), "type": self.type,
+                "payload": json.loads(self.payload)}
+
+    @classmethod
+    def record(cls, file_name, type, **payload):
+        """Append an event now; `payload` becomes its JSON object."""
+        return cls.create(file=file_name, time=utcnow(), type=type,
+                          payload=json.dumps(payload, sort_keys=True))
+
+
+class Source(BaseModel):
+    """A user or site that calls this Librarian. Only a hash of its
+    authenticator is kept; `lookup` is a short SHA-256 prefix of it that
+    narrows the candidates before the (slow, salted) Argon2 check."""
+
+    name = pw.CharField(max_length=64, unique=True)
+    lookup = pw.CharField(max_length=16, index=True)
+    authenticator_hash = pw.CharField(max_length=256)
+    level = pw.CharField(max_length=16)
+    created = pw.DateTimeField()
+
+    class Meta:
+        table_name = "source"
+
+    def allows(self, level):
+        """True when this source's level is at least `level`."""
+        return LEVELS.index(self.level) >= LEVELS.index(level)
+
+
+class StagingDir(BaseModel):
+    """A staging directory issued by `initiate_upload` and not yet used by
+    `complete_upload` (each is accepted once)."""
+
+    store = pw.ForeignKeyField(Store, column_name="store", on_delete="CASCADE")
+    path = pw.CharField(max_length=1024, unique=True)
+    source = pw.CharField(max_length=64)
+    created = pw.DateTimeField()
+
+    class Meta:
+        table_name = "staging_dir"
+
+
+ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEvent, Source,
+              StagingDir]
+
+
+# ---------------------------------------------------------------------------
+# Authenticators
+# ---------------------------------------------------------------------------
+
+def authenticator_lookup(authenticator):
+    """The 16-hex-digit SHA-256 prefix used to find a source's row."""
+    return hashlib.sha256(authenticator.encode("utf-8")).hexdigest()[:16]
+
+
+def create_source(name, authenticator, level):
+    """Create a source (user) with an Argon2 hash of `authenticator`.
+    Raises `LibrarianError(400)` on a bad level, `(409)` on a taken name."""
+    from argon2 import PasswordHasher
+
+    if level not in LEVELS:
+        raise LibrarianError(400, "level must be one of %s, got %r" % (", ".join(LEVELS), level))
+    if not authenticator:
+        raise LibrarianError(400, "authenticator may not be empty")
+    try:
+        with db.atomic():
+            return Source.create(name=name, lookup=authenticator_lookup(authenticator),
+                                 authenticator_hash=PasswordHasher().hash(authenticator),
+                                 level=level, created=utcnow())
+    except pw.IntegrityError:
+        raise LibrarianError(409, "a source named %r already exists" % name) from None
+
+
+def find_source(authenticator):
+    """The Source whose authenticator this is, or None. Argon2 compares in
+    constant time; candidates are narrowed by `lookup` first."""
+    from argon2 import PasswordHasher
+    from argon2.exceptions import VerificationError, InvalidHashError
+
+    hasher = PasswordHasher()
+    for source in Source.select().where(Source.lookup == authenticator_lookup(authenticator)):
+        try:
+            hasher.verify(source.authenticator_hash, authenticator)
+            return source
+        except (VerificationError, InvalidHashError):
+            continue
+    return None
+
+
+def write_transaction():
+    """A transaction for a request's writes. On SQLite it takes the write
+    lock at BEGIN (IMMEDIATE) so that two writers wait for each other
+    instead of failing when one upgrades a read lock."""
+    if isinstance(db.obj, pw.SqliteDatabase):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()

@@ -1,0 +1,176 @@
+"""The server's INI configuration: reading, validating and casting it once.
+
+`load(path)` returns a `Settings` object whose attributes are already of
+the right type; any unknown section or key, missing required key or bad
+value raises `ConfigError` with a message that names it. Every key is
+documented in `config.example.ini`, which a test checks against `SCHEMA`.
+"""
+
+import configparser
+import os
+import socket
+
+from models import LEVELS
+
+DEFAULT_PORT = 21106
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key."""
+
+
+def _bool(value):
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _port(value):
+    port = int(value)
+    if not 0 < port < 65536:
+        raise ValueError("expected a TCP port between 1 and 65535")
+    return port
+
+
+def _positive_int(value):
+    n = int(value)
+    if n < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return n
+
+
+def _choice(*allowed):
+    def cast(value):
+        if value not in allowed:
+            raise ValueError("expected one of %s" % ", ".join(allowed))
+        return value
+    return cast
+
+
+def _log_level(value):
+    return _choice("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
+
+
+def _db_url(value):
+    if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ValueError("expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    return value
+
+
+def _nonempty(value):
+    if not value.strip():
+        raise ValueError("may not be empty")
+    return value.strip()
+
+
+# section -> key -> (cast, default); a default of REQUIRED must be given.
+REQUIRED = object()
+SCHEMA = {
+    "server": {
+        "host": (_nonempty, "127.0.0.1"),
+        "port": (_port, DEFAULT_PORT),
+        "secret_key": (_nonempty, REQUIRED),
+        "displayed_site_name": (_nonempty, "Librarian"),
+        "log_level": (_log_level, "INFO"),
+        "threads": (_positive_int, 8),
+    },
+    "database": {
+        "url": (_db_url, REQUIRED),
+    },
+    "librarian": {
+        "obsid_inference_mode": (_choice("none", "hera"), "none"),
+        "permissions_mode": (_choice("readonly", "unchanged"), "readonly"),
+    },
+    "store:*": {
+        "path_prefix": (_nonempty, REQUIRED),
+        "ssh_host": (_nonempty, None),
+        "available": (_bool, True),
+    },
+    "source:*": {
+        "authenticator": (_nonempty, REQUIRED),
+        "level": (_choice(*LEVELS), REQUIRED),
+    },
+}
+
+
+class Settings:
+    """Validated configuration. Attributes: `server`, `database`,
+    `librarian` (dicts of cast values), `stores` and `sources` (dicts from
+    NAME to dicts), `path` (the file it came from, or None)."""
+
+    def __init__(self, sections, path=None):
+        self.path = path
+        self.server = sections["server"]
+        self.database = sections["database"]
+        self.librarian = sections["librarian"]
+        self.stores = sections["store:*"]
+        self.sources = sections["source:*"]
+
+
+def _cast_section(label, schema, items):
+    out = {}
+    for key, raw in items.items():
+        if key not in schema:
+            raise ConfigError("unknown key %r in section [%s]" % (key, label))
+        cast = schema[key][0]
+        try:
+            out[key] = cast(raw)
+        except ValueError as e:
+            raise ConfigError("bad value %r for %s in [%s]: %s" % (raw, key, label, e)) from None
+    for key, (cast, default) in schema.items():
+        if key not in out:
+            if default is REQUIRED:
+                raise ConfigError("missing key %s in section [%s]" % (key, label))
+            out[key] = default
+    return out
+
+
+def parse(text, path=None):
+    """Validate INI `text`; returns `Settings`. Raises `ConfigError`."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
+    parser.optionxform = str  # keys are case-sensitive, as documented
+    try:
+        parser.read_string(text, source=path or "<config>")
+    except configparser.Error as e:
+        raise ConfigError("cannot parse configuration: %s" % e) from None
+
+    sections = {"store:*": {}, "source:*": {}}
+    for label in parser.sections():
+        items = dict(parser.items(label))
+        if ":" in label:
+            kind, _, name = label.partition(":")
+            key = kind + ":*"
+            if key not in SCHEMA or not name:
+                raise ConfigError("unknown section [%s]" % label)
+            sections[key][name] = _cast_section(label, SCHEMA[key], items)
+        elif label in SCHEMA:
+            sections[label] = _cast_section(label, SCHEMA[label], items)
+        else:
+            raise ConfigError("unknown section [%s]" % label)
+    for label in ("server", "database", "librarian"):
+        if label not in sections:
+            sections[label] = _cast_section(label, SCHEMA[label], {})
+    for store in sections["store:*"].values():
+        if store["ssh_host"] is None:
+            store["ssh_host"] = socket.gethostname()
+    return Settings(sections, path)
+
+
+def find_config_path(given=None):
+    """The configuration file to use: `given`, else `$LIBRARIAN_CONFIG_PATH`,
+    else `./librarian.ini`."""
+    return given or os.environ.get("LIBRARIAN_CONFIG_PATH") or "librarian.ini"
+
+
+def load(path):
+    """Read and validate the file at `path`; raises `ConfigError` if it is
+    missing or invalid."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("cannot read configuration file %s: %s" % (path, e.strerror)) from None
+    return parse(text, path)

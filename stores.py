@@ -1,0 +1,439 @@
+"""Store operations: where bytes live, how they arrive and how they leave.
+
+A store is a directory tree at `path_prefix`. Every arriving file or
+directory is first written under the store's staging area
+(`path_prefix/.staging/`, on the same file system so that the final move is
+an atomic rename), checked, made read-only, and only then moved to
+`path_prefix/parent_dirs/name`. Nothing half-written is ever visible at a
+final path.
+
+Checksums follow the definition shared by the Librarians of the network:
+a flat file's MD5 is that of its bytes; a directory's is the MD5 of the text
+that `cd DIR && find . ! -type d -print0 | LC_ALL=C sort -z | xargs -0 -n1
+md5sum` prints (GNU coreutils line format, including its backslash escape
+for names holding a backslash or newline), and its size is the sum of its
+files' sizes.
+
+This module is about local stores (the server reaches `path_prefix`
+directly); stores on other hosts come later behind the same methods.
+"""
+
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import uuid
+
+from models import LibrarianError, check_file_name
+
+CHUNK = 1 << 20  # bytes per read/write when streaming
+STAGING = ".staging"
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK
+
+
+# ---------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------
+
+def split_store_path(store_path):
+    """Check a store path (relative, `/`-separated) and return
+    `(parent_dirs, name)`. Refuses absolute paths, `..`, the staging area and
+    bad names with `LibrarianError(400)`; empty and `.` components are
+    dropped."""
+    if not isinstance(store_path, str) or not store_path:
+        raise LibrarianError(400, "store path must be a non-empty string")
+    if "\0" in store_path:
+        raise LibrarianError(400, "store path may not contain a NUL character")
+    if store_path.startswith("/"):
+        raise LibrarianError(400, "store path %r must be relative" % store_path)
+    parts = [p for p in store_path.split("/") if p not in ("", ".")]
+    if not parts:
+        raise LibrarianError(400, "store path %r names no file" % store_path)
+    if ".." in parts:
+        raise LibrarianError(400, "store path %r may not contain '..'" % store_path)
+    if parts[0] == STAGING:
+        raise LibrarianError(400, "store path %r points into the staging area" % store_path)
+    name = check_file_name(parts[-1])
+    return "/".join(parts[:-1]), name
+
+
+def _md5_line(md5_hex, relpath):
+    """One line of `md5sum` output for `./relpath`, as bytes (GNU escaping)."""
+    path = b"./" + os.fsencode(relpath)
+    if b"\\" in path or b"\n" in path:
+        path = path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
+        return b"\\" + md5_hex.encode() + b"  " + path + b"\n"
+    return md5_hex.encode() + b"  " + path + b"\n"
+
+
+def directory_digest(entries):
+    """MD5 (hex) of a directory from `(relative_path, md5_hex)` pairs, in the
+    shared definition: lines sorted by path bytes as `LC_ALL=C sort` does."""
+    digest = hashlib.md5()
+    for relpath, md5_hex in sorted(entries, key=lambda e: os.fsencode(e[0])):
+        digest.update(_md5_line(md5_hex, relpath))
+    return digest.hexdigest()
+
+
+def file_md5(path):
+    """(size in bytes, MD5 hex) of a flat file, read in chunks."""
+    digest = hashlib.md5()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            digest.update(chunk)
+    return size, digest.hexdigest()
+
+
+def walk_files(root):
+    """Relative paths of every non-directory entry under `root`, as `find !
+    -type d` lists them (symlinks are not followed into)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        for name in sorted(filenames + [d for d in dirnames
+                                        if os.path.islink(os.path.join(dirpath, d))]):
+            yield name if rel == "." else os.path.join(rel, name)
+
+
+def path_info(path):
+    """`(size, md5)` of a flat file or a directory (shared definition)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        entries, total = [], 0
+        for rel in walk_files(path):
+            size, md5 = file_md5(os.path.join(path, rel))
+            total += size
+            entries.append((rel, md5))
+        return total, directory_digest(entries)
+    return file_md5(path)
+
+
+# ---------------------------------------------------------------------------
+# Receiving streams
+# ---------------------------------------------------------------------------
+
+class BodyReader:
+    """A file-like reader over a request body that stops at `length` bytes
+    (None: at EOF) and raises `LibrarianError(400)` when the body ends early."""
+
+    def __init__(self, stream, length):
+        self.stream = stream
+        self.remaining = length
+
+    def read(self, n=-1):
+        if self.remaining is None:
+            return self.stream.read(n if n and n > 0 else CHUNK)
+        if self.remaining <= 0:
+            return b""
+        want = self.remaining if n is None or n < 0 else min(n, self.remaining)
+        data = self.stream.read(want)
+        if not data:
+            raise LibrarianError(400, "request body ended %d bytes before its declared "
+                                 "Content-Length" % self.remaining)
+        self.remaining -= len(data)
+        return data
+
+
+def _copy_hashing(reader, out):
+    """Copy `reader` to the open file `out`; returns (size, md5 hex)."""
+    digest = hashlib.md5()
+    size = 0
+    while True:
+        chunk = reader.read(CHUNK)
+        if not chunk:
+            break
+        out.write(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def receive_file(reader, dest):
+    """Write the stream to the new file `dest`; returns (size, md5)."""
+    with open(dest, "xb") as out:
+        return _copy_hashing(reader, out)
+
+
+def _tar_member_path(member, name):
+    """The relative path a tar member is unpacked to, or a 400 naming the
+    member: absolute paths, `..`, links, devices and FIFOs are refused. A
+    leading top folder called `name` (as `tar -C PARENT -c NAME` makes) is
+    stripped later by the caller."""
+    path = member.name
+    if path.startswith("/") or "\0" in path:
+        raise LibrarianError(400, "tar member %r has an absolute path" % path)
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LibrarianError(400, "tar member %r contains '..'" % path)
+    if not (member.isfile() or member.isdir()):
+        raise LibrarianError(400, "tar member %r is a link or special file; only regular "
+                             "files and directories are accepted" % path)
+    return parts
+
+
+def receive_tar(reader, dest, name):
+    """Unpack a tar stream into the new directory `dest`, computing each
+    file's MD5 as it is written; returns (size, md5) by the directory
+    definition. The members sit either all under one top folder called
+    `name` (as `tar -C PARENT -c NAME` and our downloads make them), or at
+    the top level (`tar -C DIR -c .`); the first member decides. Raises
+    `LibrarianError(400)` on unsafe or malformed input."""
+    os.mkdir(dest)
+    entries = {}
+    total = 0
+    under_top = None
+    try:
+        with tarfile.open(fileobj=reader, mode="r|*") as tar:
+            for member in tar:
+                parts = _tar_member_path(member, name)
+                if not parts:
+                    continue
+                if under_top is None:
+                    under_top = parts[0] == name
+                if under_top:
+                    if parts[0] != name:
+                        raise LibrarianError(400, "tar member %r is not under the top folder "
+                                             "%r" % (member.name, name))
+                    parts = parts[1:]
+                    if not parts:
+                        continue
+                rel = "/".join(parts)
+                target = os.path.join(dest, rel)
+                if member.isdir():
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                if rel in entries:
+                    raise LibrarianError(400, "tar member %r appears twice" % member.name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "xb") as out:
+                    size, md5 = _copy_hashing(tar.extractfile(member), out)
+                if size != member.size:
+                    raise LibrarianError(400, "tar member %r is truncated" % member.name)
+                entries[rel] = md5
+                total += size
+    except tarfile.TarError as e:
+        raise LibrarianError(400, "body is not a valid tar stream: %s" % e) from None
+    except FileExistsError:
+        raise LibrarianError(400, "tar stream has a file and a folder of the same "
+                             "name") from None
+    return total, directory_digest(entries.items())
+
+
+# ---------------------------------------------------------------------------
+# Sending
+# ---------------------------------------------------------------------------
+
+def _tar_entries(path, name):
+    """(TarInfo, absolute path or None) for a directory, sorted, under the
+    top folder `name`; deterministic owner and mode bits."""
+    def info(abs_path, arcname):
+        st = os.lstat(abs_path)
+        ti = tarfile.TarInfo(arcname)
+        ti.mtime = int(st.st_mtime)
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        if stat.S_ISDIR(st.st_mode):
+            ti.type, ti.mode, ti.size = tarfile.DIRTYPE, 0o755, 0
+        else:
+            ti.type, ti.mode, ti.size = tarfile.REGTYPE, 0o644, st.st_size
+        return ti
+
+    yield info(path, name), None
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, path)
+        for d in dirnames:
+            arc = os.path.normpath(os.path.join(name, rel, d))
+            yield info(os.path.join(dirpath, d), arc), None
+        for f in sorted(filenames):
+            abs_path = os.path.join(dirpath, f)
+            yield info(abs_path, os.path.normpath(os.path.join(name, rel, f))), abs_path
+
+
+def _padding(n):
+    return (-n) % TAR_BLOCK
+
+
+def tar_size(path, name):
+    """Exact byte length of the tar stream `iter_tar(path, name)` yields."""
+    total = 0
+    for ti, abs_path in _tar_entries(path, name):
+        total += len(ti.tobuf(tarfile.PAX_FORMAT)) + ti.size + _padding(ti.size)
+    total += 2 * TAR_BLOCK
+    return total + (-total) % TAR_RECORD
+
+
+def iter_tar(path, name):
+    """Yield a tar stream of the directory `path` with members under the top
+    folder `name`, built on the fly in chunks (no temporary copy)."""
+    total = 0
+    for ti, abs_path in _tar_entries(path, name):
+        header = ti.tobuf(tarfile.PAX_FORMAT)
+        total += len(header)
+        yield header
+        if abs_path is None:
+            continue
+        sent = 0
+        with open(abs_path, "rb") as f:
+            while sent < ti.size:
+                chunk = f.read(min(CHUNK, ti.size - sent))
+                if not chunk:
+                    raise IOError("%s shrank while being sent" % abs_path)
+                sent += len(chunk)
+                yield chunk
+        pad = _padding(ti.size)
+        total += ti.size + pad
+        if pad:
+            yield b"\0" * pad
+    end = 2 * TAR_BLOCK
+    end += (-(total + end)) % TAR_RECORD
+    yield b"\0" * end
+
+
+# ---------------------------------------------------------------------------
+# A local store
+# ---------------------------------------------------------------------------
+
+def _set_tree_mode(path, writable):
+    """chmod a file or a whole tree read-only (files 0444, dirs 0555) or
+    back to owner-writable. Directories are made writable top-down and
+    read-only bottom-up so that the walk itself never loses access."""
+    def mode_for(p):
+        is_dir = os.path.isdir(p) and not os.path.islink(p)
+        if writable:
+            return 0o755 if is_dir else 0o644
+        return 0o555 if is_dir else 0o444
+
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.chmod(path, mode_for(path))
+        return
+    if writable:
+        os.chmod(path, mode_for(path))
+    for dirpath, dirnames, filenames in os.walk(path, topdown=True):
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, mode_for(p))
+        for n in dirnames:
+            if writable:
+                os.chmod(os.path.join(dirpath, n), mode_for(os.path.join(dirpath, n)))
+    if not writable:
+        for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+            os.chmod(dirpath, mode_for(dirpath))
+
+
+def remove_tree(path):
+    """Remove a file or tree, first making it writable again."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        _set_tree_mode(path, writable=True)
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class LocalStore:
+    """Operations on a store whose `path_prefix` this host reaches directly.
+
+    `row` is the `models.Store` record. Paths given to methods are store
+    paths (relative to the prefix) unless named `abs_...`."""
+
+    def __init__(self, row):
+        self.row = row
+        self.name = row.name
+        self.prefix = row.path_prefix
+
+    # -- paths --------------------------------------------------------------
+
+    def resolve(self, store_path):
+        """Absolute path of a store path, refusing (400) one whose existing
+        part resolves outside the store, symlinks included."""
+        parent_dirs, name = split_store_path(store_path)
+        root = os.path.realpath(self.prefix)
+        parent = os.path.realpath(os.path.join(root, parent_dirs))
+        if parent != root and not parent.startswith(root + os.sep):
+            raise LibrarianError(400, "store path %r resolves outside store %r"
+                                 % (store_path, self.name))
+        full = os.path.join(parent, name)
+        if os.path.islink(full):
+            raise LibrarianError(400, "store path %r is a symbolic link" % store_path)
+        return full
+
+    def staging_root(self):
+        return os.path.join(self.prefix, STAGING)
+
+    def new_staging_dir(self):
+        """Create and return a fresh, empty staging directory."""
+        path = os.path.join(self.staging_root(), uuid.uuid4().hex)
+        os.makedirs(path, mode=0o755)
+        return path
+
+    def in_staging(self, abs_path):
+        """True when `abs_path` is a directory directly inside this store's
+        staging area."""
+        root = os.path.realpath(self.staging_root())
+        real = os.path.realpath(abs_path)
+        return os.path.dirname(real) == root and os.path.isdir(real)
+
+    def clean_staging(self, keep=()):
+        """Remove everything in the staging area except the directories in
+        `keep` (absolute paths); returns how many entries were removed."""
+        root = self.staging_root()
+        if not os.path.isdir(root):
+            return 0
+        keep = {os.path.realpath(k) for k in keep}
+        removed = 0
+        for entry in os.listdir(root):
+            path = os.path.join(root, entry)
+            if os.path.realpath(path) not in keep:
+                remove_tree(path)
+                removed += 1
+        return removed
+
+    # -- bytes ----------------------------------------------------------------
+
+    def finish_staged(self, abs_path, readonly):
+        """Make a staged file or tree read-only (when `readonly`)."""
+        if readonly:
+            _set_tree_mode(abs_path, writable=False)
+
+    def move_into_place(self, abs_staged, store_path):
+        """Atomically move a staged file or directory to `store_path`,
+        creating parent directories; never replaces an existing entry
+        (409). Returns the final absolute path."""
+        final = self.resolve(store_path)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        final = self.resolve(store_path)  # re-check now that parents exist
+        if os.path.lexists(final):
+            raise LibrarianError(409, "%s already exists on store %r but is not registered "
+                                 "there" % (store_path, self.name))
+        if os.path.isdir(abs_staged):
+            os.rename(abs_staged, final)  # fails if `final` appeared meanwhile, non-empty
+        else:
+            os.link(abs_staged, final)  # atomic and never replaces
+            os.unlink(abs_staged)
+        return final
+
+    def delete(self, store_path):
+        """Remove the bytes at `store_path` (made writable first)."""
+        remove_tree(self.resolve(store_path))
+
+    def exists(self, store_path):
+        return os.path.lexists(self.resolve(store_path))
+
+    def free_space(self):
+        """Free bytes on the store's file system (None if unreachable)."""
+        try:
+            return shutil.disk_usage(self.prefix).free
+        except OSError:
+            return None
+
+    def is_reachable(self):
+        return os.path.isdir(self.prefix) and os.access(self.prefix, os.W_OK | os.X_OK)
