@@ -14,6 +14,7 @@ streamed upload and download (section 2), then the command line.
 """
 
 import argparse
+import errno
 import functools
 import hashlib
 import json
@@ -174,6 +175,15 @@ def fail(status, message):
     raise HTTPError(status, message)
 
 
+# File-system refusals that are the caller's or the operator's to fix, not bugs.
+OS_ERROR_REPLIES = {
+    errno.ENAMETOOLONG: (400, "a name is too long for the store's file system (at most 255 "
+                              "bytes per path component)"),
+    errno.ENOSPC: (507, "the store is full"),
+    errno.EDQUOT: (507, "the store's disk quota is exhausted"),
+}
+
+
 def handle_errors(func):
     """Turn `LibrarianError` into its status and any other exception into a
     logged 500, so that handlers can simply raise."""
@@ -185,6 +195,14 @@ def handle_errors(func):
             raise
         except LibrarianError as e:
             raise HTTPError(e.status, e.message) from None
+        except OSError as e:
+            if e.errno in OS_ERROR_REPLIES:
+                status, message = OS_ERROR_REPLIES[e.errno]
+                log.warning("%s %s: %s", request.method, request.path, e)
+                raise HTTPError(status, message) from None
+            log.error("unhandled error in %s %s\n%s", request.method, request.path,
+                      traceback.format_exc())
+            raise HTTPError(500, "internal error") from None
         except Exception:
             log.error("unhandled error in %s %s\n%s", request.method, request.path,
                       traceback.format_exc())

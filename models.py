@@ -65,7 +65,7 @@ def open_database(url):
         return db_url_connect(url, pragmas={"foreign_keys": 1, "journal_mode": "wal",
                                             "busy_timeout": 30000, "synchronous": "normal"})
     if url.startswith(("postgresql:", "postgres:")):
-        return db_url_connect(url, autorollback=True)
+        return db_url_connect(url)
     raise ValueError("database url must start with sqlite:/// or postgresql://, got %r" % url)
 
 

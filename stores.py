@@ -7,12 +7,9 @@ an atomic rename), checked, made read-only, and only then moved to
 `path_prefix/parent_dirs/name`. Nothing half-written is ever visible at a
 final path.
 
-Checksums follow the definition shared by the Librarians of the network:
-a flat file's MD5 is that of its bytes; a directory's is the MD5 of the text
-that `cd DIR && find . ! -type d -print0 | LC_ALL=C sort -z | xargs -0 -n1
-md5sum` prints (GNU coreutils line format, including its backslash escape
-for names holding a backslash or newline), and its size is the sum of its
-files' sizes.
+Checksums follow the definition shared by the Librarians of the network,
+which lives in `librarian_client` (`path_md5`, `directory_digest`) so that
+client and server compute it in one way.
 
 This module is about local stores (the server reaches `path_prefix`
 directly); stores on other hosts come later behind the same methods.
@@ -25,6 +22,7 @@ import stat
 import tarfile
 import uuid
 
+from librarian_client import directory_digest, file_md5, path_md5 as path_info  # noqa: F401
 from models import LibrarianError, check_file_name
 
 CHUNK = 1 << 20  # bytes per read/write when streaming
@@ -49,69 +47,15 @@ def split_store_path(store_path):
     if store_path.startswith("/"):
         raise LibrarianError(400, "store path %r must be relative" % store_path)
     parts = [p for p in store_path.split("/") if p not in ("", ".")]
-    if not parts:
-        raise LibrarianError(400, "store path %r names no file" % store_path)
+    if not parts or store_path.endswith("/"):
+        raise LibrarianError(400, "store path %r names no file: it must end in the file's "
+                             "name" % store_path)
     if ".." in parts:
         raise LibrarianError(400, "store path %r may not contain '..'" % store_path)
     if parts[0] == STAGING:
         raise LibrarianError(400, "store path %r points into the staging area" % store_path)
     name = check_file_name(parts[-1])
     return "/".join(parts[:-1]), name
-
-
-def _md5_line(md5_hex, relpath):
-    """One line of `md5sum` output for `./relpath`, as bytes (GNU escaping)."""
-    path = b"./" + os.fsencode(relpath)
-    if b"\\" in path or b"\n" in path:
-        path = path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
-        return b"\\" + md5_hex.encode() + b"  " + path + b"\n"
-    return md5_hex.encode() + b"  " + path + b"\n"
-
-
-def directory_digest(entries):
-    """MD5 (hex) of a directory from `(relative_path, md5_hex)` pairs, in the
-    shared definition: lines sorted by path bytes as `LC_ALL=C sort` does."""
-    digest = hashlib.md5()
-    for relpath, md5_hex in sorted(entries, key=lambda e: os.fsencode(e[0])):
-        digest.update(_md5_line(md5_hex, relpath))
-    return digest.hexdigest()
-
-
-def file_md5(path):
-    """(size in bytes, MD5 hex) of a flat file, read in chunks."""
-    digest = hashlib.md5()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            digest.update(chunk)
-    return size, digest.hexdigest()
-
-
-def walk_files(root):
-    """Relative paths of every non-directory entry under `root`, as `find !
-    -type d` lists them (symlinks are not followed into)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root)
-        for name in sorted(filenames + [d for d in dirnames
-                                        if os.path.islink(os.path.join(dirpath, d))]):
-            yield name if rel == "." else os.path.join(rel, name)
-
-
-def path_info(path):
-    """`(size, md5)` of a flat file or a directory (shared definition)."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        entries, total = [], 0
-        for rel in walk_files(path):
-            size, md5 = file_md5(os.path.join(path, rel))
-            total += size
-            entries.append((rel, md5))
-        return total, directory_digest(entries)
-    return file_md5(path)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,474 @@
+"""Client of the Librarian: the `LibrarianClient` class and the `librarian`
+command.
+
+Connections are read from `~/.hl_client.cfg` (JSON), as the existing HERA
+client does:
+
+    {"connections": {"NAME": {"url": "http://host:21106/", "authenticator": "..."}}}
+
+Operations of the existing protocol are POSTed as a form field `request`
+holding a JSON object (API.md section 1); uploads and downloads use the
+streamed `PUT /api/upload/...` and `GET /api/download/...` of section 2.
+
+This module also holds the checksum definition shared by every Librarian
+(`path_md5`), so that client and server compute it in one way. It depends
+only on `requests` and `tqdm`; `pip install .` installs it alone.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import threading
+from urllib.parse import quote
+
+import requests
+
+CHUNK = 1 << 20
+CONFIG_PATH = os.path.join("~", ".hl_client.cfg")
+TIMEOUT = (30, 3600)  # seconds: connect, and between bytes
+
+
+class RPCError(Exception):
+    """A refused or failed request; the message is the server's (or says
+    why the server could not be reached)."""
+
+    def __init__(self, operation, message, status=None):
+        super().__init__("%s: %s" % (operation, message))
+        self.operation = operation
+        self.message = message
+        self.status = status
+
+
+# ---------------------------------------------------------------------------
+# The shared checksum definition
+# ---------------------------------------------------------------------------
+
+def md5sum_line(md5_hex, relpath):
+    """One line of GNU `md5sum` output for `./relpath`, as bytes; names with
+    a backslash or newline are escaped the way md5sum escapes them."""
+    path = b"./" + os.fsencode(relpath)
+    if b"\\" in path or b"\n" in path:
+        path = path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
+        return b"\\" + md5_hex.encode() + b"  " + path + b"\n"
+    return md5_hex.encode() + b"  " + path + b"\n"
+
+
+def directory_digest(entries):
+    """MD5 (hex) of a directory from `(relative_path, md5_hex)` pairs: the
+    MD5 of what `cd DIR && find . ! -type d -print0 | LC_ALL=C sort -z |
+    xargs -0 -n1 md5sum` prints (paths sorted by their bytes)."""
+    digest = hashlib.md5()
+    for relpath, md5_hex in sorted(entries, key=lambda e: os.fsencode(e[0])):
+        digest.update(md5sum_line(md5_hex, relpath))
+    return digest.hexdigest()
+
+
+def file_md5(path):
+    """(size in bytes, MD5 hex) of a flat file, read in chunks."""
+    digest = hashlib.md5()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            size += len(chunk)
+            digest.update(chunk)
+    return size, digest.hexdigest()
+
+
+def walk_files(root):
+    """Relative paths of the non-directory entries under `root`, as `find .
+    ! -type d` lists them (symbolic links to directories included, not
+    followed)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in filenames + links:
+            yield name if rel == "." else os.path.join(rel, name)
+
+
+def path_md5(path):
+    """(size, md5) of a flat file or of a directory by the shared
+    definition (size of a directory = sum of its files' sizes)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        entries, total = [], 0
+        for rel in walk_files(path):
+            size, md5 = file_md5(os.path.join(path, rel))
+            total += size
+            entries.append((rel, md5))
+        return total, directory_digest(entries)
+    return file_md5(path)
+
+
+# ---------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------
+
+def load_connection(conn_name, config_path=None):
+    """`{url, authenticator}` of connection `conn_name` in the client
+    configuration file. Raises `RPCError` naming what is missing."""
+    path = os.path.expanduser(config_path or os.environ.get("HL_CLIENT_CFG") or CONFIG_PATH)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise RPCError("config", "cannot read %s: %s" % (path, e.strerror)) from None
+    except ValueError as e:
+        raise RPCError("config", "%s is not valid JSON: %s" % (path, e)) from None
+    try:
+        conn = config["connections"][conn_name]
+        return {"url": conn["url"], "authenticator": conn["authenticator"]}
+    except (KeyError, TypeError):
+        raise RPCError("config", "no connection %r with url and authenticator in %s"
+                       % (conn_name, path)) from None
+
+
+class LibrarianClient:
+    """Talks to one Librarian. `LibrarianClient("NAME")` reads connection
+    NAME from `~/.hl_client.cfg`; `conn_config={"url", "authenticator"}`
+    gives it directly. Every method raises `RPCError` on refusal."""
+
+    def __init__(self, conn_name=None, conn_config=None, config_path=None):
+        if conn_config is None:
+            conn_config = load_connection(conn_name, config_path)
+        self.conn_name = conn_name
+        self.url = conn_config["url"].rstrip("/") + "/"
+        self.authenticator = conn_config["authenticator"]
+        self.session = requests.Session()
+
+    # -- transport --------------------------------------------------------
+
+    def _reply(self, operation, resp):
+        try:
+            body = resp.json()
+        except ValueError:
+            raise RPCError(operation, "HTTP %d with a reply that is not JSON"
+                           % resp.status_code, resp.status_code) from None
+        if not isinstance(body, dict) or not body.get("success"):
+            message = body.get("message") if isinstance(body, dict) else None
+            raise RPCError(operation, message or "HTTP %d" % resp.status_code, resp.status_code)
+        return body
+
+    def _send(self, operation, method, url, **kwargs):
+        try:
+            return self.session.request(method, url, timeout=TIMEOUT, **kwargs)
+        except requests.RequestException as e:
+            raise RPCError(operation, "cannot reach %s: %s" % (self.url, e)) from None
+
+    def _do_http_post(self, operation, **kwargs):
+        """Call `/api/<operation>` with the existing protocol; arguments
+        that are None are left out. Returns the reply object."""
+        payload = {k: v for k, v in kwargs.items() if v is not None}
+        payload["authenticator"] = self.authenticator
+        resp = self._send(operation, "POST", self.url + "api/" + operation,
+                          data={"request": json.dumps(payload)})
+        return self._reply(operation, resp)
+
+    def _auth_header(self):
+        return {"Authorization": "Bearer " + self.authenticator}
+
+    # -- operations of the existing protocol ---------------------------------
+
+    def ping(self):
+        return self._do_http_post("ping")
+
+    def probe_stores(self):
+        return self._do_http_post("probe_stores")["stores"]
+
+    def create_file_event(self, file_name, type, **payload):
+        return self._do_http_post("create_file_event", file_name=file_name, type=type,
+                                  payload=payload)
+
+    def locate_file_instance(self, file_name):
+        return self._do_http_post("locate_file_instance", file_name=file_name)
+
+    def initiate_upload(self, upload_size, known_staging_store=None, known_staging_subdir=None,
+                        files=None, observations=None, sessions=None):
+        return self._do_http_post("initiate_upload", upload_size=upload_size,
+                                  known_staging_store=known_staging_store,
+                                  known_staging_subdir=known_staging_subdir, files=files,
+                                  observations=observations, sessions=sessions)
+
+    def complete_upload(self, store_name, staging_dir, dest_store_path, meta_mode,
+                        deletion_policy="disallowed", staging_was_known=False, null_obsid=False):
+        return self._do_http_post("complete_upload", store_name=store_name,
+                                  staging_dir=staging_dir, dest_store_path=dest_store_path,
+                                  meta_mode=meta_mode, deletion_policy=deletion_policy,
+                                  staging_was_known=staging_was_known, null_obsid=null_obsid)
+
+    def register_instances(self, store_name, file_info, null_obsid=False):
+        return self._do_http_post("register_instances", store_name=store_name,
+                                  file_info=file_info, null_obsid=null_obsid)
+
+    # -- streamed transfers ---------------------------------------------------
+
+    def upload(self, local_path, dest_store_path, null_obsid=False, deletion_policy="disallowed",
+               progress=None):
+        """Stream a file or a directory (as tar) to `dest_store_path`. The
+        checksum is computed first and sent along, so that the server refuses
+        bytes damaged on the way. `progress(n_bytes)` is called as bytes go.
+        Returns the server's reply `{name, store_name, store_path, size, md5,
+        obsid}`."""
+        local_path = local_path.rstrip("/") or local_path
+        if not os.path.exists(local_path):
+            raise RPCError("upload", "no such file or directory: %s" % local_path)
+        size, md5 = path_md5(local_path)
+        params = {"md5": md5, "deletion_policy": deletion_policy}
+        if null_obsid:
+            params["null_obsid"] = "true"
+        headers = self._auth_header()
+        url = self.url + "api/upload/" + quote(dest_store_path.lstrip("/"))
+        if os.path.isdir(local_path):
+            headers["X-Librarian-Directory"] = "tar"
+            name = os.path.basename(dest_store_path.rstrip("/"))
+            with _TarPipe(local_path, name) as body:
+                resp = self._send("upload", "PUT", url, params=params, headers=headers,
+                                  data=_counting(body.chunks(), progress))
+        else:
+            with open(local_path, "rb") as f:
+                headers["Content-Length"] = str(size)
+                resp = self._send("upload", "PUT", url, params=params, headers=headers,
+                                  data=_counting(iter(lambda: f.read(CHUNK), b""), progress))
+        return self._reply("upload", resp)
+
+    def download(self, file_name, dest_path, progress=None):
+        """Fetch `file_name` to `dest_path` (a directory arrives as a tar and
+        is unpacked there). The result is checked against the server's MD5
+        and appears at `dest_path` only when complete. Returns (size, md5)."""
+        resp = self._send("download", "GET", self.url + "api/download/" + quote(file_name),
+                          headers=self._auth_header(), stream=True)
+        if resp.status_code != 200:
+            self._reply("download", resp)
+        expected = resp.headers.get("X-Librarian-MD5")
+        is_tar = resp.headers.get("Content-Type", "").startswith("application/x-tar")
+        parent = os.path.dirname(os.path.abspath(dest_path))
+        if os.path.lexists(dest_path):
+            raise RPCError("download", "%s exists already" % dest_path)
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".librarian-download-") as tmp:
+            chunks = _counting(resp.iter_content(CHUNK), progress)
+            if is_tar:
+                staged = os.path.join(tmp, file_name)
+                _unpack_tar(_IterReader(chunks), tmp, file_name)
+            else:
+                staged = os.path.join(tmp, "data")
+                with open(staged, "wb") as out:
+                    for chunk in chunks:
+                        out.write(chunk)
+            size, md5 = path_md5(staged)
+            if expected and md5 != expected:
+                raise RPCError("download", "%s arrived with md5 %s, but the server says %s"
+                               % (file_name, md5, expected))
+            os.rename(staged, dest_path)
+        return size, md5
+
+
+def _counting(chunks, progress):
+    for chunk in chunks:
+        if progress:
+            progress(len(chunk))
+        yield chunk
+
+
+class _IterReader:
+    """A minimal file-like reader over an iterator of byte chunks."""
+
+    def __init__(self, chunks):
+        self.chunks = iter(chunks)
+        self.buffer = b""
+
+    def read(self, n=-1):
+        while n < 0 or len(self.buffer) < n:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.buffer += chunk
+        if n < 0:
+            out, self.buffer = self.buffer, b""
+        else:
+            out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+
+def _unpack_tar(reader, dest, name):
+    """Unpack a downloaded tar whose members all sit under `name`/."""
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for member in tar:
+            top = member.name.split("/", 1)[0]
+            if top != name:
+                raise RPCError("download", "tar member %r is not under %r" % (member.name, name))
+            tar.extract(member, dest, filter="data")
+
+
+class _TarPipe:
+    """A tar stream of a directory, produced by a thread into a pipe and
+    read back in chunks, so that nothing is held whole in memory."""
+
+    def __init__(self, path, name):
+        self.path, self.name = path, name
+        self.error = None
+
+    def __enter__(self):
+        rfd, wfd = os.pipe()
+        self.reader = os.fdopen(rfd, "rb")
+        self.writer = os.fdopen(wfd, "wb")
+        self.thread = threading.Thread(target=self._produce, daemon=True)
+        self.thread.start()
+        return self
+
+    def _produce(self):
+        try:
+            with tarfile.open(fileobj=self.writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                tar.add(self.path, arcname=self.name)
+        except Exception as e:  # reported by chunks() once the reader sees EOF
+            self.error = e
+        finally:
+            try:
+                self.writer.close()
+            except OSError:
+                pass
+
+    def chunks(self):
+        for chunk in iter(lambda: self.reader.read(CHUNK), b""):
+            yield chunk
+        self.thread.join()
+        if self.error:
+            raise RPCError("upload", "cannot read %s: %s" % (self.path, self.error))
+
+    def __exit__(self, *exc):
+        self.reader.close()
+        self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# The `librarian` command
+# ---------------------------------------------------------------------------
+
+def _progress_bar(total, label):
+    """A tqdm progress callback on a terminal, None otherwise."""
+    if not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+               file=sys.stderr)
+    return bar.update, bar
+
+
+def cmd_upload(client, args):
+    size, _ = (os.path.getsize(args.local_path), None) if os.path.isfile(args.local_path) \
+        else (None, None)
+    callback, bar = _progress_bar(size, os.path.basename(args.local_path.rstrip("/")))
+    try:
+        reply = client.upload(args.local_path, args.dest_store_path, null_obsid=args.null_obsid,
+                              deletion_policy=args.deletion, progress=callback)
+    finally:
+        if bar:
+            bar.close()
+    print("%s: %s bytes, md5 %s, obsid %s, on store %s at %s"
+          % (reply["name"], reply["size"], reply["md5"], reply["obsid"], reply["store_name"],
+             reply["store_path"]))
+
+
+def cmd_locate_file(client, args):
+    reply = client.locate_file_instance(args.file_name)
+    print("%s:%s" % (reply["store_ssh_host"], reply["full_path_on_store"]))
+
+
+def cmd_download(client, args):
+    dest = args.dest or args.file_name
+    callback, bar = _progress_bar(None, args.file_name)
+    try:
+        size, md5 = client.download(args.file_name, dest, progress=callback)
+    finally:
+        if bar:
+            bar.close()
+    print("%s: %d bytes, md5 %s" % (dest, size, md5))
+
+
+def _event_value(text):
+    """Values of `key=value` event arguments: JSON when it parses (numbers,
+    booleans, null, quoted strings), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_add_file_event(client, args):
+    payload = {}
+    for item in args.key_values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError("event arguments are key=value, got %r" % item)
+        payload[key] = _event_value(value)
+    client.create_file_event(os.path.basename(args.file_path.rstrip("/")), args.event_type,
+                             **payload)
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit status 2)."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="librarian",
+                                     description="Command-line client of the Librarian.")
+    parser.add_argument("--config", help="client config (default ~/.hl_client.cfg)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("upload", help="upload a file or a directory (streamed)")
+    p.add_argument("conn_name")
+    p.add_argument("local_path")
+    p.add_argument("dest_store_path", help="path on the store, ending in the file's name")
+    p.add_argument("--null-obsid", action="store_true",
+                   help="the file has no observation (needed when none can be read)")
+    p.add_argument("--deletion", choices=("disallowed", "allowed"), default="disallowed",
+                   help="deletion policy of the new instance (default: disallowed)")
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("locate-file", help="print host:path of an instance of a file")
+    p.add_argument("conn_name")
+    p.add_argument("file_name")
+    p.set_defaults(func=cmd_locate_file)
+
+    p = sub.add_parser("download", help="fetch a file (a directory is unpacked)")
+    p.add_argument("conn_name")
+    p.add_argument("file_name")
+    p.add_argument("dest", nargs="?", help="where to put it (default: ./FILE_NAME)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("add-file-event", help="record an event about a file")
+    p.add_argument("conn_name")
+    p.add_argument("file_path", help="the file (its basename is used)")
+    p.add_argument("event_type")
+    p.add_argument("key_values", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_add_file_event)
+    return parser
+
+
+def main(argv=None):
+    """Run the `librarian` command; returns 0 on success, 1 when the
+    Librarian refused or could not be reached, 2 on bad usage."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        client = LibrarianClient(args.conn_name, config_path=args.config)
+        args.func(client, args)
+    except UsageError as e:
+        print("librarian: %s" % e, file=sys.stderr)
+        return 2
+    except RPCError as e:
+        print("librarian: %s" % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("librarian: interrupted", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

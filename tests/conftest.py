@@ -1,0 +1,241 @@
+"""Fixtures: every database test runs on SQLite and on PostgreSQL.
+
+PostgreSQL is the server on 127.0.0.1:5432 (override with
+`LIBRARIAN_TEST_PG`, a `postgresql://USER@HOST:PORT` URL). The suite creates
+one database per run and a fresh schema per test, and drops them at the end.
+When PostgreSQL is unreachable its tests are skipped, except under CI (`CI`
+set), where they fail.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import librarian  # noqa: E402
+import models  # noqa: E402
+import settings  # noqa: E402
+
+DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+MIRIAD = os.path.join(DATA, "zen.2458043.12552.xx.HH.uvA")
+UVH5 = os.path.join(DATA, "zen.2458432.34569.uvh5")
+PG_BASE = os.environ.get("LIBRARIAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+AUTH = {"admin": "admin-secret", "reader": "reader-secret", "appender": "appender-secret",
+        "writer": "writer-secret"}
+LEVEL = {"admin": "admin", "reader": "read-only", "appender": "read-append",
+         "writer": "read-write"}
+
+
+def need_data():
+    """Skip (with a clear reason) when the sample data sets are absent."""
+    if not (os.path.isdir(MIRIAD) and os.path.isfile(UVH5)):
+        pytest.skip("sample data sets not found in %s" % DATA)
+
+
+# ---------------------------------------------------------------------------
+# Databases
+# ---------------------------------------------------------------------------
+
+def _pg_admin():
+    import psycopg2
+
+    conn = psycopg2.connect(PG_BASE + "/postgres", connect_timeout=5)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """Name of a PostgreSQL database made for this run, or skip/fail."""
+    try:
+        conn = _pg_admin()
+    except Exception as e:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL at %s is unreachable under CI: %s" % (PG_BASE, e))
+        pytest.skip("PostgreSQL at %s is unreachable: %s" % (PG_BASE, e))
+    name = "librarian_test_%s" % uuid.uuid4().hex[:10]
+    with conn.cursor() as cur:
+        cur.execute("CREATE DATABASE %s" % name)
+    yield name
+    with conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+    conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A URL of an empty database: a SQLite file, or a fresh PostgreSQL
+    schema (selected with `search_path`)."""
+    if request.param == "sqlite":
+        yield "sqlite:///%s" % (tmp_path / "librarian.db")
+        return
+    import psycopg2
+
+    dbname = request.getfixturevalue("pg_database")
+    schema = "t_%s" % uuid.uuid4().hex[:12]
+    conn = psycopg2.connect("%s/%s" % (PG_BASE, dbname))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE SCHEMA %s" % schema)
+    yield "%s/%s?options=-csearch_path%%3D%s" % (PG_BASE, dbname, schema)
+    if not models.db.is_closed() and models.is_postgres():
+        models.db.close()
+    with conn.cursor() as cur:
+        cur.execute("DROP SCHEMA %s CASCADE" % schema)
+    conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Configuration and app
+# ---------------------------------------------------------------------------
+
+def config_text(db_url, store_dir, port=21106, extra=""):
+    sources = "".join("[source:%s]\nauthenticator = %s\nlevel = %s\n\n"
+                      % (name, AUTH[name], LEVEL[name]) for name in AUTH)
+    return ("[server]\nport = %d\nsecret_key = test-secret\ndisplayed_site_name = Test\n"
+            "threads = 8\nlog_level = WARNING\n\n[database]\nurl = %s\n\n"
+            "[store:main]\npath_prefix = %s\n\n%s%s"
+            % (port, db_url, store_dir, sources, extra))
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    path = tmp_path / "store"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def config_path(tmp_path, db_url, store_dir):
+    path = tmp_path / "librarian.ini"
+    path.write_text(config_text(db_url, store_dir, port=free_port()))
+    return str(path)
+
+
+@pytest.fixture
+def app(config_path):
+    """The migrated, started Bottle app on a fresh database."""
+    config = settings.load(config_path)
+    application = librarian.setup(config)
+    with models.db.connection_context():
+        librarian.migration_router().run()
+    librarian.startup(application)
+    yield application
+    if not models.db.is_closed():
+        models.db.close()
+
+
+@pytest.fixture
+def web(app):
+    """A WebTest client of the app."""
+    import webtest
+
+    return webtest.TestApp(app)
+
+
+def api(web, operation, auth="admin", status=200, **args):
+    """POST an operation in the existing protocol's form; returns the reply."""
+    payload = dict(args)
+    if auth is not None:
+        payload["authenticator"] = AUTH.get(auth, auth)
+    import json
+
+    resp = web.post("/api/" + operation, {"request": json.dumps(payload)}, status=status)
+    return resp.json
+
+
+def bearer(who="admin"):
+    return {"Authorization": "Bearer " + AUTH.get(who, who)}
+
+
+# ---------------------------------------------------------------------------
+# Real servers
+# ---------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `librarian.py serve` child process on a free loopback port."""
+
+    def __init__(self, config_path):
+        self.config_path = config_path
+        self.port = settings.load(config_path).server["port"]
+        self.url = "http://127.0.0.1:%d/" % self.port
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.config_path + ".log", "ab")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "librarian.py"),
+                                      "serve", "--config", self.config_path],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited: %s" % open(self.config_path + ".log").read())
+            try:
+                requests.get(self.url, timeout=1)
+                return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def server(app, config_path):
+    """A real server on the same (migrated) database as `app`."""
+    if not models.db.is_closed():
+        models.db.close()
+    srv = Server(config_path).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client_config(tmp_path, server):
+    """Path of a `~/.hl_client.cfg`-style file with connections to `server`
+    as each test source."""
+    import json
+
+    path = tmp_path / "hl_client.cfg"
+    path.write_text(json.dumps({"connections": {
+        who: {"url": server.url, "authenticator": AUTH[who]} for who in AUTH}}))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------
+
+def store_contents(store_dir):
+    """Relative paths of everything under a store outside its staging area,
+    and the staging area's entries."""
+    found, staging = set(), []
+    for dirpath, dirnames, filenames in os.walk(store_dir):
+        rel = os.path.relpath(dirpath, store_dir)
+        if rel == ".staging":
+            staging.extend(dirnames + filenames)
+            dirnames[:] = []
+            continue
+        for name in filenames:
+            found.add(os.path.normpath(os.path.join(rel, name)))
+    return found, staging
