@@ -228,9 +228,8 @@ class LibrarianClient:
                                   data=_counting(body.chunks(), progress))
         else:
             with open(local_path, "rb") as f:
-                headers["Content-Length"] = str(size)
                 resp = self._send("upload", "PUT", url, params=params, headers=headers,
-                                  data=_counting(iter(lambda: f.read(CHUNK), b""), progress))
+                                  data=_ReportingFile(f, size, progress))
         return self._reply("upload", resp)
 
     def download(self, file_name, dest_path, progress=None):
@@ -269,6 +268,23 @@ def _counting(chunks, progress):
         if progress:
             progress(len(chunk))
         yield chunk
+
+
+class _ReportingFile:
+    """A file to send with a known length (so that Content-Length is set)
+    that reports the bytes read to `progress`."""
+
+    def __init__(self, f, size, progress):
+        self.f, self.size, self.progress = f, size, progress
+
+    def __len__(self):
+        return self.size
+
+    def read(self, n=-1):
+        chunk = self.f.read(max(n, CHUNK) if n and n > 0 else -1)
+        if self.progress and chunk:
+            self.progress(len(chunk))
+        return chunk
 
 
 class _IterReader:

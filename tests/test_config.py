@@ -1,0 +1,72 @@
+"""The configuration file: validation, defaults, and its documentation."""
+
+import configparser
+import os
+
+import pytest
+
+import settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = "[server]\nsecret_key = s\n[database]\nurl = sqlite:///x.db\n"
+
+
+def test_defaults_are_filled_in():
+    config = settings.parse(BASE)
+    assert config.server["port"] == 21106 and config.server["threads"] == 8
+    assert config.librarian == {"obsid_inference_mode": "none", "permissions_mode": "readonly"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("[server]\ncolour = blue\n", "unknown key 'colour' in section [server]"),
+    ("[serverz]\nport = 1\n", "unknown section [serverz]"),
+    ("[store:]\npath_prefix = x\n", "unknown section [store:]"),
+    ("[librarian]\nobsid_inference_mode = guess\n", "bad value 'guess' for obsid_inference_mode"),
+    ("[store:a]\navailable = perhaps\n", "bad value 'perhaps' for available in [store:a]"),
+    ("[store:a]\navailable = true\n", "missing key path_prefix in section [store:a]"),
+    ("[source:x]\nauthenticator = a\nlevel = god\n", "bad value 'god' for level in [source:x]"),
+])
+def test_bad_configuration_names_the_key(extra, message):
+    text = BASE.replace("[server]\n", "[server]\n" + extra.split("\n", 1)[1]) \
+        if extra.startswith("[server]") else BASE + extra
+    with pytest.raises(settings.ConfigError) as e:
+        settings.parse(text)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "http"])
+def test_bad_port_is_refused(port):
+    with pytest.raises(settings.ConfigError, match="bad value %r for port" % port):
+        settings.parse(BASE.replace("secret_key = s", "secret_key = s\nport = %s" % port))
+
+
+def test_missing_secret_key_and_database_are_refused():
+    with pytest.raises(settings.ConfigError, match="missing key secret_key in section"):
+        settings.parse("[database]\nurl = sqlite:///x.db\n")
+    with pytest.raises(settings.ConfigError, match="missing key url in section \\[database\\]"):
+        settings.parse("[server]\nsecret_key = s\n")
+    with pytest.raises(settings.ConfigError, match="bad value 'mysql://x' for url"):
+        settings.parse("[server]\nsecret_key = s\n[database]\nurl = mysql://x\n")
+
+
+def test_example_config_is_valid_and_documents_every_key():
+    path = os.path.join(ROOT, "config.example.ini")
+    config = settings.load(path)
+    assert config.stores["local"]["path_prefix"] == "var/store"
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    with open(path) as f:
+        text = f.read()
+    parser.read_string(text)
+    for section, keys in settings.SCHEMA.items():
+        for key in keys:
+            assert ("\n%s = " % key in text) or ("\n# %s = " % key in text), \
+                "config.example.ini does not document %s in [%s]" % (key, section)
+
+
+def test_config_path_falls_back_to_environment_then_cwd(monkeypatch):
+    monkeypatch.delenv("LIBRARIAN_CONFIG_PATH", raising=False)
+    assert settings.find_config_path(None) == "librarian.ini"
+    monkeypatch.setenv("LIBRARIAN_CONFIG_PATH", "/etc/lib.ini")
+    assert settings.find_config_path(None) == "/etc/lib.ini"
+    assert settings.find_config_path("given.ini") == "given.ini"

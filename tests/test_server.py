@@ -1,0 +1,171 @@
+"""End to end: real `librarian.py serve` processes on loopback ports, the
+real client library and `librarian` command, concurrency and broken
+connections."""
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+import librarian_client
+import models
+from conftest import AUTH, MIRIAD, ROOT, UVH5, need_data, store_contents
+from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
+
+
+def run_cli(client_config, *argv):
+    return librarian_client.main(["--config", client_config, *argv])
+
+
+def test_serve_refuses_an_unmigrated_database(tmp_path):
+    from conftest import config_text, free_port
+
+    path = tmp_path / "fresh.ini"
+    path.write_text(config_text("sqlite:///%s" % (tmp_path / "empty.db"), str(tmp_path / "s"),
+                                port=free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "serve",
+                           "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "is not migrated (pending: 001_initial)" in proc.stderr
+    assert "librarian.py migrate --config" in proc.stderr
+
+
+def test_serve_names_a_bad_config_key(tmp_path):
+    path = tmp_path / "bad.ini"
+    path.write_text("[server]\nsecret_key = s\nprot = 80\n[database]\nurl = sqlite:///x.db\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "serve",
+                           "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "unknown key 'prot' in section [server]" in proc.stderr
+
+
+def test_client_uploads_locates_downloads_and_adds_events(server, client_config, tmp_path,
+                                                          capsys):
+    need_data()
+    assert run_cli(client_config, "upload", "appender", UVH5,
+                   "2458432/zen.2458432.34569.uvh5") == 0
+    assert run_cli(client_config, "upload", "appender", MIRIAD + "/",
+                   "2458043/zen.2458043.12552.xx.HH.uvA") == 0
+    out = capsys.readouterr().out
+    assert "zen.2458432.34569.uvh5: %d bytes, md5 %s, obsid %d" % (
+        shell_size(UVH5), shell_md5(UVH5), uvh5_reference(UVH5)["obsid"]) in out
+    assert "zen.2458043.12552.xx.HH.uvA: %d bytes, md5 %s, obsid %d" % (
+        shell_size(MIRIAD), shell_md5(MIRIAD), miriad_reference(MIRIAD)["obsid"]) in out
+
+    assert run_cli(client_config, "locate-file", "reader", "zen.2458043.12552.xx.HH.uvA") == 0
+    located = capsys.readouterr().out.strip()
+    assert located.endswith("/2458043/zen.2458043.12552.xx.HH.uvA")
+    assert os.path.isdir(located.split(":", 1)[1])
+
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    assert run_cli(client_config, "download", "reader", "zen.2458043.12552.xx.HH.uvA",
+                   str(dest / "copy.uvA")) == 0
+    assert run_cli(client_config, "download", "reader", "zen.2458432.34569.uvh5",
+                   str(dest / "copy.uvh5")) == 0
+    assert shell_md5(str(dest / "copy.uvA")) == shell_md5(MIRIAD)
+    with open(UVH5, "rb") as a, open(dest / "copy.uvh5", "rb") as b:
+        assert a.read() == b.read()
+
+    assert run_cli(client_config, "add-file-event", "appender", UVH5, "qa", "score=0.9",
+                   "who=ann") == 0
+    client = librarian_client.LibrarianClient("admin", config_path=client_config)
+    assert client.ping()["message"] == "hello"
+
+
+def test_client_errors_are_one_line_and_exit_codes(server, client_config, tmp_path, capsys):
+    src = tmp_path / "notes.txt"
+    src.write_text("no obsid here")
+    assert run_cli(client_config, "upload", "appender", str(src), "notes.txt") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("librarian: upload: cannot determine the obsid of 'notes.txt'")
+    assert err.count("\n") == 1
+    assert run_cli(client_config, "upload", "reader", str(src), "notes.txt",
+                   "--null-obsid") == 1
+    assert "needs level read-append" in capsys.readouterr().err
+    assert run_cli(client_config, "upload", "appender", str(src), "notes.txt", "--null-obsid",
+                   "--deletion", "allowed") == 0
+    assert run_cli(client_config, "locate-file", "nobody", "notes.txt") == 1
+    assert "no connection 'nobody'" in capsys.readouterr().err
+    assert run_cli(client_config, "add-file-event", "appender", "notes.txt", "t", "novalue") == 2
+    assert run_cli(client_config, "frobnicate") == 2
+    assert run_cli(client_config, "download", "reader", "missing.dat",
+                   str(tmp_path / "m")) == 1
+    assert "no file named 'missing.dat'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
+    import json
+
+    from conftest import free_port
+
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text(json.dumps({"connections": {"x": {"url": "http://127.0.0.1:%d/" % free_port(),
+                                                     "authenticator": "a"}}}))
+    assert librarian_client.main(["--config", str(cfg), "locate-file", "x", "f"]) == 1
+    assert "cannot reach http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_concurrent_uploads_register_each_name_once_without_orphans(server, store_dir):
+    bodies = {"f%02d.dat" % i: os.urandom(200_000) for i in range(10)}
+    same = os.urandom(300_000)
+    results = []
+
+    def upload(name, body):
+        resp = requests.put(server.url + "api/upload/c/" + name, data=body,
+                            params={"null_obsid": "true"},
+                            headers={"Authorization": "Bearer " + AUTH["appender"]}, timeout=60)
+        results.append((name, resp.status_code))
+
+    threads = [threading.Thread(target=upload, args=item) for item in bodies.items()]
+    threads += [threading.Thread(target=upload, args=("same.dat", same)) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(code for name, code in results if name == "same.dat")
+    assert statuses == [200, 200, 200, 200, 201]
+    assert all(code == 201 for name, code in results if name != "same.dat")
+    models.db.connect(reuse_if_open=True)
+    assert models.File.select().count() == 11
+    assert models.FileInstance.select().count() == 11
+    assert models.FileEvent.select().count() == 11
+    files, staging = store_contents(store_dir)
+    assert files == {"c/" + n for n in bodies} | {"c/same.dat"}
+    assert staging == []
+    with open(os.path.join(store_dir, "c", "same.dat"), "rb") as f:
+        assert hashlib.md5(f.read()).digest() == hashlib.md5(same).digest()
+
+
+def test_client_disconnect_mid_upload_leaves_nothing(server, store_dir):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"PUT /api/upload/cut.dat?null_obsid=true HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + AUTH["appender"].encode() +
+                     b"\r\nContent-Length: 5000000\r\n\r\n")
+        sock.sendall(os.urandom(1_000_000))
+    time.sleep(1.0)
+    # The server is still healthy and nothing of the cut upload exists.
+    resp = requests.post(server.url + "api/ping",
+                         data={"request": '{"authenticator": "%s"}' % AUTH["reader"]}, timeout=10)
+    assert resp.json()["success"] is True
+    models.db.connect(reuse_if_open=True)
+    assert models.File.select().count() == 0
+    files, staging = store_contents(store_dir)
+    assert files == set() and staging == []
+
+
+@pytest.mark.parametrize("level", ["reader", "not-a-secret"])
+def test_two_step_refused_for_wrong_authenticator_or_level(server, level):
+    client = librarian_client.LibrarianClient(conn_config={"url": server.url,
+                                                           "authenticator": AUTH.get(level,
+                                                                                     level)})
+    with pytest.raises(librarian_client.RPCError) as e:
+        client.initiate_upload(10)
+    assert e.value.status == (403 if level == "reader" else 400)
