@@ -1,0 +1,31 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= var/librarian.ini
+
+.PHONY: serve test install clean
+
+# The virtualenv, (re)installed when the requirements change.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(CONFIG): | $(VENV)/.installed
+	$(BIN)/python librarian.py init-config $(CONFIG)
+
+# Set up (first time) and run a server on SQLite with a local store under ./var/.
+serve: install $(CONFIG)
+	$(BIN)/python librarian.py migrate --config $(CONFIG)
+	$(BIN)/python librarian.py show-admin --config $(CONFIG)
+	$(BIN)/python librarian.py serve --config $(CONFIG)
+
+# The whole test suite, on SQLite and on PostgreSQL.
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
