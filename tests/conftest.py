@@ -25,7 +25,8 @@ import librarian  # noqa: E402
 import models  # noqa: E402
 import settings  # noqa: E402
 
-DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+DATA = os.environ.get("LIBRARIAN_TEST_DATA") or os.path.normpath(
+    os.path.join(ROOT, "..", "shared", "data"))
 MIRIAD = os.path.join(DATA, "zen.2458043.12552.xx.HH.uvA")
 UVH5 = os.path.join(DATA, "zen.2458432.34569.uvh5")
 PG_BASE = os.environ.get("LIBRARIAN_TEST_PG", "postgresql://postgres@127.0.0.1:5432")

@@ -232,6 +232,7 @@ def test_direct_mode_refuses_bytes_that_do_not_match_the_record(web, store_dir):
 
 
 def test_record_with_bad_types_or_names_is_refused(web):
+    need_data()
     sets = record_set()
     sets["files"]["zen.2458432.34569.uvh5"]["create_time"] = "yesterday"
     assert "'create_time' of the wrong type" in api(web, "initiate_upload", upload_size=1,
