@@ -21,6 +21,7 @@ import shutil
 import stat
 import tarfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from librarian_client import directory_digest, file_md5, path_md5 as path_info  # noqa: F401
 from models import LibrarianError, check_file_name
@@ -85,16 +86,26 @@ class BodyReader:
 
 
 def _copy_hashing(reader, out):
-    """Copy `reader` to the open file `out`; returns (size, md5 hex)."""
+    """Copy `reader` to the open file `out`; returns (size, md5 hex).
+
+    MD5 runs in a second thread, one chunk behind the writes (hashlib
+    releases the GIL on large buffers), so that hashing and disk writes
+    overlap instead of adding up. At most two chunks are in flight."""
     digest = hashlib.md5()
     size = 0
-    while True:
-        chunk = reader.read(CHUNK)
-        if not chunk:
-            break
-        out.write(chunk)
-        digest.update(chunk)
-        size += len(chunk)
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        while True:
+            chunk = reader.read(CHUNK)
+            if not chunk:
+                break
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(digest.update, chunk)
+            out.write(chunk)
+            size += len(chunk)
+        if pending is not None:
+            pending.result()
     return size, digest.hexdigest()
 
 
