@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -44,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MIGRATIONS = os.path.join(HERE, "migrations")
 MAX_REQUEST_BODY = 1 << 50  # waitress refuses larger bodies; ours are files, so: none.
 RECV_BYTES = 1 << 18
+STAGING_SUBDIR_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 AUTH_CACHE_SECONDS = 60
 
 log = logging.getLogger("librarian")
@@ -374,11 +376,13 @@ def choose_store(upload_size):
 
 @operation("ping", "read-only")
 def op_ping(source, args):
+    """Check that the server answers and the authenticator is valid."""
     return {"message": "hello"}
 
 
 @operation("probe_stores", "read-only")
 def op_probe_stores(source, args):
+    """List the available stores: name, path_prefix, ssh_host."""
     stores = Store.select().where(Store.available == True).order_by(Store.name)  # noqa: E712
     return {"stores": [{"name": s.name, "path_prefix": s.path_prefix, "ssh_host": s.ssh_host}
                        for s in stores]}
@@ -386,6 +390,7 @@ def op_probe_stores(source, args):
 
 @operation("create_file_event", "read-append", file_name=str, type=str, payload=dict)
 def op_create_file_event(source, args):
+    """Append an event of `type` with a JSON object `payload` to a file's log."""
     if not args["type"]:
         fail(400, "event type may not be empty")
     with models.write_transaction():
@@ -397,6 +402,7 @@ def op_create_file_event(source, args):
 
 @operation("locate_file_instance", "read-only", file_name=str)
 def op_locate_file_instance(source, args):
+    """Where an instance of a file lives: store, host, path."""
     inst = local_instance(args["file_name"])
     return {"full_path_on_store": inst.full_path_on_store, "store_name": inst.store.name,
             "store_path": inst.store_path, "store_ssh_host": inst.store.ssh_host}
@@ -405,17 +411,19 @@ def op_locate_file_instance(source, args):
 @operation("initiate_upload", "read-append", upload_size=int, known_staging_store_Q=str,
            known_staging_subdir_Q=str, files_Q=dict, observations_Q=dict, sessions_Q=dict)
 def op_initiate_upload(source, args):
+    """Pick a store and make a staging directory; ingest records sent along."""
     if args["upload_size"] < 0:
         fail(400, "upload_size may not be negative")
     if (args["known_staging_store"] is None) != (args["known_staging_subdir"] is None):
         fail(400, "give both known_staging_store and known_staging_subdir, or neither")
     if args["known_staging_store"] is not None:
         store = LocalStore(Store.by_name(args["known_staging_store"]))
-        staging = os.path.join(store.staging_root(), args["known_staging_subdir"])
+        subdir = args["known_staging_subdir"]
+        if not STAGING_SUBDIR_RE.match(subdir):
+            fail(400, "known_staging_subdir must be one folder name of letters, digits, '-' "
+                 "and '_', got %r" % subdir)
+        staging = os.path.join(store.staging_root(), subdir)
         os.makedirs(staging, exist_ok=True)
-        if not store.in_staging(staging):
-            fail(400, "known_staging_subdir %r is not a directory of store %r's staging area"
-                 % (args["known_staging_subdir"], store.name))
     else:
         store = choose_store(args["upload_size"])
         staging = store.new_staging_dir()
@@ -436,6 +444,7 @@ def op_initiate_upload(source, args):
            dest_store_path=str, meta_mode=str, deletion_policy_Q=str, staging_was_known_Q=bool,
            null_obsid_Q=bool)
 def op_complete_upload(source, args):
+    """Verify, register and move into place what was copied into staging."""
     if args["meta_mode"] not in ("direct", "infer"):
         fail(400, "meta_mode must be 'direct' or 'infer', got %r" % args["meta_mode"])
     store = LocalStore(Store.by_name(args["store_name"]))
@@ -467,6 +476,7 @@ def op_complete_upload(source, args):
 @operation("register_instances", "read-append", store_name=str, file_info=dict,
            null_obsid_Q=bool)
 def op_register_instances(source, args):
+    """Register files that appeared on a store by other means."""
     store = LocalStore(Store.by_name(args["store_name"]))
     with models.write_transaction():
         for full_path, info in args["file_info"].items():
@@ -480,6 +490,90 @@ def op_register_instances(source, args):
                                      inference_mode=cfg().librarian["obsid_inference_mode"],
                                      readonly=cfg().librarian["permissions_mode"] == "readonly")
     return {}
+
+
+# ---------------------------------------------------------------------------
+# The OpenAPI document, generated from the operation registry
+# ---------------------------------------------------------------------------
+
+JSON_SCHEMA_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean",
+                     dict: "object", list: "array"}
+ERROR_REPLY = {"description": "refused: success is false and message says why",
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def operation_schema(spec):
+    """JSON Schema of an operation's request object from its `validate` spec."""
+    properties = {"authenticator": {"type": "string",
+                                    "description": "or an Authorization: Bearer header"}}
+    required = []
+    for key, kind in spec.items():
+        name = key.rstrip("?")
+        properties[name] = {"type": JSON_SCHEMA_TYPES[kind]}
+        if not key.endswith("?"):
+            required.append(name)
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def openapi_document():
+    """The OpenAPI 3 description of `/api/` (built from `OPERATIONS`, so it
+    cannot drift from what the validator enforces)."""
+    paths = {}
+    for name, (func, level, spec) in sorted(OPERATIONS.items()):
+        form = {"type": "object", "required": ["request"],
+                "properties": {"request": {"type": "string",
+                                           "description": "the request object as JSON text"}}}
+        paths["/api/" + name] = {"post": {
+            "operationId": name, "summary": (func.__doc__ or name).strip().split("\n")[0],
+            "description": "Needs level %s or above." % level,
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": operation_schema(spec)},
+                "application/x-www-form-urlencoded": {"schema": form}}},
+            "responses": {"200": {"description": "success is true",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object", "required": ["success"]}}}},
+                          "400": ERROR_REPLY, "403": ERROR_REPLY}}}
+    paths["/api/upload/{dest_store_path}"] = {"put": {
+        "operationId": "upload", "summary": "Streamed upload of a file or a directory tar.",
+        "description": "Needs level read-append. Body: the bytes, or a tar stream with "
+                       "X-Librarian-Directory: tar.",
+        "parameters": [
+            {"name": "dest_store_path", "in": "path", "required": True,
+             "schema": {"type": "string"}},
+            {"name": "md5", "in": "query", "schema": {"type": "string"}},
+            {"name": "deletion_policy", "in": "query",
+             "schema": {"type": "string", "enum": ["allowed", "disallowed"]}},
+            {"name": "null_obsid", "in": "query", "schema": {"type": "boolean"}}],
+        "requestBody": {"required": True, "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"201": {"description": "registered"},
+                      "200": {"description": "identical file already here"},
+                      "400": ERROR_REPLY, "403": ERROR_REPLY,
+                      "409": ERROR_REPLY}}}
+    paths["/api/download/{name}"] = {"get": {
+        "operationId": "download", "summary": "Streamed download (a directory as a tar).",
+        "description": "Needs level read-only. Honours Range on flat files.",
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the bytes; X-Librarian-MD5 header"},
+                      "206": {"description": "the asked range"},
+                      "400": ERROR_REPLY}}}
+    return {"openapi": "3.0.3",
+            "info": {"title": "Librarian", "version": __version__},
+            "paths": paths,
+            "components": {
+                "schemas": {"Error": {"type": "object", "required": ["success", "message"],
+                                      "properties": {"success": {"type": "boolean"},
+                                                     "message": {"type": "string"}}}},
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+def openapi():
+    response.content_type = "application/json"
+    return json.dumps(openapi_document(), indent=1)
 
 
 # ---------------------------------------------------------------------------
@@ -574,6 +668,7 @@ def home():
 
 def install_routes(app):
     app.route("/", "GET", home)
+    app.route("/api/openapi.json", "GET", openapi)
     app.route("/api/upload/<dest_store_path:path>", "PUT", upload)
     app.route("/api/download/<name>", "GET", download)
     app.route("/stream/<name>", "GET", download)

@@ -65,7 +65,9 @@ def open_database(url):
         return db_url_connect(url, pragmas={"foreign_keys": 1, "journal_mode": "wal",
                                             "busy_timeout": 30000, "synchronous": "normal"})
     if url.startswith(("postgresql:", "postgres:")):
-        return db_url_connect(url)
+        # A pool: each request "closes" its connection back into it.
+        pooled = "postgresql+pool:" + url.split(":", 1)[1]
+        return db_url_connect(pooled, max_connections=64, stale_timeout=300)
     raise ValueError("database url must start with sqlite:/// or postgresql://, got %r" % url)
 
 

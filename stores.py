@@ -330,13 +330,6 @@ class LocalStore:
         os.makedirs(path, mode=0o755)
         return path
 
-    def in_staging(self, abs_path):
-        """True when `abs_path` is a directory directly inside this store's
-        staging area."""
-        root = os.path.realpath(self.staging_root())
-        real = os.path.realpath(abs_path)
-        return os.path.dirname(real) == root and os.path.isdir(real)
-
     def clean_staging(self, keep=()):
         """Remove everything in the staging area except the directories in
         `keep` (absolute paths); returns how many entries were removed."""

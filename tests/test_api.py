@@ -279,3 +279,45 @@ def test_hera_inference_copies_obsid_of_a_sibling_file(app, web):
     msg = web.put("/api/upload/zen.2458999.1.calfits", b"cal", headers=bearer(),
                   status=400).json["message"]
     assert "no files named zen.2458999.1.*" in msg
+
+
+@pytest.mark.parametrize("subdir", ["../../escape", "a/b", "", ".."])
+def test_known_staging_subdir_cannot_leave_the_staging_area(web, store_dir, subdir):
+    reply = api(web, "initiate_upload", status=400, upload_size=1, known_staging_store="main",
+                known_staging_subdir=subdir)
+    assert "known_staging_subdir must be one folder name" in reply["message"]
+    assert sorted(os.listdir(store_dir)) in ([], [".staging"])
+    assert not os.path.exists(os.path.join(os.path.dirname(store_dir), "escape"))
+
+
+def test_known_staging_subdir_is_used_once(web, store_dir):
+    reply = api(web, "initiate_upload", upload_size=3, known_staging_store="main",
+                known_staging_subdir="copy-42")
+    assert reply["staging_dir"] == os.path.join(store_dir, ".staging", "copy-42")
+    with open(os.path.join(reply["staging_dir"], "k.dat"), "wb") as f:
+        f.write(b"abc")
+    api(web, "complete_upload", store_name="main", staging_dir=reply["staging_dir"],
+        dest_store_path="k.dat", meta_mode="infer", null_obsid=True, staging_was_known=True)
+    assert models.FileInstance.get().name == "k.dat"
+
+
+def test_openapi_document_matches_what_the_server_enforces(web):
+    import librarian
+
+    doc = web.get("/api/openapi.json").json
+    assert doc["openapi"].startswith("3.")
+    ops = {p[len("/api/"):]: v["post"] for p, v in doc["paths"].items() if "post" in v}
+    assert set(ops) == set(librarian.OPERATIONS)
+    for name, op in ops.items():
+        schema = op["requestBody"]["content"]["application/json"]["schema"]
+        for arg in schema.get("required", []):
+            payload = {a: None for a in schema.get("required", []) if a != arg}
+            reply = api(web, name, status=400, **{k: v for k, v in payload.items()})
+            assert "missing argument" in reply["message"]
+        # Every documented argument is accepted by name (no "unknown argument").
+        probe = {a: {"integer": -1, "number": 0.5, "string": "", "boolean": False,
+                     "object": {}, "array": []}[s["type"]]
+                 for a, s in schema["properties"].items() if a != "authenticator"}
+        resp = web.post("/api/" + name, {"request": __import__("json").dumps(
+            dict(probe, authenticator=AUTH["admin"]))}, expect_errors=True)
+        assert "unknown argument" not in resp.json.get("message", "")

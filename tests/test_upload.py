@@ -12,7 +12,7 @@ import pytest
 import webtest
 
 import models
-from conftest import MIRIAD, UVH5, api, bearer, need_data, store_contents
+from conftest import MIRIAD, UVH5, bearer, need_data, store_contents
 from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
 
 

@@ -1,0 +1,102 @@
+"""The schema: constraints enforced by the database itself, authenticators,
+and the admin commands."""
+
+import datetime
+import os
+
+import peewee as pw
+import pytest
+
+import librarian
+import models
+from conftest import AUTH, api
+
+
+def raw_file(**overrides):
+    row = {"name": "f.dat", "type": "dat", "create_time": models.utcnow(), "size": 1,
+           "md5": "d41d8cd98f00b204e9800998ecf8427e", "source": "test"}
+    row.update(overrides)
+    return row
+
+
+@pytest.mark.parametrize("overrides", [
+    {"md5": "D41D8CD98F00B204E9800998ECF8427E"},   # upper case
+    {"md5": "d41d8cd98f00b204e9800998ecf8427"},    # 31 digits
+    {"md5": "g41d8cd98f00b204e9800998ecf8427e"},   # not hex
+    {"size": -1},
+    {"name": "a/b"},
+    {"name": ".."},
+    {"name": ""},
+    {"observation": 12345},                          # unknown observation
+], ids=["upper", "short", "nothex", "negative", "slash", "dotdot", "empty", "fk"])
+def test_database_refuses_invalid_files_even_without_python_checks(app, overrides):
+    with pytest.raises(pw.IntegrityError):
+        with models.db.atomic():
+            models.File.insert(**raw_file(**overrides)).execute()
+    assert models.File.select().count() == 0
+
+
+def test_sizes_are_64_bit_and_names_unique(app):
+    models.File.insert(**raw_file(size=5 * 2**40)).execute()
+    assert models.File.get().size == 5 * 2**40
+    with pytest.raises(pw.IntegrityError):
+        with models.db.atomic():
+            models.File.insert(**raw_file()).execute()
+
+
+def test_instances_need_a_known_store_and_file_and_a_valid_policy(app):
+    models.File.insert(**raw_file()).execute()
+    store = models.Store.get()
+    for bad in ({"store": 999}, {"file": "nope"}, {"deletion_policy": 7}):
+        row = dict({"store": store.id, "parent_dirs": "", "file": "f.dat"}, **bad)
+        with pytest.raises(pw.IntegrityError):
+            with models.db.atomic():
+                models.FileInstance.insert(**row).execute()
+
+
+def test_observation_times_are_checked(app):
+    with pytest.raises(pw.IntegrityError):
+        with models.db.atomic():
+            models.Observation.insert(obsid=1, start_time_jd=2458000.5,
+                                      stop_time_jd=2458000.4).execute()
+    with pytest.raises(pw.IntegrityError):
+        with models.db.atomic():
+            models.Observation.insert(obsid=1, start_time_jd=2458000.5,
+                                      start_lst_hr=24.5).execute()
+
+
+def test_authenticators_are_stored_hashed_and_verified(app):
+    admin = models.Source.get(models.Source.name == "admin")
+    assert AUTH["admin"] not in admin.authenticator_hash
+    assert admin.authenticator_hash.startswith("$argon2")
+    assert models.find_source(AUTH["admin"]).name == "admin"
+    assert models.find_source("admin-secreT") is None
+    assert models.find_source("") is None
+
+
+def test_levels_order():
+    reader = models.Source(level="read-only")
+    writer = models.Source(level="read-write")
+    assert writer.allows("read-append") and writer.allows("read-only")
+    assert not writer.allows("admin") and not reader.allows("read-append")
+
+
+def test_unix_times_round_trip_exactly():
+    for t in (0, 1541794668, 2**31 + 7):
+        assert models.to_unix(models.from_unix(t)) == t
+    assert models.from_unix(0) == datetime.datetime(1970, 1, 1)
+
+
+def test_add_user_and_add_store_commands(app, config_path, web, tmp_path, capsys):
+    models.db.close()
+    assert librarian.main(["add-user", "pipeline", "--level", "read-append",
+                           "--config", config_path]) == 0
+    authenticator = capsys.readouterr().out.strip().splitlines()[-1]
+    new_store = tmp_path / "second"
+    assert librarian.main(["add-store", "second", str(new_store), "--config", config_path]) == 0
+    assert os.path.isdir(new_store)
+    assert api(web, "ping", auth=authenticator)["message"] == "hello"
+    names = [s["name"] for s in api(web, "probe_stores")["stores"]]
+    assert names == ["main", "second"]
+    with pytest.raises(SystemExit, match="already exists"):
+        librarian.main(["add-user", "pipeline", "--config", config_path])
