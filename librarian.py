@@ -31,8 +31,11 @@ import traceback
 import bottle
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
+import deletion
 import ingest
 import models
+import search
+import sessions
 import settings as settings_mod
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
@@ -490,6 +493,95 @@ def op_register_instances(source, args):
                                      inference_mode=cfg().librarian["obsid_inference_mode"],
                                      readonly=cfg().librarian["permissions_mode"] == "readonly")
     return {}
+
+
+# ---------------------------------------------------------------------------
+# Catalogue: search, sessions, deletion
+# ---------------------------------------------------------------------------
+
+SEARCH_OUTPUTS = {
+    "file-listing-json": (search.file_query, lambda f: f.to_dict()),
+    "instance-listing-json": (search.instance_query, lambda i: i.to_dict()),
+    "obs-listing-json": (search.observation_query, lambda o: o.to_dict()),
+    "session-listing-json": (search.session_query, lambda s: s.to_dict()),
+}
+
+
+def page(query, limit, offset):
+    """Apply optional `limit`/`offset` (both >= 0) to a query."""
+    if limit is not None:
+        if limit < 0:
+            fail(400, "limit may not be negative")
+        query = query.limit(limit)
+    if offset is not None:
+        if offset < 0:
+            fail(400, "offset may not be negative")
+        query = query.offset(offset)
+    return query
+
+
+@operation("search", "read-only", search=str, output_format=str, limit_Q=int, offset_Q=int,
+           stage_user_Q=str, stage_dest_Q=str, type_Q=str)
+def op_search(source, args):
+    """Run a search (SEARCH.md); results in the chosen JSON output format,
+    ordered by name, obsid or session id."""
+    fmt = args["output_format"]
+    if fmt == "stage-the-files-json":
+        fail(400, "output_format 'stage-the-files-json' (staging) is not available on this "
+             "server yet")
+    if fmt not in SEARCH_OUTPUTS:
+        fail(400, "output_format must be one of %s, got %r"
+             % (", ".join(sorted(SEARCH_OUTPUTS)), fmt))
+    make_query, to_dict = SEARCH_OUTPUTS[fmt]
+    query = page(make_query(args["search"]), args["limit"], args["offset"])
+    return {"results": [to_dict(row) for row in query]}
+
+
+@operation("assign_observing_sessions", "read-append", minimum_start_jd_Q=float,
+           maximum_start_jd_Q=float)
+def op_assign_observing_sessions(source, args):
+    """Group observations without a session into sessions."""
+    new, unclosed = sessions.assign_observing_sessions(args["minimum_start_jd"],
+                                                       args["maximum_start_jd"])
+    return {"new_sessions": new, "unclosed_obsids": unclosed}
+
+
+@operation("describe_session_without_event", "read-only", source=str, event_type=str)
+def op_describe_session_without_event(source, args):
+    """Describe the files of a session that lack an event (pipeline query)."""
+    found = sessions.describe_session_without_event(args["source"], args["event_type"])
+    if found is None:
+        return {"any_matching": False}
+    return dict(found, any_matching=True)
+
+
+@operation("set_one_file_deletion_policy", "read-write", file_name=str, deletion_policy=str,
+           restrict_to_store_Q=str)
+def op_set_one_file_deletion_policy(source, args):
+    """Change the deletion policy of one instance of a file."""
+    deletion.set_one_policy(args["file_name"], args["deletion_policy"],
+                            args["restrict_to_store"])
+    return {}
+
+
+@operation("delete_file_instances", "read-write", file_name=str, mode_Q=str,
+           restrict_to_store_Q=str)
+def op_delete_file_instances(source, args):
+    """Delete the instances of a file that its policy allows to delete."""
+    if File.get_or_none(File.name == args["file_name"]) is None:
+        fail(400, "no file named %r" % args["file_name"])
+    return deletion.delete_instances(args["file_name"], args["mode"] or "standard",
+                                     args["restrict_to_store"])
+
+
+@operation("delete_file_instances_matching_query", "read-write", query=str, mode_Q=str,
+           restrict_to_store_Q=str)
+def op_delete_file_instances_matching_query(source, args):
+    """Delete the allowed instances of every file a search matches."""
+    names = [f.name for f in search.file_query(args["query"]).select(File.name)]
+    return {"stats": {name: deletion.delete_instances(name, args["mode"] or "standard",
+                                                      args["restrict_to_store"])
+                      for name in names}}
 
 
 # ---------------------------------------------------------------------------

@@ -62,8 +62,10 @@ def open_database(url):
     (and a worker process) can share it. Raises `ValueError` on a URL of an
     unsupported kind."""
     if url.startswith("sqlite:"):
+        # case_sensitive_like: LIKE in searches behaves as on PostgreSQL.
         return db_url_connect(url, pragmas={"foreign_keys": 1, "journal_mode": "wal",
-                                            "busy_timeout": 30000, "synchronous": "normal"})
+                                            "busy_timeout": 30000, "synchronous": "normal",
+                                            "case_sensitive_like": 1})
     if url.startswith(("postgresql:", "postgres:")):
         # A pool: each request "closes" its connection back into it.
         pooled = "postgresql+pool:" + url.split(":", 1)[1]
@@ -76,6 +78,16 @@ def bind_database(url):
     database = open_database(url)
     db.initialize(database)
     return database
+
+
+def close_database():
+    """Close this thread's connection and, for a pool, every idle one."""
+    if db.obj is None:
+        return
+    if not db.is_closed():
+        db.close()
+    if hasattr(db.obj, "close_all"):
+        db.obj.close_all()
 
 
 def is_postgres():

@@ -89,8 +89,7 @@ def db_url(request, tmp_path):
     with conn.cursor() as cur:
         cur.execute("CREATE SCHEMA %s" % schema)
     yield "%s/%s?options=-csearch_path%%3D%s" % (PG_BASE, dbname, schema)
-    if not models.db.is_closed() and models.is_postgres():
-        models.db.close()
+    models.close_database()
     with conn.cursor() as cur:
         cur.execute("DROP SCHEMA %s CASCADE" % schema)
     conn.close()
@@ -132,8 +131,7 @@ def app(config_path):
         librarian.migration_router().run()
     librarian.startup(application)
     yield application
-    if not models.db.is_closed():
-        models.db.close()
+    models.close_database()
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""The deletion interlock: instances are removed only where their policy
+allows it.
+
+Every FileInstance carries a `deletion_policy`, `disallowed` unless someone
+with read-write level changed it. `delete_instances` removes only `allowed`
+instances (optionally only those on one store), bytes first and record
+second: if the bytes cannot be removed, the record stays and the failure is
+counted in `n_error`, so the catalogue never claims less than the disks
+hold. `noop` mode reports what would happen and changes nothing. Every
+change writes a FileEvent.
+"""
+
+import logging
+
+from models import (DELETION_ALLOWED, DELETION_POLICY_NAMES, File, FileEvent, FileInstance,
+                    LibrarianError, Store, write_transaction)
+from ingest import policy_code
+from stores import LocalStore
+
+log = logging.getLogger("librarian")
+
+MODES = ("standard", "noop")
+
+
+def _instances(file_name, restrict_to_store=None):
+    query = (FileInstance.select(FileInstance, Store).join(Store)
+             .where(FileInstance.file == file_name))
+    if restrict_to_store is not None:
+        query = query.where(Store.name == restrict_to_store)
+    return query.order_by(Store.name, FileInstance.parent_dirs)
+
+
+def _check_store_name(name):
+    if name is not None:
+        Store.by_name(name)
+
+
+def set_one_policy(file_name, deletion_policy, restrict_to_store=None):
+    """Set the deletion policy of one instance of `file_name` (the first by
+    store name, or the one on `restrict_to_store`) and log an
+    `instance_deletion_policy_changed` event. Raises `LibrarianError(400)`
+    for an unknown file, store or policy, or a file with no such instance."""
+    code = policy_code(deletion_policy)
+    _check_store_name(restrict_to_store)
+    with write_transaction():
+        inst = _instances(file_name, restrict_to_store).first()
+        if inst is None:
+            if File.get_or_none(File.name == file_name) is None:
+                raise LibrarianError(400, "no file named %r" % file_name)
+            raise LibrarianError(400, "file %r has no instance%s" % (
+                file_name, " on store %r" % restrict_to_store if restrict_to_store else ""))
+        old = inst.deletion_policy
+        (FileInstance.update(deletion_policy=code)
+         .where((FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
+                & (FileInstance.file == file_name)).execute())
+        FileEvent.record(file_name, "instance_deletion_policy_changed",
+                         store_name=inst.store.name, parent_dirs=inst.parent_dirs,
+                         old_policy=DELETION_POLICY_NAMES[old], new_policy=deletion_policy)
+
+
+def delete_instances(file_name, mode="standard", restrict_to_store=None):
+    """Delete the instances of `file_name` whose policy is `allowed` (only
+    on `restrict_to_store` if given). Returns `{n_deleted, n_kept,
+    n_error}`. Raises `LibrarianError(400)` on a bad mode or unknown
+    store."""
+    if mode not in MODES:
+        raise LibrarianError(400, "mode must be 'standard' or 'noop', got %r" % (mode,))
+    _check_store_name(restrict_to_store)
+    stats = {"n_deleted": 0, "n_kept": 0, "n_error": 0}
+    for inst in list(_instances(file_name)):
+        # The interlock. Be very careful changing this: it is what stands
+        # between a typo and the loss of the archive.
+        if inst.deletion_policy != DELETION_ALLOWED or (
+                restrict_to_store is not None and inst.store.name != restrict_to_store):
+            stats["n_kept"] += 1
+            continue
+        if mode == "noop":
+            log.info("noop deletion would remove %s on store %s", inst.store_path,
+                     inst.store.name)
+            stats["n_deleted"] += 1
+            continue
+        try:
+            LocalStore(inst.store).delete(inst.store_path)
+        except (OSError, LibrarianError) as e:
+            log.warning("cannot delete %s on store %s: %s", inst.store_path, inst.store.name, e)
+            stats["n_error"] += 1
+            continue
+        with write_transaction():
+            removed = (FileInstance.delete()
+                       .where((FileInstance.store == inst.store)
+                              & (FileInstance.parent_dirs == inst.parent_dirs)
+                              & (FileInstance.file == file_name)).execute())
+            if removed:
+                FileEvent.record(file_name, "delete_instance", store_name=inst.store.name,
+                                 parent_dirs=inst.parent_dirs)
+        stats["n_deleted"] += 1
+    return stats
