@@ -37,8 +37,8 @@ def infer_obsid_from_name(name, mode):
     and refuses unless exactly one candidate exists; `none` refuses.
     Raises `LibrarianError(400)`."""
     if mode != "hera":
-        raise LibrarianError(400, "cannot determine the obsid of %r from its data; upload it "
-                             "with null_obsid if it has none" % name)
+        raise LibrarianError(400, "cannot determine the obsid of %r from its data; if it has "
+                             "none, say null_obsid (the client's --null-obsid)" % name)
     bits = name.split(".")
     if len(bits) < 4:
         raise LibrarianError(400, "cannot infer the obsid of %r: a HERA name has at least "

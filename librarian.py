@@ -148,12 +148,17 @@ def startup(app):
 # ---------------------------------------------------------------------------
 
 def _open_db():
+    request.environ["librarian.start"] = time.monotonic()
     db.connect(reuse_if_open=True)
 
 
 def _close_db():
     if not db.is_closed():
         db.close()
+    started = request.environ.get("librarian.start")
+    if started is not None:
+        log.info("%s %s %s %.3fs", request.method, request.path, response.status_code,
+                 time.monotonic() - started)
 
 
 def is_api_request():
@@ -805,9 +810,14 @@ def cmd_serve(args):
              config.server["threads"])
     # Bodies are whole files: read the socket in large blocks (waitress's
     # 8 KiB default costs a system call and a buffer append per 8 KiB).
-    waitress.serve(app, host=host, port=port, threads=config.server["threads"],
-                   max_request_body_size=MAX_REQUEST_BODY, recv_bytes=RECV_BYTES,
-                   ident="librarian")
+    try:
+        waitress.serve(app, host=host, port=port, threads=config.server["threads"],
+                       max_request_body_size=MAX_REQUEST_BODY, recv_bytes=RECV_BYTES,
+                       ident="librarian")
+    except OSError as e:
+        raise SystemExit("cannot listen on %s:%d: %s (is another server running there? see "
+                         "[server] host and port in %s)" % (host, port, e.strerror,
+                                                            config.path)) from None
     return 0
 
 

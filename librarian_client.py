@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 from urllib.parse import quote
 
 import requests
@@ -87,6 +88,12 @@ def walk_files(root):
         links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         for name in filenames + links:
             yield name if rel == "." else os.path.join(rel, name)
+
+
+def file_type(name):
+    """The type of a file: the text after the last dot of its name ('' when
+    there is none)."""
+    return name.rsplit(".", 1)[1] if "." in name else ""
 
 
 def path_md5(path):
@@ -202,6 +209,48 @@ class LibrarianClient:
         return self._do_http_post("register_instances", store_name=store_name,
                                   file_info=file_info, null_obsid=null_obsid)
 
+    def search(self, search, output_format, limit=None, offset=None):
+        """Run a search (text or dict); returns the list of records."""
+        if not isinstance(search, str):
+            search = json.dumps(search)
+        return self._do_http_post("search", search=search, output_format=output_format,
+                                  limit=limit, offset=offset)["results"]
+
+    def search_files(self, search, limit=None, offset=None):
+        return self.search(search, "file-listing-json", limit, offset)
+
+    def search_instances(self, search, limit=None, offset=None):
+        return self.search(search, "instance-listing-json", limit, offset)
+
+    def search_observations(self, search, limit=None, offset=None):
+        return self.search(search, "obs-listing-json", limit, offset)
+
+    def search_sessions(self, search, limit=None, offset=None):
+        return self.search(search, "session-listing-json", limit, offset)
+
+    def assign_observing_sessions(self, minimum_start_jd=None, maximum_start_jd=None):
+        return self._do_http_post("assign_observing_sessions",
+                                  minimum_start_jd=minimum_start_jd,
+                                  maximum_start_jd=maximum_start_jd)
+
+    def describe_session_without_event(self, source, event_type):
+        return self._do_http_post("describe_session_without_event", source=source,
+                                  event_type=event_type)
+
+    def set_one_file_deletion_policy(self, file_name, deletion_policy, restrict_to_store=None):
+        return self._do_http_post("set_one_file_deletion_policy", file_name=file_name,
+                                  deletion_policy=deletion_policy,
+                                  restrict_to_store=restrict_to_store)
+
+    def delete_file_instances(self, file_name, mode="standard", restrict_to_store=None):
+        return self._do_http_post("delete_file_instances", file_name=file_name, mode=mode,
+                                  restrict_to_store=restrict_to_store)
+
+    def delete_file_instances_matching_query(self, query, mode="standard",
+                                             restrict_to_store=None):
+        return self._do_http_post("delete_file_instances_matching_query", query=query,
+                                  mode=mode, restrict_to_store=restrict_to_store)
+
     # -- streamed transfers ---------------------------------------------------
 
     def upload(self, local_path, dest_store_path, null_obsid=False, deletion_policy="disallowed",
@@ -210,7 +259,7 @@ class LibrarianClient:
         checksum is computed first and sent along, so that the server refuses
         bytes damaged on the way. `progress(n_bytes)` is called as bytes go.
         Returns the server's reply `{name, store_name, store_path, size, md5,
-        obsid}`."""
+        obsid}` plus `created` (False when the identical file was there)."""
         local_path = local_path.rstrip("/") or local_path
         if not os.path.exists(local_path):
             raise RPCError("upload", "no such file or directory: %s" % local_path)
@@ -230,7 +279,9 @@ class LibrarianClient:
             with open(local_path, "rb") as f:
                 resp = self._send("upload", "PUT", url, params=params, headers=headers,
                                   data=_ReportingFile(f, size, progress))
-        return self._reply("upload", resp)
+        reply = self._reply("upload", resp)
+        reply["created"] = resp.status_code == 201
+        return reply
 
     def download(self, file_name, dest_path, progress=None):
         """Fetch `file_name` to `dest_path` (a directory arrives as a tar and
@@ -382,9 +433,11 @@ def cmd_upload(client, args):
     finally:
         if bar:
             bar.close()
-    print("%s: %s bytes, md5 %s, obsid %s, on store %s at %s"
-          % (reply["name"], reply["size"], reply["md5"], reply["obsid"], reply["store_name"],
-             reply["store_path"]))
+    obsid = "no obsid" if reply["obsid"] is None else "obsid %d" % reply["obsid"]
+    print("%s: %s bytes, md5 %s, %s, on store %s at %s%s"
+          % (reply["name"], reply["size"], reply["md5"], obsid, reply["store_name"],
+             reply["store_path"], "" if reply.get("created", True) else
+             " (already there: nothing sent was new)"))
 
 
 def cmd_locate_file(client, args):
@@ -419,8 +472,110 @@ def cmd_add_file_event(client, args):
         if not sep or not key:
             raise UsageError("event arguments are key=value, got %r" % item)
         payload[key] = _event_value(value)
-    client.create_file_event(os.path.basename(args.file_path.rstrip("/")), args.event_type,
-                             **payload)
+    name = os.path.basename(args.file_path.rstrip("/"))
+    client.create_file_event(name, args.event_type, **payload)
+    print("%s: event %s recorded" % (name, args.event_type))
+
+
+def _search_text(text):
+    """A search given on the command line, checked to be JSON early so that
+    a typo is a usage error, not a round trip."""
+    try:
+        json.loads("\n".join(line.split("#", 1)[0] for line in text.splitlines()))
+    except ValueError as e:
+        raise UsageError("the search is not valid JSON: %s" % e) from None
+    return text
+
+
+def cmd_search_files(client, args):
+    files = client.search_files(_search_text(args.search), limit=args.limit)
+    if args.names:
+        for f in files:
+            print(f["name"])
+        return
+    rows = [("NAME", "SIZE", "OBSID", "TYPE", "CREATED (UTC)")]
+    for f in files:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["create_time"]))
+        rows.append((f["name"], str(f["size"]), "-" if f["obsid"] is None else str(f["obsid"]),
+                     f["type"], created))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    print("%d file%s" % (len(files), "" if len(files) == 1 else "s"), file=sys.stderr)
+
+
+def cmd_assign_sessions(client, args):
+    reply = client.assign_observing_sessions(args.min_start_jd, args.max_start_jd)
+    for s in reply["new_sessions"]:
+        print("session %d: JD %.5f to %.5f, %d observations"
+              % (s["id"], s["start_time_jd"], s["stop_time_jd"], s["n_obs"]))
+    if not reply["new_sessions"]:
+        print("no new sessions")
+    unclosed = reply.get("unclosed_obsids") or []
+    if unclosed:
+        print("left without a session (their run ends in an observation with no stop time): "
+              "%s" % " ".join(str(o) for o in unclosed))
+
+
+def cmd_set_deletion_policy(client, args):
+    client.set_one_file_deletion_policy(args.file_name, args.policy,
+                                        restrict_to_store=args.store)
+    print("%s: deletion policy of one instance set to %s" % (args.file_name, args.policy))
+
+
+def cmd_delete_files(client, args):
+    query = _search_text(args.search)
+    mode = "noop" if args.noop else "standard"
+    if mode == "standard" and not args.yes:
+        preview = client.delete_file_instances_matching_query(query, mode="noop",
+                                                              restrict_to_store=args.store)
+        count = sum(s["n_deleted"] for s in preview["stats"].values())
+        print("%d instance%s of %d matching file%s may be deleted%s."
+              % (count, "" if count == 1 else "s", len(preview["stats"]),
+                 "" if len(preview["stats"]) == 1 else "s",
+                 " on store %s" % args.store if args.store else ""))
+        if count == 0:
+            return
+        if not sys.stdin.isatty():
+            raise RPCError("delete-files", "not deleting without confirmation: run on a "
+                           "terminal, or pass --yes")
+        if input("Delete them? Type 'yes' to proceed: ").strip() != "yes":
+            print("nothing deleted")
+            return
+    reply = client.delete_file_instances_matching_query(query, mode=mode,
+                                                        restrict_to_store=args.store)
+    totals = {k: sum(s[k] for s in reply["stats"].values())
+              for k in ("n_deleted", "n_kept", "n_error")}
+    print("%s%d deleted, %d kept, %d errors" % ("noop: would have " if args.noop else "",
+                                                totals["n_deleted"], totals["n_kept"],
+                                                totals["n_error"]))
+    if totals["n_error"]:
+        raise RPCError("delete-files", "%d instance(s) could not be deleted; see the server log"
+                       % totals["n_error"])
+
+
+def cmd_add_obs(client, args):
+    file_info = {}
+    for path in args.paths:
+        full = os.path.abspath(path)
+        if not os.path.exists(full):
+            raise UsageError("no such file or directory: %s" % path)
+        size, md5 = path_md5(full)
+        file_info[full] = {"size": size, "md5": md5, "type": file_type(os.path.basename(full))}
+    client.register_instances(args.store_name, file_info, null_obsid=args.null_obsid)
+    print("registered %d file%s on store %s" % (len(file_info), "" if len(file_info) == 1
+                                                else "s", args.store_name))
+
+
+def cmd_describe_session(client, args):
+    reply = client.describe_session_without_event(args.source, args.event_type)
+    if not reply["any_matching"]:
+        print("no session has files from %s lacking event %s" % (args.source, args.event_type))
+        return
+    print("session %d:" % reply["session_id"])
+    for i in reply["info"]:
+        print("  JD %.5f  %-4s %.5f d  %s:%s/%s" % (i["date"], i["pol"] or "-", i["length"],
+                                                 i["host"], i["path_prefix"], i["store_path"]))
 
 
 class UsageError(Exception):
@@ -453,6 +608,50 @@ def build_parser():
     p.add_argument("file_name")
     p.add_argument("dest", nargs="?", help="where to put it (default: ./FILE_NAME)")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("search-files", help="search files with the JSON search language")
+    p.add_argument("conn_name")
+    p.add_argument("search", help='e.g. \'{"name-matches": "zen.2458043.%%"}\'')
+    p.add_argument("--names", action="store_true", help="print only names, one per line")
+    p.add_argument("--limit", type=int, help="at most this many results")
+    p.set_defaults(func=cmd_search_files)
+
+    p = sub.add_parser("assign-sessions", help="group observations into sessions")
+    p.add_argument("conn_name")
+    p.add_argument("--min-start-jd", type=float, help="only observations starting at or after")
+    p.add_argument("--max-start-jd", type=float, help="only observations starting at or before")
+    p.set_defaults(func=cmd_assign_sessions)
+
+    p = sub.add_parser("set-file-deletion-policy",
+                       help="allow or disallow deleting one instance of a file")
+    p.add_argument("conn_name")
+    p.add_argument("file_name")
+    p.add_argument("policy", choices=("allowed", "disallowed"))
+    p.add_argument("--store", help="the instance on this store")
+    p.set_defaults(func=cmd_set_deletion_policy)
+
+    p = sub.add_parser("delete-files",
+                       help="delete the instances of matching files whose policy allows it")
+    p.add_argument("conn_name")
+    p.add_argument("search", help="JSON file search")
+    p.add_argument("--store", help="only instances on this store")
+    p.add_argument("--noop", action="store_true", help="only report what would be deleted")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_delete_files)
+
+    p = sub.add_parser("add-obs", help="register files already on a store (run on its host)")
+    p.add_argument("conn_name")
+    p.add_argument("store_name")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--null-obsid", action="store_true", help="the files have no observation")
+    p.set_defaults(func=cmd_add_obs)
+
+    p = sub.add_parser("describe-session",
+                       help="describe the files of a session lacking an event (pipelines)")
+    p.add_argument("conn_name")
+    p.add_argument("source", help="source of the files, e.g. the correlator's")
+    p.add_argument("event_type")
+    p.set_defaults(func=cmd_describe_session)
 
     p = sub.add_parser("add-file-event", help="record an event about a file")
     p.add_argument("conn_name")

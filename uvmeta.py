@@ -21,6 +21,8 @@ stop_time_jd, start_lst_hr}` (obsid an int, JD floats, LST in hours in
 import math
 import os
 
+from librarian_client import file_type  # noqa: F401  (re-exported: one definition)
+
 SECONDS_PER_DAY = 86400.0
 HOURS_PER_RADIAN = 12.0 / math.pi
 
@@ -28,12 +30,6 @@ HOURS_PER_RADIAN = 12.0 / math.pi
 class MetadataError(Exception):
     """The file looks like a data set of a known kind but its header cannot
     be read or lacks what is needed; the message says what."""
-
-
-def file_type(name):
-    """The type of a file: the text after the last dot of its name ('' when
-    there is none)."""
-    return name.rsplit(".", 1)[1] if "." in name else ""
 
 
 def _lst_hours(radians):

@@ -169,3 +169,68 @@ def test_two_step_refused_for_wrong_authenticator_or_level(server, level):
     with pytest.raises(librarian_client.RPCError) as e:
         client.initiate_upload(10)
     assert e.value.status == (403 if level == "reader" else 400)
+
+
+def test_catalogue_commands_of_the_client(server, client_config, store_dir, capsys,
+                                          monkeypatch):
+    need_data()
+    assert run_cli(client_config, "upload", "appender", UVH5, "a/zen.2458432.34569.uvh5",
+                   "--deletion", "allowed") == 0
+    assert run_cli(client_config, "upload", "appender", MIRIAD,
+                   "b/zen.2458043.12552.xx.HH.uvA") == 0
+    capsys.readouterr()
+
+    assert run_cli(client_config, "search-files", "reader", '{"name-matches": "zen.%"}',
+                   "--names") == 0
+    assert capsys.readouterr().out.split() == ["zen.2458043.12552.xx.HH.uvA",
+                                               "zen.2458432.34569.uvh5"]
+    assert run_cli(client_config, "search-files", "reader", '{"type-is-exactly": "uvh5"}') == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "SIZE", "OBSID", "TYPE", "CREATED", "(UTC)"]
+    assert table[1].split()[:4] == ["zen.2458432.34569.uvh5", str(shell_size(UVH5)),
+                                    "1225829886", "uvh5"]
+    assert run_cli(client_config, "search-files", "reader", '{"name-matches": ') == 2
+
+    assert run_cli(client_config, "assign-sessions", "appender") == 0
+    out = capsys.readouterr().out
+    assert "session 1192201262:" in out and "session 1225829886:" in out
+
+    assert run_cli(client_config, "describe-session", "reader", "appender", "seen") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("session 1192201262:") and "xx" in out
+
+    # Deletion: without a terminal and without --yes nothing is deleted.
+    monkeypatch.setattr("sys.stdin", open(os.devnull))
+    assert run_cli(client_config, "delete-files", "writer", '{"name-matches": "zen.%"}') == 1
+    assert "1 instance of 2 matching files may be deleted" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(store_dir, "a", "zen.2458432.34569.uvh5"))
+    assert run_cli(client_config, "delete-files", "writer", '{"name-matches": "zen.%"}',
+                   "--noop") == 0
+    assert "noop: would have 1 deleted, 1 kept, 0 errors" in capsys.readouterr().out
+    assert run_cli(client_config, "delete-files", "appender", '{"name-matches": "zen.%"}',
+                   "--yes") == 1
+    assert "needs level read-write" in capsys.readouterr().err
+    assert run_cli(client_config, "delete-files", "writer", '{"name-matches": "zen.%"}',
+                   "--yes") == 0
+    assert "1 deleted, 1 kept, 0 errors" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(store_dir, "a", "zen.2458432.34569.uvh5"))
+
+    assert run_cli(client_config, "set-file-deletion-policy", "writer",
+                   "zen.2458043.12552.xx.HH.uvA", "allowed") == 0
+    models.db.connect(reuse_if_open=True)
+    assert models.FileInstance.get().deletion_policy == models.DELETION_ALLOWED
+
+
+def test_add_obs_registers_files_already_on_the_store(server, client_config, store_dir,
+                                                      capsys):
+    need_data()
+    import shutil
+
+    dest = os.path.join(store_dir, "pre", "zen.2458043.12552.xx.HH.uvA")
+    shutil.copytree(MIRIAD, dest)
+    assert run_cli(client_config, "add-obs", "appender", "main", dest) == 0
+    assert "registered 1 file on store main" in capsys.readouterr().out
+    models.db.connect(reuse_if_open=True)
+    record = models.File.get()
+    assert (record.md5, record.obsid, record.type) == (shell_md5(MIRIAD), 1192201262, "uvA")
+    assert run_cli(client_config, "add-obs", "appender", "main", "/nonexistent/x.uv") == 2
