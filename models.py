@@ -222,6 +222,9 @@ class File(BaseModel):
     size = pw.BigIntegerField()
     md5 = pw.CharField(max_length=32)
     source = pw.CharField(max_length=64)
+    # Kept exact by database triggers on file_instance (migration 002); never
+    # written from Python.
+    num_instances = pw.IntegerField(default=0)
 
     class Meta:
         table_name = "file"

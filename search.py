@@ -3,9 +3,10 @@
 `file_query(text)`, `observation_query(text)` and `session_query(text)`
 parse a search and return a Peewee `SelectQuery` over `File`,
 `Observation` or `ObservingSession`; nothing runs until the caller iterates
-it. Derived attributes (`num-instances`, `num-files`, `total-size`,
-`num-obs`, `age`, ...) are correlated sub-queries or joins inside that one
-statement, never a Python loop over rows.
+it. Derived attributes (`num-files`, `total-size`, `num-obs`, `age`, ...)
+are correlated sub-queries or joins inside that one statement, never a
+Python loop over rows; `num-instances` reads `file.num_instances`, which
+database triggers keep exact (migration 002).
 
 Every clause compiles to an expression that is strictly TRUE or FALSE, never
 SQL NULL: an attribute clause is `attr IS NOT NULL AND attr <op> value`, so a
@@ -241,14 +242,13 @@ class FileKind(Kind):
     label = "file"
 
     def attributes(self):
-        n_instances = _count(FileInstance.select().where(FileInstance.file == File.name))
         return {
             "name": ("string", File.name, False),
             "type": ("string", File.type, False),
             "source": ("string", File.source, False),
             "size": ("int", File.size, False),
             "obsid": ("int", File.observation, True),
-            "num-instances": ("int", n_instances, False),
+            "num-instances": ("int", File.num_instances, False),
             "start-time-jd": ("float", Observation.start_time_jd, True),
             "stop-time-jd": ("float", Observation.stop_time_jd, True),
             "start-lst-hr": ("float", Observation.start_lst_hr, True),
@@ -268,31 +268,11 @@ class FileKind(Kind):
             matching = ObservationKind().query_text_or_pairs(payload, clause)
             return File.observation.is_null(False) & File.observation.in_(
                 matching.select(Observation.obsid))
-        want_some = _existence_form(clause, payload)
-        if want_some is not None:
-            exists = pw.fn.EXISTS(FileInstance.select(pw.SQL("1"))
-                                  .where(FileInstance.file == File.name))
-            return exists if want_some else ~exists
         return None
 
     def base(self):
         return (File.select().join(Observation, pw.JOIN.LEFT_OUTER,
                                    on=(File.observation == Observation.obsid)))
-
-
-def _existence_form(clause, payload):
-    """For `num-instances` comparisons that only ask "any or none" (the
-    common ones), True for "some", False for "none", else None; these
-    compile to EXISTS, which the planner turns into a (semi/anti) join."""
-    if not clause.startswith("num-instances-") or isinstance(payload, bool) \
-            or not isinstance(payload, int):
-        return None
-    op = clause[len("num-instances-"):]
-    if (op, payload) in (("less-than", 1), ("is-exactly", 0)):
-        return False
-    if (op, payload) in (("greater-than", 0), ("is-not", 0)):
-        return True
-    return None
 
 
 def _unix_to_naive(seconds):

@@ -100,3 +100,22 @@ def test_add_user_and_add_store_commands(app, config_path, web, tmp_path, capsys
     assert names == ["main", "second"]
     with pytest.raises(SystemExit, match="already exists"):
         librarian.main(["add-user", "pipeline", "--config", config_path])
+
+
+def test_num_instances_is_kept_exact_by_the_database(app, tmp_path):
+    models.File.insert(**raw_file()).execute()
+    main = models.Store.get()
+    other = models.Store.create(name="other", ssh_host="h", path_prefix=str(tmp_path))
+
+    def count():
+        return models.File.get().num_instances
+
+    models.FileInstance.create(store=main, parent_dirs="a", file="f.dat")
+    models.FileInstance.create(store=other, parent_dirs="", file="f.dat")
+    assert count() == 2
+    models.FileInstance.delete().where(models.FileInstance.store == main).execute()
+    assert count() == 1
+    with pytest.raises(pw.IntegrityError):   # a failed insert changes nothing
+        with models.db.atomic():
+            models.FileInstance.create(store=other, parent_dirs="", file="f.dat")
+    assert count() == 1 == models.FileInstance.select().count()
