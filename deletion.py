@@ -54,8 +54,9 @@ def set_one_policy(file_name, deletion_policy, restrict_to_store=None):
          .where((FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
                 & (FileInstance.file == file_name)).execute())
         FileEvent.record(file_name, "instance_deletion_policy_changed",
-                         store_name=inst.store.name, parent_dirs=inst.parent_dirs,
-                         old_policy=DELETION_POLICY_NAMES[old], new_policy=deletion_policy)
+                         {"store_name": inst.store.name, "parent_dirs": inst.parent_dirs,
+                          "old_policy": DELETION_POLICY_NAMES[old],
+                          "new_policy": deletion_policy})
 
 
 def delete_instances(file_name, mode="standard", restrict_to_store=None):
@@ -91,7 +92,7 @@ def delete_instances(file_name, mode="standard", restrict_to_store=None):
                               & (FileInstance.parent_dirs == inst.parent_dirs)
                               & (FileInstance.file == file_name)).execute())
             if removed:
-                FileEvent.record(file_name, "delete_instance", store_name=inst.store.name,
-                                 parent_dirs=inst.parent_dirs)
+                FileEvent.record(file_name, "delete_instance",
+                                 {"store_name": inst.store.name, "parent_dirs": inst.parent_dirs})
         stats["n_deleted"] += 1
     return stats

@@ -21,7 +21,7 @@ import uvmeta
 from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, LibrarianError,
                     Observation, ObservingSession, check_file_name, check_md5, from_unix,
                     utcnow, write_transaction)
-from stores import path_info, remove_tree, split_store_path
+from stores import check_tree, path_info, remove_tree, split_store_path
 
 log = logging.getLogger("librarian")
 
@@ -193,14 +193,56 @@ def policy_code(deletion_policy):
     return DELETION_POLICIES[deletion_policy]
 
 
-def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mode,
-              null_obsid, inference_mode, abs_data, move=None, stated_obsid=None, claim=None):
-    """Shared core of the two registration paths; see `register_staged`."""
+MAX_TYPE_CHARS = 32
+MAX_PARENT_DIRS_CHARS = 1024
+
+
+def check_not_inside_instance(store, parent_dirs):
+    """Refuse (409) a store path that would put bytes inside a registered
+    file or directory (its ancestors are checked in one query)."""
+    parts = parent_dirs.split("/") if parent_dirs else []
+    cond = None
+    for i in range(len(parts)):
+        c = (FileInstance.parent_dirs == "/".join(parts[:i])) & (FileInstance.file == parts[i])
+        cond = c if cond is None else (cond | c)
+    if cond is None:
+        return
+    inside = FileInstance.select().where((FileInstance.store == store.row) & cond).first()
+    if inside is not None:
+        raise LibrarianError(409, "%s is inside the registered file %s on store %r; "
+                             "registered files never change"
+                             % (parent_dirs, inside.store_path, store.name))
+
+
+def observation_of(abs_data, name, *, meta_mode, null_obsid, inference_mode,
+                   stated_obsid=None):
+    """(obsid, observation metadata or None) for new bytes, read before the
+    registration transaction so that no lock is held while data are read.
+    In `direct` mode the records came with the request: (None, None)."""
+    if meta_mode == "direct":
+        return None, None
+    if stated_obsid is not None:
+        return stated_observation(abs_data, name, stated_obsid)
+    return gather_observation(abs_data, name, null_obsid=null_obsid,
+                              inference_mode=inference_mode)
+
+
+def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mode, obsid,
+              meta, move=None, claim=None):
+    """Write the records of one arriving file in one transaction and call
+    `move` inside it; see `register_staged`."""
     parent_dirs, name = split_store_path(store_path)
     policy = policy_code(deletion_policy)
+    if len(uvmeta.file_type(name)) > MAX_TYPE_CHARS:
+        raise LibrarianError(400, "the type of %r (the text after its last dot) is longer than "
+                             "%d characters" % (name, MAX_TYPE_CHARS))
+    if len(parent_dirs) > MAX_PARENT_DIRS_CHARS:
+        raise LibrarianError(400, "the folders of %r are longer than %d characters"
+                             % (store_path, MAX_PARENT_DIRS_CHARS))
     with write_transaction():
         if claim is not None:
             claim()
+        check_not_inside_instance(store, parent_dirs)
         if meta_mode == "direct":
             existing = File.get_or_none(File.name == name)
             if existing is None:
@@ -212,11 +254,6 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
                                                                    existing.size, existing.md5))
             new_file, obsid = False, existing.obsid
         else:
-            if stated_obsid is not None:
-                obsid, meta = stated_observation(abs_data, name, stated_obsid)
-            else:
-                obsid, meta = gather_observation(abs_data, name, null_obsid=null_obsid,
-                                                 inference_mode=inference_mode)
             if meta is not None:
                 ensure_observation(meta)
             new_file = insert_file({"name": name, "type": uvmeta.file_type(name),
@@ -228,10 +265,11 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
             return {"created": False, "name": name, "obsid": obsid}
         FileInstance.create(store=store.row, parent_dirs=parent_dirs, file=name,
                             deletion_policy=policy)
-        FileEvent.record(name, "create_instance", store_name=store.name,
-                         parent_dirs=parent_dirs)
-        final = move() if move else None
-    return {"created": True, "name": name, "obsid": obsid, "final": final}
+        FileEvent.record(name, "create_instance",
+                         {"store_name": store.name, "parent_dirs": parent_dirs})
+        if move is not None:
+            move()
+    return {"created": True, "name": name, "obsid": obsid}
 
 
 def register_staged(store, abs_staged, store_path, *, source, deletion_policy=None,
@@ -244,28 +282,29 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     None); `expected_md5` is what the sender claimed (400 on mismatch).
     `meta_mode` is `infer` (read the data, or infer from the name) or
     `direct` (a File record was sent before and must match). Returns a dict
-    `{created, name, obsid}`; `created` is False when an identical file
-    already had an instance (the staged bytes are then left for the caller
-    to clean up). `claim`, if given, runs first inside the transaction
-    (used to consume an issued staging directory exactly once). Raises
-    `LibrarianError` (400, 409)."""
+    `{created, name, obsid, size, md5}`; `created` is False when an
+    identical file already had an instance (the staged bytes are then left
+    for the caller to clean up). `claim`, if given, runs first inside the
+    transaction (used to consume an issued staging directory exactly once).
+    Raises `LibrarianError` (400, 409)."""
+    _, name = split_store_path(store_path)
+    check_tree(abs_staged)
     if size is None or md5 is None:
         size, md5 = path_info(abs_staged)
     if expected_md5 is not None and check_md5(expected_md5) != md5:
         raise LibrarianError(400, "md5 mismatch: the sender said %s but the received bytes "
                              "have %s" % (expected_md5.lower(), md5))
-    store.finish_staged(abs_staged, readonly)
+    obsid, meta = observation_of(abs_staged, name, meta_mode=meta_mode, null_obsid=null_obsid,
+                                 inference_mode=inference_mode)
     moved = []
 
     def move():
-        moved.append(store.move_into_place(abs_staged, store_path))
-        return moved[0]
+        moved.append(store.move_into_place(abs_staged, store_path, readonly=readonly))
 
     try:
         result = _register(store, store_path, size, md5, source=source,
-                           deletion_policy=deletion_policy, meta_mode=meta_mode,
-                           null_obsid=null_obsid, inference_mode=inference_mode,
-                           abs_data=abs_staged, move=move, claim=claim)
+                           deletion_policy=deletion_policy, meta_mode=meta_mode, obsid=obsid,
+                           meta=meta, move=move, claim=claim)
     except BaseException:
         # The transaction was rolled back: bytes already moved must go too.
         for path in moved:
@@ -276,26 +315,40 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     return result
 
 
-def register_in_place(store, abs_path, *, source, size, md5, null_obsid=False,
-                      inference_mode="none", readonly=True, obsid=None):
-    """Register bytes that are already at their final place on `store`
-    (`register_instances`): checks that size and md5 match what the caller
-    said, then records them. Raises `LibrarianError`."""
+def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_mode="none",
+                     obsid=None):
+    """Check bytes already at their final place on `store` against what the
+    caller stated (size first, from `stat`, then md5) and read their
+    metadata. No database lock is held. Returns the keyword arguments of
+    `register_prepared`. Raises `LibrarianError(400)`."""
     root = os.path.realpath(store.prefix)
     real = os.path.realpath(abs_path)
     if not real.startswith(root + os.sep):
         raise LibrarianError(400, "%s is not inside store %r (%s)" % (abs_path, store.name,
                                                                      store.prefix))
     store_path = os.path.relpath(real, root)
-    split_store_path(store_path)
-    if not os.path.exists(real):
+    _, name = split_store_path(store_path)
+    store.resolve(store_path)
+    if not os.path.lexists(real):
         raise LibrarianError(400, "%s does not exist on store %r" % (abs_path, store.name))
+    check_tree(real)
+    md5 = check_md5(md5)
+    if os.path.isfile(real) and os.path.getsize(real) != size:
+        raise LibrarianError(400, "%s has %d bytes, not %d as stated"
+                             % (abs_path, os.path.getsize(real), size))
     actual_size, actual_md5 = path_info(real)
-    if actual_size != size or actual_md5 != check_md5(md5):
+    if actual_size != size or actual_md5 != md5:
         raise LibrarianError(400, "%s has size %d and md5 %s, not %d and %s as stated"
                              % (abs_path, actual_size, actual_md5, size, md5))
-    store.finish_staged(real, readonly)
-    result = _register(store, store_path, actual_size, actual_md5, source=source,
-                       deletion_policy=None, meta_mode="infer", null_obsid=null_obsid,
-                       inference_mode=inference_mode, abs_data=real, stated_obsid=obsid)
-    return result
+    found_obsid, meta = observation_of(real, name, meta_mode="infer", null_obsid=null_obsid,
+                                       inference_mode=inference_mode, stated_obsid=obsid)
+    return {"store_path": store_path, "size": size, "md5": md5, "obsid": found_obsid,
+            "meta": meta, "abs_path": real}
+
+
+def register_prepared(store, prepared, *, source):
+    """Record bytes checked by `prepare_in_place` (call inside a
+    transaction to register several at once)."""
+    return _register(store, prepared["store_path"], prepared["size"], prepared["md5"],
+                     source=source, deletion_policy=None, meta_mode="infer",
+                     obsid=prepared["obsid"], meta=prepared["meta"])

@@ -39,8 +39,8 @@ import sessions
 import settings as settings_mod
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
-from stores import (BodyReader, LocalStore, iter_tar, receive_file, receive_tar, remove_tree,
-                    split_store_path, tar_size)
+from stores import (BodyReader, LocalStore, iter_tar, make_readonly, receive_file, receive_tar,
+                    remove_tree, split_store_path, tar_size)
 
 __version__ = "0.1.0"
 
@@ -404,7 +404,7 @@ def op_create_file_event(source, args):
     with models.write_transaction():
         if File.get_or_none(File.name == args["file_name"]) is None:
             fail(400, "no file named %r" % args["file_name"])
-        FileEvent.record(args["file_name"], args["type"], **args["payload"])
+        FileEvent.record(args["file_name"], args["type"], args["payload"])
     return {}
 
 
@@ -486,17 +486,24 @@ def op_complete_upload(source, args):
 def op_register_instances(source, args):
     """Register files that appeared on a store by other means."""
     store = LocalStore(Store.by_name(args["store_name"]))
+    prepared = []
+    for full_path, info in args["file_info"].items():
+        if not isinstance(info, dict):
+            fail(400, "file_info[%r] must be an object" % full_path)
+        # `type` is accepted for compatibility; the type is always derived from the name.
+        item = validate(info, {"size": int, "md5": str, "type?": str, "obsid?": int})
+        prepared.append(ingest.prepare_in_place(
+            store, full_path, size=item["size"], md5=item["md5"], obsid=item["obsid"],
+            null_obsid=bool(args["null_obsid"]),
+            inference_mode=cfg().librarian["obsid_inference_mode"]))
     with models.write_transaction():
-        for full_path, info in args["file_info"].items():
-            if not isinstance(info, dict):
-                fail(400, "file_info[%r] must be an object" % full_path)
-            spec = {"size": int, "md5": str, "type": str, "obsid?": int}
-            item = validate(info, spec)
-            ingest.register_in_place(store, full_path, source=source.name, size=item["size"],
-                                     md5=item["md5"], obsid=item["obsid"],
-                                     null_obsid=bool(args["null_obsid"]),
-                                     inference_mode=cfg().librarian["obsid_inference_mode"],
-                                     readonly=cfg().librarian["permissions_mode"] == "readonly")
+        for item in prepared:
+            ingest.register_prepared(store, item, source=source.name)
+    if cfg().librarian["permissions_mode"] == "readonly":
+        for item in prepared:
+            make_readonly(item["abs_path"])
+            if os.path.isdir(item["abs_path"]):
+                os.chmod(item["abs_path"], 0o555)
     return {}
 
 

@@ -283,10 +283,14 @@ class FileEvent(BaseModel):
                 "payload": json.loads(self.payload)}
 
     @classmethod
-    def record(cls, file_name, type, **payload):
-        """Append an event now; `payload` becomes its JSON object."""
+    def record(cls, file_name, type, payload):
+        """Append an event now; `payload` (a dict) becomes its JSON object.
+        Raises `LibrarianError(400)` on a type longer than 64 characters."""
+        if len(type) > 64:
+            raise LibrarianError(400, "event type is %d characters long; at most 64 allowed"
+                                 % len(type))
         return cls.create(file=file_name, time=utcnow(), type=type,
-                          payload=json.dumps(payload, sort_keys=True))
+                          payload=json.dumps(payload, sort_keys=True, allow_nan=False))
 
 
 class Source(BaseModel):

@@ -129,6 +129,9 @@ def _tar_member_path(member, name):
     if not (member.isfile() or member.isdir()):
         raise LibrarianError(400, "tar member %r is a link or special file; only regular "
                              "files and directories are accepted" % path)
+    if member.issparse():
+        raise LibrarianError(400, "tar member %r is a sparse file; send it as a regular file"
+                             % path)
     return parts
 
 
@@ -157,6 +160,9 @@ def receive_tar(reader, dest, name):
                                              "%r" % (member.name, name))
                     parts = parts[1:]
                     if not parts:
+                        if not member.isdir():
+                            raise LibrarianError(400, "tar member %r is a file, but a directory "
+                                                 "upload needs a folder %r" % (member.name, name))
                         continue
                 rel = "/".join(parts)
                 target = os.path.join(dest, rel)
@@ -174,7 +180,7 @@ def receive_tar(reader, dest, name):
                 total += size
     except tarfile.TarError as e:
         raise LibrarianError(400, "body is not a valid tar stream: %s" % e) from None
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
         raise LibrarianError(400, "tar stream has a file and a folder of the same "
                              "name") from None
     return total, directory_digest(entries.items())
@@ -255,43 +261,62 @@ def iter_tar(path, name):
 # A local store
 # ---------------------------------------------------------------------------
 
-def _set_tree_mode(path, writable):
-    """chmod a file or a whole tree read-only (files 0444, dirs 0555) or
-    back to owner-writable. Directories are made writable top-down and
-    read-only bottom-up so that the walk itself never loses access."""
-    def mode_for(p):
-        is_dir = os.path.isdir(p) and not os.path.islink(p)
-        if writable:
-            return 0o755 if is_dir else 0o644
-        return 0o555 if is_dir else 0o444
-
+def make_readonly(path):
+    """Make a staged file, or a directory's contents, read-only: files 0444,
+    sub-directories 0555. The top directory itself stays writable, because
+    Linux needs write permission on a directory to rename it into another
+    parent; `LocalStore.move_into_place` closes it after the move.
+    Symbolic links are never followed."""
     if not os.path.isdir(path) or os.path.islink(path):
-        os.chmod(path, mode_for(path))
+        os.chmod(path, 0o444)
         return
-    if writable:
-        os.chmod(path, mode_for(path))
-    for dirpath, dirnames, filenames in os.walk(path, topdown=True):
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
         for n in filenames:
             p = os.path.join(dirpath, n)
             if not os.path.islink(p):
-                os.chmod(p, mode_for(p))
+                os.chmod(p, 0o444)
+        if dirpath != path:
+            os.chmod(dirpath, 0o555)
+
+
+def _make_dirs_writable(path):
+    """Give the owner write permission on every directory of a tree (what
+    deleting its entries needs); files and links are not touched, so a
+    hard-linked or linked-to file elsewhere keeps its mode."""
+    os.chmod(path, 0o755)
+    for dirpath, dirnames, filenames in os.walk(path):
         for n in dirnames:
-            if writable:
-                os.chmod(os.path.join(dirpath, n), mode_for(os.path.join(dirpath, n)))
-    if not writable:
-        for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-            os.chmod(dirpath, mode_for(dirpath))
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755)
 
 
 def remove_tree(path):
-    """Remove a file or tree, first making it writable again."""
+    """Remove a file or tree, first making its directories writable."""
     if not os.path.lexists(path):
         return
     if os.path.isdir(path) and not os.path.islink(path):
-        _set_tree_mode(path, writable=True)
+        _make_dirs_writable(path)
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
+
+def check_tree(path):
+    """Refuse (400) a file or tree that holds anything but regular files and
+    directories: symbolic links (which would lead out of the store),
+    devices, FIFOs, sockets."""
+    def check(p):
+        st = os.lstat(p)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise LibrarianError(400, "%s is a link or special file; only regular files and "
+                                 "directories can be stored" % p)
+
+    check(path)
+    if os.path.isdir(path):
+        for dirpath, dirnames, filenames in os.walk(path):
+            for n in dirnames + filenames:
+                check(os.path.join(dirpath, n))
 
 
 class LocalStore:
@@ -309,13 +334,18 @@ class LocalStore:
 
     def resolve(self, store_path):
         """Absolute path of a store path, refusing (400) one whose existing
-        part resolves outside the store, symlinks included."""
+        part resolves outside the store or into its staging area, symlinks
+        included."""
         parent_dirs, name = split_store_path(store_path)
         root = os.path.realpath(self.prefix)
         parent = os.path.realpath(os.path.join(root, parent_dirs))
         if parent != root and not parent.startswith(root + os.sep):
             raise LibrarianError(400, "store path %r resolves outside store %r"
                                  % (store_path, self.name))
+        staging = os.path.join(root, STAGING)
+        if parent == staging or parent.startswith(staging + os.sep):
+            raise LibrarianError(400, "store path %r resolves into the staging area"
+                                 % store_path)
         full = os.path.join(parent, name)
         if os.path.islink(full):
             raise LibrarianError(400, "store path %r is a symbolic link" % store_path)
@@ -347,23 +377,24 @@ class LocalStore:
 
     # -- bytes ----------------------------------------------------------------
 
-    def finish_staged(self, abs_path, readonly):
-        """Make a staged file or tree read-only (when `readonly`)."""
-        if readonly:
-            _set_tree_mode(abs_path, writable=False)
-
-    def move_into_place(self, abs_staged, store_path):
+    def move_into_place(self, abs_staged, store_path, readonly=True):
         """Atomically move a staged file or directory to `store_path`,
         creating parent directories; never replaces an existing entry
-        (409). Returns the final absolute path."""
+        (409). With `readonly`, the bytes are read-only when they appear
+        (a directory's own mode is closed right after the rename). Returns
+        the final absolute path."""
         final = self.resolve(store_path)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         final = self.resolve(store_path)  # re-check now that parents exist
         if os.path.lexists(final):
             raise LibrarianError(409, "%s already exists on store %r but is not registered "
                                  "there" % (store_path, self.name))
+        if readonly:
+            make_readonly(abs_staged)
         if os.path.isdir(abs_staged):
             os.rename(abs_staged, final)  # fails if `final` appeared meanwhile, non-empty
+            if readonly:
+                os.chmod(final, 0o555)
         else:
             os.link(abs_staged, final)  # atomic and never replaces
             os.unlink(abs_staged)

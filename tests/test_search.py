@@ -51,7 +51,7 @@ def catalogue(app, tmp_path):
         {"store": main, "parent_dirs": "", "file": B},
         {"store": main, "parent_dirs": "x/y", "file": C},
         {"store": second, "parent_dirs": "", "file": NOTES}]).execute()
-    models.FileEvent.record(C, "qa", ok=True)
+    models.FileEvent.record(C, "qa", {"ok": True})
     return app
 
 
