@@ -13,6 +13,7 @@ Imports nothing from Bottle; errors are `models.LibrarianError`.
 """
 
 import logging
+import math
 import os
 
 import peewee as pw
@@ -101,8 +102,9 @@ def ensure_observation(meta):
                                session=meta.get("session_id")).execute()
     except pw.IntegrityError:
         if Observation.get_or_none(Observation.obsid == meta["obsid"]) is None:
-            raise LibrarianError(400, "observation %r refers to an unknown session %r"
-                                 % (meta["obsid"], meta.get("session_id"))) from None
+            raise LibrarianError(400, "observation %r is not valid: unknown session %r, or "
+                                 "times out of order" % (meta["obsid"], meta.get("session_id"))) \
+                from None
 
 
 def insert_file(record, source):
@@ -132,7 +134,14 @@ def insert_file(record, source):
 # Record sets sent by another Librarian
 # ---------------------------------------------------------------------------
 
+INT64 = (-2**63, 2**63 - 1)
+
+
 def _need(rec, key, types, where, nullable=False):
+    """`rec[key]` checked: one of `types`, a 64-bit integer, a finite
+    number, text without NUL; 400 naming the record and key otherwise."""
+    if not isinstance(rec, dict):
+        raise LibrarianError(400, "%s must be an object, got %s" % (where, type(rec).__name__))
     if key not in rec:
         raise LibrarianError(400, "%s lacks %r" % (where, key))
     value = rec[key]
@@ -141,7 +150,32 @@ def _need(rec, key, types, where, nullable=False):
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         raise LibrarianError(400, "%s has a %r of the wrong type" % (where, key))
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise LibrarianError(400, "%s has a %r out of the 64-bit range" % (where, key))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LibrarianError(400, "%s has a %r that is not finite" % (where, key))
+    if isinstance(value, str) and ("\0" in value or len(value) > 256):
+        raise LibrarianError(400, "%s has a %r with a NUL or over 256 characters" % (where, key))
     return float(value) if float in types else value
+
+
+def _unix_time(seconds, where):
+    try:
+        return from_unix(seconds)
+    except (OverflowError, ValueError, OSError):
+        raise LibrarianError(400, "%s has a create_time out of range" % where) from None
+
+
+def _insert_session(row, where):
+    """Insert a session unless one with that id exists (records are
+    immutable: the first one stays); 400 when the database refuses it."""
+    try:
+        with db.atomic():
+            ObservingSession.insert(**row).execute()
+    except pw.IntegrityError:
+        if ObservingSession.get_or_none(ObservingSession.id == row["id"]) is None:
+            raise LibrarianError(400, "%s is not a valid session (does it stop before it "
+                                 "starts?)" % where) from None
 
 
 def ingest_record_sets(files, observations, sessions, source):
@@ -154,9 +188,10 @@ def ingest_record_sets(files, observations, sessions, source):
         sid = _need(rec, "id", (int,), where)
         row = {"id": sid, "start_time_jd": _need(rec, "start_time_jd", (int, float), where),
                "stop_time_jd": _need(rec, "stop_time_jd", (int, float), where)}
-        ObservingSession.insert(**row).on_conflict_ignore().execute()
+        _insert_session(row, where)
     for key, rec in (observations or {}).items():
         where = "observation %s" % key
+        _need(rec, "obsid", (int,), where)
         ensure_observation({
             "obsid": _need(rec, "obsid", (int,), where),
             "start_time_jd": _need(rec, "start_time_jd", (int, float), where),
@@ -171,9 +206,12 @@ def ingest_record_sets(files, observations, sessions, source):
         size = _need(rec, "size", (int,), where)
         if size < 0:
             raise LibrarianError(400, "%s has a negative size" % where)
+        if len(_need(rec, "type", (str,), where)) > MAX_TYPE_CHARS:
+            raise LibrarianError(400, "%s has a type longer than %d characters"
+                                 % (where, MAX_TYPE_CHARS))
         insert_file({"name": check_file_name(_need(rec, "name", (str,), where)),
                      "type": _need(rec, "type", (str,), where),
-                     "create_time": from_unix(_need(rec, "create_time", (int,), where)),
+                     "create_time": _unix_time(_need(rec, "create_time", (int,), where), where),
                      "obsid": _need(rec, "obsid", (int,), where, True),
                      "size": size, "md5": check_md5(_need(rec, "md5", (str,), where))},
                     source)

@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 import traceback
+import urllib.parse
 
 import bottle
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
@@ -49,6 +50,7 @@ MIGRATIONS = os.path.join(HERE, "migrations")
 MAX_REQUEST_BODY = 1 << 50  # waitress refuses larger bodies; ours are files, so: none.
 RECV_BYTES = 1 << 18
 STAGING_SUBDIR_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+UPLOAD_QUERY_ARGS = {"md5", "deletion_policy", "null_obsid", "authenticator"}
 AUTH_CACHE_SECONDS = 60
 
 log = logging.getLogger("librarian")
@@ -169,7 +171,7 @@ def render_error(error):
     """Render any HTTP error: JSON `{success: false, message}` under `/api/`,
     an HTML page elsewhere. A 500 never carries exception text."""
     status = error.status_code
-    message = error.body if status < 500 else "internal error; see the server log"
+    message = error.body if status != 500 else "internal error; see the server log"
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     if status == 404 and not message:
@@ -188,8 +190,9 @@ def fail(status, message):
 
 # File-system refusals that are the caller's or the operator's to fix, not bugs.
 OS_ERROR_REPLIES = {
-    errno.ENAMETOOLONG: (400, "a name is too long for the store's file system (at most 255 "
-                              "bytes per path component)"),
+    errno.ENAMETOOLONG: (400, "a name or path is too long for the store's file system (at "
+                              "most 255 bytes per name, 4096 per path)"),
+    errno.ENOTDIR: (409, "a folder of the store path is a file on the store"),
     errno.ENOSPC: (507, "the store is full"),
     errno.EDQUOT: (507, "the store's disk quota is exhausted"),
 }
@@ -268,17 +271,36 @@ TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a bo
               dict: "an object", list: "a list"}
 
 
+INT64 = (-2**63, 2**63 - 1)
+
+
 def check_type(name, value, kind):
     """Strict JSON typing of API.md: integers reject floats, strings and
-    booleans; floats accept integers; booleans are JSON booleans."""
+    booleans (and must fit in 64 bits); floats accept integers; booleans
+    are JSON booleans; strings may not hold NUL or unpaired surrogates."""
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return float(value) if ok else fail(400, "argument %r must be %s, got %s"
                                             % (name, TYPE_NAMES[kind], json.dumps(value)))
     ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if not ok:
-        fail(400, "argument %r must be %s, got %s" % (name, TYPE_NAMES[kind], json.dumps(value)))
+        fail(400, "argument %r must be %s, got %s" % (name, TYPE_NAMES[kind],
+                                                      json.dumps(value)[:100]))
+    if kind is int and not INT64[0] <= value <= INT64[1]:
+        fail(400, "argument %r is out of the 64-bit integer range" % name)
+    if kind is str:
+        check_text(name, value)
     return value
+
+
+def check_text(name, value):
+    """400 unless `value` is text a database can hold: no NUL, valid UTF-8."""
+    if "\0" in value:
+        fail(400, "argument %r may not contain a NUL character" % name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        fail(400, "argument %r is not valid Unicode text" % name)
 
 
 def validate(payload, spec):
@@ -303,20 +325,35 @@ def validate(payload, spec):
     return args
 
 
+def _refuse_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def parse_json(raw, what):
+    """Strict JSON (no NaN or Infinity; nesting within reason); 400 naming
+    `what` otherwise."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        fail(400, "%s is nested too deeply" % what)
+    except ValueError as e:
+        fail(400, "%s is not valid JSON: %s" % (what, e))
+
+
 def read_api_payload():
     """The request object of the existing protocol: a JSON body, or the
     form/query field `request` holding JSON. 400 when absent or not an
-    object."""
+    object; 413 when larger than `bottle.BaseRequest.MEMFILE_MAX`."""
+    if request.content_length > bottle.BaseRequest.MEMFILE_MAX:
+        fail(413, "request payload of %d bytes is larger than the %d allowed"
+             % (request.content_length, bottle.BaseRequest.MEMFILE_MAX))
     if request.content_type.split(";")[0].strip() == "application/json":
         raw = request.body.read().decode("utf-8", "replace")
     else:
         raw = request.forms.getunicode("request") or request.query.getunicode("request")
     if not raw:
         fail(400, "no request payload: send a form field 'request' holding a JSON object")
-    try:
-        payload = json.loads(raw)
-    except ValueError as e:
-        fail(400, "request payload is not valid JSON: %s" % e)
+    payload = parse_json(raw, "request payload")
     if not isinstance(payload, dict):
         fail(400, "request payload must be a JSON object")
     return payload
@@ -472,11 +509,15 @@ def op_complete_upload(source, args):
         if used != 1:
             fail(400, "staging_dir %r was already used" % args["staging_dir"])
 
-    ingest.register_staged(store, staged, args["dest_store_path"], source=source.name,
-                           deletion_policy=args["deletion_policy"], meta_mode=args["meta_mode"],
-                           null_obsid=bool(args["null_obsid"]), claim=claim,
-                           inference_mode=cfg().librarian["obsid_inference_mode"],
-                           readonly=cfg().librarian["permissions_mode"] == "readonly")
+    try:
+        ingest.register_staged(store, staged, args["dest_store_path"], source=source.name,
+                               deletion_policy=args["deletion_policy"],
+                               meta_mode=args["meta_mode"], null_obsid=bool(args["null_obsid"]),
+                               claim=claim, inference_mode=cfg().librarian["obsid_inference_mode"],
+                               readonly=cfg().librarian["permissions_mode"] == "readonly")
+    except FileNotFoundError:
+        # Another complete_upload of the same staging directory won the race.
+        fail(400, "staging_dir %r was already used" % args["staging_dir"])
     shutil.rmtree(args["staging_dir"], ignore_errors=True)
     return {}
 
@@ -702,6 +743,14 @@ def upload(dest_store_path):
     register, move into place. 201 when created, 200 when identical bytes
     were already here, 409 when different bytes are."""
     source = authenticate(bearer_token() or request.query.get("authenticator"), "read-append")
+    unknown = sorted(set(request.query) - UPLOAD_QUERY_ARGS)
+    if unknown:
+        fail(400, "unknown query argument%s %s; known: %s"
+             % ("s" if len(unknown) > 1 else "", ", ".join(unknown),
+                ", ".join(sorted(UPLOAD_QUERY_ARGS))))
+    directory = request.get_header("X-Librarian-Directory")
+    if directory is not None and directory.lower() != "tar":
+        fail(400, "X-Librarian-Directory must be 'tar', got %r" % directory)
     _, name = split_store_path(dest_store_path)
     md5 = request.query.get("md5")
     if md5 is not None:
@@ -709,7 +758,7 @@ def upload(dest_store_path):
     deletion_policy = request.query.get("deletion_policy")
     ingest.policy_code(deletion_policy)
     null_obsid = query_flag("null_obsid")
-    is_tar = request.get_header("X-Librarian-Directory", "").lower() == "tar"
+    is_tar = directory is not None
     length = request.content_length
     if length == 0 or (length < 0 and request.get_header("Transfer-Encoding") is None):
         fail(400, "empty request body: send the file's bytes")
@@ -752,7 +801,8 @@ def download(name):
     if os.path.isdir(path):
         headers = {"Content-Type": "application/x-tar", "Content-Length": str(tar_size(path, name)),
                    "X-Librarian-MD5": md5,
-                   "Content-Disposition": 'attachment; filename="%s.tar"' % name}
+                   "Content-Disposition": "attachment; filename*=UTF-8''%s.tar"
+                   % urllib.parse.quote(name, safe="")}
         return HTTPResponse(iter_tar(path, name), **headers)
     resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
                               mimetype="application/octet-stream")

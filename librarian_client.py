@@ -126,10 +126,14 @@ def load_connection(conn_name, config_path=None):
         raise RPCError("config", "%s is not valid JSON: %s" % (path, e)) from None
     try:
         conn = config["connections"][conn_name]
-        return {"url": conn["url"], "authenticator": conn["authenticator"]}
+        url, authenticator = conn["url"], conn["authenticator"]
     except (KeyError, TypeError):
         raise RPCError("config", "no connection %r with url and authenticator in %s"
                        % (conn_name, path)) from None
+    if not isinstance(url, str) or not isinstance(authenticator, str):
+        raise RPCError("config", "connection %r in %s: url and authenticator must be strings"
+                       % (conn_name, path))
+    return {"url": url, "authenticator": authenticator}
 
 
 class LibrarianClient:
@@ -185,6 +189,10 @@ class LibrarianClient:
         return self._do_http_post("probe_stores")["stores"]
 
     def create_file_event(self, file_name, type, **payload):
+        return self.add_file_event(file_name, type, payload)
+
+    def add_file_event(self, file_name, type, payload):
+        """Record an event; `payload` is a dict (any keys, `type` included)."""
         return self._do_http_post("create_file_event", file_name=file_name, type=type,
                                   payload=payload)
 
@@ -261,8 +269,12 @@ class LibrarianClient:
         Returns the server's reply `{name, store_name, store_path, size, md5,
         obsid}` plus `created` (False when the identical file was there)."""
         local_path = local_path.rstrip("/") or local_path
-        if not os.path.exists(local_path):
-            raise RPCError("upload", "no such file or directory: %s" % local_path)
+        if not (os.path.isfile(local_path) or os.path.isdir(local_path)):
+            raise RPCError("upload", "%s is not a file or a directory" % local_path)
+        parts = dest_store_path.split("/")
+        if not dest_store_path or dest_store_path.endswith("/") or ".." in parts:
+            raise RPCError("upload", "destination %r must be a relative path ending in the "
+                           "file's name, without '..'" % dest_store_path)
         size, md5 = path_md5(local_path)
         params = {"md5": md5, "deletion_policy": deletion_policy}
         if null_obsid:
@@ -473,7 +485,7 @@ def cmd_add_file_event(client, args):
             raise UsageError("event arguments are key=value, got %r" % item)
         payload[key] = _event_value(value)
     name = os.path.basename(args.file_path.rstrip("/"))
-    client.create_file_event(name, args.event_type, **payload)
+    client.add_file_event(name, args.event_type, payload)
     print("%s: event %s recorded" % (name, args.event_type))
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger("librarian")
 db = pw.DatabaseProxy()
 
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+CONTROL_RE = re.compile(r"[\x01-\x1f\x7f]")
 MAX_NAME_BYTES = 256
 
 LEVELS = ("read-only", "read-append", "read-write", "admin")
@@ -122,6 +123,9 @@ def check_file_name(name):
         raise LibrarianError(400, "file name %r may not contain '/'" % name)
     if "\0" in name:
         raise LibrarianError(400, "file name may not contain a NUL character")
+    if CONTROL_RE.search(name):
+        raise LibrarianError(400, "file name %r may not contain control characters (newlines, "
+                             "tabs, ...)" % name)
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
