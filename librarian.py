@@ -823,7 +823,8 @@ def home():
 def install_routes(app):
     app.route("/", "GET", home)
     app.route("/api/openapi.json", "GET", openapi)
-    app.route("/api/upload/<dest_store_path:path>", "PUT", upload)
+    # [\s\S]: any character, so that a name with a newline gets a clear 400.
+    app.route("/api/upload/<dest_store_path:re:[\s\S]+>", "PUT", upload)
     app.route("/api/download/<name>", "GET", download)
     app.route("/stream/<name>", "GET", download)
     app.route("/api/<name>", ["GET", "POST"], api_dispatch)

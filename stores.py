@@ -384,7 +384,11 @@ class LocalStore:
         (a directory's own mode is closed right after the rename). Returns
         the final absolute path."""
         final = self.resolve(store_path)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise LibrarianError(409, "a folder of the store path %r is a file on store %r"
+                                 % (store_path, self.name)) from None
         final = self.resolve(store_path)  # re-check now that parents exist
         if os.path.lexists(final):
             raise LibrarianError(409, "%s already exists on store %r but is not registered "
