@@ -117,12 +117,20 @@ def sync_config_records(config):
 
 def clean_all_staging():
     """Remove staging leftovers on every reachable local store, keeping the
-    directories issued by `initiate_upload` that are still outstanding."""
+    directories issued by `initiate_upload` that are still outstanding, and
+    moving back bytes whose registration a crash interrupted."""
     issued = [s.path for s in StagingDir.select()]
     for row in Store.select():
         store = LocalStore(row)
+
+        def is_registered(store_path, row=row):
+            parent_dirs, name = split_store_path(store_path)
+            return FileInstance.select().where(
+                (FileInstance.store == row) & (FileInstance.parent_dirs == parent_dirs)
+                & (FileInstance.file == name)).exists()
+
         if store.is_reachable():
-            removed = store.clean_staging(keep=issued)
+            removed = store.clean_staging(keep=issued, is_registered=is_registered)
             if removed:
                 log.info("removed %d staging leftovers on store %s", removed, row.name)
 
@@ -824,7 +832,7 @@ def install_routes(app):
     app.route("/", "GET", home)
     app.route("/api/openapi.json", "GET", openapi)
     # [\s\S]: any character, so that a name with a newline gets a clear 400.
-    app.route("/api/upload/<dest_store_path:re:[\s\S]+>", "PUT", upload)
+    app.route(r"/api/upload/<dest_store_path:re:[\s\S]+>", "PUT", upload)
     app.route("/api/download/<name>", "GET", download)
     app.route("/stream/<name>", "GET", download)
     app.route("/api/<name>", ["GET", "POST"], api_dispatch)

@@ -16,6 +16,7 @@ directly); stores on other hosts come later behind the same methods.
 """
 
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -26,8 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from librarian_client import directory_digest, file_md5, path_md5 as path_info  # noqa: F401
 from models import LibrarianError, check_file_name
 
+log = logging.getLogger("librarian")
+
 CHUNK = 1 << 20  # bytes per read/write when streaming
 STAGING = ".staging"
+DESTINATION_MARKER = ".librarian-destination"  # in a staging dir: where its bytes are going
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
 
@@ -360,9 +364,13 @@ class LocalStore:
         os.makedirs(path, mode=0o755)
         return path
 
-    def clean_staging(self, keep=()):
-        """Remove everything in the staging area except the directories in
-        `keep` (absolute paths); returns how many entries were removed."""
+    def clean_staging(self, keep=(), is_registered=lambda store_path: True):
+        """Start-up cleaning of the staging area. First undo moves that a
+        crash interrupted: a staging directory whose DESTINATION marker
+        names a store path that `is_registered(store_path)` denies had its
+        bytes moved but never recorded, so they are moved back. Then remove
+        everything except the directories in `keep` (absolute paths).
+        Returns how many entries were removed."""
         root = self.staging_root()
         if not os.path.isdir(root):
             return 0
@@ -370,10 +378,31 @@ class LocalStore:
         removed = 0
         for entry in os.listdir(root):
             path = os.path.join(root, entry)
+            self._undo_interrupted_move(path, is_registered)
             if os.path.realpath(path) not in keep:
                 remove_tree(path)
                 removed += 1
         return removed
+
+    def _undo_interrupted_move(self, staging_dir, is_registered):
+        marker = os.path.join(staging_dir, DESTINATION_MARKER)
+        if os.path.islink(staging_dir) or not os.path.isfile(marker):
+            return
+        with open(marker, encoding="utf-8") as f:
+            store_path = f.read()
+        try:
+            final = self.resolve(store_path)
+        except LibrarianError:
+            return
+        staged = os.path.join(staging_dir, os.path.basename(final))
+        if not is_registered(store_path) and os.path.lexists(final) \
+                and not os.path.lexists(staged):
+            log.warning("moving unregistered %s on store %s back to staging: its registration "
+                        "was interrupted", store_path, self.name)
+            if os.path.isdir(final):
+                os.chmod(final, 0o755)
+            os.rename(final, staged)
+        os.unlink(marker)
 
     # -- bytes ----------------------------------------------------------------
 
@@ -384,6 +413,11 @@ class LocalStore:
         (a directory's own mode is closed right after the rename). Returns
         the final absolute path."""
         final = self.resolve(store_path)
+        # The marker lets start-up undo this move if the process dies before
+        # the registration commits (see clean_staging).
+        with open(os.path.join(os.path.dirname(abs_staged), DESTINATION_MARKER), "w",
+                  encoding="utf-8") as f:
+            f.write(store_path)
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
         except (FileExistsError, NotADirectoryError):

@@ -259,3 +259,45 @@ def test_directory_upload_works_for_a_server_that_is_not_root(public_dir):
                          capture_output=True, text=True, cwd=public_dir)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0o555", "0o444", "False"]
+
+
+def test_a_move_interrupted_before_commit_is_undone_at_start(app, web, store_dir):
+    """A crash between moving bytes into place and committing their record
+    leaves a marker; start-up moves the bytes back out of the final path."""
+    import librarian
+    from stores import LocalStore
+
+    store = LocalStore(models.Store.get())
+    # An issued staging directory (two-step protocol) and a request's own.
+    issued = api(web, "initiate_upload", upload_size=3)["staging_dir"]
+    with open(os.path.join(issued, "two.txt"), "wb") as f:
+        f.write(b"two")
+    own = store.new_staging_dir()
+    with open(os.path.join(own, "one.txt"), "wb") as f:
+        f.write(b"one")
+    # What the registration would do just before its commit, then "crash".
+    store.move_into_place(os.path.join(issued, "two.txt"), "x/two.txt")
+    store.move_into_place(os.path.join(own, "one.txt"), "x/one.txt")
+    assert store_contents(store_dir)[0] == {"x/one.txt", "x/two.txt"}
+
+    librarian.startup(app)
+    files, staging = store_contents(store_dir)
+    assert files == set()
+    assert staging == [os.path.basename(issued)]
+    assert os.listdir(issued) == ["two.txt"]
+    # The two-step upload can now be completed as if nothing had happened.
+    api(web, "complete_upload", store_name="main", staging_dir=issued,
+        dest_store_path="x/two.txt", meta_mode="infer", null_obsid=True)
+    assert store_contents(store_dir)[0] == {"x/two.txt"}
+
+
+def test_registered_bytes_are_left_alone_by_start_up(app, web, store_dir):
+    import librarian
+
+    put(web, "y/kept.txt")
+    marker_dir = os.path.join(store_dir, ".staging", "crashed-after-commit")
+    os.makedirs(marker_dir)
+    with open(os.path.join(marker_dir, ".librarian-destination"), "w") as f:
+        f.write("y/kept.txt")
+    librarian.startup(app)
+    assert store_contents(store_dir) == ({"y/kept.txt"}, [])
