@@ -519,7 +519,7 @@ def cmd_search_files(client, args):
 def cmd_assign_sessions(client, args):
     reply = client.assign_observing_sessions(args.min_start_jd, args.max_start_jd)
     for s in reply["new_sessions"]:
-        print("session %d: JD %.5f to %.5f, %d observations"
+        print("session %d: JD %.5f to %.5f, %d observation(s)"
               % (s["id"], s["start_time_jd"], s["stop_time_jd"], s["n_obs"]))
     if not reply["new_sessions"]:
         print("no new sessions")
