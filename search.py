@@ -18,7 +18,9 @@ clause and what was wrong. Payload values only ever reach SQL as bound
 parameters (LIKE patterns included).
 """
 
+import functools
 import json
+import operator
 import re
 import time
 
@@ -163,6 +165,11 @@ def _now_jd():
 # The three kinds of record
 # ---------------------------------------------------------------------------
 
+def _join(conds, op, empty):
+    """Fold expressions with `op` (and/or); `empty` when there are none."""
+    return functools.reduce(op, conds) if conds else empty
+
+
 def _count(query):
     return query.select(pw.fn.COUNT(pw.SQL("*")))
 
@@ -185,34 +192,21 @@ class Kind:
         return self.model.select()
 
     def compile(self, pairs):
-        """AND of the compiled (clause, payload) pairs."""
-        conds = [self.clause(c, p) for c, p in pairs]
-        if not conds:
-            return TRUE
-        expr = conds[0]
-        for c in conds[1:]:
-            expr = expr & c
-        return expr
+        """AND of the compiled (clause, payload) pairs (TRUE when none)."""
+        return _join([self.clause(c, p) for c, p in pairs], operator.and_, TRUE)
+
+    def any_of(self, clause, payload):
+        """OR of the sub-clauses of `payload` (FALSE when none)."""
+        return _join([self.clause(c, p) for c, p in _pairs(clause, payload)], operator.or_,
+                     FALSE)
 
     def clause(self, clause, payload):
         if clause == "and":
             return self.compile(_pairs(clause, payload))
         if clause == "or":
-            conds = [self.clause(c, p) for c, p in _pairs(clause, payload)]
-            if not conds:
-                return FALSE
-            expr = conds[0]
-            for c in conds[1:]:
-                expr = expr | c
-            return expr
+            return self.any_of(clause, payload)
         if clause == "none-of":
-            conds = [self.clause(c, p) for c, p in _pairs(clause, payload)]
-            if not conds:
-                return TRUE
-            expr = conds[0]
-            for c in conds[1:]:
-                expr = expr | c
-            return ~expr
+            return ~self.any_of(clause, payload)
         if clause == "always-true":
             return TRUE
         if clause == "always-false":
