@@ -16,7 +16,6 @@ streamed upload and download (section 2), then the command line.
 import argparse
 import errno
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import urllib.parse
 
 import bottle
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
+from webauth import authenticate, bearer_token, caller
 
 import deletion
 import ingest
@@ -51,7 +51,6 @@ MAX_REQUEST_BODY = 1 << 50  # waitress refuses larger bodies; ours are files, so
 RECV_BYTES = 1 << 18
 STAGING_SUBDIR_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UPLOAD_QUERY_ARGS = {"md5", "deletion_policy", "null_obsid", "authenticator"}
-AUTH_CACHE_SECONDS = 60
 
 log = logging.getLogger("librarian")
 
@@ -241,39 +240,6 @@ def json_reply(status=200, **fields):
 # ---------------------------------------------------------------------------
 # Authentication and argument checking
 # ---------------------------------------------------------------------------
-
-def bearer_token():
-    header = request.get_header("Authorization", "")
-    if header.startswith("Bearer "):
-        return header[len("Bearer "):].strip()
-    return None
-
-
-def authenticate(authenticator, level):
-    """The Source calling with `authenticator`, if its level is at least
-    `level`; otherwise 400 (missing or wrong) or 403 (too low). Verified
-    sources are cached for a minute so that Argon2's deliberate slowness is
-    paid once per client, not per request."""
-    if not isinstance(authenticator, str) or not authenticator:
-        fail(400, "no authenticator given")
-    cache = request.app.config["librarian.auth_cache"]
-    key = hashlib.sha256(authenticator.encode("utf-8")).hexdigest()
-    hit = cache.get(key)
-    source = None
-    if hit and hit[1] > time.monotonic():
-        source = Source.get_or_none(Source.id == hit[0])
-    if source is None:
-        source = models.find_source(authenticator)
-        if source is None:
-            fail(400, "unknown authenticator")
-        if len(cache) > 1000:
-            cache.clear()
-        cache[key] = (source.id, time.monotonic() + AUTH_CACHE_SECONDS)
-    if not source.allows(level):
-        fail(403, "%s needs level %s; source %r has level %s"
-             % (request.path, level, source.name, source.level))
-    return source
-
 
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
               dict: "an object", list: "a list"}
@@ -750,7 +716,7 @@ def upload(dest_store_path):
     of a directory with `X-Librarian-Directory: tar`) to staging, verify,
     register, move into place. 201 when created, 200 when identical bytes
     were already here, 409 when different bytes are."""
-    source = authenticate(bearer_token() or request.query.get("authenticator"), "read-append")
+    source = caller("read-append", allow_session=True)
     unknown = sorted(set(request.query) - UPLOAD_QUERY_ARGS)
     if unknown:
         fail(400, "unknown query argument%s %s; known: %s"
@@ -800,7 +766,7 @@ def download(name):
     """GET /api/download/<name> and /stream/<name>: the bytes of a local
     instance; a directory as a tar under a top folder named after the file.
     Flat files honour Range."""
-    authenticate(bearer_token() or request.query.get("authenticator"), "read-only")
+    caller("read-only", allow_session=True)
     models.check_file_name(name)
     inst = local_instance(name)
     path = LocalStore(inst.store).resolve(inst.store_path)
@@ -818,18 +784,10 @@ def download(name):
     return resp
 
 
-# ---------------------------------------------------------------------------
-# Pages (the web interface grows here)
-# ---------------------------------------------------------------------------
-
-def home():
-    config = cfg()
-    return bottle.template("home", site_name=config.server["displayed_site_name"],
-                           version=__version__)
-
-
 def install_routes(app):
-    app.route("/", "GET", home)
+    import pages
+
+    pages.install(app)
     app.route("/api/openapi.json", "GET", openapi)
     # [\s\S]: any character, so that a name with a newline gets a clear 400.
     app.route(r"/api/upload/<dest_store_path:re:[\s\S]+>", "PUT", upload)
@@ -1000,4 +958,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `librarian`, so that pages.py and this script share
+    # one copy of it (and of its operation registry).
+    import librarian as _librarian
+
+    sys.exit(_librarian.main())

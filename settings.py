@@ -54,6 +54,16 @@ def _log_level(value):
     return _choice("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
 
 
+def _timezone(value):
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("expected an IANA time zone such as Africa/Johannesburg") from None
+    return value
+
+
 def _db_url(value):
     if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ValueError("expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
@@ -76,6 +86,7 @@ SCHEMA = {
         "displayed_site_name": (_nonempty, "Librarian"),
         "log_level": (_log_level, "INFO"),
         "threads": (_positive_int, 8),
+        "telescope_timezone": (_timezone, "Africa/Johannesburg"),
     },
     "database": {
         "url": (_db_url, REQUIRED),

@@ -445,6 +445,11 @@ class LocalStore:
     def exists(self, store_path):
         return os.path.lexists(self.resolve(store_path))
 
+    def disk_usage(self):
+        """`shutil.disk_usage` of the store's file system (total, used, free
+        bytes); raises OSError when unreachable."""
+        return shutil.disk_usage(self.prefix)
+
     def free_space(self):
         """Free bytes on the store's file system (None if unreachable)."""
         try:

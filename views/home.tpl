@@ -1,3 +1,11 @@
-% rebase('layout', title=site_name)
+% rebase('layout', title=title)
 <h1>{{site_name}}</h1>
-<p>Librarian server version {{version}}. The JSON API lives under <code>/api/</code>.</p>
+<p>Librarian {{version}} · <span id="now-utc">{{now_utc}} UTC</span> ·
+at the telescope {{now_site}} ({{zone}})</p>
+<h2>Recent sessions</h2>
+% include('session_table', sessions=sessions, counts=False)
+<p><a href="/sessions/recent">more sessions</a></p>
+<h2>Recent files</h2>
+% include('file_table', files=files)
+<h2>Stores</h2>
+% include('store_table', stores=stores)

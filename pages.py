@@ -1,0 +1,417 @@
+"""The web interface: HTML pages for people, on the existing deployment's
+URLs.
+
+Every page needs a logged-in session (see `webauth`); a page above the
+person's level renders a page that says so. Lists are capped and paginated
+(`?page=N`, `PAGE_SIZE` rows). State changes are POSTed forms carrying the
+session's CSRF token, answered with a redirect. Markup lives in `views/`;
+numbers are formatted here the way astronomers read them (sizes in human
+units with exact bytes on hover, JD with five decimals, LST in hours).
+"""
+
+import datetime
+import urllib.parse
+import zoneinfo
+
+import bottle
+import peewee as pw
+from bottle import HTTPError, redirect, request, response, template
+
+import models
+import search
+import webauth
+from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
+                    ObservingSession, Store)
+from stores import LocalStore
+
+PAGE_SIZE = 50
+RECENT = 10
+UNIX_EPOCH_JD = 2440587.5
+
+SAMPLE_SEARCHES = {
+    "files": '{"name-matches": "zen.2458043.%", "num-instances-greater-than": 0}',
+    "obs": '{"start-lst-hr-in-range": [12.0, 14.0]}',
+    "sessions": '{"num-files-greater-than": 0}',
+}
+OUTPUT_FORMATS = {
+    "files": ("List of files", "Raw text with file names", "Raw text with full instance paths"),
+    "obs": ("List of observations",),
+    "sessions": ("List of sessions",),
+}
+
+
+# ---------------------------------------------------------------------------
+# Formatting for templates
+# ---------------------------------------------------------------------------
+
+def human_size(n):
+    """'1.2 GiB' style text for a byte count (None -> '-')."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
+        value /= 1024
+
+
+def fmt_jd(jd):
+    return "-" if jd is None else "%.5f" % jd
+
+
+def jd_to_utc(jd):
+    """Calendar UTC of a JD, to the second (no leap-second bookkeeping)."""
+    if jd is None:
+        return "-"
+    dt = datetime.datetime(1970, 1, 1) + datetime.timedelta(days=jd - UNIX_EPOCH_JD)
+    return dt.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_lst(hours):
+    return "-" if hours is None else "%.4f h" % hours
+
+
+def fmt_time(dt):
+    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt else "-"
+
+
+def fmt_days(days):
+    return "-" if days is None else "%.4f d" % days
+
+
+HELPERS = {"human_size": human_size, "fmt_jd": fmt_jd, "jd_to_utc": jd_to_utc,
+           "fmt_lst": fmt_lst, "fmt_time": fmt_time, "fmt_days": fmt_days,
+           "quote": lambda s: urllib.parse.quote(str(s), safe=""), "PAGE_SIZE": PAGE_SIZE}
+
+
+# ---------------------------------------------------------------------------
+# Page plumbing
+# ---------------------------------------------------------------------------
+
+def settings():
+    return request.app.config["librarian.settings"]
+
+
+def render(name, title, status=200, **values):
+    """Render `views/NAME.tpl` inside the layout, with the helpers, the
+    logged-in source and its CSRF token."""
+    response.status = status
+    source = values.pop("source", None) or webauth.session_source()
+    return template(name, title=title, me=source, csrf=webauth.csrf_token(),
+                    site_name=settings().server["displayed_site_name"], query_for=query_for,
+                    **HELPERS, **values)
+
+
+def query_for(page):
+    """The current request's fields (query, and form on a POST) with
+    `page` replaced: links to the neighbouring pages of a list."""
+    fields = {k: v for k, v in request.query.decode().allitems() if k != "page"}
+    if request.method == "POST":
+        fields.update((k, v) for k, v in request.forms.decode().allitems()
+                      if k not in ("page", "csrf_token"))
+    fields["page"] = str(page)
+    return urllib.parse.urlencode(fields)
+
+
+def person(level="read-only"):
+    """The logged-in source with at least `level`. Without a session:
+    redirect to the login page, which comes back here afterwards. With too
+    low a level: a page that says so (403)."""
+    source = webauth.session_source()
+    if source is None:
+        redirect("/login?next=" + urllib.parse.quote(request.fullpath +
+                                                     ("?" + request.query_string
+                                                      if request.query_string else "")))
+    if not source.allows(level):
+        raise bottle.HTTPResponse(render("denied", "Not allowed", status=403, source=source,
+                                         level=level), status=403)
+    return source
+
+
+def check_form_csrf():
+    webauth.check_csrf(request.forms.getunicode("csrf_token"))
+
+
+def page_number():
+    try:
+        page = int(request.query.get("page", "1"))
+    except ValueError:
+        page = 1
+    return max(page, 1)
+
+
+def paginate(query):
+    """(rows of the current page, page number, whether there is a next
+    page): fetches one row more than a page to know."""
+    page = page_number()
+    rows = list(query.limit(PAGE_SIZE + 1).offset((page - 1) * PAGE_SIZE))
+    return rows[:PAGE_SIZE], page, len(rows) > PAGE_SIZE
+
+
+def safe_next(target):
+    """`target` if it is a path on this site, else '/'."""
+    if isinstance(target, str) and target.startswith("/") and not target.startswith("//") \
+            and "\\" not in target and "\n" not in target and "\r" not in target:
+        return target
+    return "/"
+
+
+def store_usage(row):
+    """(capacity, used, free) bytes of a store's file system, or Nones."""
+    try:
+        usage = LocalStore(row).disk_usage()
+    except OSError:
+        return None, None, None
+    return usage.total, usage.used, usage.free
+
+
+# ---------------------------------------------------------------------------
+# Log in and out, home
+# ---------------------------------------------------------------------------
+
+def login_form():
+    return render("login", "Log in", next=safe_next(request.query.get("next")), error=None)
+
+
+def login():
+    authenticator = request.forms.getunicode("authenticator") or ""
+    target = safe_next(request.forms.getunicode("next"))
+    source = models.find_source(authenticator) if authenticator else None
+    if source is None:
+        return render("login", "Log in", status=400, next=target,
+                      error="That authenticator is not known here.")
+    webauth.start_session(source)
+    redirect(target)
+
+
+def logout():
+    webauth.end_session()
+    redirect("/login")
+
+
+def home():
+    source = person()
+    zone = settings().server["telescope_timezone"]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sessions = (ObservingSession.select().order_by(ObservingSession.start_time_jd.desc())
+                .limit(RECENT))
+    files = File.select().order_by(File.create_time.desc(), File.name).limit(RECENT)
+    stores = [(s, store_usage(s)) for s in Store.select().order_by(Store.name)]
+    import librarian
+
+    return render("home", settings().server["displayed_site_name"], source=source,
+                  version=librarian.__version__, now_utc=now.strftime("%Y-%m-%d %H:%M:%S"),
+                  now_site=now.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S"),
+                  zone=zone, sessions=list(sessions), files=list(files), stores=stores)
+
+
+# ---------------------------------------------------------------------------
+# Files, observations, sessions
+# ---------------------------------------------------------------------------
+
+def file_page(name):
+    person()
+    record = (File.select(File, Observation)
+              .join(Observation, pw.JOIN.LEFT_OUTER, on=(File.observation == Observation.obsid))
+              .where(File.name == name).first())
+    if record is None:
+        raise HTTPError(404, "No file named %r is known here." % name)
+    instances = (FileInstance.select(FileInstance, Store).join(Store)
+                 .where(FileInstance.file == name).order_by(Store.name))
+    events = (FileEvent.select().where(FileEvent.file == name)
+              .order_by(FileEvent.time.desc(), FileEvent.id.desc()).limit(PAGE_SIZE))
+    return render("file", name, file=record, instances=list(instances), events=list(events))
+
+
+def observations():
+    person()
+    rows, page, more = paginate(Observation.select()
+                                .order_by(Observation.start_time_jd.desc(), Observation.obsid))
+    return render("observations", "Observations", observations=rows, page=page, more=more)
+
+
+def observation_page(obsid):
+    person()
+    obs = Observation.get_or_none(Observation.obsid == obsid)
+    if obs is None:
+        raise HTTPError(404, "No observation %d is known here." % obsid)
+    files = File.select().where(File.observation == obsid).order_by(File.name).limit(500)
+    return render("observation", "Observation %d" % obsid, obs=obs, files=list(files))
+
+
+def session_rows(query):
+    """Sessions with their observation and file counts and total size, in
+    one statement."""
+    n_obs = (Observation.select(pw.fn.COUNT(pw.SQL("*")))
+             .where(Observation.session == ObservingSession.id))
+    files = (File.select().join(Observation, on=(File.observation == Observation.obsid))
+             .where(Observation.session == ObservingSession.id))
+    return query.select(ObservingSession, n_obs.alias("n_obs"),
+                        files.select(pw.fn.COUNT(pw.SQL("*"))).alias("n_files"),
+                        files.select(pw.fn.COALESCE(pw.fn.SUM(File.size), 0)).alias("size"))
+
+
+def sessions_recent():
+    person()
+    rows = session_rows(ObservingSession.select()
+                        .order_by(ObservingSession.start_time_jd.desc()).limit(30))
+    return render("sessions", "Recent sessions", sessions=list(rows), page=1, more=False,
+                  all_link=True)
+
+
+def sessions_all():
+    person()
+    rows, page, more = paginate(session_rows(ObservingSession.select()
+                                             .order_by(ObservingSession.start_time_jd.desc())))
+    return render("sessions", "All sessions", sessions=rows, page=page, more=more,
+                  all_link=False)
+
+
+def session_page(session_id):
+    person()
+    found = list(session_rows(ObservingSession.select()
+                              .where(ObservingSession.id == session_id)))
+    if not found:
+        raise HTTPError(404, "No session %d is known here." % session_id)
+    obs = (Observation.select().where(Observation.session == session_id)
+           .order_by(Observation.start_time_jd).limit(1000))
+    local = (File.select(pw.fn.COUNT(pw.SQL("*")))
+             .join(Observation, on=(File.observation == Observation.obsid))
+             .where((Observation.session == session_id) & (File.num_instances > 0)).scalar())
+    return render("session", "Session %d" % session_id, session=found[0],
+                  observations=list(obs), n_local=local)
+
+
+# ---------------------------------------------------------------------------
+# Stores
+# ---------------------------------------------------------------------------
+
+def stores_page():
+    person()
+    rows = [(s, store_usage(s)) for s in Store.select().order_by(Store.name)]
+    return render("stores", "Stores", stores=rows)
+
+
+def store_page(name):
+    person()
+    row = Store.get_or_none(Store.name == name)
+    if row is None:
+        raise HTTPError(404, "No store named %r is known here." % name)
+    count, size = (FileInstance.select(pw.fn.COUNT(pw.SQL("*")),
+                                       pw.fn.COALESCE(pw.fn.SUM(File.size), 0))
+                   .join(File).where(FileInstance.store == row).tuples().get())
+    return render("store", "Store " + name, store=row, usage=store_usage(row), n_instances=count,
+                  instance_bytes=size)
+
+
+def set_store_availability(name, available):
+    person("admin")
+    check_form_csrf()
+    with models.write_transaction():
+        changed = Store.update(available=available).where(Store.name == name).execute()
+    if not changed:
+        raise HTTPError(404, "No store named %r is known here." % name)
+    redirect("/stores/" + urllib.parse.quote(name, safe=""))
+
+
+# ---------------------------------------------------------------------------
+# Search
+# ---------------------------------------------------------------------------
+
+def search_form(kind):
+    def handler():
+        person()
+        return render("search", "Search " + {"files": "files", "obs": "observations",
+                                             "sessions": "sessions"}[kind],
+                      kind=kind, text=SAMPLE_SEARCHES[kind], formats=OUTPUT_FORMATS[kind],
+                      error=None)
+    return handler
+
+
+def run_search():
+    """/search: the search forms' target (GET or POST; fields `type`,
+    `search`, `output_format`, and `page`)."""
+    person()
+    fields = request.forms if request.method == "POST" else request.query
+    kind = fields.getunicode("type") or "files"
+    text = fields.getunicode("search") or ""
+    fmt = fields.getunicode("output_format") or OUTPUT_FORMATS.get(kind, ("",))[0]
+    if kind not in OUTPUT_FORMATS:
+        raise HTTPError(400, "type must be files, obs or sessions, not %r" % kind)
+    if fmt not in OUTPUT_FORMATS[kind]:
+        raise HTTPError(400, "output_format %r does not go with type %r" % (fmt, kind))
+    try:
+        if kind == "files":
+            return file_results(text, fmt)
+        if kind == "obs":
+            rows, page, more = paginate(search.observation_query(text))
+            return render("results_obs", "Observations found", observations=rows, page=page,
+                          more=more, text=text, kind=kind, fmt=fmt)
+        rows, page, more = paginate(session_rows(search.session_query(text)))
+        return render("results_sessions", "Sessions found", sessions=rows, page=page,
+                      more=more, text=text, kind=kind, fmt=fmt)
+    except LibrarianError as e:
+        return render("search", "Search", status=400, kind=kind, text=text,
+                      formats=OUTPUT_FORMATS[kind], error=e.message)
+
+
+def file_results(text, fmt):
+    query = search.file_query(text)
+    if fmt == "Raw text with file names":
+        response.content_type = "text/plain; charset=utf-8"
+        return "".join(f.name + "\n" for f in query.select(File.name).limit(100000))
+    if fmt == "Raw text with full instance paths":
+        response.content_type = "text/plain; charset=utf-8"
+        return "".join("%s:%s\n" % (i.store.ssh_host, i.full_path_on_store)
+                       for i in search.instance_query(text).limit(100000))
+    totals = query.select(pw.fn.COUNT(pw.SQL("*")), pw.fn.COALESCE(pw.fn.SUM(File.size), 0))
+    count, size = totals.order_by().tuples().get()
+    rows, page, more = paginate(query)
+    return render("results_files", "Files found", files=rows, page=page, more=more, text=text,
+                  count=count, total_size=size, kind="files", fmt=fmt)
+
+
+# ---------------------------------------------------------------------------
+# Upload
+# ---------------------------------------------------------------------------
+
+def upload_page():
+    person("read-append")
+    return render("upload", "Upload")
+
+
+# ---------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------
+
+NAV = [("/", "Home"), ("/search-files", "Files"), ("/observations", "Observations"),
+       ("/sessions/recent", "Sessions"), ("/stores", "Stores"), ("/upload", "Upload")]
+# Later features add their pages here (tasks, standing orders, staging, connectivity).
+NAV_LATER = [("Tasks", "/tasks"), ("Standing orders", "/standing-orders"),
+             ("Connectivity", "/connectivity")]
+
+
+def install(app):
+    """Add the pages' routes to `app`."""
+    app.route("/login", "GET", login_form)
+    app.route("/login", "POST", login)
+    app.route("/logout", "GET", logout)
+    app.route("/", "GET", home)
+    app.route("/files/<name>", "GET", file_page)
+    app.route("/observations", "GET", observations)
+    app.route("/observations/<obsid:int>", "GET", observation_page)
+    app.route("/sessions/recent", "GET", sessions_recent)
+    app.route("/sessions/all", "GET", sessions_all)
+    app.route("/sessions/<session_id:int>", "GET", session_page)
+    app.route("/stores", "GET", stores_page)
+    app.route("/stores/<name>", "GET", store_page)
+    app.route("/stores/<name>/make-available", "POST",
+              lambda name: set_store_availability(name, True))
+    app.route("/stores/<name>/make-unavailable", "POST",
+              lambda name: set_store_availability(name, False))
+    app.route("/search-files", "GET", search_form("files"))
+    app.route("/search-obs", "GET", search_form("obs"))
+    app.route("/search-sessions", "GET", search_form("sessions"))
+    app.route("/search", ["GET", "POST"], run_search)
+    app.route("/upload", "GET", upload_page)
+    bottle.SimpleTemplate.defaults["nav"] = NAV

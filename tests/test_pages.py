@@ -1,0 +1,207 @@
+"""The web pages through the WSGI app (WebTest): every page, not-found
+names, bad query text, CSRF, levels, and the query counts of lists."""
+
+import datetime
+import re
+
+import pytest
+
+import models
+from conftest import AUTH, bearer
+
+
+@pytest.fixture
+def browser(web):
+    """A WebTest client logged in as admin."""
+    form = web.get("/login").forms[0]
+    form["authenticator"] = AUTH["admin"]
+    form.submit(status=302)
+    return web
+
+
+def login_as(web, who):
+    web.reset()
+    resp = web.post("/login", {"authenticator": AUTH[who], "next": "/"}, status=302)
+    return resp
+
+
+@pytest.fixture
+def sample(app, web):
+    """Two sessions, three observations, four files, one with two events."""
+    models.ObservingSession.create(id=1192201262, start_time_jd=2458043.1, stop_time_jd=2458043.2)
+    models.Observation.create(obsid=1192201262, start_time_jd=2458043.12552,
+                              stop_time_jd=2458043.13285, start_lst_hr=18.12896,
+                              session=1192201262)
+    models.Observation.create(obsid=1192201900, start_time_jd=2458043.13, stop_time_jd=2458043.14,
+                              start_lst_hr=18.3, session=1192201262)
+    models.Observation.create(obsid=1225829886, start_time_jd=2458432.34569, stop_time_jd=None)
+    for name, obsid, size in (("zen.2458043.12552.xx.HH.uvA", 1192201262, 983251),
+                              ("zen.2458043.13000.xx.HH.uvA", 1192201900, 5 * 2**30),
+                              ("zen.2458432.34569.uvh5", 1225829886, 224073)):
+        models.File.create(name=name, type=name.rsplit(".", 1)[1], create_time=models.utcnow(),
+                           size=size, md5="0" * 32, source="admin", observation=obsid)
+    web.put("/api/upload/notes/readme.txt?null_obsid=true", b"hello", headers=bearer(),
+            status=201)
+    models.FileEvent.record("readme.txt", "qa", {"ok": True})
+
+
+def test_login_redirects_back_to_the_page_first_asked_for(web):
+    resp = web.get("/stores", status=302)
+    assert resp.location.endswith("/login?next=/stores")
+    form = resp.follow().forms[0]
+    form["authenticator"] = AUTH["reader"]
+    resp = form.submit(status=302)
+    assert resp.location.endswith("/stores")
+    assert "HttpOnly" in resp.headers["Set-Cookie"] and "samesite=strict" in \
+        resp.headers["Set-Cookie"].lower()
+    assert "<h1>Stores</h1>" in web.get("/stores").text
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "http://evil.example/", "\\\\evil"])
+def test_login_never_redirects_off_site(web, target):
+    resp = web.post("/login", {"authenticator": AUTH["reader"], "next": target}, status=302)
+    assert resp.location.endswith("/") and "evil" not in resp.location
+
+
+def test_wrong_authenticator_and_logout(web):
+    resp = web.post("/login", {"authenticator": "nope", "next": "/"}, status=400)
+    assert "not known here" in resp.text
+    login_as(web, "reader")
+    web.get("/logout", status=302)
+    web.get("/", status=302)
+
+
+def test_forged_session_cookie_is_ignored(web):
+    login_as(web, "reader")
+    value = web.cookies["librarian_session"]
+    payload, mac = value.split(".")
+    import base64
+    import json
+
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data["source"] = "admin"
+    forged = base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+    web.set_cookie("librarian_session", forged + "." + mac)
+    web.get("/", status=302)
+
+
+def test_home_shows_site_time_sessions_files_and_stores(browser, sample):
+    page = browser.get("/").text
+    assert "<h1>Test</h1>" in page
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", page)
+    assert "Africa/Johannesburg" in page
+    assert "/sessions/1192201262" in page and "zen.2458432.34569.uvh5" in page
+    assert "/stores/main" in page
+
+
+def test_file_page_shows_metadata_instances_and_events(browser, sample, store_dir):
+    page = browser.get("/files/readme.txt").text
+    assert "5 B (5 bytes)" in page and store_dir + "/notes/readme.txt" in page
+    assert page.index("qa") < page.index("create_instance"), "events newest first"
+    page = browser.get("/files/zen.2458043.13000.xx.HH.uvA").text
+    assert 'title="5368709120 bytes">5.0 GiB' in page
+    assert "JD 2458043.13000" in page and "LST 18.3000 h" in page
+    assert "No instance here" in page
+    assert "No file named" in browser.get("/files/nothing.txt", status=404).text
+
+
+def test_download_link_works_with_the_session(browser, sample):
+    assert browser.get("/stream/readme.txt").body == b"hello"
+
+
+def test_observation_pages(browser, sample):
+    page = browser.get("/observations").text
+    assert page.index("1225829886") < page.index("1192201262"), "most recent first"
+    page = browser.get("/observations/1192201262").text
+    assert "JD 2458043.12552 · 2017-10-16 15:00:44 UTC" in page
+    assert "18.1290 h" in page and "zen.2458043.12552.xx.HH.uvA" in page
+    browser.get("/observations/42", status=404)
+
+
+def test_session_pages(browser, sample):
+    for url in ("/sessions/recent", "/sessions/all"):
+        page = browser.get(url).text
+        assert "/sessions/1192201262" in page
+    page = browser.get("/sessions/1192201262").text
+    assert "<tr><th>Observations</th><td>2</td></tr>" in page
+    assert "2, of which 0 with an instance here" in page
+    assert "5.0 GiB" in page
+    browser.get("/sessions/7", status=404)
+
+
+def test_store_pages_and_availability_needs_admin_and_csrf(browser, web, sample):
+    page = browser.get("/stores").text
+    assert 'class="bar"' in page
+    page = browser.get("/stores/main")
+    assert "1 (5 B)" in page.text
+    form = page.forms[0]
+    form.submit(status=302)
+    assert models.Store.get().available is False
+    resp = browser.post("/stores/main/make-available", {}, status=403)
+    assert "CSRF" in resp.text
+    assert models.Store.get().available is False
+    login_as(web, "writer")
+    resp = web.post("/stores/main/make-available", {"csrf_token": "x"}, status=403)
+    assert "needs level <strong>admin</strong>" in resp.text
+    browser.get("/stores/nowhere", status=404)
+
+
+def test_search_pages_and_outputs(browser, sample, store_dir):
+    for url, sample_text in (("/search-files", "name-matches"), ("/search-obs", "start-lst-hr"),
+                             ("/search-sessions", "num-files")):
+        assert sample_text in browser.get(url).text
+    form = browser.get("/search-files").forms[0]
+    form["search"] = '{"name-matches": "zen.%"}'
+    page = form.submit().text
+    assert '<span id="count">3</span> file(s)' in page and "5.0 GiB" in page
+    resp = browser.post("/search", {"type": "files", "search": '{"always-true": 1}',
+                                    "output_format": "Raw text with file names"})
+    assert resp.content_type == "text/plain"
+    assert resp.text.split() == sorted(["readme.txt", "zen.2458043.12552.xx.HH.uvA",
+                                        "zen.2458043.13000.xx.HH.uvA", "zen.2458432.34569.uvh5"])
+    resp = browser.post("/search", {"type": "files", "search": '{"name-is-exactly": "readme.txt"}',
+                                    "output_format": "Raw text with full instance paths"})
+    assert resp.text.strip().endswith(store_dir + "/notes/readme.txt")
+    page = browser.post("/search", {"type": "obs", "search": '{"start-lst-hr-greater-than": 18.2}',
+                                    "output_format": "List of observations"}).text
+    assert "/observations/1192201900" in page and "/observations/1192201262" not in page
+    page = browser.post("/search", {"type": "sessions", "search": '{"num-obs-is-exactly": 2}',
+                                    "output_format": "List of sessions"}).text
+    assert "/sessions/1192201262" in page
+
+
+def test_bad_search_shows_the_error_next_to_the_query(browser, sample):
+    resp = browser.post("/search", {"type": "files", "search": '{"size-greater-than": "big"}',
+                                    "output_format": "List of files"}, status=400)
+    assert "size-greater-than needs an integer" in resp.text
+    assert "{&quot;size-greater-than&quot;: &quot;big&quot;}" in resp.text
+    resp = browser.post("/search", {"type": "planets", "search": "{}"}, status=400)
+    assert "type must be files, obs or sessions" in resp.text
+
+
+def test_lists_are_paginated(browser, app):
+    md5 = "0" * 32
+    now = models.utcnow()
+    models.File.insert_many([{"name": "f%03d" % i, "type": "dat", "size": i, "md5": md5,
+                              "source": "t", "create_time": now - datetime.timedelta(seconds=i)}
+                             for i in range(120)]).execute()
+    page1 = browser.post("/search", {"type": "files", "search": '{"name-matches": "f%"}',
+                                     "output_format": "List of files"}).text
+    assert "f000" in page1 and "f050" not in page1 and "next &rarr;" in page1
+    link = re.search(r'href="\?([^"]*page=2[^"]*)"', page1).group(1).replace("&amp;", "&")
+    page2 = browser.get("/search?" + link).text
+    assert "f050" in page2 and "f000" not in page2 and '<span id="count">120</span>' in page2
+
+
+def test_upload_page_needs_read_append(web, browser):
+    assert 'id="upload-form"' in browser.get("/upload").text
+    login_as(web, "reader")
+    assert "needs level <strong>read-append</strong>" in web.get("/upload", status=403).text
+
+
+def test_upload_with_session_needs_the_csrf_header(browser, store_dir):
+    browser.put("/api/upload/web.txt?null_obsid=true", b"data", status=403)
+    token = re.search(r'"X-CSRF-Token", "([^"]+)"', browser.get("/upload").text).group(1)
+    reply = browser.put("/api/upload/web.txt?null_obsid=true", b"data",
+                        headers={"X-CSRF-Token": token}, status=201).json
+    assert reply["name"] == "web.txt" and models.File.get().source == "admin"

@@ -1,0 +1,40 @@
+% rebase('layout', title=title)
+<h1 class="mono">{{file.name}}</h1>
+<table>
+<tr><th>Type</th><td>{{file.type}}</td></tr>
+<tr><th>Size</th><td title="{{file.size}} bytes">{{human_size(file.size)}} ({{file.size}} bytes)</td></tr>
+<tr><th>MD5</th><td class="mono">{{file.md5}}</td></tr>
+<tr><th>Registered</th><td>{{fmt_time(file.create_time)}} UTC by {{file.source}}</td></tr>
+<tr><th>Observation</th><td>
+% if file.obsid is not None:
+<a href="/observations/{{file.obsid}}">{{file.obsid}}</a>: JD {{fmt_jd(file.observation.start_time_jd)}}
+({{jd_to_utc(file.observation.start_time_jd)}} UTC), LST {{fmt_lst(file.observation.start_lst_hr)}}
+% else:
+none
+% end
+</td></tr>
+</table>
+<p><a id="download" href="/stream/{{quote(file.name)}}">Download</a></p>
+<h2>Instances</h2>
+% if not instances:
+<p class="note">No instance here: this Librarian knows the file only by its record.</p>
+% else:
+<table>
+<tr><th>Store</th><th>Host</th><th>Path</th><th>Deletion policy</th></tr>
+% for i in instances:
+<tr><td><a href="/stores/{{quote(i.store.name)}}">{{i.store.name}}</a></td><td>{{i.store.ssh_host}}</td>
+<td class="mono">{{i.full_path_on_store}}</td><td>{{'allowed' if i.deletion_policy else 'disallowed'}}</td></tr>
+% end
+</table>
+% end
+<h2>Events</h2>
+% if not events:
+<p class="note">No events.</p>
+% else:
+<table>
+<tr><th>Time (UTC)</th><th>Type</th><th>Payload</th></tr>
+% for e in events:
+<tr><td>{{fmt_time(e.time)}}</td><td>{{e.type}}</td><td class="mono">{{e.payload}}</td></tr>
+% end
+</table>
+% end

@@ -1,0 +1,17 @@
+% rebase('layout', title=title)
+<h1>{{title}}</h1>
+<form method="post" action="/search">
+  <input type="hidden" name="type" value="{{kind}}">
+  <p><textarea name="search" rows="6" cols="80">{{text}}</textarea></p>
+% if error:
+  <p class="error" id="search-error">{{error}}</p>
+% end
+  <p><label>Output <select name="output_format">
+% for f in formats:
+    <option>{{f}}</option>
+% end
+  </select></label>
+  <button type="submit">Search</button></p>
+</form>
+<p class="note">The search language is a JSON object of clauses; see SEARCH.md. Text after
+<code>#</code> on a line is a comment.</p>

@@ -1,0 +1,170 @@
+"""Who is calling: authenticators for programs, a signed session cookie for
+people in a browser, and CSRF tokens for the browser's state changes.
+
+Programs present their authenticator as `Authorization: Bearer ...`, an
+`authenticator` query argument, or the `authenticator` field of the
+existing protocol's request object. A person logs in once with theirs; the
+server then sets an HttpOnly, SameSite=Strict cookie holding the source's
+name, the issue time and a CSRF token, signed with HMAC-SHA256 under
+`[server] secret_key` (RFC 2104; stdlib `hmac`). Every state-changing form
+carries that token and is refused without it.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+
+from bottle import HTTPError, request, response
+
+import models
+from models import Source
+
+AUTH_CACHE_SECONDS = 60
+SESSION_COOKIE = "librarian_session"
+SESSION_SECONDS = 12 * 3600
+
+
+def fail(status, message):
+    raise HTTPError(status, message)
+
+
+def bearer_token():
+    """The token of an `Authorization: Bearer` header, or None."""
+    header = request.get_header("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer "):].strip()
+    return None
+
+
+def require_level(source, level):
+    """`source` if its level is at least `level`, else 403."""
+    if not source.allows(level):
+        fail(403, "%s needs level %s; source %r has level %s"
+             % (request.path, level, source.name, source.level))
+    return source
+
+
+def authenticate(authenticator, level):
+    """The Source calling with `authenticator`, if its level is at least
+    `level`; otherwise 400 (missing or wrong) or 403 (too low). Verified
+    sources are cached for a minute so that Argon2's deliberate slowness is
+    paid once per client, not per request."""
+    if not isinstance(authenticator, str) or not authenticator:
+        fail(400, "no authenticator given")
+    cache = request.app.config["librarian.auth_cache"]
+    key = hashlib.sha256(authenticator.encode("utf-8", "replace")).hexdigest()
+    hit = cache.get(key)
+    source = None
+    if hit and hit[1] > time.monotonic():
+        source = Source.get_or_none(Source.id == hit[0])
+    if source is None:
+        source = models.find_source(authenticator)
+        if source is None:
+            fail(400, "unknown authenticator")
+        if len(cache) > 1000:
+            cache.clear()
+        cache[key] = (source.id, time.monotonic() + AUTH_CACHE_SECONDS)
+    return require_level(source, level)
+
+
+def caller(level, allow_session=False):
+    """The Source making this request, at `level` or above: from a Bearer
+    header or `authenticator` query argument, else (when `allow_session`)
+    from the session cookie, which for anything but GET/HEAD also needs the
+    session's CSRF token in an `X-CSRF-Token` header."""
+    token = bearer_token() or request.query.get("authenticator")
+    if token is None and allow_session:
+        source = session_source()
+        if source is not None:
+            if request.method not in ("GET", "HEAD"):
+                check_csrf(request.get_header("X-CSRF-Token"))
+            return require_level(source, level)
+    return authenticate(token, level)
+
+
+# ---------------------------------------------------------------------------
+# The session cookie
+# ---------------------------------------------------------------------------
+
+def _secret():
+    return request.app.config["librarian.settings"].server["secret_key"].encode("utf-8")
+
+
+def _b64(data):
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign(data):
+    """`data` (JSON-able) as `payload.signature`, both base64url."""
+    payload = json.dumps(data, sort_keys=True).encode("utf-8")
+    mac = hmac.new(_secret(), payload, hashlib.sha256).digest()
+    return _b64(payload) + "." + _b64(mac)
+
+
+def unsign(value):
+    """The data of a value made by `sign`, or None if it was tampered with
+    or is malformed (compared in constant time)."""
+    try:
+        payload_text, mac_text = value.split(".", 1)
+        payload, mac = _unb64(payload_text), _unb64(mac_text)
+    except (ValueError, AttributeError):
+        return None
+    if not hmac.compare_digest(mac, hmac.new(_secret(), payload, hashlib.sha256).digest()):
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+def start_session(source):
+    """Log `source` in: set the signed session cookie."""
+    data = {"source": source.name, "csrf": secrets.token_urlsafe(24), "issued": int(time.time())}
+    response.set_cookie(SESSION_COOKIE, sign(data), httponly=True, samesite="strict",
+                        path="/", max_age=SESSION_SECONDS)
+
+
+def end_session():
+    response.delete_cookie(SESSION_COOKIE, path="/")
+
+
+def session_data():
+    """The valid, unexpired session's data `{source, csrf, issued}`, or
+    None."""
+    value = request.get_cookie(SESSION_COOKIE)
+    data = unsign(value) if value else None
+    if not isinstance(data, dict) or not isinstance(data.get("issued"), int):
+        return None
+    if time.time() - data["issued"] > SESSION_SECONDS:
+        return None
+    return data
+
+
+def session_source():
+    """The Source logged in with this request's cookie, or None."""
+    data = session_data()
+    if data is None:
+        return None
+    return Source.get_or_none(Source.name == data.get("source"))
+
+
+def csrf_token():
+    """The CSRF token of the current session ('' when not logged in)."""
+    data = session_data()
+    return data["csrf"] if data else ""
+
+
+def check_csrf(token):
+    """403 unless `token` is the current session's CSRF token."""
+    expected = csrf_token()
+    if not expected or not isinstance(token, str) or \
+            not hmac.compare_digest(token.encode("utf-8", "replace"), expected.encode("utf-8")):
+        fail(403, "this form is missing its CSRF token or it is stale; reload the page and "
+             "try again")
