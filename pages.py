@@ -344,15 +344,22 @@ def run_search():
         if kind == "files":
             return file_results(text, fmt)
         if kind == "obs":
-            rows, page, more = paginate(search.observation_query(text))
+            query = search.observation_query(text)
+            rows, page, more = paginate(query)
             return render("results_obs", "Observations found", observations=rows, page=page,
-                          more=more, text=text, kind=kind, fmt=fmt)
-        rows, page, more = paginate(session_rows(search.session_query(text)))
+                          more=more, text=text, count=count_of(query))
+        query = search.session_query(text)
+        rows, page, more = paginate(session_rows(query))
         return render("results_sessions", "Sessions found", sessions=rows, page=page,
-                      more=more, text=text, kind=kind, fmt=fmt)
+                      more=more, text=text, count=count_of(query))
     except LibrarianError as e:
         return render("search", "Search", status=400, kind=kind, text=text,
                       formats=OUTPUT_FORMATS[kind], error=e.message)
+
+
+def count_of(query):
+    """How many rows a search matches (one COUNT statement)."""
+    return query.order_by().count()
 
 
 def file_results(text, fmt):
@@ -368,7 +375,7 @@ def file_results(text, fmt):
     count, size = totals.order_by().tuples().get()
     rows, page, more = paginate(query)
     return render("results_files", "Files found", files=rows, page=page, more=more, text=text,
-                  count=count, total_size=size, kind="files", fmt=fmt)
+                  count=count, total_size=size)
 
 
 # ---------------------------------------------------------------------------
@@ -386,9 +393,7 @@ def upload_page():
 
 NAV = [("/", "Home"), ("/search-files", "Files"), ("/observations", "Observations"),
        ("/sessions/recent", "Sessions"), ("/stores", "Stores"), ("/upload", "Upload")]
-# Later features add their pages here (tasks, standing orders, staging, connectivity).
-NAV_LATER = [("Tasks", "/tasks"), ("Standing orders", "/standing-orders"),
-             ("Connectivity", "/connectivity")]
+# Later features (tasks, standing orders, connectivity) add their pages to NAV.
 
 
 def install(app):

@@ -165,6 +165,7 @@ def test_search_pages_and_outputs(browser, sample, store_dir):
     page = browser.post("/search", {"type": "obs", "search": '{"start-lst-hr-greater-than": 18.2}',
                                     "output_format": "List of observations"}).text
     assert "/observations/1192201900" in page and "/observations/1192201262" not in page
+    assert '<span id="count">1</span> observation(s)' in page
     page = browser.post("/search", {"type": "sessions", "search": '{"num-obs-is-exactly": 2}',
                                     "output_format": "List of sessions"}).text
     assert "/sessions/1192201262" in page
