@@ -234,3 +234,30 @@ def test_add_obs_registers_files_already_on_the_store(server, client_config, sto
     record = models.File.get()
     assert (record.md5, record.obsid, record.type) == (shell_md5(MIRIAD), 1192201262, "uvA")
     assert run_cli(client_config, "add-obs", "appender", "main", "/nonexistent/x.uv") == 2
+
+
+@pytest.mark.parametrize("dest,message", [("a/../b.txt", "without '..'"), ("", "ending in"),
+                                          ("dir/", "ending in")])
+def test_client_refuses_bad_destinations_before_sending(tmp_path, dest, message):
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    client = librarian_client.LibrarianClient(conn_config={"url": "http://127.0.0.1:9/",
+                                                           "authenticator": "a"})
+    with pytest.raises(librarian_client.RPCError, match=message):
+        client.upload(str(src), dest)
+
+
+def test_client_refuses_to_upload_a_fifo(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    client = librarian_client.LibrarianClient(conn_config={"url": "http://127.0.0.1:9/",
+                                                           "authenticator": "a"})
+    with pytest.raises(librarian_client.RPCError, match="not a file or a directory"):
+        client.upload(str(fifo), "pipe")
+
+
+def test_client_config_with_a_non_string_url_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text('{"connections": {"x": {"url": 5, "authenticator": "a"}}}')
+    with pytest.raises(librarian_client.RPCError, match="must be strings"):
+        librarian_client.LibrarianClient("x", config_path=str(cfg))
