@@ -2,8 +2,9 @@
 
 Every way a file arrives (streamed upload, the two-step staging protocol,
 `register_instances`, later copies from other Librarians) ends in
-`register_staged` or `register_in_place`: metadata is gathered (records sent
-along, or read from the data, or inferred from similar names), then the
+`register_staged`, or `prepare_in_place` + `register_prepared` for bytes
+already in place: metadata is gathered first, with no lock held (records
+sent along, or read from the data, or inferred from similar names), then the
 File, its Observation if new, the FileInstance and a `create_instance` event
 are written in one transaction, and the bytes are moved into place inside
 that transaction. If the commit fails after the move, the bytes are removed
@@ -25,6 +26,10 @@ from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, Librar
 from stores import check_tree, path_info, remove_tree, split_store_path
 
 log = logging.getLogger("librarian")
+
+MAX_TYPE_CHARS = 32            # file.type column
+MAX_PARENT_DIRS_CHARS = 1024   # file_instance.parent_dirs column
+INT64 = (-2**63, 2**63 - 1)
 
 
 # ---------------------------------------------------------------------------
@@ -134,9 +139,6 @@ def insert_file(record, source):
 # Record sets sent by another Librarian
 # ---------------------------------------------------------------------------
 
-INT64 = (-2**63, 2**63 - 1)
-
-
 def _need(rec, key, types, where, nullable=False):
     """`rec[key]` checked: one of `types`, a 64-bit integer, a finite
     number, text without NUL; 400 naming the record and key otherwise."""
@@ -229,10 +231,6 @@ def policy_code(deletion_policy):
         raise LibrarianError(400, "deletion_policy must be 'allowed' or 'disallowed', got %r"
                              % (deletion_policy,))
     return DELETION_POLICIES[deletion_policy]
-
-
-MAX_TYPE_CHARS = 32
-MAX_PARENT_DIRS_CHARS = 1024
 
 
 def check_not_inside_instance(store, parent_dirs):
