@@ -27,7 +27,7 @@ import time
 import peewee as pw
 
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
-                    ObservingSession)
+                    ObservingSession, from_unix)
 
 UNIX_EPOCH_JD = 2440587.5
 SECONDS_PER_DAY = 86400.0
@@ -251,15 +251,13 @@ class FileKind(Kind):
 
     def extra(self, clause, payload):
         if clause == "not-older-than":
-            days = _float(clause, payload)
-            return File.create_time >= _unix_to_naive(_now_unix() - days * SECONDS_PER_DAY)
+            return File.create_time >= _days_ago(clause, payload)
         if clause == "not-newer-than":
-            days = _float(clause, payload)
-            return File.create_time <= _unix_to_naive(_now_unix() - days * SECONDS_PER_DAY)
+            return File.create_time <= _days_ago(clause, payload)
         if clause == "obsid-is-null":
             return File.observation.is_null(True)
         if clause == "obs-matches":
-            matching = ObservationKind().query_text_or_pairs(payload, clause)
+            matching = ObservationKind().embedded(clause, payload)
             return File.observation.is_null(False) & File.observation.in_(
                 matching.select(Observation.obsid))
         return None
@@ -269,10 +267,9 @@ class FileKind(Kind):
                                    on=(File.observation == Observation.obsid)))
 
 
-def _unix_to_naive(seconds):
-    from models import from_unix
-
-    return from_unix(int(seconds))
+def _days_ago(clause, payload):
+    """The UTC time (naive, whole seconds) `payload` days before now."""
+    return from_unix(int(_now_unix() - _float(clause, payload) * SECONDS_PER_DAY))
 
 
 class ObservationKind(Kind):
@@ -292,9 +289,9 @@ class ObservationKind(Kind):
             "total-size": ("int", files.select(pw.fn.COALESCE(pw.fn.SUM(File.size), 0)), False),
         }
 
-    def query_text_or_pairs(self, payload, clause):
-        """The SELECT of observations matching an embedded search (an object
-        payload of `obs-matches`)."""
+    def embedded(self, clause, payload):
+        """The SELECT of observations matching an embedded search (the
+        object payload of `obs-matches`)."""
         return self.base().where(self.compile(_pairs(clause, payload)))
 
 
