@@ -4,16 +4,16 @@ allows it.
 Every FileInstance carries a `deletion_policy`, `disallowed` unless someone
 with read-write level changed it. `delete_instances` removes only `allowed`
 instances (optionally only those on one store), bytes first and record
-second: if the bytes cannot be removed, the record stays and the failure is
-counted in `n_error`, so the catalogue never claims less than the disks
-hold. `noop` mode reports what would happen and changes nothing. Every
+second, with the policy re-checked under a lock held throughout: if the
+bytes cannot be removed, the record stays and the failure is counted in
+`n_error`, so the catalogue never claims less than the disks hold. `noop` mode reports what would happen and changes nothing. Every
 change writes a FileEvent.
 """
 
 import logging
 
 from models import (DELETION_ALLOWED, DELETION_POLICY_NAMES, File, FileEvent, FileInstance,
-                    LibrarianError, Store, write_transaction)
+                    LibrarianError, Store, is_postgres, write_transaction)
 from ingest import policy_code
 from stores import LocalStore
 
@@ -33,6 +33,13 @@ def _instances(file_name, restrict_to_store=None):
 def _check_store_name(name):
     if name is not None:
         Store.by_name(name)
+
+
+def check_request(mode, restrict_to_store):
+    """400 on a mode other than `standard`/`noop` or an unknown store."""
+    if mode not in MODES:
+        raise LibrarianError(400, "mode must be 'standard' or 'noop', got %r" % (mode,))
+    _check_store_name(restrict_to_store)
 
 
 def set_one_policy(file_name, deletion_policy, restrict_to_store=None):
@@ -64,35 +71,48 @@ def delete_instances(file_name, mode="standard", restrict_to_store=None):
     on `restrict_to_store` if given). Returns `{n_deleted, n_kept,
     n_error}`. Raises `LibrarianError(400)` on a bad mode or unknown
     store."""
-    if mode not in MODES:
-        raise LibrarianError(400, "mode must be 'standard' or 'noop', got %r" % (mode,))
-    _check_store_name(restrict_to_store)
+    check_request(mode, restrict_to_store)
     stats = {"n_deleted": 0, "n_kept": 0, "n_error": 0}
     for inst in list(_instances(file_name)):
-        # The interlock. Be very careful changing this: it is what stands
-        # between a typo and the loss of the archive.
-        if inst.deletion_policy != DELETION_ALLOWED or (
-                restrict_to_store is not None and inst.store.name != restrict_to_store):
+        if restrict_to_store is not None and inst.store.name != restrict_to_store:
             stats["n_kept"] += 1
             continue
+        stats[_delete_one(inst, mode)] += 1
+    return stats
+
+
+def _delete_one(inst, mode):
+    """Delete one instance if, at this moment, its policy allows it.
+
+    The interlock. Be very careful changing this: it is what stands between
+    a typo and the loss of the archive. The policy is read again under a
+    lock that is held while the bytes go (row lock on PostgreSQL, the write
+    lock on SQLite), so a concurrent change to `disallowed` either happens
+    before (and is obeyed) or waits until the instance is gone. Returns the
+    name of the counter to increment."""
+    with write_transaction():
+        current = FileInstance.select().where(
+            (FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
+            & (FileInstance.file == inst.name))
+        if is_postgres():
+            current = current.for_update()
+        current = current.first()
+        if current is None:
+            return "n_deleted"  # removed meanwhile by someone else: it is gone either way
+        if current.deletion_policy != DELETION_ALLOWED:
+            return "n_kept"
         if mode == "noop":
             log.info("noop deletion would remove %s on store %s", inst.store_path,
                      inst.store.name)
-            stats["n_deleted"] += 1
-            continue
+            return "n_deleted"
         try:
             LocalStore(inst.store).delete(inst.store_path)
         except (OSError, LibrarianError) as e:
             log.warning("cannot delete %s on store %s: %s", inst.store_path, inst.store.name, e)
-            stats["n_error"] += 1
-            continue
-        with write_transaction():
-            removed = (FileInstance.delete()
-                       .where((FileInstance.store == inst.store)
-                              & (FileInstance.parent_dirs == inst.parent_dirs)
-                              & (FileInstance.file == file_name)).execute())
-            if removed:
-                FileEvent.record(file_name, "delete_instance",
-                                 {"store_name": inst.store.name, "parent_dirs": inst.parent_dirs})
-        stats["n_deleted"] += 1
-    return stats
+            return "n_error"
+        (FileInstance.delete()
+         .where((FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
+                & (FileInstance.file == inst.name)).execute())
+        FileEvent.record(inst.name, "delete_instance",
+                         {"store_name": inst.store.name, "parent_dirs": inst.parent_dirs})
+        return "n_deleted"

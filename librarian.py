@@ -597,7 +597,7 @@ def op_delete_file_instances(source, args):
     """Delete the instances of a file that its policy allows to delete."""
     if File.get_or_none(File.name == args["file_name"]) is None:
         fail(400, "no file named %r" % args["file_name"])
-    return deletion.delete_instances(args["file_name"], args["mode"] or "standard",
+    return deletion.delete_instances(args["file_name"], deletion_mode(args),
                                      args["restrict_to_store"])
 
 
@@ -605,10 +605,16 @@ def op_delete_file_instances(source, args):
            restrict_to_store_Q=str)
 def op_delete_file_instances_matching_query(source, args):
     """Delete the allowed instances of every file a search matches."""
+    mode = deletion_mode(args)
+    deletion.check_request(mode, args["restrict_to_store"])
     names = [f.name for f in search.file_query(args["query"]).select(File.name)]
-    return {"stats": {name: deletion.delete_instances(name, args["mode"] or "standard",
-                                                      args["restrict_to_store"])
+    return {"stats": {name: deletion.delete_instances(name, mode, args["restrict_to_store"])
                       for name in names}}
+
+
+def deletion_mode(args):
+    """The `mode` argument: `standard` when absent."""
+    return "standard" if args["mode"] is None else args["mode"]
 
 
 def openapi():

@@ -250,3 +250,24 @@ def test_bytes_that_cannot_be_removed_keep_their_record(two_stores, web, store_d
             models.FileEvent.type == "delete_instance").exists()
     finally:
         _thaw(keep)
+
+
+def test_policy_is_checked_again_at_the_moment_of_deletion(two_stores, web, store_dir):
+    """A policy changed to disallowed after the instances were listed (a
+    concurrent request) is obeyed."""
+    import deletion
+
+    stale = [i for i in deletion._instances("x.dat") if i.store.name == "main"][0]
+    assert stale.deletion_policy == models.DELETION_ALLOWED
+    api(web, "set_one_file_deletion_policy", file_name="x.dat", deletion_policy="disallowed",
+        restrict_to_store="main")
+    assert deletion._delete_one(stale, "standard") == "n_kept"
+    assert os.path.exists(os.path.join(store_dir, "keep", "x.dat"))
+    assert ("main", "x.dat", 0) in instances()
+
+
+def test_empty_mode_is_not_standard(two_stores, web):
+    assert "mode must be" in api(web, "delete_file_instances", status=400, file_name="x.dat",
+                                 mode="")["message"]
+    assert "mode must be" in api(web, "delete_file_instances_matching_query", status=400,
+                                 query='{"name-is-exactly": "none"}', mode="x")["message"]
