@@ -329,8 +329,22 @@ class StagingDir(BaseModel):
         table_name = "staging_dir"
 
 
+class WebSession(BaseModel):
+    """A logged-in browser session; only a SHA-256 of its token is kept. A
+    session cookie is honoured only while its row exists and has not
+    expired."""
+
+    token_hash = pw.CharField(max_length=64, primary_key=True)
+    source = pw.CharField(max_length=64)
+    created = pw.DateTimeField()
+    expires = pw.DateTimeField()
+
+    class Meta:
+        table_name = "web_session"
+
+
 ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEvent, Source,
-              StagingDir]
+              StagingDir, WebSession]
 
 
 # ---------------------------------------------------------------------------

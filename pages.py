@@ -10,6 +10,7 @@ units with exact bytes on hover, JD with five decimals, LST in hours).
 """
 
 import datetime
+import re
 import urllib.parse
 import zoneinfo
 
@@ -148,10 +149,15 @@ def paginate(query):
     return rows[:PAGE_SIZE], page, len(rows) > PAGE_SIZE
 
 
+SAFE_NEXT_RE = re.compile(r"^/(?![/\\])[^\x00-\x20\x7f\\]*$")
+
+
 def safe_next(target):
-    """`target` if it is a path on this site, else '/'."""
-    if isinstance(target, str) and target.startswith("/") and not target.startswith("//") \
-            and "\\" not in target and "\n" not in target and "\r" not in target:
+    """`target` if it is a path on this site, else '/': it must start with
+    one slash and hold no whitespace, control character or backslash
+    (browsers and URL joiners drop some of those, turning `/\t/evil` into
+    `//evil`)."""
+    if isinstance(target, str) and SAFE_NEXT_RE.match(target):
         return target
     return "/"
 

@@ -5,12 +5,15 @@ Programs present their authenticator as `Authorization: Bearer ...`, an
 `authenticator` query argument, or the `authenticator` field of the
 existing protocol's request object. A person logs in once with theirs; the
 server then sets an HttpOnly, SameSite=Strict cookie holding the source's
-name, the issue time and a CSRF token, signed with HMAC-SHA256 under
-`[server] secret_key` (RFC 2104; stdlib `hmac`). Every state-changing form
-carries that token and is refused without it.
+session token (the server keeps only its SHA-256, in `web_session`, so that
+logging out ends the session for good), the issue time and a CSRF token,
+signed with HMAC-SHA256 under `[server] secret_key` (RFC 2104; stdlib
+`hmac`). Every state-changing form carries that token and is refused
+without it.
 """
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
@@ -20,7 +23,7 @@ import time
 from bottle import HTTPError, request, response
 
 import models
-from models import Source
+from models import Source, WebSession
 
 AUTH_CACHE_SECONDS = 60
 SESSION_COOKIE = "librarian_session"
@@ -124,41 +127,63 @@ def unsign(value):
         return None
 
 
+def _token_hash(token):
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
 def start_session(source):
-    """Log `source` in: set the signed session cookie."""
-    data = {"source": source.name, "csrf": secrets.token_urlsafe(24), "issued": int(time.time())}
+    """Log `source` in: record a new session and set its signed cookie.
+    Expired session records are swept out at the same time."""
+    token = secrets.token_urlsafe(32)
+    now = models.utcnow()
+    with models.write_transaction():
+        WebSession.delete().where(WebSession.expires < now).execute()
+        WebSession.create(token_hash=_token_hash(token), source=source.name, created=now,
+                          expires=now + datetime.timedelta(seconds=SESSION_SECONDS))
+    data = {"token": token, "csrf": secrets.token_urlsafe(24), "issued": int(time.time())}
     response.set_cookie(SESSION_COOKIE, sign(data), httponly=True, samesite="strict",
                         path="/", max_age=SESSION_SECONDS)
 
 
 def end_session():
+    """Log out: forget the session on the server and in the browser."""
+    data = session_data()
+    if data is not None:
+        with models.write_transaction():
+            WebSession.delete().where(WebSession.token_hash == _token_hash(data["token"])) \
+                .execute()
     response.delete_cookie(SESSION_COOKIE, path="/")
 
 
 def session_data():
-    """The valid, unexpired session's data `{source, csrf, issued}`, or
-    None."""
+    """The cookie's data `{token, csrf, issued}` if its signature is good,
+    or None. (Whether the session is still open is `session_source`'s
+    question.)"""
     value = request.get_cookie(SESSION_COOKIE)
     data = unsign(value) if value else None
-    if not isinstance(data, dict) or not isinstance(data.get("issued"), int):
-        return None
-    if time.time() - data["issued"] > SESSION_SECONDS:
+    if not isinstance(data, dict) or not isinstance(data.get("token"), str) \
+            or not isinstance(data.get("csrf"), str):
         return None
     return data
 
 
 def session_source():
-    """The Source logged in with this request's cookie, or None."""
+    """The Source logged in with this request's cookie while its session
+    is open, or None."""
     data = session_data()
     if data is None:
         return None
-    return Source.get_or_none(Source.name == data.get("source"))
+    row = WebSession.get_or_none((WebSession.token_hash == _token_hash(data["token"]))
+                                 & (WebSession.expires > models.utcnow()))
+    if row is None:
+        return None
+    return Source.get_or_none(Source.name == row.source)
 
 
 def csrf_token():
     """The CSRF token of the current session ('' when not logged in)."""
     data = session_data()
-    return data["csrf"] if data else ""
+    return data["csrf"] if data and session_source() is not None else ""
 
 
 def check_csrf(token):

@@ -57,10 +57,21 @@ def test_login_redirects_back_to_the_page_first_asked_for(web):
     assert "<h1>Stores</h1>" in web.get("/stores").text
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "http://evil.example/", "\\\\evil"])
+@pytest.mark.parametrize("target", ["//evil.example/x", "http://evil.example/", "\\\\evil",
+                                    "/\t/evil.example/x", "/\\evil.example"])
 def test_login_never_redirects_off_site(web, target):
     resp = web.post("/login", {"authenticator": AUTH["reader"], "next": target}, status=302)
     assert resp.location.endswith("/") and "evil" not in resp.location
+
+
+def test_logout_ends_the_session_even_for_a_kept_cookie(web):
+    login_as(web, "reader")
+    kept = web.cookies["librarian_session"]
+    web.get("/", status=200)
+    web.get("/logout", status=302)
+    web.set_cookie("librarian_session", kept)
+    web.get("/", status=302)
+    assert models.WebSession.select().count() == 0
 
 
 def test_wrong_authenticator_and_logout(web):
