@@ -264,9 +264,11 @@ def observation_of(abs_data, name, *, meta_mode, null_obsid, inference_mode,
 
 
 def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mode, obsid,
-              meta, move=None, claim=None):
+              meta, move=None, claim=None, another_copy=False):
     """Write the records of one arriving file in one transaction and call
-    `move` inside it; see `register_staged`."""
+    `move` inside it; see `register_staged`. A known, identical file with
+    an instance anywhere is a no-op, unless `another_copy` (bytes already
+    in place elsewhere become a second instance)."""
     parent_dirs, name = split_store_path(store_path)
     policy = policy_code(deletion_policy)
     if len(uvmeta.file_type(name)) > MAX_TYPE_CHARS:
@@ -297,8 +299,13 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
                                     "md5": md5}, source)
             if not new_file:
                 obsid = File.get(File.name == name).obsid
-        if not new_file and FileInstance.select().where(FileInstance.file == name).exists():
-            return {"created": False, "name": name, "obsid": obsid}
+        if not new_file:
+            known = FileInstance.select().where(FileInstance.file == name)
+            if another_copy:  # bytes already in place: only this exact instance is a repeat
+                known = known.where((FileInstance.store == store.row)
+                                    & (FileInstance.parent_dirs == parent_dirs))
+            if known.exists():
+                return {"created": False, "name": name, "obsid": obsid}
         FileInstance.create(store=store.row, parent_dirs=parent_dirs, file=name,
                             deletion_policy=policy)
         FileEvent.record(name, "create_instance",
@@ -387,4 +394,4 @@ def register_prepared(store, prepared, *, source):
     transaction to register several at once)."""
     return _register(store, prepared["store_path"], prepared["size"], prepared["md5"],
                      source=source, deletion_policy=None, meta_mode="infer",
-                     obsid=prepared["obsid"], meta=prepared["meta"])
+                     obsid=prepared["obsid"], meta=prepared["meta"], another_copy=True)

@@ -321,3 +321,19 @@ def test_openapi_document_matches_what_the_server_enforces(web):
         resp = web.post("/api/" + name, {"request": __import__("json").dumps(
             dict(probe, authenticator=AUTH["admin"]))}, expect_errors=True)
         assert "unknown argument" not in resp.json.get("message", "")
+
+
+def test_register_instances_adds_a_second_copy_of_a_known_file(web, store_dir):
+    put_file(web, "a/copy.dat", b"same bytes")
+    other = os.path.join(store_dir, "b", "copy.dat")
+    os.makedirs(os.path.dirname(other))
+    with open(other, "wb") as f:
+        f.write(b"same bytes")
+    from librarian_client import path_md5
+
+    size, md5 = path_md5(other)
+    info = {other: {"size": size, "md5": md5}}
+    api(web, "register_instances", store_name="main", file_info=info, null_obsid=True)
+    api(web, "register_instances", store_name="main", file_info=info, null_obsid=True)
+    assert sorted(i.parent_dirs for i in models.FileInstance.select()) == ["a", "b"]
+    assert models.File.get().num_instances == 2
