@@ -18,20 +18,23 @@ clause and what was wrong. Payload values only ever reach SQL as bound
 parameters (LIKE patterns included).
 """
 
-import functools
 import json
-import operator
+import math
 import re
 import time
 
 import peewee as pw
 
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
-                    ObservingSession, from_unix)
+                    ObservingSession, from_unix, is_postgres)
 
 UNIX_EPOCH_JD = 2440587.5
 SECONDS_PER_DAY = 86400.0
-COMMENT_RE = re.compile(r"#[^\n]*")
+MAX_CLAUSES = 1000
+MAX_DEPTH = 32
+INT64 = (-2**63, 2**63 - 1)
+# A JSON string, or a comment running from # to the end of its line.
+STRING_OR_COMMENT_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*')
 
 
 class SearchError(LibrarianError):
@@ -53,17 +56,48 @@ def parse(text):
         text = json.dumps(text)
     if not isinstance(text, str):
         raise SearchError("a search must be JSON text")
-    stripped = COMMENT_RE.sub("", text)
+    stripped = strip_comments(text)
     if not stripped.strip():
         raise SearchError("the search is empty: give a JSON object of clauses, e.g. "
                           '{"name-matches": "zen.%"}')
     try:
-        value = json.loads(stripped, object_pairs_hook=lambda pairs: ("object", pairs))
+        value = json.loads(stripped, object_pairs_hook=lambda pairs: ("object", pairs),
+                           parse_constant=_refuse_constant)
+    except RecursionError:
+        raise SearchError("the search is nested too deeply") from None
     except ValueError as e:
         raise SearchError("the search is not valid JSON: %s" % e) from None
     if not (isinstance(value, tuple) and value[0] == "object"):
         raise SearchError("a search must be a JSON object of clauses")
+    _check_size(value, 0, [0])
     return value[1]
+
+
+def strip_comments(text):
+    """`text` without its comments: a `#` outside a JSON string starts one
+    that runs to the end of the line (a `#` inside a name stays)."""
+    return STRING_OR_COMMENT_RE.sub(lambda m: m.group(0) if m.group(0).startswith('"') else "",
+                                    text)
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not a number a search can use" % name)
+
+
+def _check_size(value, depth, count):
+    """Refuse searches deeper than MAX_DEPTH or with more than MAX_CLAUSES
+    clauses in all (they would exhaust the SQL parser, not help anyone)."""
+    if depth > MAX_DEPTH:
+        raise SearchError("the search is nested deeper than %d levels" % MAX_DEPTH)
+    if isinstance(value, tuple) and value and value[0] == "object":
+        count[0] += len(value[1])
+        if count[0] > MAX_CLAUSES:
+            raise SearchError("the search has more than %d clauses" % MAX_CLAUSES)
+        for _, sub in value[1]:
+            _check_size(sub, depth + 1, count)
+    elif isinstance(value, list):
+        for sub in value:
+            _check_size(sub, depth + 1, count)
 
 
 def _describe(value):
@@ -75,18 +109,32 @@ def _describe(value):
 def _int(clause, value):
     if isinstance(value, bool) or not isinstance(value, int):
         raise SearchError("%s needs an integer, got %s" % (clause, _describe(value)))
+    if not INT64[0] <= value <= INT64[1]:
+        raise SearchError("%s needs a 64-bit integer; %s is out of range" % (clause, value))
     return value
 
 
 def _float(clause, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SearchError("%s needs a number, got %s" % (clause, _describe(value)))
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise SearchError("%s needs a finite number" % clause)
+    return number
 
 
 def _str(clause, value):
     if not isinstance(value, str):
         raise SearchError("%s needs a string, got %s" % (clause, _describe(value)))
+    if "\0" in value:
+        raise SearchError("%s: the text may not contain a NUL character" % clause)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SearchError("%s: the text is not valid Unicode" % clause) from None
     return value
 
 
@@ -114,10 +162,14 @@ FALSE = pw.SQL("1 = 0")
 
 
 def like(expr, pattern):
-    """`expr LIKE pattern` with the pattern bound as a parameter. Written as
-    a node list because Peewee renders its LIKE operator as GLOB on SQLite;
-    SQLite's LIKE is made case-sensitive (as PostgreSQL's) by a pragma set
-    in `models.open_database`."""
+    """`expr LIKE pattern` with the pattern bound as a parameter, the same
+    on both databases: `%` any run, `_` one character, no escape character
+    (PostgreSQL's default backslash escape is switched off; SQLite has
+    none), case-sensitive (a pragma set in `models.open_database` makes
+    SQLite's so). A node list, because Peewee renders its LIKE operator as
+    GLOB on SQLite."""
+    if is_postgres():
+        return pw.NodeList((expr, pw.SQL("LIKE"), pattern, pw.SQL("ESCAPE ''")))
     return pw.NodeList((expr, pw.SQL("LIKE"), pattern))
 
 
@@ -165,9 +217,15 @@ def _now_jd():
 # The three kinds of record
 # ---------------------------------------------------------------------------
 
-def _join(conds, op, empty):
-    """Fold expressions with `op` (and/or); `empty` when there are none."""
-    return functools.reduce(op, conds) if conds else empty
+def _join(conds, glue, empty):
+    """`conds` joined by `glue` (' AND ' / ' OR ') in one flat, parenthesised
+    list (nested binary expressions would nest SQL parentheses a hundred
+    deep for a hundred clauses); `empty` when there are none."""
+    if not conds:
+        return empty
+    if len(conds) == 1:
+        return conds[0]
+    return pw.NodeList([pw.NodeList((c,), parens=True) for c in conds], glue=glue, parens=True)
 
 
 def _count(query):
@@ -193,12 +251,11 @@ class Kind:
 
     def compile(self, pairs):
         """AND of the compiled (clause, payload) pairs (TRUE when none)."""
-        return _join([self.clause(c, p) for c, p in pairs], operator.and_, TRUE)
+        return _join([self.clause(c, p) for c, p in pairs], " AND ", TRUE)
 
     def any_of(self, clause, payload):
         """OR of the sub-clauses of `payload` (FALSE when none)."""
-        return _join([self.clause(c, p) for c, p in _pairs(clause, payload)], operator.or_,
-                     FALSE)
+        return _join([self.clause(c, p) for c, p in _pairs(clause, payload)], " OR ", FALSE)
 
     def clause(self, clause, payload):
         if clause == "and":
@@ -206,7 +263,8 @@ class Kind:
         if clause == "or":
             return self.any_of(clause, payload)
         if clause == "none-of":
-            return ~self.any_of(clause, payload)
+            return pw.NodeList((pw.SQL("NOT"), pw.NodeList((self.any_of(clause, payload),),
+                                                           parens=True)))
         if clause == "always-true":
             return TRUE
         if clause == "always-false":
@@ -224,7 +282,7 @@ class Kind:
                 raise SearchError("unknown clause %r: %s is %s attribute" % (
                     clause, attr, {"string": "a string", "int": "an integer",
                                    "float": "a float (no exact equality)"}[kind]))
-        raise SearchError("unknown clause %r for a %s search" % (clause, self.label))
+        raise SearchError("unknown clause %r for %s search" % (clause, self.label))
 
     def query(self, text):
         """The SELECT of the records matching search `text`."""
@@ -233,7 +291,7 @@ class Kind:
 
 class FileKind(Kind):
     model = File
-    label = "file"
+    label = "a file"
 
     def attributes(self):
         return {
@@ -269,12 +327,15 @@ class FileKind(Kind):
 
 def _days_ago(clause, payload):
     """The UTC time (naive, whole seconds) `payload` days before now."""
-    return from_unix(int(_now_unix() - _float(clause, payload) * SECONDS_PER_DAY))
+    try:
+        return from_unix(int(_now_unix() - _float(clause, payload) * SECONDS_PER_DAY))
+    except (OverflowError, ValueError, OSError):
+        raise SearchError("%s: %s days is out of range" % (clause, payload)) from None
 
 
 class ObservationKind(Kind):
     model = Observation
-    label = "observation"
+    label = "an observation"
 
     def attributes(self):
         files = File.select().where(File.observation == Observation.obsid)
@@ -297,7 +358,7 @@ class ObservationKind(Kind):
 
 class SessionKind(Kind):
     model = ObservingSession
-    label = "session"
+    label = "a session"
 
     def attributes(self):
         S = ObservingSession

@@ -143,7 +143,15 @@ ERROR_CASES = [
     ('{"size-in-range": [5, 1]}', "size-in-range has low 5 above high 1"),
     ('{"and": [1]}', "and needs an object of clauses"),
     ('{"or": {"bogus": 1}}', "unknown clause 'bogus' for a file search"),
-    ('{"obs-matches": {"name-matches": "x"}}', "unknown clause 'name-matches' for an? "),
+    ('{"obs-matches": {"name-matches": "x"}}', "unknown clause 'name-matches' for an "
+                                               "observation search"),
+    ('{"size-greater-than": 99999999999999999999999}', "64-bit integer"),
+    ('{"start-time-jd-greater-than": NaN}', "not a number a search can use"),
+    ('{"start-time-jd-greater-than": 1e400}', "needs a finite number"),
+    ('{"not-older-than": 1e300}', "out of range"),
+    ('{"name-is-exactly": "\\ud800"}', "not valid Unicode"),
+    ('{"name-is-exactly": "a\\u0000"}', "NUL"),
+    ('{"and": ' * 40 + "{}" + "}" * 40, "nested deeper than 32"),
     ('{"name-is-exactly": "a"', "not valid JSON"),
     ('["name-is-exactly"]', "must be a JSON object"),
     ("# only a comment", "the search is empty"),
@@ -159,6 +167,25 @@ def test_bad_searches_are_400_naming_the_clause(catalogue, web, text, message):
     assert reply["success"] is False
     assert re.search(message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)"),
                      reply["message"]), reply["message"]
+
+
+def test_hash_inside_a_string_is_not_a_comment(catalogue, web):
+    models.File.create(name="form #1.txt", type="txt", create_time=models.utcnow(), size=1,
+                       md5="0" * 32, source="t")
+    assert names(web, '{"name-matches": "%#%"}  # names with a hash') == {"form #1.txt"}
+
+
+def test_backslash_is_not_an_escape_in_like(catalogue, web):
+    models.File.create(name="a_b\\c.txt", type="txt", create_time=models.utcnow(), size=1,
+                       md5="0" * 32, source="t")
+    assert names(web, {"name-matches": "a_b\\%"}) == {"a_b\\c.txt"}
+    assert names(web, {"name-matches": "%\\"}) == set()
+
+
+def test_a_hundred_alternatives_are_fine(catalogue, web):
+    text = json.dumps({"or": {"name-is-exactly": A}})[:-2] + "".join(
+        ', "name-is-exactly": "n%d"' % i for i in range(150)) + "}}"
+    assert names(web, text) == {A}
 
 
 def test_like_patterns_never_reach_sql_as_text(catalogue, web):
