@@ -161,6 +161,16 @@ def _need(rec, key, types, where, nullable=False):
     return float(value) if float in types else value
 
 
+def _jd(rec, key, where, nullable=False):
+    """A Julian Date field of a record: a number within the plausible range
+    of observation dates (1858 to 2406)."""
+    value = _need(rec, key, (int, float), where, nullable)
+    if value is not None and not uvmeta.PLAUSIBLE_JD[0] <= value <= uvmeta.PLAUSIBLE_JD[1]:
+        raise LibrarianError(400, "%s has a %s of %r, not a Julian Date of an observation"
+                             % (where, key, value))
+    return value
+
+
 def _unix_time(seconds, where):
     try:
         return from_unix(seconds)
@@ -188,16 +198,16 @@ def ingest_record_sets(files, observations, sessions, source):
     for key, rec in (sessions or {}).items():
         where = "session %s" % key
         sid = _need(rec, "id", (int,), where)
-        row = {"id": sid, "start_time_jd": _need(rec, "start_time_jd", (int, float), where),
-               "stop_time_jd": _need(rec, "stop_time_jd", (int, float), where)}
+        row = {"id": sid, "start_time_jd": _jd(rec, "start_time_jd", where),
+               "stop_time_jd": _jd(rec, "stop_time_jd", where)}
         _insert_session(row, where)
     for key, rec in (observations or {}).items():
         where = "observation %s" % key
         _need(rec, "obsid", (int,), where)
         ensure_observation({
             "obsid": _need(rec, "obsid", (int,), where),
-            "start_time_jd": _need(rec, "start_time_jd", (int, float), where),
-            "stop_time_jd": _need(rec, "stop_time_jd", (int, float), where, True)
+            "start_time_jd": _jd(rec, "start_time_jd", where),
+            "stop_time_jd": _jd(rec, "stop_time_jd", where, True)
             if "stop_time_jd" in rec else None,
             "start_lst_hr": _need(rec, "start_lst_hr", (int, float), where, True)
             if "start_lst_hr" in rec else None,

@@ -61,10 +61,14 @@ def fmt_jd(jd):
 
 
 def jd_to_utc(jd):
-    """Calendar UTC of a JD, to the second (no leap-second bookkeeping)."""
+    """Calendar UTC of a JD, to the second (no leap-second bookkeeping);
+    '-' for none or for one outside the calendar."""
     if jd is None:
         return "-"
-    dt = datetime.datetime(1970, 1, 1) + datetime.timedelta(days=jd - UNIX_EPOCH_JD)
+    try:
+        dt = datetime.datetime(1970, 1, 1) + datetime.timedelta(days=jd - UNIX_EPOCH_JD)
+    except (OverflowError, ValueError):
+        return "-"
     return dt.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -133,12 +137,16 @@ def check_form_csrf():
     webauth.check_csrf(request.forms.getunicode("csrf_token"))
 
 
+MAX_PAGE = 100000
+
+
 def page_number():
+    """The `page` query argument, within [1, MAX_PAGE]."""
     try:
         page = int(request.query.get("page", "1"))
     except ValueError:
         page = 1
-    return max(page, 1)
+    return min(max(page, 1), MAX_PAGE)
 
 
 def paginate(query):
@@ -160,6 +168,10 @@ def safe_next(target):
     if isinstance(target, str) and SAFE_NEXT_RE.match(target):
         return target
     return "/"
+
+
+def in_int64(n):
+    return -2**63 <= n < 2**63
 
 
 def store_usage(row):
@@ -238,7 +250,7 @@ def observations():
 
 def observation_page(obsid):
     person()
-    obs = Observation.get_or_none(Observation.obsid == obsid)
+    obs = Observation.get_or_none(Observation.obsid == obsid) if in_int64(obsid) else None
     if obs is None:
         raise HTTPError(404, "No observation %d is known here." % obsid)
     files = File.select().where(File.observation == obsid).order_by(File.name).limit(500)
@@ -276,7 +288,8 @@ def sessions_all():
 def session_page(session_id):
     person()
     found = list(session_rows(ObservingSession.select()
-                              .where(ObservingSession.id == session_id)))
+                              .where(ObservingSession.id == session_id))) \
+        if in_int64(session_id) else []
     if not found:
         raise HTTPError(404, "No session %d is known here." % session_id)
     obs = (Observation.select().where(Observation.session == session_id)

@@ -67,6 +67,11 @@ def assign_observing_sessions(minimum_start_jd=None, maximum_start_jd=None):
     new_sessions, unclosed = [], []
     with write_transaction():
         Observation.update(session=containing).where(cond & pw.fn.EXISTS(containing)).execute()
+        # A session grows to cover the stop of an observation that joined it.
+        latest = (Observation.select(pw.fn.MAX(Observation.stop_time_jd))
+                  .where(Observation.session == ObservingSession.id))
+        (ObservingSession.update(stop_time_jd=latest)
+         .where(latest > ObservingSession.stop_time_jd).execute())
         rest = list(Observation.select().where(cond)
                     .order_by(Observation.start_time_jd, Observation.obsid))
         for run in split_runs(rest):
@@ -101,7 +106,8 @@ def polarization(name):
 
 def describe_session_without_event(source, event_type):
     """The pipeline query (API.md): pick the earliest session that has a
-    file from `source` lacking an event of `event_type`, and describe that
+    file from `source` with an instance here and lacking an event of
+    `event_type`, and describe that
     session's files from `source` (one line per file name, earliest first):
     `{date (start JD), pol, store_path, path_prefix, host, length (days)}`.
     Returns None when no session matches. An observation without a stop
@@ -110,7 +116,7 @@ def describe_session_without_event(source, event_type):
     first = (File.select(Observation.session)
              .join(Observation, on=(File.observation == Observation.obsid))
              .where(Observation.session.is_null(False) & (File.source == source)
-                    & File.name.not_in(done))
+                    & (File.num_instances > 0) & File.name.not_in(done))
              .order_by(Observation.start_time_jd, File.name).limit(1).scalar())
     if first is None:
         return None

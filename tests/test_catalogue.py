@@ -271,3 +271,36 @@ def test_empty_mode_is_not_standard(two_stores, web):
                                  mode="")["message"]
     assert "mode must be" in api(web, "delete_file_instances_matching_query", status=400,
                                  query='{"name-is-exactly": "none"}', mode="x")["message"]
+
+
+def test_a_session_grows_to_cover_an_observation_that_joins_it(app, web):
+    models.ObservingSession.create(id=1610000000, start_time_jd=2459310.0,
+                                   stop_time_jd=2459310.4)
+    models.Observation.create(obsid=1610000500, start_time_jd=2459310.39,
+                              stop_time_jd=2459310.45)
+    api(web, "assign_observing_sessions")
+    assert models.ObservingSession.get_by_id(1610000000).stop_time_jd == 2459310.45
+
+
+def test_pipeline_query_skips_sessions_whose_files_have_no_instance_here(app, web):
+    models.ObservingSession.insert_many([
+        {"id": 1900000000, "start_time_jd": 2459600.0, "stop_time_jd": 2459600.1},
+        {"id": 1900100000, "start_time_jd": 2459601.0, "stop_time_jd": 2459601.1}]).execute()
+    models.Observation.insert_many([
+        {"obsid": 1900000000, "start_time_jd": 2459600.0, "stop_time_jd": 2459600.1,
+         "session": 1900000000},
+        {"obsid": 1900100000, "start_time_jd": 2459601.0, "stop_time_jd": 2459601.1,
+         "session": 1900100000}]).execute()
+    for name, obsid in (("zen.remote.xx.uv", 1900000000), ("zen.here.xx.uv", 1900100000)):
+        models.File.create(name=name, type="uv", create_time=models.utcnow(), size=1,
+                           md5="0" * 32, source="correlator", observation=obsid)
+    models.FileInstance.create(store=models.Store.get(), parent_dirs="", file="zen.here.xx.uv")
+    reply = api(web, "describe_session_without_event", source="correlator", event_type="e")
+    assert reply["session_id"] == 1900100000 and len(reply["info"]) == 1
+
+
+def test_record_sets_with_impossible_julian_dates_are_refused(app, web):
+    reply = api(web, "initiate_upload", status=400, upload_size=1, observations={
+        "x": {"obsid": 1700000000, "start_time_jd": -1e9, "stop_time_jd": -999999999.99}})
+    assert "not a Julian Date of an observation" in reply["message"]
+    assert models.Observation.select().count() == 0

@@ -217,3 +217,17 @@ def test_upload_with_session_needs_the_csrf_header(browser, store_dir):
     reply = browser.put("/api/upload/web.txt?null_obsid=true", b"data",
                         headers={"X-CSRF-Token": token}, status=201).json
     assert reply["name"] == "web.txt" and models.File.get().source == "admin"
+
+
+@pytest.mark.parametrize("url,status", [
+    ("/observations?page=999999999999999999999", 200), ("/observations?page=-3", 200),
+    ("/observations/9223372036854775808", 404), ("/sessions/99999999999999999999", 404),
+    ("/sessions/all?page=abc", 200)])
+def test_odd_numbers_in_urls_are_not_errors(browser, url, status):
+    browser.get(url, status=status)
+
+
+def test_pages_survive_out_of_range_dates(browser, app):
+    models.Observation.create(obsid=5, start_time_jd=1e300, stop_time_jd=None)
+    assert "/observations/5" in browser.get("/observations").text
+    browser.get("/observations/5")
