@@ -778,9 +778,15 @@ def cmd_serve(args):
 def cmd_add_store(args):
     config = load_config(args.config)
     setup(config)
-    with db.connection_context():
-        Store.create(name=args.name, path_prefix=os.path.abspath(args.path_prefix),
-                     ssh_host=args.ssh_host or socket.gethostname(), available=True)
+    try:
+        models.check_store_name(args.name)
+        with db.connection_context():
+            Store.create(name=args.name, path_prefix=os.path.abspath(args.path_prefix),
+                         ssh_host=args.ssh_host or socket.gethostname(), available=True)
+    except LibrarianError as e:
+        raise SystemExit(e.message) from None
+    except models.pw.IntegrityError:
+        raise SystemExit("a store named %r exists already" % args.name) from None
     os.makedirs(args.path_prefix, exist_ok=True)
     print("added store %s at %s" % (args.name, os.path.abspath(args.path_prefix)))
     return 0

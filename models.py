@@ -136,6 +136,18 @@ def check_file_name(name):
     return name
 
 
+STORE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_store_name(name):
+    """Refuse (400) a store name that is not 1-64 letters, digits, '.', '_'
+    or '-' (it appears in URLs and paths)."""
+    if not isinstance(name, str) or not STORE_NAME_RE.match(name):
+        raise LibrarianError(400, "store name %r must be 1 to 64 letters, digits, '.', '_' or "
+                             "'-', starting with a letter or digit" % (name,))
+    return name
+
+
 def check_md5(md5):
     """Normalise an MD5 given by a caller to 32 lowercase hex digits;
     raises `LibrarianError(400)` when it is not one."""

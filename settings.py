@@ -10,7 +10,7 @@ import configparser
 import os
 import socket
 
-from models import LEVELS
+from models import LEVELS, STORE_NAME_RE
 
 DEFAULT_PORT = 21106
 
@@ -156,6 +156,9 @@ def parse(text, path=None):
             key = kind + ":*"
             if key not in SCHEMA or not name:
                 raise ConfigError("unknown section [%s]" % label)
+            if kind == "store" and not STORE_NAME_RE.match(name):
+                raise ConfigError("bad store name in [%s]: use 1 to 64 letters, digits, '.', "
+                                  "'_' or '-'" % label)
             sections[key][name] = _cast_section(label, SCHEMA[key], items)
         elif label in SCHEMA:
             sections[label] = _cast_section(label, SCHEMA[label], items)

@@ -119,3 +119,10 @@ def test_num_instances_is_kept_exact_by_the_database(app, tmp_path):
         with models.db.atomic():
             models.FileInstance.create(store=other, parent_dirs="", file="f.dat")
     assert count() == 1 == models.FileInstance.select().count()
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".x", "x" * 65])
+def test_add_store_refuses_bad_names(app, config_path, name):
+    models.db.close()
+    with pytest.raises(SystemExit, match="store name"):
+        librarian.main(["add-store", name, "/tmp/x", "--config", config_path])
