@@ -551,7 +551,8 @@ def page(query, limit, offset):
            stage_user_Q=str, stage_dest_Q=str, type_Q=str)
 def op_search(source, args):
     """Run a search (SEARCH.md); results in the chosen JSON output format,
-    ordered by name, obsid or session id."""
+    ordered by name, obsid or session id. (`type` is sent by the existing
+    client's staging call and means nothing here.)"""
     fmt = args["output_format"]
     if fmt == "stage-the-files-json":
         fail(400, "output_format 'stage-the-files-json' (staging) is not available on this "

@@ -14,4 +14,6 @@
   <button type="submit">Search</button></p>
 </form>
 <p class="note">The search language is a JSON object of clauses; see SEARCH.md. Text after
-<code>#</code> on a line is a comment.</p>
+<code>#</code> on a line (outside a quoted string) is a comment. The raw-text outputs give at
+most 100,000 lines; use the API or <code>librarian search-files</code> with <code>--limit</code>
+and an offset for more.</p>
