@@ -43,8 +43,9 @@ def infer_obsid_from_name(name, mode):
     and refuses unless exactly one candidate exists; `none` refuses.
     Raises `LibrarianError(400)`."""
     if mode != "hera":
-        raise LibrarianError(400, "cannot determine the obsid of %r from its data; if it has "
-                             "none, say null_obsid (the client's --null-obsid)" % name)
+        raise LibrarianError(400, "cannot determine the obsid of %r from its data; if the file "
+                             "has no observation, say so (null_obsid; --null-obsid in the "
+                             "client; the checkbox on the upload page)" % name)
     bits = name.split(".")
     if len(bits) < 4:
         raise LibrarianError(400, "cannot infer the obsid of %r: a HERA name has at least "

@@ -389,7 +389,9 @@ def choose_store(upload_size):
         if free is not None and free >= upload_size and free > best_free:
             best, best_free = store, free
     if best is None:
-        fail(400, "no available store can hold %d bytes" % upload_size)
+        if not Store.select().where(Store.available == True).exists():  # noqa: E712
+            fail(400, "no store is available for uploads (an admin can make one available)")
+        fail(400, "no available store has room for %d bytes" % upload_size)
     return best
 
 
@@ -687,9 +689,11 @@ def upload(dest_store_path):
     finally:
         remove_tree(staging)
     inst = FileInstance.get(FileInstance.file == result["name"])
+    # `already_present`: the identical file was here, at the place named (which may differ
+    # from the path asked for); nothing was changed.
     return json_reply(201 if result["created"] else 200, name=result["name"],
                       store_name=inst.store.name, store_path=inst.store_path, size=size,
-                      md5=got_md5, obsid=result["obsid"])
+                      md5=got_md5, obsid=result["obsid"], already_present=not result["created"])
 
 
 @handle_errors
@@ -741,6 +745,7 @@ def load_config(path):
 def cmd_migrate(args):
     config = load_config(args.config)
     configure_logging(config.server["log_level"])
+    logging.getLogger("peewee_migrate").setLevel(logging.WARNING)  # one line per step is noise
     setup(config)
     with db.connection_context():
         done = migration_router().run()
@@ -849,10 +854,12 @@ def cmd_init_config(args):
 
 def cmd_show_admin(args):
     config = load_config(args.config)
+    print("\n" + "=" * 72)
+    print("Librarian at http://%s:%d/" % (config.server["host"], config.server["port"]))
     for name, spec in config.sources.items():
         if spec["level"] == "admin":
-            print("admin source %r authenticator: %s" % (name, spec["authenticator"]))
-    print("URL: http://%s:%d/" % (config.server["host"], config.server["port"]))
+            print("admin source %r, authenticator: %s" % (name, spec["authenticator"]))
+    print("=" * 72 + "\n")
     return 0
 
 

@@ -449,7 +449,7 @@ def cmd_upload(client, args):
     print("%s: %s bytes, md5 %s, %s, on store %s at %s%s"
           % (reply["name"], reply["size"], reply["md5"], obsid, reply["store_name"],
              reply["store_path"], "" if reply.get("created", True) else
-             " (already there: nothing sent was new)"))
+             " (the identical file was already in the archive there; nothing changed)"))
 
 
 def cmd_locate_file(client, args):
@@ -500,7 +500,8 @@ def _search_text(text):
 
 
 def cmd_search_files(client, args):
-    files = client.search_files(_search_text(args.search), limit=args.limit)
+    files = client.search_files(_search_text(args.search), limit=args.limit,
+                                offset=args.offset)
     if args.names:
         for f in files:
             print(f["name"])
@@ -514,6 +515,7 @@ def cmd_search_files(client, args):
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     print("%d file%s" % (len(files), "" if len(files) == 1 else "s"), file=sys.stderr)
+    sys.stderr.flush()
 
 
 def cmd_assign_sessions(client, args):
@@ -584,10 +586,13 @@ def cmd_describe_session(client, args):
     if not reply["any_matching"]:
         print("no session has files from %s lacking event %s" % (args.source, args.event_type))
         return
-    print("session %d:" % reply["session_id"])
+    print("session %d: files from %s without a %s event" % (reply["session_id"], args.source,
+                                                           args.event_type))
+    print("  %-15s %-4s %-9s %s" % ("START JD", "POL", "LENGTH", "HOST:PATH"))
     for i in reply["info"]:
-        print("  JD %.5f  %-4s %.5f d  %s:%s/%s" % (i["date"], i["pol"] or "-", i["length"],
-                                                 i["host"], i["path_prefix"], i["store_path"]))
+        print("  %-15.5f %-4s %-9s %s:%s/%s" % (i["date"], i["pol"] or "-",
+                                               "%.1f min" % (i["length"] * 1440), i["host"],
+                                               i["path_prefix"], i["store_path"]))
 
 
 class UsageError(Exception):
@@ -626,6 +631,7 @@ def build_parser():
     p.add_argument("search", help='e.g. \'{"name-matches": "zen.2458043.%%"}\'')
     p.add_argument("--names", action="store_true", help="print only names, one per line")
     p.add_argument("--limit", type=int, help="at most this many results")
+    p.add_argument("--offset", type=int, help="skip this many results first")
     p.set_defaults(func=cmd_search_files)
 
     p = sub.add_parser("assign-sessions", help="group observations into sessions")

@@ -57,7 +57,8 @@ def document(operations, version):
         "requestBody": {"required": True, "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         "responses": {"201": {"description": "registered"},
-                      "200": {"description": "identical file already here"},
+                      "200": {"description": "identical file already here (already_present); "
+                                             "store_path says where"},
                       "400": ERROR_REPLY, "403": ERROR_REPLY,
                       "409": ERROR_REPLY}}}
     paths["/api/download/{name}"] = {"get": {

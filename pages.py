@@ -31,9 +31,10 @@ UNIX_EPOCH_JD = 2440587.5
 
 SAMPLE_SEARCHES = {
     "files": '{"name-matches": "zen.2458043.%", "num-instances-greater-than": 0}',
-    "obs": '{"start-lst-hr-in-range": [12.0, 14.0]}',
+    "obs": '{"start-lst-hr-in-range": [18.0, 18.5]}',
     "sessions": '{"num-files-greater-than": 0}',
 }
+KINDS = {"files": search.FILES, "obs": search.OBSERVATIONS, "sessions": search.SESSIONS}
 OUTPUT_FORMATS = {
     "files": ("List of files", "Raw text with file names", "Raw text with full instance paths"),
     "obs": ("List of observations",),
@@ -294,11 +295,14 @@ def session_page(session_id):
         raise HTTPError(404, "No session %d is known here." % session_id)
     obs = (Observation.select().where(Observation.session == session_id)
            .order_by(Observation.start_time_jd).limit(1000))
+    files = (File.select().join(Observation, on=(File.observation == Observation.obsid))
+             .where(Observation.session == session_id)
+             .order_by(Observation.start_time_jd, File.name).limit(1000))
     local = (File.select(pw.fn.COUNT(pw.SQL("*")))
              .join(Observation, on=(File.observation == Observation.obsid))
              .where((Observation.session == session_id) & (File.num_instances > 0)).scalar())
     return render("session", "Session %d" % session_id, session=found[0],
-                  observations=list(obs), n_local=local)
+                  observations=list(obs), files=list(files), n_local=local)
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +347,7 @@ def search_form(kind):
         return render("search", "Search " + {"files": "files", "obs": "observations",
                                              "sessions": "sessions"}[kind],
                       kind=kind, text=SAMPLE_SEARCHES[kind], formats=OUTPUT_FORMATS[kind],
-                      error=None)
+                      error=None, clauses=search.clause_names(KINDS[kind]))
     return handler
 
 
@@ -373,7 +377,8 @@ def run_search():
                       more=more, text=text, count=count_of(query))
     except LibrarianError as e:
         return render("search", "Search", status=400, kind=kind, text=text,
-                      formats=OUTPUT_FORMATS[kind], error=e.message)
+                      formats=OUTPUT_FORMATS[kind], error=e.message,
+                      clauses=search.clause_names(KINDS[kind]))
 
 
 def count_of(query):
@@ -410,13 +415,20 @@ def upload_page():
 # Routes
 # ---------------------------------------------------------------------------
 
-NAV = [("/", "Home"), ("/search-files", "Files"), ("/observations", "Observations"),
-       ("/sessions/recent", "Sessions"), ("/stores", "Stores"), ("/upload", "Upload")]
+NAV = [("/", "Home", "read-only"), ("/search-files", "Files", "read-only"),
+       ("/observations", "Observations", "read-only"), ("/sessions/recent", "Sessions", "read-only"),
+       ("/stores", "Stores", "read-only"), ("/upload", "Upload", "read-append")]
 # Later features (tasks, standing orders, connectivity) add their pages to NAV.
+
+
+def favicon():
+    response.status = 204
+    return ""
 
 
 def install(app):
     """Add the pages' routes to `app`."""
+    app.route("/favicon.ico", "GET", favicon)
     app.route("/login", "GET", login_form)
     app.route("/login", "POST", login)
     app.route("/logout", "GET", logout)

@@ -282,7 +282,10 @@ class Kind:
                 raise SearchError("unknown clause %r: %s is %s attribute" % (
                     clause, attr, {"string": "a string", "int": "an integer",
                                    "float": "a float (no exact equality)"}[kind]))
-        raise SearchError("unknown clause %r for %s search" % (clause, self.label))
+        raise SearchError("unknown clause %r for %s search; its attributes are %s, and its "
+                          "other clauses %s" % (clause, self.label,
+                                                ", ".join(sorted(attrs)),
+                                                ", ".join(EXTRA[type(self)] + GENERIC)))
 
     def query(self, text):
         """The SELECT of the records matching search `text`."""
@@ -388,6 +391,22 @@ class SessionKind(Kind):
 
 
 FILES, OBSERVATIONS, SESSIONS = FileKind(), ObservationKind(), SessionKind()
+
+GENERIC = ["and", "or", "none-of", "always-true", "always-false"]
+OPERATORS = {"string": ["is-exactly", "is-not", "matches"],
+             "int": ["is-exactly", "is-not", "greater-than", "less-than", "in-range",
+                     "not-in-range"],
+             "float": ["greater-than", "less-than", "in-range", "not-in-range"]}
+EXTRA = {FileKind: ["not-older-than", "not-newer-than", "obs-matches", "obsid-is-null"],
+         ObservationKind: [], SessionKind: ["no-file-has-event"]}
+
+
+def clause_names(kind):
+    """[(attribute, type, [clauses])] and the extra clauses of a kind of
+    record: the reference shown next to the search forms."""
+    attrs = [(name, typ, ["%s-%s" % (name, op) for op in OPERATORS[typ]])
+             for name, (typ, _, _) in kind.attributes().items()]
+    return attrs, EXTRA[type(kind)] + GENERIC
 
 
 def file_query(text):

@@ -76,12 +76,6 @@ def test_a_person_uploads_finds_downloads_and_manages_stores(server, page, tmp_p
     download_info.value.save_as(saved)
     assert hashlib.md5(saved.read_bytes()).hexdigest() == md5
 
-    page.goto(url + "/stores/main")
-    assert page.inner_text("#available") == "yes"
-    page.click("#toggle")
-    page.wait_for_url(url + "/stores/main")
-    assert page.inner_text("#available") == "no"
-
     import requests
 
     requests.post(url + "/api/assign_observing_sessions",
@@ -89,3 +83,9 @@ def test_a_person_uploads_finds_downloads_and_manages_stores(server, page, tmp_p
     page.goto(url + "/")
     page.screenshot(path=os.path.join(SCREENSHOTS, "home.png"), full_page=True)
     assert "zen.2458432.34569.uvh5" in page.inner_text("main")
+
+    page.goto(url + "/stores/main")
+    assert page.inner_text("#available") == "yes"
+    page.click("#toggle")
+    page.wait_for_url(url + "/stores/main")
+    assert page.inner_text("#available") == "no"

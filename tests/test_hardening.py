@@ -184,7 +184,7 @@ def test_uvh5_with_impossible_times_is_a_400(web, store_dir, tmp_path, times):
      '"type": "t", "create_time": 99999999999999999, "obsid": null, "size": 1, '
      '"md5": "d41d8cd98f00b204e9800998ecf8427e"}}}', "create_time out of range"),
     ('{"authenticator": "admin-secret", "upload_size": 1, "sessions": {"1": {"id": 6, '
-     '"start_time_jd": 5.0, "stop_time_jd": 1.0}}}', "not a valid session"),
+     '"start_time_jd": 2459000.5, "stop_time_jd": 2459000.4}}}', "not a valid session"),
 ])
 def test_malformed_payloads_are_400_not_500(web, raw, message):
     resp = web.post("/api/initiate_upload", {"request": raw}, status=400)

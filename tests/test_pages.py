@@ -135,8 +135,9 @@ def test_session_pages(browser, sample):
         assert "/sessions/1192201262" in page
     page = browser.get("/sessions/1192201262").text
     assert "<tr><th>Observations</th><td>2</td></tr>" in page
-    assert "2, of which 0 with an instance here" in page
+    assert "2, of which 0 with a copy on this Librarian" in page
     assert "5.0 GiB" in page
+    assert "/files/zen.2458043.13000.xx.HH.uvA" in page, "the session lists its files"
     browser.get("/sessions/7", status=404)
 
 
@@ -207,8 +208,20 @@ def test_lists_are_paginated(browser, app):
 
 def test_upload_page_needs_read_append(web, browser):
     assert 'id="upload-form"' in browser.get("/upload").text
+    assert 'href="/upload"' in browser.get("/").text
     login_as(web, "reader")
     assert "needs level <strong>read-append</strong>" in web.get("/upload", status=403).text
+    assert 'href="/upload"' not in web.get("/").text, "not offered to whom it would refuse"
+
+
+def test_search_forms_list_their_clauses(browser):
+    page = browser.get("/search-sessions").text
+    assert "no-file-has-event" in page and "num-obs-greater-than" in page
+    page = browser.get("/search-files").text
+    assert "start-lst-hr-in-range" in page and "obs-matches" in page
+    reply = browser.post("/search", {"type": "files", "search": '{"lst-in-range": [1, 2]}'},
+                         status=400).text
+    assert "its attributes are" in reply and "start-lst-hr" in reply
 
 
 def test_upload_with_session_needs_the_csrf_header(browser, store_dir):

@@ -50,7 +50,7 @@ def test_uvh5_upload_registers_obsid_size_md5_and_observation(web, store_dir):
     want = uvh5_reference(UVH5)
     assert reply == {"success": True, "name": "zen.2458432.34569.uvh5", "store_name": "main",
                      "store_path": "2458432/zen.2458432.34569.uvh5", "size": shell_size(UVH5),
-                     "md5": shell_md5(UVH5), "obsid": want["obsid"]}
+                     "md5": shell_md5(UVH5), "obsid": want["obsid"], "already_present": False}
     obs = models.Observation.get_by_id(want["obsid"])
     assert obs.start_time_jd == pytest.approx(want["start_time_jd"], abs=1e-8)
     assert obs.stop_time_jd == pytest.approx(want["stop_time_jd"], abs=1e-8)
@@ -249,6 +249,7 @@ def test_same_bytes_again_is_a_no_op_and_other_bytes_are_a_conflict(web, store_d
     first = put(web, "a/same.dat", b"first bytes", null_obsid="true")
     again = put(web, "b/same.dat", b"first bytes", status=200, null_obsid="true")
     assert again.json["store_path"] == "a/same.dat"
+    assert (first.json["already_present"], again.json["already_present"]) == (False, True)
     assert again.json["md5"] == first.json["md5"]
     reply = put(web, "a/same.dat", b"other bytes", status=409, null_obsid="true").json
     assert "different file" in reply["message"]

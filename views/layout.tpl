@@ -3,7 +3,7 @@
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{title}} · {{get('site_name', 'Librarian')}}</title>
+<title>{{title if title == get('site_name') else title + ' · ' + get('site_name', 'Librarian')}}</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 0; color: #1d2329; background: #fafbfc; }
 header { background: #1f3447; color: #fff; padding: .5em 1.2em; display: flex; gap: 1.2em;
@@ -19,6 +19,7 @@ th, td { text-align: left; padding: .25em .8em .25em 0; border-bottom: 1px solid
 th { font-weight: 600; color: #4a5561; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 code, .mono { font-family: ui-monospace, monospace; font-size: .92em; }
+h1.mono { font-size: 1.6em; word-break: break-all; }
 .error { color: #a40000; background: #fff0f0; border: 1px solid #f2c5c5; padding: .4em .7em; }
 .note { color: #4a5561; }
 .bar { display: inline-block; width: 12em; height: .8em; background: #e3e7eb;
@@ -33,8 +34,10 @@ form.inline { display: inline; }
 <header>
   <a class="site" href="/">{{get('site_name', 'Librarian')}}</a>
 % if get('me'):
-%   for href, label in nav:
+%   for href, label, level in nav:
+%     if me.allows(level):
   <a href="{{href}}">{{label}}</a>
+%     end
 %   end
   <span class="me">{{me.name}} ({{me.level}}) · <a href="/logout">log out</a></span>
 % end

@@ -13,7 +13,21 @@
   </select></label>
   <button type="submit">Search</button></p>
 </form>
-<p class="note">The search language is a JSON object of clauses; see SEARCH.md. Text after
-<code>#</code> on a line (outside a quoted string) is a comment. The raw-text outputs give at
-most 100,000 lines; use the API or <code>librarian search-files</code> with <code>--limit</code>
-and an offset for more.</p>
+<p class="note">A search is a JSON object of clauses that must all hold. Text after <code>#</code>
+on a line (outside a quoted string) is a comment. <code>matches</code> is SQL LIKE:
+<code>%</code> any run of characters, <code>_</code> one character. Ranges are
+<code>[low, high]</code>, ends included. A record without an attribute matches none of its
+clauses.
+% if kind == 'files':
+The raw-text outputs give at most 100,000 lines; for more, use the API or
+<code>librarian search-files</code> with <code>--limit</code> and <code>--offset</code>.
+% end
+</p>
+% attrs, others = clauses
+<table class="note">
+<tr><th>Attribute</th><th>Type</th><th>Clauses</th></tr>
+% for name, typ, names in attrs:
+<tr><td><code>{{name}}</code></td><td>{{typ}}</td><td><code>{{', '.join(names)}}</code></td></tr>
+% end
+<tr><td colspan="2">other clauses</td><td><code>{{', '.join(others)}}</code></td></tr>
+</table>

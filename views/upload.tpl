@@ -1,5 +1,7 @@
 % rebase('layout', title=title)
 <h1>Upload a file</h1>
+<p class="note">For a directory (a MIRIAD data set), use <code>librarian upload</code>, which
+sends it as a tar stream.</p>
 <form id="upload-form">
   <p><label>File <input type="file" id="file" required></label></p>
   <p><label>Folders on the store <input type="text" id="prefix" placeholder="e.g. 2458432" size="30"></label>
@@ -32,8 +34,16 @@ document.getElementById("upload-form").addEventListener("submit", function (even
   xhr.onload = function () {
     var reply = {};
     try { reply = JSON.parse(xhr.responseText); } catch (e) {}
-    if (xhr.status === 200 || xhr.status === 201) {
+    if (xhr.status === 201) {
       window.location = "/files/" + encodeURIComponent(reply.name);
+    } else if (xhr.status === 200) {
+      status.innerHTML = "";
+      status.appendChild(document.createTextNode("This file is already in the archive, at "
+        + reply.store_path + " on store " + reply.store_name + "; nothing was changed. "));
+      var link = document.createElement("a");
+      link.href = "/files/" + encodeURIComponent(reply.name);
+      link.textContent = "Its page";
+      status.appendChild(link);
     } else {
       status.textContent = "Refused: " + (reply.message || xhr.statusText);
       status.className = "error";
