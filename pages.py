@@ -82,7 +82,10 @@ def fmt_time(dt):
 
 
 def fmt_days(days):
-    return "-" if days is None else "%.4f d" % days
+    """A duration given in days, in minutes below a day."""
+    if days is None:
+        return "-"
+    return "%.1f min" % (days * 1440) if abs(days) < 1 else "%.3f d" % days
 
 
 HELPERS = {"human_size": human_size, "fmt_jd": fmt_jd, "jd_to_utc": jd_to_utc,
