@@ -688,7 +688,9 @@ def upload(dest_store_path):
             readonly=cfg().librarian["permissions_mode"] == "readonly")
     finally:
         remove_tree(staging)
-    inst = FileInstance.get(FileInstance.file == result["name"])
+    inst = (FileInstance.select(FileInstance, Store).join(Store)
+            .where(FileInstance.file == result["name"])
+            .order_by((Store.id != store.row.id), Store.name, FileInstance.parent_dirs).first())
     # `already_present`: the identical file was here, at the place named (which may differ
     # from the path asked for); nothing was changed.
     return json_reply(201 if result["created"] else 200, name=result["name"],
