@@ -1,7 +1,8 @@
 """The Librarian server: a Bottle app and its command line.
 
     python librarian.py migrate --config PATH     apply database migrations
-    python librarian.py serve --config PATH       serve HTTP with waitress
+    python librarian.py serve --config PATH       serve HTTP with waitress, and run workers
+    python librarian.py worker --config PATH      run background workers only
     python librarian.py add-store NAME PATH       register a store
     python librarian.py add-user NAME --level L   create a source (prints its authenticator)
     python librarian.py init-config PATH          write a fresh config for a local archive
@@ -24,6 +25,7 @@ import secrets
 import shutil
 import socket
 import sys
+import threading
 import time
 import traceback
 import urllib.parse
@@ -766,7 +768,11 @@ def make_server_app(args):
 def cmd_serve(args):
     import waitress
 
+    import tasks
+
     config, app = make_server_app(args)
+    stop = threading.Event()
+    tasks.start_workers(config.server["workers"], stop)
     host, port = config.server["host"], config.server["port"]
     log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
              config.server["threads"])
@@ -780,6 +786,35 @@ def cmd_serve(args):
         raise SystemExit("cannot listen on %s:%d: %s (is another server running there? see "
                          "[server] host and port in %s)" % (host, port, e.strerror,
                                                             config.path)) from None
+    finally:
+        stop.set()
+    return 0
+
+
+def cmd_worker(args):
+    """Run background workers without the HTTP server (several processes,
+    or another host, against one PostgreSQL database)."""
+    import importlib
+
+    import tasks
+
+    config, app = make_server_app(args)
+    for module in args.handlers or []:
+        importlib.import_module(module)
+    if args.once:
+        with db.connection_context():
+            count = tasks.run_until_empty(tasks.worker_name(0))
+        log.info("ran %d task(s)", count)
+        return 0
+    n = args.threads or max(config.server["workers"], 1)
+    stop = threading.Event()
+    log.info("running %d worker thread(s)", n)
+    try:
+        for t in tasks.start_workers(n, stop):
+            while t.is_alive():
+                t.join(1.0)
+    except KeyboardInterrupt:
+        stop.set()
     return 0
 
 
@@ -876,8 +911,14 @@ def build_parser():
 
     with_config(sub.add_parser("migrate", help="apply database migrations")) \
         .set_defaults(func=cmd_migrate)
-    with_config(sub.add_parser("serve", help="serve HTTP with waitress")) \
+    with_config(sub.add_parser("serve", help="serve HTTP with waitress (and run workers)")) \
         .set_defaults(func=cmd_serve)
+    p = with_config(sub.add_parser("worker", help="run background workers only"))
+    p.add_argument("--threads", type=int, help="worker threads (default: [server] workers)")
+    p.add_argument("--once", action="store_true", help="run the due tasks, then exit")
+    p.add_argument("--handlers", action="append", metavar="MODULE",
+                   help="import this module for more task kinds (may repeat)")
+    p.set_defaults(func=cmd_worker)
     p = with_config(sub.add_parser("add-store", help="register a store"))
     p.add_argument("name")
     p.add_argument("path_prefix")

@@ -42,6 +42,13 @@ def _positive_int(value):
     return n
 
 
+def _non_negative_int(value):
+    n = int(value)
+    if n < 0:
+        raise ValueError("expected a whole number of at least 0")
+    return n
+
+
 def _choice(*allowed):
     def cast(value):
         if value not in allowed:
@@ -87,6 +94,7 @@ SCHEMA = {
         "log_level": (_log_level, "INFO"),
         "threads": (_positive_int, 8),
         "telescope_timezone": (_timezone, "Africa/Johannesburg"),
+        "workers": (_non_negative_int, 1),
     },
     "database": {
         "url": (_db_url, REQUIRED),

@@ -1,0 +1,214 @@
+"""Background work on a persistent queue: the `task` table.
+
+A task has a `kind` (a registered handler), JSON `args`, a state (pending,
+running, done, failed), attempts and the time of its next attempt. Workers
+(threads of `librarian.py serve`, or `librarian.py worker` processes, on
+this host or another, against one PostgreSQL database) claim tasks
+atomically: on PostgreSQL with `SELECT ... FOR UPDATE SKIP LOCKED`, on
+SQLite inside a write transaction (SQLite serialises writers, so run one
+worker process there). A running task's worker heartbeats; a task whose
+heartbeat is older than the timeout (its worker died) is put back to
+pending. A failure is retried after an exponential back-off (`BASE_DELAY *
+2**(attempts-1)`, capped at `MAX_DELAY` seconds) until `max_attempts`, then
+the task is failed with its last error.
+
+Handlers: `@handler("kind")` on `func(task, args)`; `task.report(bytes)`
+records progress. Raising `Permanent` fails a task without retrying.
+"""
+
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+
+import peewee as pw
+
+from models import BaseModel, db, is_postgres, utcnow, write_transaction
+
+log = logging.getLogger("librarian")
+
+STATES = ("pending", "running", "done", "failed")
+BASE_DELAY = 10.0        # seconds before the first retry
+MAX_DELAY = 3600.0       # seconds: the back-off never waits longer
+HEARTBEAT_SECONDS = 10.0
+STALE_SECONDS = 120.0    # a running task without a heartbeat this long is reclaimed
+IDLE_SECONDS = 2.0       # how long an idle worker sleeps before looking again
+
+HANDLERS = {}
+
+
+class Permanent(Exception):
+    """A failure that retrying cannot fix (bad arguments, unknown file)."""
+
+
+def handler(kind):
+    """Register `func(task, args)` as the handler of tasks of `kind`."""
+    def register(func):
+        HANDLERS[kind] = func
+        return func
+    return register
+
+
+class Task(BaseModel):
+    """One unit of background work; see the module docstring."""
+
+    kind = pw.CharField(max_length=64)
+    args = pw.TextField()
+    state = pw.CharField(max_length=16, default="pending")
+    attempts = pw.IntegerField(default=0)
+    max_attempts = pw.IntegerField(default=5)
+    next_attempt = pw.DateTimeField()
+    created = pw.DateTimeField()
+    started = pw.DateTimeField(null=True)
+    finished = pw.DateTimeField(null=True)
+    heartbeat = pw.DateTimeField(null=True)
+    worker = pw.CharField(max_length=128, null=True)
+    last_error = pw.TextField(null=True)
+    progress_bytes = pw.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "task"
+
+    def report(self, progress_bytes):
+        """Record how many bytes of the work are done (and that the worker
+        is alive)."""
+        (Task.update(progress_bytes=progress_bytes, heartbeat=utcnow())
+         .where(Task.id == self.id).execute())
+
+
+def enqueue(kind, args, max_attempts=5, delay=0.0):
+    """Add a pending task of `kind` with JSON-able `args`; returns it.
+    Raises ValueError for an unknown kind."""
+    if kind not in HANDLERS:
+        raise ValueError("no handler for task kind %r" % kind)
+    now = utcnow()
+    return Task.create(kind=kind, args=json.dumps(args), max_attempts=max_attempts,
+                       next_attempt=now + datetime.timedelta(seconds=delay), created=now)
+
+
+def backoff(attempts):
+    """Seconds to wait before attempt `attempts + 1` (attempts >= 1)."""
+    return min(BASE_DELAY * 2 ** (attempts - 1), MAX_DELAY)
+
+
+def reclaim_stale(now=None):
+    """Put back to pending the running tasks whose worker stopped
+    heartbeating; returns how many."""
+    now = now or utcnow()
+    cutoff = now - datetime.timedelta(seconds=STALE_SECONDS)
+    with write_transaction():
+        return (Task.update(state="pending", worker=None, next_attempt=now,
+                            last_error="worker stopped heartbeating; reclaimed")
+                .where((Task.state == "running") & (Task.heartbeat < cutoff)).execute())
+
+
+def claim(worker_name, now=None):
+    """Atomically take the next due pending task for `worker_name`, mark it
+    running and count the attempt; None when there is none."""
+    now = now or utcnow()
+    due = (Task.state == "pending") & (Task.next_attempt <= now)
+    if not Task.select().where(due).exists():
+        return None  # the common case: look without taking SQLite's write lock
+    with write_transaction():
+        query = Task.select().where(due).order_by(Task.next_attempt, Task.id).limit(1)
+        if is_postgres():
+            query = query.for_update("FOR UPDATE SKIP LOCKED")
+        task = query.first()
+        if task is None:
+            return None
+        (Task.update(state="running", worker=worker_name, started=now, heartbeat=now,
+                     attempts=Task.attempts + 1).where(Task.id == task.id).execute())
+    return Task.get_by_id(task.id)
+
+
+def finish(task, error=None, permanent=False, now=None):
+    """Record the outcome of a claimed task: done, or a retry after the
+    back-off (counted from `now`), or failed once attempts are exhausted or
+    the error is permanent."""
+    now = now or utcnow()
+    if error is None:
+        fields = {"state": "done", "finished": now, "last_error": None}
+    elif permanent or task.attempts >= task.max_attempts:
+        fields = {"state": "failed", "finished": now, "last_error": error}
+    else:
+        fields = {"state": "pending", "last_error": error, "worker": None,
+                  "next_attempt": now + datetime.timedelta(seconds=backoff(task.attempts))}
+    with write_transaction():
+        (Task.update(**fields)
+         .where((Task.id == task.id) & (Task.state == "running")).execute())
+
+
+def run_one(task, now=None):
+    """Run a claimed task's handler with a heartbeat thread beside it, and
+    record the outcome (`now`: the clock to count back-offs from)."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            with db.connection_context():
+                Task.update(heartbeat=utcnow()).where(Task.id == task.id).execute()
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        HANDLERS[task.kind](task, json.loads(task.args))
+    except Permanent as e:
+        finish(task, str(e), permanent=True, now=now)
+    except Exception as e:
+        log.warning("task %d (%s) failed: %s\n%s", task.id, task.kind, e,
+                    traceback.format_exc())
+        finish(task, "%s: %s" % (type(e).__name__, e), now=now)
+    else:
+        finish(task, now=now)
+    finally:
+        stop.set()
+        beater.join()
+
+
+def worker_name(index):
+    return "%s:%d:%d" % (socket.gethostname(), os.getpid(), index)
+
+
+def work(name, stop, idle=IDLE_SECONDS):
+    """A worker's loop: reclaim stale tasks (now and then), claim, run;
+    until `stop` (an Event) is set."""
+    last_reclaim = 0.0
+    while not stop.is_set():
+        try:
+            with db.connection_context():
+                if time.monotonic() - last_reclaim > STALE_SECONDS / 2:
+                    reclaim_stale()
+                    last_reclaim = time.monotonic()
+                task = claim(name)
+                if task is not None:
+                    run_one(task)
+                    continue
+        except Exception:
+            log.error("worker %s: %s", name, traceback.format_exc())
+        stop.wait(idle)
+
+
+def start_workers(n, stop):
+    """Start `n` worker threads; returns them."""
+    threads = [threading.Thread(target=work, args=(worker_name(i), stop), daemon=True,
+                                name="librarian-worker-%d" % i) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def run_until_empty(name="inline", now=None):
+    """Run due tasks in this thread until none is left (tests, and the
+    `worker --once` command). Returns how many ran."""
+    count = 0
+    while True:
+        task = claim(name, now)
+        if task is None:
+            return count
+        run_one(task, now)
+        count += 1
+

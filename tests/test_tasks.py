@@ -1,0 +1,96 @@
+"""The persistent task queue: claiming, retries with back-off, reclaiming
+tasks of dead workers, and (on PostgreSQL) two worker processes never
+running one task twice."""
+
+import datetime
+import os
+import subprocess
+import sys
+
+import pytest
+
+import models
+import tasks
+import task_support  # noqa: F401  (registers the test task kinds)
+from conftest import ROOT
+
+
+def test_a_task_runs_once_and_is_done(app, tmp_path):
+    log = tmp_path / "log"
+    task = tasks.enqueue("test_record", {"log": str(log)})
+    assert tasks.run_until_empty() == 1
+    assert tasks.run_until_empty() == 0
+    done = tasks.Task.get_by_id(task.id)
+    assert (done.state, done.attempts, done.last_error) == ("done", 1, None)
+    assert log.read_text().split() == [str(task.id)]
+
+
+def test_failures_retry_with_exponential_back_off_then_fail(app):
+    task = tasks.enqueue("test_fail", {}, max_attempts=3)
+    t0 = models.utcnow()
+    assert tasks.run_until_empty(now=t0) == 1
+    row = tasks.Task.get_by_id(task.id)
+    assert (row.state, row.attempts) == ("pending", 1)
+    assert "remote end not answering" in row.last_error
+    assert row.next_attempt >= t0 + datetime.timedelta(seconds=tasks.BASE_DELAY - 1)
+    assert tasks.run_until_empty(now=t0) == 0, "not due yet"
+    later = t0 + datetime.timedelta(seconds=tasks.BASE_DELAY + 1)
+    assert tasks.run_until_empty(now=later) == 1
+    row = tasks.Task.get_by_id(task.id)
+    assert row.next_attempt >= later + datetime.timedelta(seconds=2 * tasks.BASE_DELAY - 2)
+    much_later = later + datetime.timedelta(hours=1)
+    assert tasks.run_until_empty(now=much_later) == 1
+    row = tasks.Task.get_by_id(task.id)
+    assert (row.state, row.attempts) == ("failed", 3)
+
+
+def test_permanent_failures_are_not_retried(app):
+    task = tasks.enqueue("test_fail", {"permanent": True})
+    tasks.run_until_empty()
+    row = tasks.Task.get_by_id(task.id)
+    assert (row.state, row.attempts, row.last_error) == ("failed", 1, "bad arguments")
+
+
+def test_back_off_is_capped():
+    assert tasks.backoff(1) == tasks.BASE_DELAY
+    assert tasks.backoff(3) == 4 * tasks.BASE_DELAY
+    assert tasks.backoff(40) == tasks.MAX_DELAY
+
+
+def test_a_task_whose_worker_died_is_reclaimed(app, tmp_path):
+    task = tasks.enqueue("test_record", {"log": str(tmp_path / "log")})
+    claimed = tasks.claim("dead-worker")
+    assert claimed.id == task.id and claimed.state == "running"
+    assert tasks.reclaim_stale() == 0, "its heartbeat is fresh"
+    later = models.utcnow() + datetime.timedelta(seconds=tasks.STALE_SECONDS + 5)
+    assert tasks.reclaim_stale(now=later) == 1
+    assert tasks.run_until_empty(now=later) == 1
+    row = tasks.Task.get_by_id(task.id)
+    assert (row.state, row.attempts) == ("done", 2)
+
+
+def test_unknown_kinds_are_refused():
+    with pytest.raises(ValueError, match="no handler"):
+        tasks.enqueue("make_coffee", {})
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_worker_processes_never_run_a_task_twice(app, config_path, tmp_path, db_url):
+    log = tmp_path / "executions"
+    with models.db.atomic():
+        for _ in range(300):
+            tasks.enqueue("test_record", {"log": str(log)})
+    models.close_database()
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
+    cmd = [sys.executable, os.path.join(ROOT, "librarian.py"), "worker", "--config",
+           config_path, "--once", "--handlers", "task_support"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    ran = log.read_text().split()
+    assert len(ran) == 300 and len(set(ran)) == 300
+    models.db.connect(reuse_if_open=True)
+    assert tasks.Task.select().where(tasks.Task.state == "done").count() == 300
+    workers = {t.worker for t in tasks.Task.select()}
+    assert len(workers) == 2, "both processes took part"
