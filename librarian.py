@@ -15,6 +15,7 @@ streamed upload and download (section 2), then the command line.
 """
 
 import argparse
+import datetime
 import errno
 import functools
 import json
@@ -89,6 +90,11 @@ def setup(config):
     app.add_hook("before_request", _open_db)
     app.add_hook("after_request", _close_db)
     app.default_error_handler = render_error
+    import copies
+    import tasks
+
+    copies.configure(config)
+    tasks.BASE_DELAY = config.server["task_retry_seconds"]
     return app
 
 
@@ -120,6 +126,12 @@ def clean_all_staging():
     """Remove staging leftovers on every reachable local store, keeping the
     directories issued by `initiate_upload` that are still outstanding, and
     moving back bytes whose registration a crash interrupted."""
+    # Staging directories issued a day ago and never completed are abandoned
+    # (a copy from another Librarian announces its records with
+    # initiate_upload, then sends the bytes with the streamed upload).
+    with models.write_transaction():
+        StagingDir.delete().where(StagingDir.created < models.utcnow()
+                                  - datetime.timedelta(days=1)).execute()
     issued = [s.path for s in StagingDir.select()]
     for row in Store.select():
         store = LocalStore(row)
@@ -615,6 +627,18 @@ def op_delete_file_instances_matching_query(source, args):
     names = [f.name for f in search.file_query(args["query"]).select(File.name)]
     return {"stats": {name: deletion.delete_instances(name, mode, args["restrict_to_store"])
                       for name in names}}
+
+
+@operation("launch_file_copy", "read-write", file_name=str, connection_name=str,
+           remote_store_path_Q=str, known_staging_store_Q=str, known_staging_subdir_Q=str)
+def op_launch_file_copy(source, args):
+    """Queue a copy of a file to another Librarian (a background task)."""
+    import copies
+
+    if args["remote_store_path"] is not None:
+        split_store_path(args["remote_store_path"])
+    copies.launch(args["file_name"], args["connection_name"], args["remote_store_path"])
+    return {}
 
 
 def deletion_mode(args):

@@ -42,6 +42,19 @@ def _positive_int(value):
     return n
 
 
+def _positive_float(value):
+    x = float(value)
+    if not x > 0:
+        raise ValueError("expected a number above 0")
+    return x
+
+
+def _url(value):
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
 def _non_negative_int(value):
     n = int(value)
     if n < 0:
@@ -95,6 +108,7 @@ SCHEMA = {
         "threads": (_positive_int, 8),
         "telescope_timezone": (_timezone, "Africa/Johannesburg"),
         "workers": (_non_negative_int, 1),
+        "task_retry_seconds": (_positive_float, 10.0),
     },
     "database": {
         "url": (_db_url, REQUIRED),
@@ -108,6 +122,10 @@ SCHEMA = {
         "ssh_host": (_nonempty, None),
         "available": (_bool, True),
     },
+    "connection:*": {
+        "url": (_url, REQUIRED),
+        "authenticator": (_nonempty, REQUIRED),
+    },
     "source:*": {
         "authenticator": (_nonempty, REQUIRED),
         "level": (_choice(*LEVELS), REQUIRED),
@@ -117,8 +135,9 @@ SCHEMA = {
 
 class Settings:
     """Validated configuration. Attributes: `server`, `database`,
-    `librarian` (dicts of cast values), `stores` and `sources` (dicts from
-    NAME to dicts), `path` (the file it came from, or None)."""
+    `librarian` (dicts of cast values), `stores`, `sources` and
+    `connections` (dicts from NAME to dicts), `path` (the file it came
+    from, or None)."""
 
     def __init__(self, sections, path=None):
         self.path = path
@@ -127,6 +146,7 @@ class Settings:
         self.librarian = sections["librarian"]
         self.stores = sections["store:*"]
         self.sources = sections["source:*"]
+        self.connections = sections["connection:*"]
 
 
 def _cast_section(label, schema, items):
@@ -156,7 +176,7 @@ def parse(text, path=None):
     except configparser.Error as e:
         raise ConfigError("cannot parse configuration: %s" % e) from None
 
-    sections = {"store:*": {}, "source:*": {}}
+    sections = {"store:*": {}, "source:*": {}, "connection:*": {}}
     for label in parser.sections():
         items = dict(parser.items(label))
         if ":" in label:

@@ -1,0 +1,133 @@
+"""Copies of files to other Librarians, as background tasks.
+
+`launch(file_name, connection_name, remote_store_path)` checks the request,
+records a `launch_copy` event and queues a `copy_to_librarian` task. The
+task sends the file's File/Observation/Session records with the receiver's
+`initiate_upload` (so that the receiver keeps the same create time and
+session), then streams the bytes with the streamed upload, which the
+receiver verifies (size and MD5) before registering. A broken transfer is
+simply sent again on the next attempt: the receiver registers nothing until
+the whole file has arrived and checked out. When the receiver already has
+the identical file, the copy succeeds at once. A `copy_finished` event
+records the connection, the remote path, the error code and message, the
+duration (s) and the average rate (kB/s).
+
+Connections are `[connection:NAME]` sections of the configuration, or else
+entries of `~/.hl_client.cfg`.
+"""
+
+import logging
+import os
+import time
+
+import librarian_client
+import tasks
+from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
+                    ObservingSession, Store, write_transaction)
+from stores import LocalStore
+
+log = logging.getLogger("librarian")
+
+REPORT_EVERY = 64 << 20  # bytes between progress reports
+_settings = None
+
+
+def configure(settings):
+    """Give the copy tasks the configuration (for its connections)."""
+    global _settings
+    _settings = settings
+
+
+def client_for(connection_name):
+    """A LibrarianClient for a named connection; 400 if there is none."""
+    conns = _settings.connections if _settings is not None else {}
+    if connection_name in conns:
+        return librarian_client.LibrarianClient(conn_config=conns[connection_name])
+    try:
+        return librarian_client.LibrarianClient(connection_name)
+    except librarian_client.RPCError as e:
+        raise LibrarianError(400, "no connection named %r (not in the configuration; %s)"
+                             % (connection_name, e.message)) from None
+
+
+def local_copy(file_name):
+    """(FileInstance, absolute path) of a present local instance of a file,
+    or raise `LibrarianError(400)`."""
+    instances = (FileInstance.select(FileInstance, Store).join(Store)
+                 .where(FileInstance.file == file_name).order_by(Store.name))
+    for inst in instances:
+        path = LocalStore(inst.store).resolve(inst.store_path)
+        if os.path.lexists(path):
+            return inst, path
+    raise LibrarianError(400, "file %r has no instance here to copy" % file_name)
+
+
+def record_set(file):
+    """The records a receiver needs (API.md record sets): the file, its
+    observation and that observation's session."""
+    sets = {"files": {file.name: file.to_dict()}}
+    if file.obsid is not None:
+        obs = Observation.get_by_id(file.obsid)
+        sets["observations"] = {str(obs.obsid): obs.to_dict()}
+        if obs.session_id is not None:
+            session = ObservingSession.get_by_id(obs.session_id)
+            sets["sessions"] = {str(session.id): session.to_dict()}
+    return sets
+
+
+def launch(file_name, connection_name, remote_store_path=None):
+    """Queue a copy; returns the task. 400 for an unknown file or
+    connection, or a file with no instance here."""
+    if File.get_or_none(File.name == file_name) is None:
+        raise LibrarianError(400, "no file named %r" % file_name)
+    client_for(connection_name)
+    inst, _ = local_copy(file_name)
+    remote = remote_store_path or inst.store_path
+    with write_transaction():
+        FileEvent.record(file_name, "launch_copy", {"connection_name": connection_name,
+                                                   "remote_store_path": remote})
+        return tasks.enqueue("copy_to_librarian", {"file_name": file_name,
+                                                   "connection_name": connection_name,
+                                                   "remote_store_path": remote})
+
+
+def _finished(file_name, args, code, message, seconds, size):
+    FileEvent.record(file_name, "copy_finished", {
+        "connection_name": args["connection_name"],
+        "remote_store_path": args["remote_store_path"], "error_code": code,
+        "error_message": message, "duration": round(seconds, 3),
+        "average_rate": round(size / 1024.0 / seconds, 1) if seconds > 0 else None})
+
+
+@tasks.handler("copy_to_librarian")
+def copy_to_librarian(task, args):
+    """The task: send records, then bytes; see the module docstring."""
+    file = File.get_or_none(File.name == args["file_name"])
+    if file is None:
+        raise tasks.Permanent("no file named %r" % args["file_name"])
+    try:
+        inst, path = local_copy(file.name)
+        client = client_for(args["connection_name"])
+    except LibrarianError as e:
+        _finished(file.name, args, 1, e.message, 0.0, 0)
+        raise tasks.Permanent(e.message) from None
+    started = time.monotonic()
+    sent = [0]
+
+    def progress(n):
+        before, sent[0] = sent[0], sent[0] + n
+        if before // REPORT_EVERY != sent[0] // REPORT_EVERY:
+            task.report(sent[0])
+
+    try:
+        client.initiate_upload(file.size, **record_set(file))
+        client.upload(path, args["remote_store_path"], null_obsid=file.obsid is None,
+                      progress=progress)
+    except librarian_client.RPCError as e:
+        if e.status in (400, 403, 409):  # refused: sending again will not help
+            _finished(file.name, args, e.status, e.message, time.monotonic() - started, 0)
+            raise tasks.Permanent(e.message) from None
+        raise  # unreachable or broken: retried after the back-off
+    _finished(file.name, args, 0, "", time.monotonic() - started, file.size)
+    log.info("copied %s to %s as %s", file.name, args["connection_name"],
+             args["remote_store_path"])

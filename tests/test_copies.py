@@ -1,0 +1,158 @@
+"""Copies between two real Librarians on loopback ports (each with its own
+SQLite database and store): records, bytes and events on both sides, and a
+receiver that is down when the copy starts."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import AUTH, MIRIAD, ROOT, UVH5, Server, config_text, free_port, need_data
+from reference import shell_md5
+
+
+def make_librarian(tmp_path, name, extra=""):
+    base = tmp_path / name
+    base.mkdir()
+    (base / "store").mkdir()
+    path = base / "librarian.ini"
+    text = config_text("sqlite:///%s" % (base / "db.sqlite"), str(base / "store"),
+                       port=free_port(), extra=extra)
+    path.write_text(text.replace("[server]\n", "[server]\ntask_retry_seconds = 1\n", 1))
+    subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "migrate", "--config",
+                    str(path)], check=True, capture_output=True)
+    return Server(str(path)), base
+
+
+def call(server, operation, who="admin", **args):
+    resp = requests.post(server.url + "api/" + operation, json=args, timeout=60,
+                         headers={"Authorization": "Bearer " + AUTH[who]})
+    return resp.json()
+
+
+def wait_for(predicate, seconds=60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def events(base, name):
+    with sqlite3.connect(base / "db.sqlite") as conn:
+        return [(t, json.loads(p)) for t, p in conn.execute(
+            "SELECT type, payload FROM file_event WHERE name = ? ORDER BY id", (name,))]
+
+
+def files_on(server, query):
+    return call(server, "search", search=json.dumps(query),
+                output_format="file-listing-json")["results"]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    receiver, receiver_dir = make_librarian(tmp_path, "receiver")
+    sender, sender_dir = make_librarian(
+        tmp_path, "sender", extra="[connection:receiver]\nurl = %s\nauthenticator = %s\n"
+        % (receiver.url, AUTH["appender"]))
+    receiver.start()
+    sender.start()
+    yield sender, sender_dir, receiver, receiver_dir
+    sender.stop()
+    receiver.stop()
+
+
+def upload(server, path, dest, **query):
+    with open(path, "rb") as f:
+        resp = requests.put(server.url + "api/upload/" + dest, data=f, params=query,
+                            headers={"Authorization": "Bearer " + AUTH["admin"]}, timeout=60)
+    assert resp.status_code == 201, resp.text
+
+
+def test_a_copy_arrives_with_its_records_and_both_sides_log_it(pair):
+    need_data()
+    sender, sender_dir, receiver, receiver_dir = pair
+    upload(sender, UVH5, "2458432/zen.2458432.34569.uvh5")
+    call(sender, "assign_observing_sessions")
+    reply = call(sender, "launch_file_copy", who="writer", file_name="zen.2458432.34569.uvh5",
+                 connection_name="receiver")
+    assert reply == {"success": True}
+    there = wait_for(lambda: files_on(receiver, {"name-matches": "zen.%",
+                                                 "num-instances-greater-than": 0}))
+    here = files_on(sender, {"name-matches": "zen.%"})
+    assert there == here, "same record: name, type, create_time, obsid, size, md5"
+    assert shell_md5(str(receiver_dir / "store" / "2458432" / "zen.2458432.34569.uvh5")) \
+        == shell_md5(UVH5)
+    obs = call(receiver, "search", search='{"obsid-is-exactly": 1225829886}',
+               output_format="obs-listing-json")["results"]
+    assert obs[0]["session_id"] == 1225829886
+    done = wait_for(lambda: [e for e in events(sender_dir, "zen.2458432.34569.uvh5")
+                             if e[0] == "copy_finished"])
+    payload = done[0][1]
+    assert payload["error_code"] == 0 and payload["connection_name"] == "receiver"
+    assert payload["remote_store_path"] == "2458432/zen.2458432.34569.uvh5"
+    assert payload["duration"] >= 0 and payload["average_rate"] is not None
+    assert [t for t, _ in events(sender_dir, "zen.2458432.34569.uvh5")] == [
+        "create_instance", "launch_copy", "copy_finished"]
+    assert [t for t, _ in events(receiver_dir, "zen.2458432.34569.uvh5")] == ["create_instance"]
+    # Again: the receiver has the identical file, so the copy succeeds at once.
+    call(sender, "launch_file_copy", who="writer", file_name="zen.2458432.34569.uvh5",
+         connection_name="receiver", remote_store_path="elsewhere/zen.2458432.34569.uvh5")
+    wait_for(lambda: len([e for e in events(sender_dir, "zen.2458432.34569.uvh5")
+                          if e[0] == "copy_finished"]) == 2)
+    assert not (receiver_dir / "store" / "elsewhere").exists()
+
+
+def test_a_copy_to_a_receiver_that_is_down_is_retried_until_it_is_up(pair):
+    need_data()
+    sender, sender_dir, receiver, receiver_dir = pair
+    receiver.stop()
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(MIRIAD, arcname="zen.2458043.12552.xx.HH.uvA")
+    resp = requests.put(sender.url + "api/upload/m/zen.2458043.12552.xx.HH.uvA",
+                        data=buf.getvalue(), headers={"Authorization": "Bearer " + AUTH["admin"],
+                                                      "X-Librarian-Directory": "tar"},
+                        timeout=60)
+    assert resp.status_code == 201
+    call(sender, "launch_file_copy", file_name="zen.2458043.12552.xx.HH.uvA",
+         connection_name="receiver")
+
+    def failed_once():
+        with sqlite3.connect(sender_dir / "db.sqlite") as conn:
+            return conn.execute("SELECT attempts, state, last_error FROM task").fetchone()
+
+    row = wait_for(lambda: (failed_once() or (0,))[0] >= 1 and failed_once()[2] is not None
+                   and failed_once())
+    assert row[1] in ("pending", "running") and "cannot reach" in row[2]
+    receiver.start()
+    wait_for(lambda: files_on(receiver, {"name-matches": "zen.%",
+                                         "num-instances-greater-than": 0}), seconds=90)
+    assert shell_md5(str(receiver_dir / "store" / "m" / "zen.2458043.12552.xx.HH.uvA")) == \
+        shell_md5(MIRIAD)
+    with sqlite3.connect(sender_dir / "db.sqlite") as conn:
+        state, attempts = conn.execute("SELECT state, attempts FROM task").fetchone()
+    assert state == "done" and attempts >= 2
+
+
+def test_launch_refuses_unknown_files_and_connections(pair):
+    sender = pair[0]
+    assert "no file named" in call(sender, "launch_file_copy", file_name="nope",
+                                   connection_name="receiver")["message"]
+    requests.put(sender.url + "api/upload/n.txt", data=b"x", params={"null_obsid": "true"},
+                 headers={"Authorization": "Bearer " + AUTH["admin"]}, timeout=30)
+    msg = call(sender, "launch_file_copy", file_name="n.txt", connection_name="mars")["message"]
+    assert "no connection named 'mars'" in msg
+    assert "needs level read-write" in call(sender, "launch_file_copy", who="appender",
+                                            file_name="n.txt",
+                                            connection_name="receiver")["message"]
