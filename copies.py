@@ -75,9 +75,9 @@ def record_set(file):
     return sets
 
 
-def launch(file_name, connection_name, remote_store_path=None):
-    """Queue a copy; returns the task. 400 for an unknown file or
-    connection, or a file with no instance here."""
+def launch(file_name, connection_name, remote_store_path=None, standing_order=None):
+    """Queue a copy (for `standing_order`, if given); returns the task. 400
+    for an unknown file or connection, or a file with no instance here."""
     if File.get_or_none(File.name == file_name) is None:
         raise LibrarianError(400, "no file named %r" % file_name)
     client_for(connection_name)
@@ -85,10 +85,13 @@ def launch(file_name, connection_name, remote_store_path=None):
     remote = remote_store_path or inst.store_path
     with write_transaction():
         FileEvent.record(file_name, "launch_copy", {"connection_name": connection_name,
-                                                   "remote_store_path": remote})
+                                                   "remote_store_path": remote,
+                                                   "standing_order": standing_order})
         return tasks.enqueue("copy_to_librarian", {"file_name": file_name,
                                                    "connection_name": connection_name,
-                                                   "remote_store_path": remote})
+                                                   "remote_store_path": remote,
+                                                   "standing_order": standing_order},
+                             file_name=file_name, standing_order=standing_order)
 
 
 def _finished(file_name, args, code, message, seconds, size):
@@ -128,6 +131,10 @@ def copy_to_librarian(task, args):
             _finished(file.name, args, e.status, e.message, time.monotonic() - started, 0)
             raise tasks.Permanent(e.message) from None
         raise  # unreachable or broken: retried after the back-off
-    _finished(file.name, args, 0, "", time.monotonic() - started, file.size)
+    with write_transaction():
+        _finished(file.name, args, 0, "", time.monotonic() - started, file.size)
+        if args.get("standing_order"):
+            FileEvent.record(file.name, "standing_order_succeeded:" + args["standing_order"],
+                             {"connection_name": args["connection_name"]})
     log.info("copied %s to %s as %s", file.name, args["connection_name"],
              args["remote_store_path"])

@@ -40,6 +40,7 @@ import ingest
 import models
 import search
 import sessions
+import standing
 import settings as settings_mod
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
@@ -91,9 +92,11 @@ def setup(config):
     app.add_hook("after_request", _close_db)
     app.default_error_handler = render_error
     import copies
+    import standing
     import tasks
 
     copies.configure(config)
+    standing.configure(config)
     tasks.BASE_DELAY = config.server["task_retry_seconds"]
     return app
 
@@ -164,6 +167,9 @@ def startup(app):
         clean_all_staging()
         for row in Store.select():
             os.makedirs(row.path_prefix, exist_ok=True)
+        import standing
+
+        standing.schedule_periodic()
 
 
 # ---------------------------------------------------------------------------
@@ -354,12 +360,12 @@ def read_api_payload():
 OPERATIONS = {}
 
 
-def operation(name, level, **spec):
+def operation(op_name, level, **spec):
     """Register an `/api/NAME` operation for callers of at least `level`;
     keyword arguments are the argument spec of `validate`. The handler is
     called as `handler(source, args)` and returns a dict of reply fields."""
     def register(func):
-        OPERATIONS[name] = (func, level, {k.replace("_Q", "?"): v for k, v in spec.items()})
+        OPERATIONS[op_name] = (func, level, {k.replace("_Q", "?"): v for k, v in spec.items()})
         return func
     return register
 
@@ -508,6 +514,7 @@ def op_complete_upload(source, args):
     except FileNotFoundError:
         # Another complete_upload of the same staging directory won the race.
         fail(400, "staging_dir %r was already used" % args["staging_dir"])
+    standing.after_upload()
     shutil.rmtree(args["staging_dir"], ignore_errors=True)
     return {}
 
@@ -530,6 +537,7 @@ def op_register_instances(source, args):
     with models.write_transaction():
         for item in prepared:
             ingest.register_prepared(store, item, source=source.name)
+    standing.after_upload()
     if cfg().librarian["permissions_mode"] == "readonly":
         for item in prepared:
             make_readonly(item["abs_path"])
@@ -641,6 +649,36 @@ def op_launch_file_copy(source, args):
     return {}
 
 
+@operation("create_standing_order", "admin", name=str, search=str, conn_name=str)
+def op_create_standing_order(source, args):
+    """Save a standing order: copy every file matching `search` to
+    `conn_name`, once."""
+    standing.create(args["name"], args["search"], args["conn_name"])
+    standing.schedule_periodic()
+    return {}
+
+
+@operation("update_standing_order", "admin", name=str, search_Q=str, conn_name_Q=str)
+def op_update_standing_order(source, args):
+    """Change a standing order's search and/or connection."""
+    standing.update(args["name"], args["search"], args["conn_name"])
+    return {}
+
+
+@operation("delete_standing_order", "admin", name=str)
+def op_delete_standing_order(source, args):
+    """Remove a standing order (copies already made stay)."""
+    standing.delete(args["name"])
+    return {}
+
+
+@operation("list_standing_orders", "read-only")
+def op_list_standing_orders(source, args):
+    """The standing orders: name, search, conn_name."""
+    orders = standing.StandingOrder.select().order_by(standing.StandingOrder.name)
+    return {"standing_orders": [o.to_dict() for o in orders]}
+
+
 def deletion_mode(args):
     """The `mode` argument: `standard` when absent."""
     return "standard" if args["mode"] is None else args["mode"]
@@ -714,6 +752,8 @@ def upload(dest_store_path):
             readonly=cfg().librarian["permissions_mode"] == "readonly")
     finally:
         remove_tree(staging)
+    if result["created"]:
+        standing.after_upload()
     inst = (FileInstance.select(FileInstance, Store).join(Store)
             .where(FileInstance.file == result["name"])
             .order_by((Store.id != store.row.id), Store.name, FileInstance.parent_dirs).first())

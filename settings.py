@@ -116,6 +116,9 @@ SCHEMA = {
     "librarian": {
         "obsid_inference_mode": (_choice("none", "hera"), "none"),
         "permissions_mode": (_choice("readonly", "unchanged"), "readonly"),
+        "standing_order_mode": (_choice("normal", "disabled", "nighttime"), "normal"),
+        "standing_order_delay": (_positive_float, 60.0),
+        "standing_order_interval": (_positive_float, 600.0),
     },
     "store:*": {
         "path_prefix": (_nonempty, REQUIRED),

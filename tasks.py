@@ -69,6 +69,9 @@ class Task(BaseModel):
     worker = pw.CharField(max_length=128, null=True)
     last_error = pw.TextField(null=True)
     progress_bytes = pw.BigIntegerField(default=0)
+    # For copies: which file, and for which standing order (if any).
+    file_name = pw.CharField(max_length=256, null=True)
+    standing_order = pw.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "task"
@@ -80,14 +83,15 @@ class Task(BaseModel):
          .where(Task.id == self.id).execute())
 
 
-def enqueue(kind, args, max_attempts=5, delay=0.0):
-    """Add a pending task of `kind` with JSON-able `args`; returns it.
-    Raises ValueError for an unknown kind."""
+def enqueue(kind, args, max_attempts=5, delay=0.0, file_name=None, standing_order=None):
+    """Add a pending task of `kind` with JSON-able `args`, due in `delay`
+    seconds; returns it. Raises ValueError for an unknown kind."""
     if kind not in HANDLERS:
         raise ValueError("no handler for task kind %r" % kind)
     now = utcnow()
     return Task.create(kind=kind, args=json.dumps(args), max_attempts=max_attempts,
-                       next_attempt=now + datetime.timedelta(seconds=delay), created=now)
+                       next_attempt=now + datetime.timedelta(seconds=delay), created=now,
+                       file_name=file_name, standing_order=standing_order)
 
 
 def backoff(attempts):

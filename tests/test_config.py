@@ -14,7 +14,9 @@ BASE = "[server]\nsecret_key = s\n[database]\nurl = sqlite:///x.db\n"
 def test_defaults_are_filled_in():
     config = settings.parse(BASE)
     assert config.server["port"] == 21106 and config.server["threads"] == 8
-    assert config.librarian == {"obsid_inference_mode": "none", "permissions_mode": "readonly"}
+    assert config.librarian["obsid_inference_mode"] == "none"
+    assert config.librarian["permissions_mode"] == "readonly"
+    assert config.librarian["standing_order_mode"] == "normal"
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -156,3 +156,91 @@ def test_launch_refuses_unknown_files_and_connections(pair):
     assert "needs level read-write" in call(sender, "launch_file_copy", who="appender",
                                             file_name="n.txt",
                                             connection_name="receiver")["message"]
+
+
+@pytest.fixture
+def trio(tmp_path, request):
+    """A sender with standing orders to two receivers."""
+    mode = getattr(request, "param", "normal")
+    r1, r1_dir = make_librarian(tmp_path, "r1")
+    r2, r2_dir = make_librarian(tmp_path, "r2")
+    sender, sender_dir = make_librarian(
+        tmp_path, "sender",
+        extra="[librarian]\nstanding_order_mode = %s\nstanding_order_delay = 0.5\n"
+              "[connection:r1]\nurl = %s\nauthenticator = %s\n"
+              "[connection:r2]\nurl = %s\nauthenticator = %s\n"
+              % (mode, r1.url, AUTH["appender"], r2.url, AUTH["appender"]))
+    for s in (r1, r2, sender):
+        s.start()
+    yield sender, sender_dir, (r1, r1_dir), (r2, r2_dir)
+    for s in (sender, r1, r2):
+        s.stop()
+
+
+def names_on(server):
+    return sorted(f["name"] for f in files_on(server, {"num-instances-greater-than": 0}))
+
+
+def put_bytes(server, dest, body):
+    resp = requests.put(server.url + "api/upload/" + dest, data=body,
+                        params={"null_obsid": "true"},
+                        headers={"Authorization": "Bearer " + AUTH["admin"]}, timeout=60)
+    assert resp.status_code == 201, resp.text
+
+
+def test_standing_orders_copy_matching_new_files_exactly_once(trio):
+    need_data()
+    sender, sender_dir, (r1, r1_dir), (r2, r2_dir) = trio
+    assert call(sender, "create_standing_order", name="uvh5-to-r1",
+                search='{"type-is-exactly": "uvh5"}', conn_name="r1")["success"]
+    assert call(sender, "create_standing_order", name="notes-to-r2",
+                search='{"type-is-exactly": "txt"}', conn_name="r2")["success"]
+    assert "needs level admin" in call(sender, "create_standing_order", who="writer", name="x",
+                                       search="{}", conn_name="r1")["message"]
+    upload(sender, UVH5, "zen.2458432.34569.uvh5")
+    put_bytes(sender, "notes/a.txt", b"first note")
+    put_bytes(sender, "other/b.dat", b"matches no order")
+    wait_for(lambda: names_on(r1) == ["zen.2458432.34569.uvh5"] and names_on(r2) == ["a.txt"])
+    put_bytes(sender, "notes/c.txt", b"a later note")
+    wait_for(lambda: names_on(r2) == ["a.txt", "c.txt"])
+    time.sleep(2)  # let any further sweeps run: nothing is sent twice
+    assert names_on(r1) == ["zen.2458432.34569.uvh5"]
+    for name, order in (("zen.2458432.34569.uvh5", "uvh5-to-r1"), ("a.txt", "notes-to-r2"),
+                        ("c.txt", "notes-to-r2")):
+        kinds = [t for t, _ in events(sender_dir, name)]
+        assert kinds.count("launch_copy") == 1, kinds
+        assert kinds.count("standing_order_succeeded:" + order) == 1, kinds
+    assert [t for t, _ in events(sender_dir, "b.dat")] == ["create_instance"]
+    listed = call(sender, "list_standing_orders", who="reader")["standing_orders"]
+    assert [o["name"] for o in listed] == ["notes-to-r2", "uvh5-to-r1"]
+
+
+@pytest.mark.parametrize("trio", ["disabled"], indirect=True)
+def test_nothing_is_launched_in_disabled_mode(trio):
+    sender, sender_dir, (r1, r1_dir), _ = trio
+    call(sender, "create_standing_order", name="all-to-r1", search='{"always-true": 0}',
+         conn_name="r1")
+    put_bytes(sender, "d/x.txt", b"x")
+    time.sleep(3)
+    assert names_on(r1) == []
+    assert [t for t, _ in events(sender_dir, "x.txt")] == ["create_instance"]
+
+
+def test_standing_order_requests_are_checked(pair):
+    sender = pair[0]
+    assert "unknown clause" in call(sender, "create_standing_order", name="bad",
+                                    search='{"colour-is": 1}', conn_name="receiver")["message"]
+    assert "no connection named 'mars'" in call(sender, "create_standing_order", name="bad",
+                                                search="{}", conn_name="mars")["message"]
+    assert "name" in call(sender, "create_standing_order", name="a b", search="{}",
+                          conn_name="receiver")["message"]
+    call(sender, "create_standing_order", name="ok", search="{}", conn_name="receiver")
+    assert "exists already" in call(sender, "create_standing_order", name="ok", search="{}",
+                                    conn_name="receiver")["message"]
+    call(sender, "update_standing_order", name="ok", search='{"size-greater-than": 5}')
+    assert call(sender, "list_standing_orders")["standing_orders"][0]["search"] == \
+        '{"size-greater-than": 5}'
+    call(sender, "delete_standing_order", name="ok")
+    assert call(sender, "list_standing_orders")["standing_orders"] == []
+    assert "no standing order named" in call(sender, "delete_standing_order",
+                                             name="ok")["message"]

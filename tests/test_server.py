@@ -32,7 +32,7 @@ def test_serve_refuses_an_unmigrated_database(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "serve",
                            "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert "is not migrated (pending: 001_initial, 002_search_indexes, 003_web_sessions, 004_tasks)" in proc.stderr
+    assert "is not migrated (pending: 001_initial, 002_search_indexes, 003_web_sessions, 004_tasks, 005_standing_orders)" in proc.stderr
     assert "librarian.py migrate --config" in proc.stderr
 
 
