@@ -328,7 +328,8 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
 
 def register_staged(store, abs_staged, store_path, *, source, deletion_policy=None,
                     meta_mode="infer", null_obsid=False, inference_mode="none",
-                    readonly=True, expected_md5=None, size=None, md5=None, claim=None):
+                    readonly=True, expected_md5=None, size=None, md5=None, claim=None,
+                    another_copy=False):
     """Register the file or directory staged at `abs_staged` as
     `store_path` on `store` (a `stores.LocalStore`) and move it there.
 
@@ -340,6 +341,7 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     identical file already had an instance (the staged bytes are then left
     for the caller to clean up). `claim`, if given, runs first inside the
     transaction (used to consume an issued staging directory exactly once).
+    `another_copy`: add this instance even if the file has others (offload).
     Raises `LibrarianError` (400, 409)."""
     _, name = split_store_path(store_path)
     check_tree(abs_staged)
@@ -358,7 +360,7 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     try:
         result = _register(store, store_path, size, md5, source=source,
                            deletion_policy=deletion_policy, meta_mode=meta_mode, obsid=obsid,
-                           meta=meta, move=move, claim=claim)
+                           meta=meta, move=move, claim=claim, another_copy=another_copy)
     except BaseException:
         # The transaction was rolled back: bytes already moved must go too.
         for path in moved:

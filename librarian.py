@@ -92,6 +92,7 @@ def setup(config):
     app.add_hook("after_request", _close_db)
     app.default_error_handler = render_error
     import copies
+    import offload  # noqa: F401  (registers its task kind)
     import standing
     import tasks
 
@@ -677,6 +678,14 @@ def op_list_standing_orders(source, args):
     """The standing orders: name, search, conn_name."""
     orders = standing.StandingOrder.select().order_by(standing.StandingOrder.name)
     return {"standing_orders": [o.to_dict() for o in orders]}
+
+
+@operation("initiate_offload", "read-write", source_store_name=str, dest_store_name=str)
+def op_initiate_offload(source, args):
+    """Move the sole copies on one store to another store of this Librarian."""
+    import offload
+
+    return offload.launch(args["source_store_name"], args["dest_store_name"])
 
 
 def deletion_mode(args):

@@ -1,0 +1,90 @@
+"""Offload: move a store's sole copies to another store of this Librarian.
+
+`launch(source, dest)` answers `store-shut-down` (and marks the source
+unavailable) when every file on the source also has an instance elsewhere;
+otherwise it queues an `offload` task for the instances that exist only on
+the source, up to `BATCH`, and answers `task-launched` with their count.
+The task copies each into the destination's staging area, checks its MD5
+against the File record, registers the new instance (bytes moved into place
+in the same transaction, as for uploads) and marks the source instance
+deletable, with an `instance_deletion_policy_changed` event whose context
+is "offload". Deleting the source copies stays a separate, deliberate step
+(`delete_file_instances`).
+"""
+
+import os
+import shutil
+
+
+import ingest
+import tasks
+from models import (DELETION_ALLOWED, File, FileEvent, FileInstance, LibrarianError, Store,
+                    write_transaction)
+from stores import LocalStore, path_info, remove_tree
+
+BATCH = 1000
+
+
+def sole_instances(source):
+    """Instances on `source` (a Store row) of files with no other instance."""
+    return (FileInstance.select(FileInstance, File).join(File)
+            .where((FileInstance.store == source) & (File.num_instances == 1))
+            .order_by(FileInstance.file))
+
+
+def launch(source_name, dest_name):
+    """See the module docstring; returns the reply fields."""
+    if source_name == dest_name:
+        raise LibrarianError(400, "source and destination are the same store")
+    source, dest = Store.by_name(source_name), Store.by_name(dest_name)
+    if not LocalStore(dest).is_reachable():
+        raise LibrarianError(400, "destination store %r is not reachable" % dest_name)
+    count = min(sole_instances(source).count(), BATCH)
+    if count == 0:
+        with write_transaction():
+            Store.update(available=False).where(Store.id == source.id).execute()
+        return {"outcome": "store-shut-down"}
+    tasks.enqueue("offload", {"source": source_name, "dest": dest_name, "batch": BATCH})
+    return {"outcome": "task-launched", "instance-count": count}
+
+
+def copy_into_staging(src_path, dest_store, name):
+    """Copy a file or tree into a fresh staging dir of `dest_store`;
+    returns (staging dir, staged path)."""
+    staging = dest_store.new_staging_dir()
+    staged = os.path.join(staging, name)
+    if os.path.isdir(src_path):
+        shutil.copytree(src_path, staged, symlinks=True)
+    else:
+        shutil.copyfile(src_path, staged)
+    return staging, staged
+
+
+@tasks.handler("offload")
+def offload_task(task, args):
+    """Copy, verify, register, mark deletable; one instance at a time."""
+    source, dest = Store.by_name(args["source"]), LocalStore(Store.by_name(args["dest"]))
+    done = 0
+    for inst in list(sole_instances(source).limit(args["batch"])):
+        src_path = LocalStore(source).resolve(inst.store_path)
+        staging, staged = copy_into_staging(src_path, dest, inst.name)
+        try:
+            size, md5 = path_info(staged)
+            if (size, md5) != (inst.file.size, inst.file.md5):
+                raise LibrarianError(500, "copy of %s has size %d md5 %s, not %d %s"
+                                     % (inst.name, size, md5, inst.file.size, inst.file.md5))
+            ingest.register_staged(dest, staged, inst.store_path, source=inst.file.source,
+                                   meta_mode="direct", size=size, md5=md5, another_copy=True)
+        finally:
+            remove_tree(staging)
+        with write_transaction():
+            (FileInstance.update(deletion_policy=DELETION_ALLOWED)
+             .where((FileInstance.store == source) & (FileInstance.parent_dirs == inst.parent_dirs)
+                    & (FileInstance.file == inst.name)).execute())
+            FileEvent.record(inst.name, "instance_deletion_policy_changed",
+                             {"store_name": source.name, "parent_dirs": inst.parent_dirs,
+                              "old_policy": "disallowed", "new_policy": "allowed",
+                              "context": "offload"})
+        done += 1
+        task.report(done)
+
