@@ -169,8 +169,10 @@ def startup(app):
         for row in Store.select():
             os.makedirs(row.path_prefix, exist_ok=True)
         import standing
+        import tasks
 
         standing.schedule_periodic()
+        tasks.reclaim_dead_local_workers()
 
 
 # ---------------------------------------------------------------------------

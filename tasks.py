@@ -110,6 +110,29 @@ def reclaim_stale(now=None):
                 .where((Task.state == "running") & (Task.heartbeat < cutoff)).execute())
 
 
+def reclaim_dead_local_workers():
+    """Put back to pending the running tasks of workers on this host whose
+    process is gone (a server killed and restarted resumes its work at
+    once, instead of after STALE_SECONDS); returns how many."""
+    prefix = socket.gethostname() + ":"
+    dead = []
+    for task in Task.select(Task.id, Task.worker).where((Task.state == "running")
+                                                       & Task.worker.startswith(prefix)):
+        try:
+            pid = int(task.worker.split(":")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            dead.append(task.id)
+        except (ValueError, IndexError, PermissionError):
+            continue
+    if not dead:
+        return 0
+    with write_transaction():
+        return (Task.update(state="pending", worker=None, next_attempt=utcnow(),
+                            last_error="its worker process died; reclaimed")
+                .where(Task.id.in_(dead) & (Task.state == "running")).execute())
+
+
 def claim(worker_name, now=None):
     """Atomically take the next due pending task for `worker_name`, mark it
     running and count the attempt; None when there is none."""
