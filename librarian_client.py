@@ -259,6 +259,32 @@ class LibrarianClient:
         return self._do_http_post("delete_file_instances_matching_query", query=query,
                                   mode=mode, restrict_to_store=restrict_to_store)
 
+    def launch_file_copy(self, file_name, connection_name, remote_store_path=None,
+                         known_staging_store=None, known_staging_subdir=None):
+        return self._do_http_post("launch_file_copy", file_name=file_name,
+                                  connection_name=connection_name,
+                                  remote_store_path=remote_store_path,
+                                  known_staging_store=known_staging_store,
+                                  known_staging_subdir=known_staging_subdir)
+
+    def initiate_offload(self, source_store_name, dest_store_name):
+        return self._do_http_post("initiate_offload", source_store_name=source_store_name,
+                                  dest_store_name=dest_store_name)
+
+    def create_standing_order(self, name, search, conn_name):
+        return self._do_http_post("create_standing_order", name=name, search=search,
+                                  conn_name=conn_name)
+
+    def update_standing_order(self, name, search=None, conn_name=None):
+        return self._do_http_post("update_standing_order", name=name, search=search,
+                                  conn_name=conn_name)
+
+    def delete_standing_order(self, name):
+        return self._do_http_post("delete_standing_order", name=name)
+
+    def list_standing_orders(self):
+        return self._do_http_post("list_standing_orders")["standing_orders"]
+
     # -- streamed transfers ---------------------------------------------------
 
     def upload(self, local_path, dest_store_path, null_obsid=False, deletion_policy="disallowed",
@@ -595,6 +621,22 @@ def cmd_describe_session(client, args):
                                                i["path_prefix"], i["store_path"]))
 
 
+def cmd_launch_copy(client, args):
+    client.launch_file_copy(os.path.basename(args.file_name.rstrip("/")), args.connection,
+                            remote_store_path=args.remote_path)
+    print("copy of %s to %s queued" % (args.file_name, args.connection))
+
+
+def cmd_initiate_offload(client, args):
+    reply = client.initiate_offload(args.source_store, args.dest_store)
+    if reply["outcome"] == "store-shut-down":
+        print("store %s holds no sole copies any more; it is now unavailable"
+              % args.source_store)
+    else:
+        print("offload of %d instance(s) from %s to %s queued"
+              % (reply["instance-count"], args.source_store, args.dest_store))
+
+
 class UsageError(Exception):
     """Bad command-line input (exit status 2)."""
 
@@ -670,6 +712,20 @@ def build_parser():
     p.add_argument("source", help="source of the files, e.g. the correlator's")
     p.add_argument("event_type")
     p.set_defaults(func=cmd_describe_session)
+
+    p = sub.add_parser("launch-copy", help="copy a file to another Librarian (queued)")
+    p.add_argument("conn_name", help="the Librarian that has the file")
+    p.add_argument("file_name")
+    p.add_argument("connection", help="that Librarian's name for the destination")
+    p.add_argument("--remote-path", help="store path at the destination (default: the same)")
+    p.set_defaults(func=cmd_launch_copy)
+
+    p = sub.add_parser("initiate-offload",
+                       help="move the sole copies on one store to another (queued)")
+    p.add_argument("conn_name")
+    p.add_argument("source_store")
+    p.add_argument("dest_store")
+    p.set_defaults(func=cmd_initiate_offload)
 
     p = sub.add_parser("add-file-event", help="record an event about a file")
     p.add_argument("conn_name")

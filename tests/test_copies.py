@@ -285,3 +285,20 @@ def test_a_sender_killed_mid_copy_resumes_after_restart(pair, tmp_path):
     with sqlite3.connect(sender_dir / "db.sqlite") as conn:
         state, attempts = conn.execute("SELECT state, attempts FROM task").fetchone()
     assert state == "done" and attempts == 2
+
+
+def test_client_launch_copy_and_initiate_offload(pair, tmp_path, capsys):
+    import librarian_client
+
+    sender, sender_dir, receiver, _ = pair
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text(json.dumps({"connections": {"s": {"url": sender.url,
+                                                     "authenticator": AUTH["writer"]}}}))
+    put_bytes(sender, "n/note.txt", b"a note")
+    assert librarian_client.main(["--config", str(cfg), "launch-copy", "s", "note.txt",
+                                  "receiver"]) == 0
+    assert "copy of note.txt to receiver queued" in capsys.readouterr().out
+    wait_for(lambda: names_on(receiver) == ["note.txt"])
+    assert librarian_client.main(["--config", str(cfg), "initiate-offload", "s", "main",
+                                  "nowhere"]) == 1
+    assert "no store named 'nowhere'" in capsys.readouterr().err
