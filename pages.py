@@ -415,13 +415,119 @@ def upload_page():
 
 
 # ---------------------------------------------------------------------------
+# Tasks and standing orders
+# ---------------------------------------------------------------------------
+
+def tasks_page():
+    import tasks
+
+    person()
+    Task = tasks.Task
+    now = models.utcnow()
+
+    def rows(state, order, limit):
+        return list(Task.select().where(Task.state == state).order_by(*order).limit(limit))
+
+    running = rows("running", (Task.started,), PAGE_SIZE)
+    rates = {t.id: (t.progress_bytes / max((now - t.started).total_seconds(), 1.0))
+             for t in running if t.started}
+    return render("tasks", "Tasks", pending=rows("pending", (Task.next_attempt, Task.id),
+                                                 PAGE_SIZE),
+                  running=running, rates=rates,
+                  done=rows("done", (Task.finished.desc(),), RECENT * 2),
+                  failed=rows("failed", (Task.finished.desc(),), RECENT * 2))
+
+
+def task_action(task_id, action):
+    import tasks
+
+    source = person("admin")
+    check_form_csrf()
+    Task = tasks.Task
+    now = models.utcnow()
+    with models.write_transaction():
+        if action == "retry":
+            changed = (Task.update(state="pending", next_attempt=now, attempts=0, finished=None)
+                       .where((Task.id == task_id) & Task.state.in_(("failed", "pending")))
+                       .execute())
+        else:
+            changed = (Task.update(state="failed", finished=now,
+                                   last_error="cancelled by %s" % source.name)
+                       .where((Task.id == task_id) & (Task.state == "pending")).execute())
+    if not changed:
+        raise HTTPError(409, "Task %d is not in a state that allows %s." % (task_id, action))
+    redirect("/tasks")
+
+
+def standing_orders_page():
+    import standing
+
+    person()
+    orders = standing.StandingOrder.select().order_by(standing.StandingOrder.name)
+    return render("standing_orders", "Standing orders", orders=list(orders), error=None,
+                  form={"name": "", "search": SAMPLE_SEARCHES["files"], "conn_name": ""},
+                  mode=settings().librarian["standing_order_mode"])
+
+
+def standing_order_page(name):
+    import standing
+
+    person()
+    order = standing.StandingOrder.get_or_none(standing.StandingOrder.name == name)
+    if order is None:
+        raise HTTPError(404, "No standing order named %r." % name)
+    return render("standing_order", "Standing order " + name, order=order, error=None)
+
+
+def standing_order_form(name=None):
+    """POST /standing-orders (create) or /standing-orders/<name> (update)."""
+    import standing
+
+    person("admin")
+    check_form_csrf()
+    fields = {k: request.forms.getunicode(k) or "" for k in ("name", "search", "conn_name")}
+    try:
+        if name is None:
+            standing.create(fields["name"], fields["search"], fields["conn_name"])
+            standing.schedule_periodic()
+            name = fields["name"]
+        else:
+            standing.update(name, fields["search"] or None, fields["conn_name"] or None)
+    except LibrarianError as e:
+        if name is None or standing.StandingOrder.get_or_none(
+                standing.StandingOrder.name == name) is None:
+            orders = standing.StandingOrder.select().order_by(standing.StandingOrder.name)
+            return render("standing_orders", "Standing orders", status=400, orders=list(orders),
+                          error=e.message, form=fields,
+                          mode=settings().librarian["standing_order_mode"])
+        order = standing.get(name)
+        return render("standing_order", "Standing order " + name, status=400, order=order,
+                      error=e.message)
+    redirect("/standing-orders/" + urllib.parse.quote(name, safe=""))
+
+
+def standing_order_delete(name):
+    import standing
+
+    person("admin")
+    check_form_csrf()
+    try:
+        standing.delete(name)
+    except LibrarianError as e:
+        raise HTTPError(404, e.message)
+    redirect("/standing-orders")
+
+
+# ---------------------------------------------------------------------------
 # Routes
 # ---------------------------------------------------------------------------
 
 NAV = [("/", "Home", "read-only"), ("/search-files", "Files", "read-only"),
        ("/observations", "Observations", "read-only"), ("/sessions/recent", "Sessions", "read-only"),
-       ("/stores", "Stores", "read-only"), ("/upload", "Upload", "read-append")]
-# Later features (tasks, standing orders, connectivity) add their pages to NAV.
+       ("/stores", "Stores", "read-only"), ("/tasks", "Tasks", "read-only"),
+       ("/standing-orders", "Standing orders", "read-only"),
+       ("/upload", "Upload", "read-append")]
+# Later features (staging, connectivity) add their pages to NAV.
 
 
 def favicon():
@@ -453,4 +559,13 @@ def install(app):
     app.route("/search-sessions", "GET", search_form("sessions"))
     app.route("/search", ["GET", "POST"], run_search)
     app.route("/upload", "GET", upload_page)
+    app.route("/tasks", "GET", tasks_page)
+    app.route("/tasks/<task_id:int>/retry", "POST", lambda task_id: task_action(task_id, "retry"))
+    app.route("/tasks/<task_id:int>/cancel", "POST",
+              lambda task_id: task_action(task_id, "cancel"))
+    app.route("/standing-orders", "GET", standing_orders_page)
+    app.route("/standing-orders", "POST", standing_order_form)
+    app.route("/standing-orders/<name>", "GET", standing_order_page)
+    app.route("/standing-orders/<name>", "POST", standing_order_form)
+    app.route("/standing-orders/<name>/delete", "POST", standing_order_delete)
     bottle.SimpleTemplate.defaults["nav"] = NAV

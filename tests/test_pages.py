@@ -244,3 +244,51 @@ def test_pages_survive_out_of_range_dates(browser, app):
     models.Observation.create(obsid=5, start_time_jd=1e300, stop_time_jd=None)
     assert "/observations/5" in browser.get("/observations").text
     browser.get("/observations/5")
+
+
+def test_tasks_page_lists_states_and_admins_can_retry_and_cancel(browser, web, app):
+    import tasks
+    import task_support  # noqa: F401
+
+    failed = tasks.enqueue("test_fail", {"permanent": True})
+    tasks.run_until_empty()
+    pending = tasks.enqueue("test_fail", {}, delay=3600)
+    page = browser.get("/tasks")
+    assert "bad arguments" in page.text and "due " in page.text
+    cancel = [f for f in page.forms.values() if f.action == "/tasks/%d/cancel" % pending.id][0]
+    cancel.submit(status=302)
+    assert tasks.Task.get_by_id(pending.id).state == "failed"
+    retry = [f for f in browser.get("/tasks").forms.values()
+             if f.action == "/tasks/%d/retry" % failed.id][0]
+    retry.submit(status=302)
+    assert tasks.Task.get_by_id(failed.id).state == "pending"
+    browser.post("/tasks/%d/cancel" % failed.id, {}, status=403)  # no CSRF token
+    login_as(web, "writer")
+    assert "Retry now" not in web.get("/tasks").text
+    web.post("/tasks/%d/retry" % failed.id, {"csrf_token": "x"}, status=403)
+
+
+def test_standing_order_pages_create_edit_delete(browser, web, app, monkeypatch):
+    import copies
+
+    monkeypatch.setattr(copies, "client_for", lambda name: None)
+    page = browser.get("/standing-orders")
+    form = page.forms[0]
+    form["name"] = "to-penn"
+    form["conn_name"] = "penn"
+    form["search"] = '{"type-is-exactly": "uvh5"}'
+    resp = form.submit(status=302)
+    assert resp.location.endswith("/standing-orders/to-penn")
+    page = browser.get("/standing-orders/to-penn")
+    edit = page.forms[0]
+    edit["search"] = '{"bogus": 1}'
+    assert "unknown clause" in edit.submit(status=400).text
+    edit = browser.get("/standing-orders/to-penn").forms[0]
+    edit["search"] = '{"type-is-exactly": "uvA"}'
+    edit.submit(status=302)
+    assert "uvA" in browser.get("/standing-orders").text
+    browser.get("/standing-orders/to-penn").forms[1].submit(status=302)
+    assert "No standing orders" in browser.get("/standing-orders").text
+    browser.get("/standing-orders/nope", status=404)
+    login_as(web, "reader")
+    assert "New standing order" not in web.get("/standing-orders").text
