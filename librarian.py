@@ -33,13 +33,14 @@ import urllib.parse
 
 import bottle
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
-from webauth import authenticate, bearer_token, caller
+from webauth import authenticate, bearer_token, caller, require_level
 
 import deletion
 import ingest
 import models
 import search
 import sessions
+import staging
 import standing
 import settings as settings_mod
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
@@ -98,6 +99,7 @@ def setup(config):
 
     copies.configure(config)
     standing.configure(config)
+    staging.configure(config)
     tasks.BASE_DELAY = config.server["task_retry_seconds"]
     return app
 
@@ -582,8 +584,9 @@ def op_search(source, args):
     client's staging call and means nothing here.)"""
     fmt = args["output_format"]
     if fmt == "stage-the-files-json":
-        fail(400, "output_format 'stage-the-files-json' (staging) is not available on this "
-             "server yet")
+        require_level(source, "read-write")
+        return staging.launch(args["search"], args["stage_user"] or source.name,
+                              args["stage_dest"] or "")
     if fmt not in SEARCH_OUTPUTS:
         fail(400, "output_format must be one of %s, got %r"
              % (", ".join(sorted(SEARCH_OUTPUTS)), fmt))

@@ -399,7 +399,7 @@ def file_results(text, fmt):
         return "".join("%s:%s\n" % (i.store.ssh_host, i.full_path_on_store)
                        for i in search.instance_query(text).limit(100000))
     totals = query.select(pw.fn.COUNT(pw.SQL("*")), pw.fn.COALESCE(pw.fn.SUM(File.size), 0))
-    count, size = totals.order_by().tuples().get()
+    count, size = (int(v) for v in totals.order_by().tuples().get())
     rows, page, more = paginate(query)
     return render("results_files", "Files found", files=rows, page=page, more=more, text=text,
                   count=count, total_size=size)

@@ -125,6 +125,9 @@ SCHEMA = {
         "ssh_host": (_nonempty, None),
         "available": (_bool, True),
     },
+    "staging": {
+        "dest_prefix": (_nonempty, None),
+    },
     "connection:*": {
         "url": (_url, REQUIRED),
         "authenticator": (_nonempty, REQUIRED),
@@ -150,6 +153,7 @@ class Settings:
         self.stores = sections["store:*"]
         self.sources = sections["source:*"]
         self.connections = sections["connection:*"]
+        self.staging = sections["staging"]
 
 
 def _cast_section(label, schema, items):
@@ -195,7 +199,7 @@ def parse(text, path=None):
             sections[label] = _cast_section(label, SCHEMA[label], items)
         else:
             raise ConfigError("unknown section [%s]" % label)
-    for label in ("server", "database", "librarian"):
+    for label in ("server", "database", "librarian", "staging"):
         if label not in sections:
             sections[label] = _cast_section(label, SCHEMA[label], {})
     for store in sections["store:*"].values():

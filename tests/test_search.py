@@ -233,7 +233,7 @@ def test_bad_output_format_and_staging_not_yet(catalogue, web):
     assert "output_format must be one of" in msg
     msg = api(web, "search", status=400, search="{}",
               output_format="stage-the-files-json")["message"]
-    assert "not available" in msg
+    assert "staging is not configured" in msg
 
 
 class QueryCounter(logging.Handler):

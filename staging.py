@@ -1,0 +1,113 @@
+"""Local-disk staging: copying the files a search matches to a directory
+people can work in.
+
+`launch(search_text, user, subdir)` resolves the destination
+`dest_prefix/USER/SUBDIR` (it must stay inside `[staging] dest_prefix`,
+symbolic links included), takes its lock by creating `STAGING-IN-PROGRESS`
+(a second staging into the same place is refused while one runs), and
+queues a `stage` task. The task copies one local instance of each matching
+file into the destination and finishes by replacing the lock with
+`STAGING-SUCCEEDED`, or with `STAGING-ERRORS` listing one error per line.
+"""
+
+import os
+import re
+import shutil
+
+import peewee as pw
+
+import search
+import tasks
+from models import File, LibrarianError
+from stores import LocalStore
+
+IN_PROGRESS, SUCCEEDED, ERRORS = "STAGING-IN-PROGRESS", "STAGING-SUCCEEDED", "STAGING-ERRORS"
+USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_settings = None
+
+
+def configure(settings):
+    global _settings
+    _settings = settings
+
+
+def destination(user, subdir):
+    """The absolute destination for `user` and `subdir`; 400 when staging is
+    not configured, or the user name or subdir is bad, or it resolves
+    outside `dest_prefix`."""
+    prefix = _settings.staging["dest_prefix"] if _settings else None
+    if not prefix:
+        raise LibrarianError(400, "staging is not configured on this Librarian ([staging] "
+                             "dest_prefix)")
+    if not isinstance(user, str) or not USER_RE.match(user):
+        raise LibrarianError(400, "stage_user %r must be a plain name" % (user,))
+    if not isinstance(subdir, str) or subdir.startswith("/") or "\0" in subdir \
+            or ".." in subdir.split("/"):
+        raise LibrarianError(400, "stage_dest %r must be a relative path without '..'"
+                             % (subdir,))
+    root = os.path.realpath(prefix)
+    dest = os.path.realpath(os.path.join(root, user, subdir))
+    if dest != root and not dest.startswith(root + os.sep):
+        raise LibrarianError(400, "stage_dest %r resolves outside the staging area" % subdir)
+    return dest
+
+
+def totals(search_text):
+    """(number of files with an instance here, their bytes) for a search."""
+    q = search.file_query(search_text).where(File.num_instances > 0).order_by()
+    n, size = q.select(pw.fn.COUNT(pw.SQL("*")), pw.fn.COALESCE(pw.fn.SUM(File.size), 0)) \
+        .tuples().get()
+    return int(n), int(size)
+
+
+def launch(search_text, user, subdir):
+    """Check, lock and queue a staging; returns `{destination, n_instances,
+    n_bytes}`. 400 on bad input, 409 when a staging into it is running."""
+    dest = destination(user, subdir)
+    n, size = totals(search_text)
+    os.makedirs(dest, exist_ok=True)
+    for marker in (SUCCEEDED, ERRORS):
+        if os.path.exists(os.path.join(dest, marker)):
+            os.unlink(os.path.join(dest, marker))
+    try:
+        fd = os.open(os.path.join(dest, IN_PROGRESS), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise LibrarianError(409, "a staging into %s is in progress" % dest) from None
+    os.close(fd)
+    tasks.enqueue("stage", {"search": search_text, "destination": dest}, max_attempts=1)
+    return {"destination": dest, "n_instances": n, "n_bytes": size}
+
+
+def _copy(src, dest):
+    if os.path.isdir(src):
+        shutil.copytree(src, dest)
+    else:
+        shutil.copyfile(src, dest)
+
+
+@tasks.handler("stage")
+def stage_task(task, args):
+    """Copy each matching file's first present local instance; finish with
+    the marker files."""
+    dest = args["destination"]
+    errors, copied = [], 0
+    try:
+        for f in search.file_query(args["search"]).where(File.num_instances > 0):
+            target = os.path.join(dest, f.name)
+            try:
+                if os.path.lexists(target):
+                    raise FileExistsError("%s exists already" % target)
+                sources = [LocalStore(i.store).resolve(i.store_path) for i in f.instances]
+                present = [p for p in sources if os.path.lexists(p)]
+                if not present:
+                    raise FileNotFoundError("no instance of %s is present here" % f.name)
+                _copy(present[0], target)
+                copied += f.size
+                task.report(copied)
+            except (OSError, LibrarianError) as e:
+                errors.append("%s: %s" % (f.name, e))
+    finally:
+        marker = ERRORS if errors else SUCCEEDED
+        with open(os.path.join(dest, marker), "w", encoding="utf-8") as out:
+            out.write("".join(line.replace("\n", " ") + "\n" for line in errors))
+        os.unlink(os.path.join(dest, IN_PROGRESS))
