@@ -259,6 +259,15 @@ class LibrarianClient:
         return self._do_http_post("delete_file_instances_matching_query", query=query,
                                   mode=mode, restrict_to_store=restrict_to_store)
 
+    def stage_files(self, search, dest, user=None):
+        """Ask the Librarian to copy the files a search matches to `dest`
+        under its staging area; returns `{destination, n_instances,
+        n_bytes}`."""
+        if not isinstance(search, str):
+            search = json.dumps(search)
+        return self._do_http_post("search", search=search, output_format="stage-the-files-json",
+                                  stage_user=user, stage_dest=dest)
+
     def launch_file_copy(self, file_name, connection_name, remote_store_path=None,
                          known_staging_store=None, known_staging_subdir=None):
         return self._do_http_post("launch_file_copy", file_name=file_name,
@@ -621,6 +630,36 @@ def cmd_describe_session(client, args):
                                                i["path_prefix"], i["store_path"]))
 
 
+def wait_for_staging(destination, timeout=None, poll=2.0):
+    """Wait until a staging's marker file appears in `destination` (which
+    this host must see); returns the error lines (empty on success)."""
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        if os.path.exists(os.path.join(destination, "STAGING-SUCCEEDED")):
+            return []
+        errors = os.path.join(destination, "STAGING-ERRORS")
+        if os.path.exists(errors):
+            with open(errors, encoding="utf-8") as f:
+                return f.read().splitlines()
+        if deadline and time.monotonic() > deadline:
+            raise RPCError("stage-files", "still staging into %s after %d s"
+                           % (destination, timeout))
+        time.sleep(poll)
+
+
+def cmd_stage_files(client, args):
+    reply = client.stage_files(_search_text(args.search), args.dest, user=args.user)
+    print("staging %d file(s), %d bytes, into %s" % (reply["n_instances"], reply["n_bytes"],
+                                                    reply["destination"]))
+    if args.wait:
+        errors = wait_for_staging(reply["destination"], timeout=args.timeout)
+        if errors:
+            for line in errors:
+                print("error: %s" % line, file=sys.stderr)
+            raise RPCError("stage-files", "%d file(s) could not be staged" % len(errors))
+        print("done")
+
+
 def cmd_launch_copy(client, args):
     client.launch_file_copy(os.path.basename(args.file_name.rstrip("/")), args.connection,
                             remote_store_path=args.remote_path)
@@ -719,6 +758,16 @@ def build_parser():
     p.add_argument("connection", help="that Librarian's name for the destination")
     p.add_argument("--remote-path", help="store path at the destination (default: the same)")
     p.set_defaults(func=cmd_launch_copy)
+
+    p = sub.add_parser("stage-files", help="copy matching files to the staging area")
+    p.add_argument("conn_name")
+    p.add_argument("search", help="JSON file search")
+    p.add_argument("dest", help="folder under your part of the staging area")
+    p.add_argument("--user", help="staging area of this user (default: your source name)")
+    p.add_argument("--wait", action="store_true", help="wait until it is done (this host "
+                   "must see the staging area)")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after this many s")
+    p.set_defaults(func=cmd_stage_files)
 
     p = sub.add_parser("initiate-offload",
                        help="move the sole copies on one store to another (queued)")

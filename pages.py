@@ -402,7 +402,8 @@ def file_results(text, fmt):
     count, size = (int(v) for v in totals.order_by().tuples().get())
     rows, page, more = paginate(query)
     return render("results_files", "Files found", files=rows, page=page, more=more, text=text,
-                  count=count, total_size=size)
+                  count=count, total_size=size,
+                  staging=bool(settings().staging["dest_prefix"]))
 
 
 # ---------------------------------------------------------------------------
@@ -506,6 +507,21 @@ def standing_order_form(name=None):
     redirect("/standing-orders/" + urllib.parse.quote(name, safe=""))
 
 
+def stage_form():
+    """POST /stage from the file search results: stage the search's files
+    under the person's part of the staging area."""
+    import staging
+
+    source = person("read-write")
+    check_form_csrf()
+    try:
+        reply = staging.launch(request.forms.getunicode("search") or "", source.name,
+                               request.forms.getunicode("dest") or "")
+    except LibrarianError as e:
+        raise HTTPError(e.status, e.message)
+    return render("staged", "Staging", reply=reply)
+
+
 def standing_order_delete(name):
     import standing
 
@@ -559,6 +575,7 @@ def install(app):
     app.route("/search-sessions", "GET", search_form("sessions"))
     app.route("/search", ["GET", "POST"], run_search)
     app.route("/upload", "GET", upload_page)
+    app.route("/stage", "POST", stage_form)
     app.route("/tasks", "GET", tasks_page)
     app.route("/tasks/<task_id:int>/retry", "POST", lambda task_id: task_action(task_id, "retry"))
     app.route("/tasks/<task_id:int>/cancel", "POST",

@@ -58,3 +58,46 @@ def test_staging_refuses_escapes(staged, web, tmp_path, user, subdir, message):
 def test_staging_needs_read_write(staged, web):
     assert api(web, "search", auth="appender", status=403, search="{}",
                output_format="stage-the-files-json", stage_dest="x")["success"] is False
+
+
+def test_client_stage_files_waits_for_the_result(tmp_path, capsys):
+    import json
+
+    import librarian_client
+    from conftest import AUTH
+    from test_copies import make_librarian, put_bytes
+
+    area = tmp_path / "area"
+    area.mkdir()
+    server, _ = make_librarian(tmp_path, "lib", extra="[staging]\ndest_prefix = %s\n" % area)
+    server.start()
+    try:
+        put_bytes(server, "x/a.txt", b"aaa")
+        cfg = tmp_path / "c.cfg"
+        cfg.write_text(json.dumps({"connections": {"l": {"url": server.url,
+                                                         "authenticator": AUTH["writer"]}}}))
+        code = librarian_client.main(["--config", str(cfg), "stage-files", "l",
+                                      '{"name-is-exactly": "a.txt"}', "run1", "--wait",
+                                      "--timeout", "60"])
+        assert code == 0
+        out = capsys.readouterr().out
+        assert "staging 1 file(s), 3 bytes" in out and out.strip().endswith("done")
+        assert (area / "writer" / "run1" / "a.txt").read_bytes() == b"aaa"
+    finally:
+        server.stop()
+
+
+def test_staging_form_under_file_search_results(staged, web):
+    from test_pages import login_as
+
+    login_as(web, "writer")
+    page = web.post("/search", {"type": "files", "search": '{"name-is-exactly": "one.txt"}',
+                                "output_format": "List of files"})
+    form = [f for f in page.forms.values() if f.action == "/stage"][0]
+    form["dest"] = "from-web"
+    assert "into <code>%s</code>" % (staged / "writer" / "from-web") in form.submit().text
+    tasks.run_until_empty()
+    assert sorted(os.listdir(staged / "writer" / "from-web")) == ["STAGING-SUCCEEDED", "one.txt"]
+    login_as(web, "reader")
+    page = web.post("/search", {"type": "files", "search": "{}", "output_format": "List of files"})
+    assert "/stage" not in page.text
