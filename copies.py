@@ -50,6 +50,36 @@ def client_for(connection_name):
                              % (connection_name, e.message)) from None
 
 
+def connection_names():
+    """Names of the configured connections, then those of ~/.hl_client.cfg."""
+    names = list(_settings.connections) if _settings is not None else []
+    try:
+        import json
+
+        path = os.path.expanduser(os.environ.get("HL_CLIENT_CFG") or
+                                  librarian_client.CONFIG_PATH)
+        with open(path, encoding="utf-8") as f:
+            names += [n for n in json.load(f).get("connections", {}) if n not in names]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return names
+
+
+def check_connection(name):
+    """`{name, url, ok, message, stores}` for a connection: ping it and
+    list its stores."""
+    result = {"name": name, "url": None, "ok": False, "message": "", "stores": []}
+    try:
+        client = client_for(name)
+        result["url"] = client.url
+        client.ping()
+        result["stores"] = client.probe_stores()
+        result["ok"] = True
+    except (LibrarianError, librarian_client.RPCError) as e:
+        result["message"] = e.message
+    return result
+
+
 def local_copy(file_name):
     """(FileInstance, absolute path) of a present local instance of a file,
     or raise `LibrarianError(400)`."""

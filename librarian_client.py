@@ -660,6 +660,29 @@ def cmd_stage_files(client, args):
         print("done")
 
 
+def check_connections(config_path=None):
+    """Ping every connection of the client configuration and list its
+    stores; returns the number that failed."""
+    path = os.path.expanduser(config_path or os.environ.get("HL_CLIENT_CFG") or CONFIG_PATH)
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = list(json.load(f).get("connections", {}))
+    except (OSError, ValueError, AttributeError) as e:
+        raise RPCError("check-connections", "cannot read %s: %s" % (path, e)) from None
+    failed = 0
+    for name in names:
+        try:
+            client = LibrarianClient(name, config_path=config_path)
+            client.ping()
+            stores = client.probe_stores()
+            print("%s (%s): answers; stores: %s" % (name, client.url, ", ".join(
+                "%s on %s" % (s["name"], s["ssh_host"]) for s in stores) or "none available"))
+        except RPCError as e:
+            failed += 1
+            print("%s: FAILED: %s" % (name, e.message))
+    return failed
+
+
 def cmd_launch_copy(client, args):
     client.launch_file_copy(os.path.basename(args.file_name.rstrip("/")), args.connection,
                             remote_store_path=args.remote_path)
@@ -769,6 +792,10 @@ def build_parser():
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many s")
     p.set_defaults(func=cmd_stage_files)
 
+    p = sub.add_parser("check-connections",
+                       help="ping every connection in the client configuration")
+    p.set_defaults(func=None)
+
     p = sub.add_parser("initiate-offload",
                        help="move the sole copies on one store to another (queued)")
     p.add_argument("conn_name")
@@ -794,6 +821,8 @@ def main(argv=None):
     except SystemExit as e:
         return int(e.code or 0)
     try:
+        if args.command == "check-connections":
+            return 1 if check_connections(args.config) else 0
         client = LibrarianClient(args.conn_name, config_path=args.config)
         args.func(client, args)
     except UsageError as e:

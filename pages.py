@@ -507,6 +507,18 @@ def standing_order_form(name=None):
     redirect("/standing-orders/" + urllib.parse.quote(name, safe=""))
 
 
+def connectivity_page():
+    """Each connection pinged (with its stores), and each local store's
+    reachability and free space."""
+    import copies
+
+    person()
+    connections = [copies.check_connection(n) for n in copies.connection_names()]
+    stores = [(s, LocalStore(s).is_reachable(), store_usage(s))
+              for s in Store.select().order_by(Store.name)]
+    return render("connectivity", "Connectivity", connections=connections, stores=stores)
+
+
 def stage_form():
     """POST /stage from the file search results: stage the search's files
     under the person's part of the staging area."""
@@ -542,8 +554,8 @@ NAV = [("/", "Home", "read-only"), ("/search-files", "Files", "read-only"),
        ("/observations", "Observations", "read-only"), ("/sessions/recent", "Sessions", "read-only"),
        ("/stores", "Stores", "read-only"), ("/tasks", "Tasks", "read-only"),
        ("/standing-orders", "Standing orders", "read-only"),
+       ("/connectivity", "Connectivity", "read-only"),
        ("/upload", "Upload", "read-append")]
-# Later features (staging, connectivity) add their pages to NAV.
 
 
 def favicon():
@@ -576,6 +588,7 @@ def install(app):
     app.route("/search", ["GET", "POST"], run_search)
     app.route("/upload", "GET", upload_page)
     app.route("/stage", "POST", stage_form)
+    app.route("/connectivity", "GET", connectivity_page)
     app.route("/tasks", "GET", tasks_page)
     app.route("/tasks/<task_id:int>/retry", "POST", lambda task_id: task_action(task_id, "retry"))
     app.route("/tasks/<task_id:int>/cancel", "POST",

@@ -302,3 +302,27 @@ def test_client_launch_copy_and_initiate_offload(pair, tmp_path, capsys):
     assert librarian_client.main(["--config", str(cfg), "initiate-offload", "s", "main",
                                   "nowhere"]) == 1
     assert "no store named 'nowhere'" in capsys.readouterr().err
+
+
+def test_connectivity_check_in_the_client_and_on_the_web(pair, tmp_path, capsys):
+    import librarian_client
+    import webtest  # noqa: F401
+
+    sender, _, receiver, _ = pair
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text(json.dumps({"connections": {
+        "up": {"url": sender.url, "authenticator": AUTH["reader"]},
+        "down": {"url": "http://127.0.0.1:%d/" % free_port(), "authenticator": "x"}}}))
+    assert librarian_client.main(["--config", str(cfg), "check-connections"]) == 1
+    out = capsys.readouterr().out
+    assert "up (%s): answers; stores: main on" % sender.url in out
+    assert "down: FAILED: " in out and "cannot reach" in out
+
+    session = requests.Session()
+    session.post(sender.url + "login", data={"authenticator": AUTH["reader"], "next": "/"},
+                 timeout=30)
+    page = session.get(sender.url + "connectivity", timeout=60).text
+    assert "receiver" in page and "main (" in page and ">yes<" in page
+    receiver.stop()
+    page = session.get(sender.url + "connectivity", timeout=60).text
+    assert "no: " in page and "cannot reach" in page
