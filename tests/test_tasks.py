@@ -94,3 +94,16 @@ def test_two_worker_processes_never_run_a_task_twice(app, config_path, tmp_path,
     assert tasks.Task.select().where(tasks.Task.state == "done").count() == 300
     workers = {t.worker for t in tasks.Task.select()}
     assert len(workers) == 2, "both processes took part"
+
+
+@pytest.mark.parametrize("hour_utc,allowed", [(3, True), (7, False), (17, False), (19, True)])
+def test_nighttime_mode_launches_only_at_night_at_the_telescope(app, hour_utc, allowed):
+    """Johannesburg is UTC+2: 08:00-20:00 there is 06:00-18:00 UTC."""
+    import standing
+
+    config = app.config["librarian.settings"]
+    config.librarian["standing_order_mode"] = "nighttime"
+    when = datetime.datetime(2026, 6, 1, hour_utc, 30, tzinfo=datetime.timezone.utc)
+    assert standing.launches_allowed(when) is allowed
+    config.librarian["standing_order_mode"] = "disabled"
+    assert standing.launches_allowed(when) is False
