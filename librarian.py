@@ -94,13 +94,13 @@ def setup(config):
     app.default_error_handler = render_error
     import copies
     import offload  # noqa: F401  (registers its task kind)
-    import standing
     import tasks
 
     copies.configure(config)
     standing.configure(config)
     staging.configure(config)
     tasks.BASE_DELAY = config.server["task_retry_seconds"]
+    tasks.MAX_ATTEMPTS = config.server["task_max_attempts"]
     return app
 
 
@@ -170,7 +170,6 @@ def startup(app):
         clean_all_staging()
         for row in Store.select():
             os.makedirs(row.path_prefix, exist_ok=True)
-        import standing
         import tasks
 
         standing.schedule_periodic()

@@ -109,6 +109,7 @@ SCHEMA = {
         "telescope_timezone": (_timezone, "Africa/Johannesburg"),
         "workers": (_non_negative_int, 1),
         "task_retry_seconds": (_positive_float, 10.0),
+        "task_max_attempts": (_positive_int, 5),
     },
     "database": {
         "url": (_db_url, REQUIRED),

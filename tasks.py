@@ -83,11 +83,16 @@ class Task(BaseModel):
          .where(Task.id == self.id).execute())
 
 
-def enqueue(kind, args, max_attempts=5, delay=0.0, file_name=None, standing_order=None):
+MAX_ATTEMPTS = 5  # set from [server] task_max_attempts by librarian.setup
+
+
+def enqueue(kind, args, max_attempts=None, delay=0.0, file_name=None, standing_order=None):
     """Add a pending task of `kind` with JSON-able `args`, due in `delay`
-    seconds; returns it. Raises ValueError for an unknown kind."""
+    seconds, with `max_attempts` (default MAX_ATTEMPTS); returns it. Raises
+    ValueError for an unknown kind."""
     if kind not in HANDLERS:
         raise ValueError("no handler for task kind %r" % kind)
+    max_attempts = max_attempts or MAX_ATTEMPTS
     now = utcnow()
     return Task.create(kind=kind, args=json.dumps(args), max_attempts=max_attempts,
                        next_attempt=now + datetime.timedelta(seconds=delay), created=now,
