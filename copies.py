@@ -113,6 +113,9 @@ def launch(file_name, connection_name, remote_store_path=None, standing_order=No
     client_for(connection_name)
     inst, _ = local_copy(file_name)
     remote = remote_store_path or inst.store_path
+    if remote.rstrip("/").rsplit("/", 1)[-1] != file_name:
+        raise LibrarianError(400, "remote_store_path %r must end in the file's name %r"
+                             % (remote, file_name))
     with write_transaction():
         FileEvent.record(file_name, "launch_copy", {"connection_name": connection_name,
                                                    "remote_store_path": remote,
@@ -122,6 +125,14 @@ def launch(file_name, connection_name, remote_store_path=None, standing_order=No
                                                    "remote_store_path": remote,
                                                    "standing_order": standing_order},
                              file_name=file_name, standing_order=standing_order)
+
+
+def _order_exists(name):
+    """Whether the standing order is still there (a copy queued before it
+    was deleted does not mark files done for a later order of that name)."""
+    from standing import StandingOrder
+
+    return StandingOrder.select().where(StandingOrder.name == name).exists()
 
 
 def _finished(file_name, args, code, message, seconds, size):
@@ -163,7 +174,7 @@ def copy_to_librarian(task, args):
         raise  # unreachable or broken: retried after the back-off
     with write_transaction():
         _finished(file.name, args, 0, "", time.monotonic() - started, file.size)
-        if args.get("standing_order"):
+        if args.get("standing_order") and _order_exists(args["standing_order"]):
             FileEvent.record(file.name, "standing_order_succeeded:" + args["standing_order"],
                              {"connection_name": args["connection_name"]})
     log.info("copied %s to %s as %s", file.name, args["connection_name"],

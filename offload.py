@@ -12,6 +12,7 @@ is "offload". Deleting the source copies stays a separate, deliberate step
 (`delete_file_instances`).
 """
 
+import json
 import os
 import shutil
 
@@ -39,6 +40,12 @@ def launch(source_name, dest_name):
     source, dest = Store.by_name(source_name), Store.by_name(dest_name)
     if not LocalStore(dest).is_reachable():
         raise LibrarianError(400, "destination store %r is not reachable" % dest_name)
+    running = tasks.Task.select().where(
+        (tasks.Task.kind == "offload") & tasks.Task.state.in_(("pending", "running"))
+        & tasks.Task.args.contains('"source": %s' % json.dumps(source_name)))
+    if running.exists():
+        raise LibrarianError(409, "an offload of store %r is already queued or running"
+                             % source_name)
     count = min(sole_instances(source).count(), BATCH)
     if count == 0:
         with write_transaction():
@@ -53,10 +60,14 @@ def copy_into_staging(src_path, dest_store, name):
     returns (staging dir, staged path)."""
     staging = dest_store.new_staging_dir()
     staged = os.path.join(staging, name)
-    if os.path.isdir(src_path):
-        shutil.copytree(src_path, staged, symlinks=True)
-    else:
-        shutil.copyfile(src_path, staged)
+    try:
+        if os.path.isdir(src_path):
+            shutil.copytree(src_path, staged, symlinks=True)
+        else:
+            shutil.copyfile(src_path, staged)
+    except BaseException:
+        remove_tree(staging)
+        raise
     return staging, staged
 
 
@@ -64,27 +75,38 @@ def copy_into_staging(src_path, dest_store, name):
 def offload_task(task, args):
     """Copy, verify, register, mark deletable; one instance at a time."""
     source, dest = Store.by_name(args["source"]), LocalStore(Store.by_name(args["dest"]))
-    done = 0
+    done, errors = 0, []
     for inst in list(sole_instances(source).limit(args["batch"])):
-        src_path = LocalStore(source).resolve(inst.store_path)
-        staging, staged = copy_into_staging(src_path, dest, inst.name)
         try:
-            size, md5 = path_info(staged)
-            if (size, md5) != (inst.file.size, inst.file.md5):
-                raise LibrarianError(500, "copy of %s has size %d md5 %s, not %d %s"
-                                     % (inst.name, size, md5, inst.file.size, inst.file.md5))
-            ingest.register_staged(dest, staged, inst.store_path, source=inst.file.source,
-                                   meta_mode="direct", size=size, md5=md5, another_copy=True)
-        finally:
-            remove_tree(staging)
-        with write_transaction():
-            (FileInstance.update(deletion_policy=DELETION_ALLOWED)
-             .where((FileInstance.store == source) & (FileInstance.parent_dirs == inst.parent_dirs)
-                    & (FileInstance.file == inst.name)).execute())
-            FileEvent.record(inst.name, "instance_deletion_policy_changed",
-                             {"store_name": source.name, "parent_dirs": inst.parent_dirs,
-                              "old_policy": "disallowed", "new_policy": "allowed",
-                              "context": "offload"})
-        done += 1
-        task.report(done)
+            offload_one(source, dest, inst)
+            done += 1
+            task.report(done)
+        except (OSError, LibrarianError) as e:  # one bad instance must not stop the rest
+            errors.append("%s: %s" % (inst.name, e))
+    if errors:
+        raise tasks.Permanent("%d instance(s) not offloaded: %s" % (len(errors),
+                                                                   "; ".join(errors[:20])))
 
+
+def offload_one(source, dest, inst):
+    """Copy one instance to `dest`, verify, register, mark the source
+    instance deletable."""
+    src_path = LocalStore(source).resolve(inst.store_path)
+    staging, staged = copy_into_staging(src_path, dest, inst.name)
+    try:
+        size, md5 = path_info(staged)
+        if (size, md5) != (inst.file.size, inst.file.md5):
+            raise LibrarianError(500, "copy of %s has size %d md5 %s, not %d %s"
+                                 % (inst.name, size, md5, inst.file.size, inst.file.md5))
+        ingest.register_staged(dest, staged, inst.store_path, source=inst.file.source,
+                               meta_mode="direct", size=size, md5=md5, another_copy=True)
+    finally:
+        remove_tree(staging)
+    with write_transaction():
+        (FileInstance.update(deletion_policy=DELETION_ALLOWED)
+         .where((FileInstance.store == source) & (FileInstance.parent_dirs == inst.parent_dirs)
+                & (FileInstance.file == inst.name)).execute())
+        FileEvent.record(inst.name, "instance_deletion_policy_changed",
+                         {"store_name": source.name, "parent_dirs": inst.parent_dirs,
+                          "old_policy": "disallowed", "new_policy": "allowed",
+                          "context": "offload"})

@@ -452,9 +452,9 @@ def task_action(task_id, action):
                        .where((Task.id == task_id) & Task.state.in_(("failed", "pending")))
                        .execute())
         else:
-            changed = (Task.update(state="failed", finished=now,
-                                   last_error="cancelled by %s" % source.name)
-                       .where((Task.id == task_id) & (Task.state == "pending")).execute())
+            changed = None
+    if action == "cancel":
+        changed = tasks.cancel(task_id, source.name)
     if not changed:
         raise HTTPError(409, "Task %d is not in a state that allows %s." % (task_id, action))
     redirect("/tasks")

@@ -66,16 +66,25 @@ def launch(search_text, user, subdir):
     dest = destination(user, subdir)
     n, size = totals(search_text)
     os.makedirs(dest, exist_ok=True)
-    for marker in (SUCCEEDED, ERRORS):
-        if os.path.exists(os.path.join(dest, marker)):
-            os.unlink(os.path.join(dest, marker))
     try:
-        fd = os.open(os.path.join(dest, IN_PROGRESS), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _write_marker(dest, IN_PROGRESS, "")
     except FileExistsError:
         raise LibrarianError(409, "a staging into %s is in progress" % dest) from None
-    os.close(fd)
-    tasks.enqueue("stage", {"search": search_text, "destination": dest}, max_attempts=1)
+    for marker in (SUCCEEDED, ERRORS):
+        if os.path.lexists(os.path.join(dest, marker)):  # links included
+            os.unlink(os.path.join(dest, marker))
+    tasks.enqueue("stage", {"search": search_text, "destination": dest, "user": user,
+                            "subdir": subdir}, max_attempts=1)
     return {"destination": dest, "n_instances": n, "n_bytes": size}
+
+
+def _write_marker(dest, name, text):
+    """Create a marker file, never through a symbolic link, never over an
+    existing entry (FileExistsError)."""
+    fd = os.open(os.path.join(dest, name),
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 def _copy(src, dest):
@@ -90,6 +99,9 @@ def stage_task(task, args):
     """Copy each matching file's first present local instance; finish with
     the marker files."""
     dest = args["destination"]
+    if destination(args["user"], args["subdir"]) != dest:
+        # The folder was swapped (for a link) since the launch: stage nothing.
+        raise tasks.Permanent("%s no longer resolves to itself inside the staging area" % dest)
     errors, copied = [], 0
     try:
         for f in search.file_query(args["search"]).where(File.num_instances > 0):
@@ -107,7 +119,22 @@ def stage_task(task, args):
             except (OSError, LibrarianError) as e:
                 errors.append("%s: %s" % (f.name, e))
     finally:
-        marker = ERRORS if errors else SUCCEEDED
-        with open(os.path.join(dest, marker), "w", encoding="utf-8") as out:
-            out.write("".join(line.replace("\n", " ") + "\n" for line in errors))
+        finish(dest, errors)
+
+
+def finish(dest, errors):
+    """Replace the lock by the outcome's marker."""
+    for marker in (SUCCEEDED, ERRORS):
+        if os.path.lexists(os.path.join(dest, marker)):
+            os.unlink(os.path.join(dest, marker))
+    _write_marker(dest, ERRORS if errors else SUCCEEDED,
+                  "".join(line.replace("\n", " ") + "\n" for line in errors))
+    if os.path.lexists(os.path.join(dest, IN_PROGRESS)):
         os.unlink(os.path.join(dest, IN_PROGRESS))
+
+
+@tasks.on_cancel("stage")
+def stage_cancelled(args):
+    """A cancelled staging releases its folder, saying so."""
+    if os.path.isdir(args["destination"]) and not os.path.islink(args["destination"]):
+        finish(args["destination"], ["cancelled before it ran"])

@@ -12,6 +12,7 @@ telescope_timezone`).
 """
 
 import datetime
+import logging
 import re
 import zoneinfo
 
@@ -22,6 +23,7 @@ import search
 import tasks
 from models import BaseModel, File, FileEvent, LibrarianError, utcnow, write_transaction
 
+log = logging.getLogger("librarian")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,38}$")  # event types hold 64 characters
 SUCCEEDED = "standing_order_succeeded:"
 DAY_HOURS = (8, 20)
@@ -125,10 +127,14 @@ def sweep():
         return {}
     queued = {}
     for order in StandingOrder.select().order_by(StandingOrder.name):
-        names = [f.name for f in pending_for(order)]
-        for name in names:
-            copies.launch(name, order.conn_name, standing_order=order.name)
-        queued[order.name] = len(names)
+        queued[order.name] = 0
+        for f in pending_for(order):
+            try:
+                copies.launch(f.name, order.conn_name, standing_order=order.name)
+                queued[order.name] += 1
+            except LibrarianError as e:  # one bad file must not stop the others
+                log.warning("standing order %s: cannot copy %s: %s", order.name, f.name,
+                            e.message)
     return queued
 
 
@@ -159,6 +165,9 @@ def schedule_periodic():
 
 @tasks.handler("standing_order_sweep")
 def sweep_task(task, args):
-    """The sweep as a task; it schedules the next periodic one."""
-    sweep()
-    schedule_periodic()
+    """The sweep as a task; it schedules the next periodic one, whatever
+    happens to this one."""
+    try:
+        sweep()
+    finally:
+        schedule_periodic()

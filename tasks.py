@@ -39,6 +39,30 @@ STALE_SECONDS = 120.0    # a running task without a heartbeat this long is recla
 IDLE_SECONDS = 2.0       # how long an idle worker sleeps before looking again
 
 HANDLERS = {}
+CANCEL_HOOKS = {}
+
+
+def on_cancel(kind):
+    """Register `func(args)` to run when a pending task of `kind` is
+    cancelled (to release what its launch took, e.g. a staging lock)."""
+    def register(func):
+        CANCEL_HOOKS[kind] = func
+        return func
+    return register
+
+
+def cancel(task_id, by):
+    """Cancel a pending task (it becomes failed); True if it was pending."""
+    with write_transaction():
+        task = Task.get_or_none((Task.id == task_id) & (Task.state == "pending"))
+        if task is None:
+            return False
+        (Task.update(state="failed", finished=utcnow(), last_error="cancelled by %s" % by)
+         .where(Task.id == task_id).execute())
+    hook = CANCEL_HOOKS.get(task.kind)
+    if hook is not None:
+        hook(json.loads(task.args))
+    return True
 
 
 class Permanent(Exception):

@@ -49,3 +49,23 @@ def test_offload_requests_are_checked(app, web):
                                    dest_store_name="nowhere")["message"]
     assert api(web, "initiate_offload", auth="appender", status=403, source_store_name="main",
                dest_store_name="x")["success"] is False
+
+
+def test_a_missing_file_does_not_stop_the_rest_and_offloads_do_not_overlap(app, web, store_dir,
+                                                                          tmp_path):
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    models.Store.create(name="other", ssh_host="h", path_prefix=str(other_dir))
+    for name in ("a.dat", "b.dat", "c.dat"):
+        web.put("/api/upload/%s?null_obsid=true" % name, name.encode(), headers=bearer(),
+                status=201, content_type="application/octet-stream")
+    os.chmod(store_dir, 0o755)
+    os.unlink(os.path.join(store_dir, "b.dat"))
+    api(web, "initiate_offload", source_store_name="main", dest_store_name="other")
+    assert "already queued" in api(web, "initiate_offload", status=409,
+                                   source_store_name="main",
+                                   dest_store_name="other")["message"]
+    tasks.run_until_empty()
+    assert store_contents(str(other_dir)) == ({"a.dat", "c.dat"}, [])
+    task = tasks.Task.get()
+    assert task.state == "failed" and "b.dat" in task.last_error

@@ -101,3 +101,40 @@ def test_staging_form_under_file_search_results(staged, web):
     login_as(web, "reader")
     page = web.post("/search", {"type": "files", "search": "{}", "output_format": "List of files"})
     assert "/stage" not in page.text
+
+
+def test_markers_are_never_written_through_links(staged, web, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    trap = staged / "admin" / "trap"
+    trap.mkdir(parents=True)
+    os.symlink(outside / "PWNED", trap / "STAGING-SUCCEEDED")
+    api(web, "search", search='{"name-is-exactly": "one.txt"}',
+        output_format="stage-the-files-json", stage_dest="trap")
+    tasks.run_until_empty()
+    assert os.listdir(outside) == []
+    assert (trap / "STAGING-SUCCEEDED").is_file() and not (trap / "STAGING-SUCCEEDED").is_symlink()
+
+
+def test_a_destination_swapped_for_a_link_gets_nothing(staged, web, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    api(web, "search", search='{"name-is-exactly": "one.txt"}',
+        output_format="stage-the-files-json", stage_dest="kdir")
+    kdir = staged / "admin" / "kdir"
+    os.rename(kdir, staged / "admin" / "kdir.orig")
+    os.symlink(outside, kdir)
+    tasks.run_until_empty()
+    assert os.listdir(outside) == []
+    task = tasks.Task.get()
+    assert task.state == "failed" and "staging area" in task.last_error
+
+
+def test_cancelling_a_staging_releases_its_folder(staged, web):
+    api(web, "search", search="{}", output_format="stage-the-files-json", stage_dest="cancelme")
+    task = tasks.Task.get()
+    assert tasks.cancel(task.id, "admin") is True
+    dest = staged / "admin" / "cancelme"
+    assert sorted(os.listdir(dest)) == ["STAGING-ERRORS"]
+    assert "cancelled" in (dest / "STAGING-ERRORS").read_text()
+    api(web, "search", search="{}", output_format="stage-the-files-json", stage_dest="cancelme")

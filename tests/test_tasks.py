@@ -131,3 +131,32 @@ def test_a_sweep_is_one_query_per_order(app, monkeypatch):
         logger.removeHandler(counter)
         logger.setLevel(old)
     assert counter.count == 1 + 3, "the list of orders, then one query per order"
+
+
+def test_a_sweep_goes_on_past_a_file_it_cannot_copy(app, web, store_dir, monkeypatch):
+    import copies
+    import standing
+    from conftest import bearer
+
+    monkeypatch.setattr(copies, "client_for", lambda name: None)
+    for name in ("gone1.dat", "zok1.dat"):
+        web.put("/api/upload/%s?null_obsid=true" % name, b"x", headers=bearer(), status=201,
+                content_type="application/octet-stream")
+    os.chmod(store_dir, 0o755)
+    os.unlink(os.path.join(store_dir, "gone1.dat"))
+    standing.create("all", '{"name-matches": "%.dat"}', "penn")
+    assert standing.sweep() == {"all": 1}
+    assert [t.file_name for t in tasks.Task.select().where(
+        tasks.Task.kind == "copy_to_librarian")] == ["zok1.dat"]
+
+
+def test_remote_path_must_end_in_the_file_name(app, web, monkeypatch):
+    import copies
+    from conftest import api, bearer
+
+    monkeypatch.setattr(copies, "client_for", lambda name: None)
+    web.put("/api/upload/f1.dat?null_obsid=true", b"x", headers=bearer(), status=201,
+            content_type="application/octet-stream")
+    msg = api(web, "launch_file_copy", status=400, file_name="f1.dat", connection_name="b",
+              remote_store_path="other.dat")["message"]
+    assert "must end in the file's name" in msg
