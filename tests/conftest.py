@@ -225,6 +225,32 @@ def client_config(tmp_path, server):
 # Checks
 # ---------------------------------------------------------------------------
 
+class QueryCounter:
+    """Counts the SQL statements Peewee executes inside a `with` block (it
+    logs each one at DEBUG on the 'peewee' logger)."""
+
+    def __enter__(self):
+        import logging
+
+        self.count = 0
+        counter = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                counter.count += 1
+
+        self.handler = Handler(logging.DEBUG)
+        self.logger = logging.getLogger("peewee")
+        self.old_level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.old_level)
+
+
 def store_contents(store_dir):
     """Relative paths of everything under a store outside its staging area,
     and the staging area's entries."""

@@ -3,12 +3,11 @@ construction, through the `search` operation, on SQLite and PostgreSQL."""
 
 import datetime
 import json
-import logging
 
 import pytest
 
 import models
-from conftest import api
+from conftest import QueryCounter, api
 
 A, B, C = "zen.1000.a.uv", "zen.1000.b.uvh5", "zen.1001.a.uv"
 BIG, NOTES, OLD = "zen_2000_x.uv", "notes%.txt", "obs3000.dat"
@@ -236,17 +235,6 @@ def test_bad_output_format_and_staging_not_yet(catalogue, web):
     assert "staging is not configured" in msg
 
 
-class QueryCounter(logging.Handler):
-    """Counts the SQL statements Peewee executes (it logs each at DEBUG)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        self.count += 1
-
-
 @pytest.mark.parametrize("fmt,query", [
     ("file-listing-json", {"obs-matches": {"num-files-greater-than": 1},
                            "num-instances-greater-than": 1, "none-of": {"size-less-than": 3}}),
@@ -259,15 +247,7 @@ def test_each_search_is_one_sql_statement(catalogue, fmt, query):
     import librarian
 
     make_query, to_dict = librarian.SEARCH_OUTPUTS[fmt]
-    counter = QueryCounter()
-    logger = logging.getLogger("peewee")
-    old_level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(counter)
-    try:
+    with QueryCounter() as counter:
         results = [to_dict(r) for r in make_query(json.dumps(query))]
-    finally:
-        logger.removeHandler(counter)
-        logger.setLevel(old_level)
     assert results, "the query should match something"
     assert counter.count == 1

@@ -110,26 +110,16 @@ def test_nighttime_mode_launches_only_at_night_at_the_telescope(app, hour_utc, a
 
 
 def test_a_sweep_is_one_query_per_order(app, monkeypatch):
-    import logging
-
     import copies
     import standing
-    from test_search import QueryCounter
+    from conftest import QueryCounter
 
     monkeypatch.setattr(copies, "client_for", lambda name: None)
     for i in range(3):
         standing.create("order-%d" % i, '{"name-matches": "zen.%%", "size-greater-than": %d}'
                         % i, "penn")
-    counter = QueryCounter()
-    logger = logging.getLogger("peewee")
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(counter)
-    try:
+    with QueryCounter() as counter:
         assert standing.sweep() == {"order-0": 0, "order-1": 0, "order-2": 0}
-    finally:
-        logger.removeHandler(counter)
-        logger.setLevel(old)
     assert counter.count == 1 + 3, "the list of orders, then one query per order"
 
 
