@@ -318,7 +318,7 @@ def test_openapi_document_matches_what_the_server_enforces(web):
         probe = {a: {"integer": -1, "number": 0.5, "string": "", "boolean": False,
                      "object": {}, "array": []}[s["type"]]
                  for a, s in schema["properties"].items() if a != "authenticator"}
-        resp = web.post("/api/" + name, {"request": __import__("json").dumps(
+        resp = web.post("/api/" + name, {"request": json.dumps(
             dict(probe, authenticator=AUTH["admin"]))}, expect_errors=True)
         assert "unknown argument" not in resp.json.get("message", "")
 

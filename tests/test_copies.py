@@ -12,7 +12,8 @@ import time
 import pytest
 import requests
 
-from conftest import AUTH, MIRIAD, ROOT, UVH5, Server, config_text, free_port, need_data
+from conftest import (AUTH, MIRIAD, ROOT, UVH5, Server, config_text, free_port, need_data,
+                      store_contents)
 from reference import shell_md5
 
 
@@ -273,7 +274,7 @@ def test_a_sender_killed_mid_copy_resumes_after_restart(pair, tmp_path):
     sender.start()
     wait_for(lambda: names_on(receiver) == ["big.dat"], seconds=120)
     assert shell_md5(str(receiver_dir / "store" / "big" / "big.dat")) == shell_md5(str(big))
-    files, _ = __import__("conftest").store_contents(str(receiver_dir / "store"))
+    files, _ = store_contents(str(receiver_dir / "store"))
     assert files == {"big/big.dat"}
     # The only things in staging are the empty directories initiate_upload issued (swept
     # after a day): no bytes.
