@@ -22,9 +22,9 @@ import time
 
 import librarian_client
 import tasks
-from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
-                    ObservingSession, Store, write_transaction)
-from stores import LocalStore
+from models import (File, FileEvent, LibrarianError, Observation,
+                    ObservingSession, write_transaction)
+from stores import present_instance
 
 log = logging.getLogger("librarian")
 
@@ -83,13 +83,10 @@ def check_connection(name):
 def local_copy(file_name):
     """(FileInstance, absolute path) of a present local instance of a file,
     or raise `LibrarianError(400)`."""
-    instances = (FileInstance.select(FileInstance, Store).join(Store)
-                 .where(FileInstance.file == file_name).order_by(Store.name))
-    for inst in instances:
-        path = LocalStore(inst.store).resolve(inst.store_path)
-        if os.path.lexists(path):
-            return inst, path
-    raise LibrarianError(400, "file %r has no instance here to copy" % file_name)
+    inst, path = present_instance(file_name)
+    if inst is None:
+        raise LibrarianError(400, "file %r has no instance here to copy" % file_name)
+    return inst, path
 
 
 def record_set(file):

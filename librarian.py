@@ -45,8 +45,8 @@ import standing
 import settings as settings_mod
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
-from stores import (BodyReader, LocalStore, iter_tar, make_readonly, receive_file, receive_tar,
-                    remove_tree, split_store_path, tar_size)
+from stores import (BodyReader, LocalStore, iter_tar, make_readonly, present_instance,
+                    receive_file, receive_tar, remove_tree, split_store_path, tar_size)
 
 __version__ = "0.1.0"
 
@@ -392,12 +392,9 @@ def cfg():
 def local_instance(file_name):
     """The FileInstance of `file_name` on an available store whose bytes are
     present here; 400 when the file is unknown or has none."""
-    instances = (FileInstance.select(FileInstance, Store).join(Store)
-                 .where((FileInstance.file == file_name) & (Store.available == True))  # noqa: E712
-                 .order_by(Store.name))
-    for inst in instances:
-        if os.path.lexists(LocalStore(inst.store).resolve(inst.store_path)):
-            return inst
+    inst, _ = present_instance(file_name, available_only=True)
+    if inst is not None:
+        return inst
     if File.get_or_none(File.name == file_name) is None:
         fail(400, "no file named %r" % file_name)
     fail(400, "file %r has no instance on an available store here" % file_name)

@@ -19,7 +19,7 @@ import peewee as pw
 import search
 import tasks
 from models import File, LibrarianError
-from stores import LocalStore
+from stores import present_instance
 
 IN_PROGRESS, SUCCEEDED, ERRORS = "STAGING-IN-PROGRESS", "STAGING-SUCCEEDED", "STAGING-ERRORS"
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -109,11 +109,10 @@ def stage_task(task, args):
             try:
                 if os.path.lexists(target):
                     raise FileExistsError("%s exists already" % target)
-                sources = [LocalStore(i.store).resolve(i.store_path) for i in f.instances]
-                present = [p for p in sources if os.path.lexists(p)]
-                if not present:
+                _, present = present_instance(f.name)
+                if present is None:
                     raise FileNotFoundError("no instance of %s is present here" % f.name)
-                _copy(present[0], target)
+                _copy(present, target)
                 copied += f.size
                 task.report(copied)
             except (OSError, LibrarianError) as e:

@@ -323,6 +323,24 @@ def check_tree(path):
                 check(os.path.join(dirpath, n))
 
 
+def present_instance(file_name, available_only=False):
+    """(FileInstance, absolute path) of the first instance of `file_name`
+    (by store name) whose bytes are present, optionally only on available
+    stores; (None, None) when there is none. The one place that decides
+    which copy the server reads from."""
+    from models import FileInstance, Store
+
+    query = (FileInstance.select(FileInstance, Store).join(Store)
+             .where(FileInstance.file == file_name).order_by(Store.name))
+    if available_only:
+        query = query.where(Store.available == True)  # noqa: E712
+    for inst in query:
+        path = LocalStore(inst.store).resolve(inst.store_path)
+        if os.path.lexists(path):
+            return inst, path
+    return None, None
+
+
 class LocalStore:
     """Operations on a store whose `path_prefix` this host reaches directly.
 
