@@ -16,6 +16,7 @@ Connections are `[connection:NAME]` sections of the configuration, or else
 entries of `~/.hl_client.cfg`.
 """
 
+import json
 import logging
 import os
 import time
@@ -54,8 +55,6 @@ def connection_names():
     """Names of the configured connections, then those of ~/.hl_client.cfg."""
     names = list(_settings.connections) if _settings is not None else []
     try:
-        import json
-
         path = os.path.expanduser(os.environ.get("HL_CLIENT_CFG") or
                                   librarian_client.CONFIG_PATH)
         with open(path, encoding="utf-8") as f:

@@ -35,14 +35,17 @@ import bottle
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 from webauth import authenticate, bearer_token, caller, require_level
 
+import copies
 import deletion
 import ingest
 import models
+import offload
 import search
 import sessions
+import settings as settings_mod
 import staging
 import standing
-import settings as settings_mod
+import tasks
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
 from stores import (BodyReader, LocalStore, iter_tar, make_readonly, present_instance,
@@ -92,10 +95,6 @@ def setup(config):
     app.add_hook("before_request", _open_db)
     app.add_hook("after_request", _close_db)
     app.default_error_handler = render_error
-    import copies
-    import offload  # noqa: F401  (registers its task kind)
-    import tasks
-
     copies.configure(config)
     standing.configure(config)
     staging.configure(config)
@@ -170,8 +169,6 @@ def startup(app):
         clean_all_staging()
         for row in Store.select():
             os.makedirs(row.path_prefix, exist_ok=True)
-        import tasks
-
         standing.schedule_periodic()
         tasks.reclaim_dead_local_workers()
 
@@ -643,8 +640,6 @@ def op_delete_file_instances_matching_query(source, args):
            remote_store_path_Q=str, known_staging_store_Q=str, known_staging_subdir_Q=str)
 def op_launch_file_copy(source, args):
     """Queue a copy of a file to another Librarian (a background task)."""
-    import copies
-
     if args["remote_store_path"] is not None:
         split_store_path(args["remote_store_path"])
     copies.launch(args["file_name"], args["connection_name"], args["remote_store_path"])
@@ -684,8 +679,6 @@ def op_list_standing_orders(source, args):
 @operation("initiate_offload", "read-write", source_store_name=str, dest_store_name=str)
 def op_initiate_offload(source, args):
     """Move the sole copies on one store to another store of this Librarian."""
-    import offload
-
     return offload.launch(args["source_store_name"], args["dest_store_name"])
 
 
@@ -842,8 +835,6 @@ def make_server_app(args):
 def cmd_serve(args):
     import waitress
 
-    import tasks
-
     config, app = make_server_app(args)
     stop = threading.Event()
     tasks.start_workers(config.server["workers"], stop)
@@ -869,8 +860,6 @@ def cmd_worker(args):
     """Run background workers without the HTTP server (several processes,
     or another host, against one PostgreSQL database)."""
     import importlib
-
-    import tasks
 
     config, app = make_server_app(args)
     for module in args.handlers or []:

@@ -18,8 +18,12 @@ import bottle
 import peewee as pw
 from bottle import HTTPError, redirect, request, response, template
 
+import copies
 import models
 import search
+import staging
+import standing
+import tasks
 import webauth
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
                     ObservingSession, Store)
@@ -420,8 +424,6 @@ def upload_page():
 # ---------------------------------------------------------------------------
 
 def tasks_page():
-    import tasks
-
     person()
     Task = tasks.Task
     now = models.utcnow()
@@ -440,8 +442,6 @@ def tasks_page():
 
 
 def task_action(task_id, action):
-    import tasks
-
     source = person("admin")
     check_form_csrf()
     Task = tasks.Task
@@ -461,8 +461,6 @@ def task_action(task_id, action):
 
 
 def standing_orders_page():
-    import standing
-
     person()
     orders = standing.StandingOrder.select().order_by(standing.StandingOrder.name)
     return render("standing_orders", "Standing orders", orders=list(orders), error=None,
@@ -471,8 +469,6 @@ def standing_orders_page():
 
 
 def standing_order_page(name):
-    import standing
-
     person()
     order = standing.StandingOrder.get_or_none(standing.StandingOrder.name == name)
     if order is None:
@@ -482,8 +478,6 @@ def standing_order_page(name):
 
 def standing_order_form(name=None):
     """POST /standing-orders (create) or /standing-orders/<name> (update)."""
-    import standing
-
     person("admin")
     check_form_csrf()
     fields = {k: request.forms.getunicode(k) or "" for k in ("name", "search", "conn_name")}
@@ -510,8 +504,6 @@ def standing_order_form(name=None):
 def connectivity_page():
     """Each connection pinged (with its stores), and each local store's
     reachability and free space."""
-    import copies
-
     person()
     connections = [copies.check_connection(n) for n in copies.connection_names()]
     stores = [(s, LocalStore(s).is_reachable(), store_usage(s))
@@ -522,8 +514,6 @@ def connectivity_page():
 def stage_form():
     """POST /stage from the file search results: stage the search's files
     under the person's part of the staging area."""
-    import staging
-
     source = person("read-write")
     check_form_csrf()
     try:
@@ -535,8 +525,6 @@ def stage_form():
 
 
 def standing_order_delete(name):
-    import standing
-
     person("admin")
     check_form_csrf()
     try:
