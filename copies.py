@@ -25,7 +25,7 @@ import librarian_client
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
-from stores import present_instance
+from stores import iter_file, iter_tar, present_instance, tar_size
 
 log = logging.getLogger("librarian")
 
@@ -80,12 +80,12 @@ def check_connection(name):
 
 
 def local_copy(file_name):
-    """(FileInstance, absolute path) of a present local instance of a file,
-    or raise `LibrarianError(400)`."""
-    inst, path = present_instance(file_name)
+    """(FileInstance, StoreAccess, absolute path) of a present instance of
+    a file on one of our stores, or raise `LibrarianError(400)`."""
+    inst, store, path = present_instance(file_name)
     if inst is None:
         raise LibrarianError(400, "file %r has no instance here to copy" % file_name)
-    return inst, path
+    return inst, store, path
 
 
 def record_set(file):
@@ -107,7 +107,7 @@ def launch(file_name, connection_name, remote_store_path=None, standing_order=No
     if File.get_or_none(File.name == file_name) is None:
         raise LibrarianError(400, "no file named %r" % file_name)
     client_for(connection_name)
-    inst, _ = local_copy(file_name)
+    inst, _, _ = local_copy(file_name)
     remote = remote_store_path or inst.store_path
     if remote.rstrip("/").rsplit("/", 1)[-1] != file_name:
         raise LibrarianError(400, "remote_store_path %r must end in the file's name %r"
@@ -139,6 +139,18 @@ def _finished(file_name, args, code, message, seconds, size):
         "average_rate": round(size / 1024.0 / seconds, 1) if seconds > 0 else None})
 
 
+def send_instance(client, store, path, file, remote_store_path, progress):
+    """Stream the bytes of `file` at `path` on `store` (a directory as a
+    tar) to the receiver, with the MD5 of the record: the receiver refuses
+    bytes that do not match it."""
+    if store.is_dir(path):
+        chunks, length = iter_tar(store.fs, path, file.name), tar_size(store.fs, path, file.name)
+    else:
+        chunks, length = iter_file(store.fs, path), file.size
+    client.upload_stream(chunks, length, file.md5, remote_store_path, is_dir=store.is_dir(path),
+                         null_obsid=file.obsid is None, progress=progress)
+
+
 @tasks.handler("copy_to_librarian")
 def copy_to_librarian(task, args):
     """The task: send records, then bytes; see the module docstring."""
@@ -146,7 +158,7 @@ def copy_to_librarian(task, args):
     if file is None:
         raise tasks.Permanent("no file named %r" % args["file_name"])
     try:
-        inst, path = local_copy(file.name)
+        inst, store, path = local_copy(file.name)
         client = client_for(args["connection_name"])
     except LibrarianError as e:
         _finished(file.name, args, 1, e.message, 0.0, 0)
@@ -161,8 +173,7 @@ def copy_to_librarian(task, args):
 
     try:
         client.initiate_upload(file.size, **record_set(file))
-        client.upload(path, args["remote_store_path"], null_obsid=file.obsid is None,
-                      progress=progress)
+        send_instance(client, store, path, file, args["remote_store_path"], progress)
     except librarian_client.RPCError as e:
         if e.status in (400, 403, 409):  # refused: sending again will not help
             _finished(file.name, args, e.status, e.message, time.monotonic() - started, 0)

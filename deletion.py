@@ -15,7 +15,7 @@ import logging
 from models import (DELETION_ALLOWED, DELETION_POLICY_NAMES, File, FileEvent, FileInstance,
                     LibrarianError, Store, is_postgres, write_transaction)
 from ingest import policy_code
-from stores import LocalStore
+from stores import open_store
 
 log = logging.getLogger("librarian")
 
@@ -106,7 +106,7 @@ def _delete_one(inst, mode):
                      inst.store.name)
             return "n_deleted"
         try:
-            LocalStore(inst.store).delete(inst.store_path)
+            open_store(inst.store).delete(inst.store_path)
         except (OSError, LibrarianError) as e:
             log.warning("cannot delete %s on store %s: %s", inst.store_path, inst.store.name, e)
             return "n_error"

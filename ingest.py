@@ -15,7 +15,8 @@ Imports nothing from Bottle; errors are `models.LibrarianError`.
 
 import logging
 import math
-import os
+import posixpath
+import stat
 
 import peewee as pw
 
@@ -23,7 +24,7 @@ import uvmeta
 from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, LibrarianError,
                     Observation, ObservingSession, check_file_name, check_md5, from_unix,
                     utcnow, write_transaction)
-from stores import check_tree, path_info, remove_tree, split_store_path
+from stores import is_inside, split_store_path
 
 log = logging.getLogger("librarian")
 
@@ -62,13 +63,13 @@ def infer_obsid_from_name(name, mode):
     return candidates[0]
 
 
-def gather_observation(abs_path, name, *, null_obsid, inference_mode):
+def gather_observation(fs, abs_path, name, *, null_obsid, inference_mode):
     """(obsid or None, observation metadata dict or None) for new bytes at
-    `abs_path` that will be called `name`. Raises `LibrarianError(400)`
-    when the data cannot be read, or the obsid is missing without
-    `null_obsid`, or present with it."""
+    `abs_path` on the file system `fs` (see `stores`) that will be called
+    `name`. Raises `LibrarianError(400)` when the data cannot be read, or
+    the obsid is missing without `null_obsid`, or present with it."""
     try:
-        meta = uvmeta.read_observation(abs_path)
+        meta = fs.read_observation(abs_path)
     except uvmeta.MetadataError as e:
         raise LibrarianError(400, "%s: %s" % (name, e)) from None
     if null_obsid:
@@ -81,12 +82,12 @@ def gather_observation(abs_path, name, *, null_obsid, inference_mode):
     return infer_obsid_from_name(name, inference_mode), None
 
 
-def stated_observation(abs_path, name, obsid):
+def stated_observation(fs, abs_path, name, obsid):
     """(obsid, metadata or None) for a file whose caller stated its obsid:
     the Observation must be known already or readable from the data, and
     the data may not contradict the caller. Raises `LibrarianError(400)`."""
     try:
-        meta = uvmeta.read_observation(abs_path)
+        meta = fs.read_observation(abs_path)
     except uvmeta.MetadataError:
         meta = None
     if meta is not None and meta["obsid"] != obsid:
@@ -234,6 +235,16 @@ def ingest_record_sets(files, observations, sessions, source):
 # Registration
 # ---------------------------------------------------------------------------
 
+def check_tree(fs, abs_path):
+    """Refuse (400) a file or tree on `fs` that holds anything but regular
+    files and directories: symbolic links (which would lead out of the
+    store), devices, FIFOs, sockets."""
+    bad = fs.find_special(abs_path)
+    if bad is not None:
+        raise LibrarianError(400, "%s is a link or special file; only regular files and "
+                             "directories can be stored" % bad)
+
+
 def policy_code(deletion_policy):
     """The stored code of a deletion policy name; 400 on anything else."""
     if deletion_policy is None:
@@ -261,7 +272,7 @@ def check_not_inside_instance(store, parent_dirs):
                              % (parent_dirs, inside.store_path, store.name))
 
 
-def observation_of(abs_data, name, *, meta_mode, null_obsid, inference_mode,
+def observation_of(fs, abs_data, name, *, meta_mode, null_obsid, inference_mode,
                    stated_obsid=None):
     """(obsid, observation metadata or None) for new bytes, read before the
     registration transaction so that no lock is held while data are read.
@@ -269,8 +280,8 @@ def observation_of(abs_data, name, *, meta_mode, null_obsid, inference_mode,
     if meta_mode == "direct":
         return None, None
     if stated_obsid is not None:
-        return stated_observation(abs_data, name, stated_obsid)
-    return gather_observation(abs_data, name, null_obsid=null_obsid,
+        return stated_observation(fs, abs_data, name, stated_obsid)
+    return gather_observation(fs, abs_data, name, null_obsid=null_obsid,
                               inference_mode=inference_mode)
 
 
@@ -331,7 +342,7 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
                     readonly=True, expected_md5=None, size=None, md5=None, claim=None,
                     another_copy=False):
     """Register the file or directory staged at `abs_staged` as
-    `store_path` on `store` (a `stores.LocalStore`) and move it there.
+    `store_path` on `store` (a `stores.StoreAccess`) and move it there.
 
     `size`/`md5` are those computed while receiving (computed here when
     None); `expected_md5` is what the sender claimed (400 on mismatch).
@@ -344,13 +355,14 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     `another_copy`: add this instance even if the file has others (offload).
     Raises `LibrarianError` (400, 409)."""
     _, name = split_store_path(store_path)
-    check_tree(abs_staged)
+    check_tree(store.fs, abs_staged)
     if size is None or md5 is None:
-        size, md5 = path_info(abs_staged)
+        size, md5 = store.fs.path_info(abs_staged)
     if expected_md5 is not None and check_md5(expected_md5) != md5:
         raise LibrarianError(400, "md5 mismatch: the sender said %s but the received bytes "
                              "have %s" % (expected_md5.lower(), md5))
-    obsid, meta = observation_of(abs_staged, name, meta_mode=meta_mode, null_obsid=null_obsid,
+    obsid, meta = observation_of(store.fs, abs_staged, name, meta_mode=meta_mode,
+                                 null_obsid=null_obsid,
                                  inference_mode=inference_mode)
     moved = []
 
@@ -365,7 +377,7 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
         # The transaction was rolled back: bytes already moved must go too.
         for path in moved:
             log.warning("removing %s: its registration was rolled back", path)
-            remove_tree(path)
+            store.fs.remove_tree(path)
         raise
     result.update(size=size, md5=md5)
     return result
@@ -377,26 +389,30 @@ def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_
     caller stated (size first, from `stat`, then md5) and read their
     metadata. No database lock is held. Returns the keyword arguments of
     `register_prepared`. Raises `LibrarianError(400)`."""
-    root = os.path.realpath(store.prefix)
-    real = os.path.realpath(abs_path)
-    if not real.startswith(root + os.sep):
+    fs = store.fs
+    root = fs.realpath(store.prefix)
+    real = fs.realpath(abs_path) if posixpath.isabs(abs_path) else abs_path
+    if not posixpath.isabs(real) or real == root or not is_inside(real, root):
         raise LibrarianError(400, "%s is not inside store %r (%s)" % (abs_path, store.name,
                                                                      store.prefix))
-    store_path = os.path.relpath(real, root)
+    store_path = posixpath.relpath(real, root)
     _, name = split_store_path(store_path)
     store.resolve(store_path)
-    if not os.path.lexists(real):
-        raise LibrarianError(400, "%s does not exist on store %r" % (abs_path, store.name))
-    check_tree(real)
+    try:
+        st = fs.lstat(real)
+    except (FileNotFoundError, NotADirectoryError):
+        raise LibrarianError(400, "%s does not exist on store %r" % (abs_path, store.name)) \
+            from None
+    check_tree(fs, real)
     md5 = check_md5(md5)
-    if os.path.isfile(real) and os.path.getsize(real) != size:
+    if stat.S_ISREG(st.st_mode) and st.st_size != size:
         raise LibrarianError(400, "%s has %d bytes, not %d as stated"
-                             % (abs_path, os.path.getsize(real), size))
-    actual_size, actual_md5 = path_info(real)
+                             % (abs_path, st.st_size, size))
+    actual_size, actual_md5 = fs.path_info(real)
     if actual_size != size or actual_md5 != md5:
         raise LibrarianError(400, "%s has size %d and md5 %s, not %d and %s as stated"
                              % (abs_path, actual_size, actual_md5, size, md5))
-    found_obsid, meta = observation_of(real, name, meta_mode="infer", null_obsid=null_obsid,
+    found_obsid, meta = observation_of(fs, real, name, meta_mode="infer", null_obsid=null_obsid,
                                        inference_mode=inference_mode, stated_obsid=obsid)
     return {"store_path": store_path, "size": size, "md5": md5, "obsid": found_obsid,
             "meta": meta, "abs_path": real}

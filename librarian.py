@@ -21,10 +21,11 @@ import functools
 import json
 import logging
 import os
+import posixpath
 import re
 import secrets
-import shutil
 import socket
+import stat
 import sys
 import threading
 import time
@@ -48,8 +49,9 @@ import standing
 import tasks
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
-from stores import (BodyReader, LocalStore, iter_tar, make_readonly, present_instance,
-                    receive_file, receive_tar, remove_tree, split_store_path, tar_size)
+import stores
+from stores import (BodyReader, LocalFS, StoreUnreachable, iter_file, iter_tar, open_store,
+                    present_instance, split_store_path, tar_size)
 
 __version__ = "0.1.0"
 
@@ -95,6 +97,7 @@ def setup(config):
     app.add_hook("before_request", _open_db)
     app.add_hook("after_request", _close_db)
     app.default_error_handler = render_error
+    stores.configure(config)
     copies.configure(config)
     standing.configure(config)
     staging.configure(config)
@@ -139,7 +142,7 @@ def clean_all_staging():
                                   - datetime.timedelta(days=1)).execute()
     issued = [s.path for s in StagingDir.select()]
     for row in Store.select():
-        store = LocalStore(row)
+        store = open_store(row)
 
         def is_registered(store_path, row=row):
             parent_dirs, name = split_store_path(store_path)
@@ -147,10 +150,13 @@ def clean_all_staging():
                 (FileInstance.store == row) & (FileInstance.parent_dirs == parent_dirs)
                 & (FileInstance.file == name)).exists()
 
-        if store.is_reachable():
-            removed = store.clean_staging(keep=issued, is_registered=is_registered)
-            if removed:
-                log.info("removed %d staging leftovers on store %s", removed, row.name)
+        if not store.is_reachable():
+            log.warning("%s is not reachable: its staging area was not cleaned",
+                        store.describe())
+            continue
+        removed = store.clean_staging(keep=issued, is_registered=is_registered)
+        if removed:
+            log.info("removed %d staging leftovers on store %s", removed, row.name)
 
 
 def startup(app):
@@ -166,9 +172,12 @@ def startup(app):
                              % (config.database["url"], ", ".join(pending),
                                 config.path or "PATH"))
         sync_config_records(config)
-        clean_all_staging()
         for row in Store.select():
-            os.makedirs(row.path_prefix, exist_ok=True)
+            try:
+                open_store(row).ensure_prefix()
+            except (OSError, StoreUnreachable) as e:
+                log.warning("cannot create the folder of store %s: %s", row.name, e)
+        clean_all_staging()
         standing.schedule_periodic()
         tasks.reclaim_dead_local_workers()
 
@@ -389,7 +398,7 @@ def cfg():
 def local_instance(file_name):
     """The FileInstance of `file_name` on an available store whose bytes are
     present here; 400 when the file is unknown or has none."""
-    inst, _ = present_instance(file_name, available_only=True)
+    inst, _, _ = present_instance(file_name, available_only=True)
     if inst is not None:
         return inst
     if File.get_or_none(File.name == file_name) is None:
@@ -399,10 +408,11 @@ def local_instance(file_name):
 
 def choose_store(upload_size):
     """The available, reachable store with the most free space that can
-    hold `upload_size` bytes; 400 when there is none."""
+    hold `upload_size` bytes (a `stores.StoreAccess`); an unreachable store
+    is passed over. 400 when there is none."""
     best, best_free = None, -1
     for row in Store.select().where(Store.available == True).order_by(Store.name):  # noqa: E712
-        store = LocalStore(row)
+        store = open_store(row)
         free = store.free_space() if store.is_reachable() else None
         if free is not None and free >= upload_size and free > best_free:
             best, best_free = store, free
@@ -456,13 +466,13 @@ def op_initiate_upload(source, args):
     if (args["known_staging_store"] is None) != (args["known_staging_subdir"] is None):
         fail(400, "give both known_staging_store and known_staging_subdir, or neither")
     if args["known_staging_store"] is not None:
-        store = LocalStore(Store.by_name(args["known_staging_store"]))
+        store = open_store(Store.by_name(args["known_staging_store"]))
         subdir = args["known_staging_subdir"]
         if not STAGING_SUBDIR_RE.match(subdir):
             fail(400, "known_staging_subdir must be one folder name of letters, digits, '-' "
                  "and '_', got %r" % subdir)
-        staging = os.path.join(store.staging_root(), subdir)
-        os.makedirs(staging, exist_ok=True)
+        staging = posixpath.join(store.staging_root(), subdir)
+        store.fs.makedirs(staging)
     else:
         store = choose_store(args["upload_size"])
         staging = store.new_staging_dir()
@@ -474,7 +484,7 @@ def op_initiate_upload(source, args):
                               created=models.utcnow()).on_conflict_ignore().execute()
     except BaseException:
         if args["known_staging_store"] is None:
-            shutil.rmtree(staging, ignore_errors=True)
+            store.remove_quietly(staging)
         raise
     return dict(store.row.to_dict(), staging_dir=staging)
 
@@ -486,16 +496,20 @@ def op_complete_upload(source, args):
     """Verify, register and move into place what was copied into staging."""
     if args["meta_mode"] not in ("direct", "infer"):
         fail(400, "meta_mode must be 'direct' or 'infer', got %r" % args["meta_mode"])
-    store = LocalStore(Store.by_name(args["store_name"]))
+    store = open_store(Store.by_name(args["store_name"]))
     _, name = split_store_path(args["dest_store_path"])
-    staged = os.path.join(args["staging_dir"], name)
+    staged = posixpath.join(args["staging_dir"], name)
     issued = (StagingDir.select().where((StagingDir.store == store.row)
                                         & (StagingDir.path == args["staging_dir"])).exists())
     if not issued:
         fail(400, "staging_dir %r was not issued by this server for store %r, or was already "
              "used" % (args["staging_dir"], store.name))
-    if not os.path.lexists(staged) or os.path.islink(staged):
-        fail(400, "nothing staged at %s" % staged)
+    try:
+        present = not stat.S_ISLNK(store.fs.lstat(staged).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        present = False
+    if not present:
+        fail(400, "nothing staged at %s on %s" % (staged, store.describe()))
 
     def claim():
         used = StagingDir.delete().where((StagingDir.store == store.row)
@@ -513,7 +527,7 @@ def op_complete_upload(source, args):
         # Another complete_upload of the same staging directory won the race.
         fail(400, "staging_dir %r was already used" % args["staging_dir"])
     standing.after_upload()
-    shutil.rmtree(args["staging_dir"], ignore_errors=True)
+    store.remove_quietly(args["staging_dir"])
     return {}
 
 
@@ -521,7 +535,7 @@ def op_complete_upload(source, args):
            null_obsid_Q=bool)
 def op_register_instances(source, args):
     """Register files that appeared on a store by other means."""
-    store = LocalStore(Store.by_name(args["store_name"]))
+    store = open_store(Store.by_name(args["store_name"]))
     prepared = []
     for full_path, info in args["file_info"].items():
         if not isinstance(info, dict):
@@ -538,9 +552,8 @@ def op_register_instances(source, args):
     standing.after_upload()
     if cfg().librarian["permissions_mode"] == "readonly":
         for item in prepared:
-            make_readonly(item["abs_path"])
-            if os.path.isdir(item["abs_path"]):
-                os.chmod(item["abs_path"], 0o555)
+            store.fs.make_readonly(item["abs_path"])
+            store.close_directory(item["abs_path"])
     return {}
 
 
@@ -741,20 +754,17 @@ def upload(dest_store_path):
     staging = store.new_staging_dir()
     try:
         reader = BodyReader(request.environ["wsgi.input"], length if length >= 0 else None)
-        staged = os.path.join(staging, name)
-        if is_tar:
-            size, got_md5 = receive_tar(reader, staged, name)
-        else:
-            size, got_md5 = receive_file(reader, staged)
-            if size == 0:
-                fail(400, "empty request body: send the file's bytes")
+        staged = posixpath.join(staging, name)
+        size, got_md5 = store.receive(reader, staged, name, is_tar)
+        if size == 0 and not is_tar:
+            fail(400, "empty request body: send the file's bytes")
         result = ingest.register_staged(
             store, staged, dest_store_path, source=source.name, deletion_policy=deletion_policy,
             null_obsid=null_obsid, expected_md5=md5, size=size, md5=got_md5,
             inference_mode=cfg().librarian["obsid_inference_mode"],
             readonly=cfg().librarian["permissions_mode"] == "readonly")
     finally:
-        remove_tree(staging)
+        store.remove_quietly(staging)
     if result["created"]:
         standing.after_upload()
     inst = (FileInstance.select(FileInstance, Store).join(Store)
@@ -775,19 +785,42 @@ def download(name):
     caller("read-only", allow_session=True)
     models.check_file_name(name)
     inst = local_instance(name)
-    path = LocalStore(inst.store).resolve(inst.store_path)
+    store = open_store(inst.store)
+    path = store.resolve(inst.store_path)
     md5 = inst.file.md5
     db.close()  # the stream may take long; it needs no database connection
-    if os.path.isdir(path):
-        headers = {"Content-Type": "application/x-tar", "Content-Length": str(tar_size(path, name)),
-                   "X-Librarian-MD5": md5,
+    if store.is_dir(path):
+        headers = {"Content-Type": "application/x-tar",
+                   "Content-Length": str(tar_size(store.fs, path, name)), "X-Librarian-MD5": md5,
                    "Content-Disposition": "attachment; filename*=UTF-8''%s.tar"
                    % urllib.parse.quote(name, safe="")}
-        return HTTPResponse(iter_tar(path, name), **headers)
-    resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
-                              mimetype="application/octet-stream")
+        return HTTPResponse(iter_tar(store.fs, path, name), **headers)
+    if isinstance(store.fs, LocalFS):
+        resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                                  mimetype="application/octet-stream")
+    else:
+        resp = remote_file_response(store, path, inst.file.size)
     resp.set_header("X-Librarian-MD5", md5)
     return resp
+
+
+def remote_file_response(store, path, size):
+    """The response for a flat file on another host, streamed from it;
+    honours a single byte Range (206) as `bottle.static_file` does."""
+    headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+    ranges = list(bottle.parse_range_header(request.environ.get("HTTP_RANGE", ""), size))
+    if request.environ.get("HTTP_RANGE") and not ranges:
+        return HTTPResponse(status=416, headers={"Content-Range": "bytes */%d" % size})
+    if ranges:
+        start, end = ranges[0]  # end is exclusive
+        headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, size)
+        headers["Content-Length"] = str(end - start)
+        body = iter_file(store.fs, path, start, end - start)
+        return HTTPResponse(body, status=206, **headers)
+    headers["Content-Length"] = str(size)
+    if request.method == "HEAD":
+        return HTTPResponse("", **headers)
+    return HTTPResponse(iter_file(store.fs, path, 0, size), **headers)
 
 
 def install_routes(app):

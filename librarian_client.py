@@ -311,21 +311,32 @@ class LibrarianClient:
             raise RPCError("upload", "destination %r must be a relative path ending in the "
                            "file's name, without '..'" % dest_store_path)
         size, md5 = path_md5(local_path)
+        if os.path.isdir(local_path):
+            name = os.path.basename(dest_store_path.rstrip("/"))
+            with _TarPipe(local_path, name) as body:
+                return self._put(dest_store_path, _counting(body.chunks(), progress), md5,
+                                 True, null_obsid, deletion_policy)
+        with open(local_path, "rb") as f:
+            return self._put(dest_store_path, _ReportingFile(f, size, progress), md5, False,
+                             null_obsid, deletion_policy)
+
+    def upload_stream(self, chunks, length, md5, dest_store_path, is_dir=False,
+                      null_obsid=False, deletion_policy="disallowed", progress=None):
+        """Stream bytes from an iterator of chunks (`length` bytes in all;
+        a directory as a tar stream with `is_dir`) whose MD5 (by the shared
+        definition) is known, as `upload` does for a local path."""
+        body = _SizedChunks(_counting(chunks, progress), length)
+        return self._put(dest_store_path, body, md5, is_dir, null_obsid, deletion_policy)
+
+    def _put(self, dest_store_path, body, md5, is_dir, null_obsid, deletion_policy):
         params = {"md5": md5, "deletion_policy": deletion_policy}
         if null_obsid:
             params["null_obsid"] = "true"
         headers = self._auth_header()
-        url = self.url + "api/upload/" + quote(dest_store_path.lstrip("/"))
-        if os.path.isdir(local_path):
+        if is_dir:
             headers["X-Librarian-Directory"] = "tar"
-            name = os.path.basename(dest_store_path.rstrip("/"))
-            with _TarPipe(local_path, name) as body:
-                resp = self._send("upload", "PUT", url, params=params, headers=headers,
-                                  data=_counting(body.chunks(), progress))
-        else:
-            with open(local_path, "rb") as f:
-                resp = self._send("upload", "PUT", url, params=params, headers=headers,
-                                  data=_ReportingFile(f, size, progress))
+        url = self.url + "api/upload/" + quote(dest_store_path.lstrip("/"))
+        resp = self._send("upload", "PUT", url, params=params, headers=headers, data=body)
         reply = self._reply("upload", resp)
         reply["created"] = resp.status_code == 201
         return reply
@@ -383,6 +394,20 @@ class _ReportingFile:
         if self.progress and chunk:
             self.progress(len(chunk))
         return chunk
+
+
+class _SizedChunks:
+    """A body of `length` bytes from an iterator of chunks, so that the
+    request carries a Content-Length."""
+
+    def __init__(self, chunks, length):
+        self.reader, self.length = _IterReader(chunks), length
+
+    def __len__(self):
+        return self.length
+
+    def read(self, n=-1):
+        return self.reader.read(CHUNK if n is None or n < 0 else n)
 
 
 class _IterReader:

@@ -13,15 +13,13 @@ is "offload". Deleting the source copies stays a separate, deliberate step
 """
 
 import json
-import os
-import shutil
-
+import posixpath
 
 import ingest
 import tasks
 from models import (DELETION_ALLOWED, File, FileEvent, FileInstance, LibrarianError, Store,
                     write_transaction)
-from stores import LocalStore, path_info, remove_tree
+from stores import copy_tree, open_store
 
 BATCH = 1000
 
@@ -38,7 +36,7 @@ def launch(source_name, dest_name):
     if source_name == dest_name:
         raise LibrarianError(400, "source and destination are the same store")
     source, dest = Store.by_name(source_name), Store.by_name(dest_name)
-    if not LocalStore(dest).is_reachable():
+    if not open_store(dest).is_reachable():
         raise LibrarianError(400, "destination store %r is not reachable" % dest_name)
     running = tasks.Task.select().where(
         (tasks.Task.kind == "offload") & tasks.Task.state.in_(("pending", "running"))
@@ -55,18 +53,16 @@ def launch(source_name, dest_name):
     return {"outcome": "task-launched", "instance-count": count}
 
 
-def copy_into_staging(src_path, dest_store, name):
-    """Copy a file or tree into a fresh staging dir of `dest_store`;
-    returns (staging dir, staged path)."""
+def copy_into_staging(src_store, src_path, dest_store, name):
+    """Copy a file or tree of `src_store` into a fresh staging dir of
+    `dest_store` (either may be on another host); returns (staging dir,
+    staged path)."""
     staging = dest_store.new_staging_dir()
-    staged = os.path.join(staging, name)
+    staged = posixpath.join(staging, name)
     try:
-        if os.path.isdir(src_path):
-            shutil.copytree(src_path, staged, symlinks=True)
-        else:
-            shutil.copyfile(src_path, staged)
+        copy_tree(src_store.fs, src_path, dest_store.fs, staged)
     except BaseException:
-        remove_tree(staging)
+        dest_store.remove_quietly(staging)
         raise
     return staging, staged
 
@@ -74,7 +70,7 @@ def copy_into_staging(src_path, dest_store, name):
 @tasks.handler("offload")
 def offload_task(task, args):
     """Copy, verify, register, mark deletable; one instance at a time."""
-    source, dest = Store.by_name(args["source"]), LocalStore(Store.by_name(args["dest"]))
+    source, dest = Store.by_name(args["source"]), open_store(Store.by_name(args["dest"]))
     done, errors = 0, []
     for inst in list(sole_instances(source).limit(args["batch"])):
         try:
@@ -91,17 +87,18 @@ def offload_task(task, args):
 def offload_one(source, dest, inst):
     """Copy one instance to `dest`, verify, register, mark the source
     instance deletable."""
-    src_path = LocalStore(source).resolve(inst.store_path)
-    staging, staged = copy_into_staging(src_path, dest, inst.name)
+    src_store = open_store(source)
+    src_path = src_store.resolve(inst.store_path)
+    staging, staged = copy_into_staging(src_store, src_path, dest, inst.name)
     try:
-        size, md5 = path_info(staged)
+        size, md5 = dest.fs.path_info(staged)
         if (size, md5) != (inst.file.size, inst.file.md5):
             raise LibrarianError(500, "copy of %s has size %d md5 %s, not %d %s"
                                  % (inst.name, size, md5, inst.file.size, inst.file.md5))
         ingest.register_staged(dest, staged, inst.store_path, source=inst.file.source,
                                meta_mode="direct", size=size, md5=md5, another_copy=True)
     finally:
-        remove_tree(staging)
+        dest.remove_quietly(staging)
     with write_transaction():
         (FileInstance.update(deletion_policy=DELETION_ALLOWED)
          .where((FileInstance.store == source) & (FileInstance.parent_dirs == inst.parent_dirs)

@@ -27,7 +27,7 @@ import tasks
 import webauth
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
                     ObservingSession, Store)
-from stores import LocalStore
+from stores import open_store
 
 PAGE_SIZE = 50
 RECENT = 10
@@ -185,8 +185,8 @@ def in_int64(n):
 def store_usage(row):
     """(capacity, used, free) bytes of a store's file system, or Nones."""
     try:
-        usage = LocalStore(row).disk_usage()
-    except OSError:
+        usage = open_store(row).disk_usage()
+    except (OSError, LibrarianError):
         return None, None, None
     return usage.total, usage.used, usage.free
 
@@ -502,11 +502,11 @@ def standing_order_form(name=None):
 
 
 def connectivity_page():
-    """Each connection pinged (with its stores), and each local store's
+    """Each connection pinged (with its stores), and each store's
     reachability and free space."""
     person()
     connections = [copies.check_connection(n) for n in copies.connection_names()]
-    stores = [(s, LocalStore(s).is_reachable(), store_usage(s))
+    stores = [(s, open_store(s).is_reachable(), store_usage(s))
               for s in Store.select().order_by(Store.name)]
     return render("connectivity", "Connectivity", connections=connections, stores=stores)
 

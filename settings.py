@@ -125,6 +125,12 @@ SCHEMA = {
         "path_prefix": (_nonempty, REQUIRED),
         "ssh_host": (_nonempty, None),
         "available": (_bool, True),
+        "transport": (_choice("local", "ssh"), None),
+        "ssh_user": (_nonempty, None),
+        "ssh_port": (_port, 22),
+        "ssh_key": (_nonempty, None),
+        "known_hosts": (_nonempty, None),
+        "ssh_timeout": (_positive_float, 15.0),
     },
     "staging": {
         "dest_prefix": (_nonempty, None),
@@ -203,10 +209,21 @@ def parse(text, path=None):
     for label in ("server", "database", "librarian", "staging"):
         if label not in sections:
             sections[label] = _cast_section(label, SCHEMA[label], {})
-    for store in sections["store:*"].values():
+    for name, store in sections["store:*"].items():
         if store["ssh_host"] is None:
             store["ssh_host"] = socket.gethostname()
+        remote = store["transport"] == "ssh" or (store["transport"] is None
+                                                  and not names_this_host(store["ssh_host"]))
+        if remote and not store["path_prefix"].startswith("/"):
+            raise ConfigError("[store:%s] path_prefix must be an absolute path on %s when "
+                              "transport = ssh" % (name, store["ssh_host"]))
     return Settings(sections, path)
+
+
+def names_this_host(host):
+    """Whether `host` is a name of the host this server runs on (a store
+    there is reached directly unless `transport = ssh`)."""
+    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
 
 
 def find_config_path(given=None):

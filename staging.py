@@ -12,14 +12,13 @@ file into the destination and finishes by replacing the lock with
 
 import os
 import re
-import shutil
 
 import peewee as pw
 
 import search
 import tasks
 from models import File, LibrarianError
-from stores import present_instance
+from stores import LocalFS, copy_tree, present_instance
 
 IN_PROGRESS, SUCCEEDED, ERRORS = "STAGING-IN-PROGRESS", "STAGING-SUCCEEDED", "STAGING-ERRORS"
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -87,13 +86,6 @@ def _write_marker(dest, name, text):
         out.write(text)
 
 
-def _copy(src, dest):
-    if os.path.isdir(src):
-        shutil.copytree(src, dest)
-    else:
-        shutil.copyfile(src, dest)
-
-
 @tasks.handler("stage")
 def stage_task(task, args):
     """Copy each matching file's first present local instance; finish with
@@ -109,10 +101,10 @@ def stage_task(task, args):
             try:
                 if os.path.lexists(target):
                     raise FileExistsError("%s exists already" % target)
-                _, present = present_instance(f.name)
+                _, store, present = present_instance(f.name)
                 if present is None:
                     raise FileNotFoundError("no instance of %s is present here" % f.name)
-                _copy(present, target)
+                copy_tree(store.fs, present, LocalFS(), target)
                 copied += f.size
                 task.report(copied)
             except (OSError, LibrarianError) as e:

@@ -83,8 +83,9 @@ def jd_to_gps_seconds(jd):
 
 
 def read_uvh5(path):
-    """Metadata of the UVH5 file at `path`. Raises `MetadataError` when it is
-    not a readable UVH5 file."""
+    """Metadata of the UVH5 file at `path` (a path, or a binary file object
+    with read/seek/tell). Raises `MetadataError` when it is not a readable
+    UVH5 file."""
     import h5py
     import numpy as np
 
@@ -150,6 +151,20 @@ def _read(kind, path):
     return READERS[kind](path)
 
 
+def run_reader(label, func, *args):
+    """Run `func(*args)` (a module-level function: it is pickled by name)
+    in the reader process and return its result. Raises `MetadataError`
+    naming `label` ('MIRIAD', 'UVH5', 'data set') when the reader process
+    crashes."""
+    pool = _reader_pool()
+    try:
+        return pool.submit(func, *args).result()
+    except BrokenProcessPool:
+        _discard_pool(pool)
+        raise MetadataError("the %s header is malformed: reading it crashed the reader"
+                            % label) from None
+
+
 def read_observation(path):
     """Observation metadata of the file or directory at `path`, chosen by its
     shape (see `data_kind`), read in a worker process. Returns None for
@@ -158,10 +173,5 @@ def read_observation(path):
     kind = data_kind(path)
     if kind is None:
         return None
-    pool = _reader_pool()
-    try:
-        return pool.submit(_read, kind, os.path.abspath(path)).result()
-    except BrokenProcessPool:
-        _discard_pool(pool)
-        raise MetadataError("the %s header is malformed: reading it crashed the reader"
-                            % ("MIRIAD" if kind == "miriad" else "UVH5")) from None
+    return run_reader("MIRIAD" if kind == "miriad" else "UVH5", _read, kind,
+                      os.path.abspath(path))

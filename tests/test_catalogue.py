@@ -157,7 +157,7 @@ def two_stores(app, web, tmp_path):
     disallowed) and y.dat on main only (disallowed)."""
     other = tmp_path / "other"
     os.makedirs(other)
-    models.Store.create(name="other", ssh_host="h", path_prefix=str(other))
+    models.Store.create(name="other", ssh_host="localhost", path_prefix=str(other))
     put(web, "keep/x.dat", b"x-bytes", deletion_policy="allowed")
     # A second instance of x.dat, placed on `other` as a copy would be.
     os.makedirs(other / "k")

@@ -256,8 +256,8 @@ def test_directory_upload_works_for_a_server_that_is_not_root(public_dir):
     script = (
         "import io, os, sys, tarfile; sys.path.insert(0, %r)\n"
         "import models, stores\n"
-        "row = models.Store(name='s', ssh_host='h', path_prefix=%r)\n"
-        "st = stores.LocalStore(row)\n"
+        "row = models.Store(name='s', ssh_host='localhost', path_prefix=%r)\n"
+        "st = stores.open_store(row)\n"
         "staging = st.new_staging_dir()\n"
         "os.makedirs(os.path.join(staging, 'd.uv', 'sub'))\n"
         "open(os.path.join(staging, 'd.uv', 'sub', 'f'), 'w').write('x')\n"
@@ -274,9 +274,9 @@ def test_a_move_interrupted_before_commit_is_undone_at_start(app, web, store_dir
     """A crash between moving bytes into place and committing their record
     leaves a marker; start-up moves the bytes back out of the final path."""
     import librarian
-    from stores import LocalStore
+    from stores import open_store
 
-    store = LocalStore(models.Store.get())
+    store = open_store(models.Store.get())
     # An issued staging directory (two-step protocol) and a request's own.
     issued = api(web, "initiate_upload", upload_size=3)["staging_dir"]
     with open(os.path.join(issued, "two.txt"), "wb") as f:

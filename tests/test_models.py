@@ -105,7 +105,7 @@ def test_add_user_and_add_store_commands(app, config_path, web, tmp_path, capsys
 def test_num_instances_is_kept_exact_by_the_database(app, tmp_path):
     models.File.insert(**raw_file()).execute()
     main = models.Store.get()
-    other = models.Store.create(name="other", ssh_host="h", path_prefix=str(tmp_path))
+    other = models.Store.create(name="other", ssh_host="localhost", path_prefix=str(tmp_path))
 
     def count():
         return models.File.get().num_instances

@@ -11,7 +11,7 @@ from conftest import api, bearer, store_contents
 def test_offload_empties_a_store_and_then_shuts_it_down(app, web, store_dir, tmp_path):
     other_dir = tmp_path / "other"
     other_dir.mkdir()
-    models.Store.create(name="other", ssh_host="h", path_prefix=str(other_dir))
+    models.Store.create(name="other", ssh_host="localhost", path_prefix=str(other_dir))
     for path, body in (("a/one.dat", b"one"), ("b/two.dat", b"two" * 1000)):
         web.put("/api/upload/%s?null_obsid=true" % path, body, headers=bearer(), status=201,
                 content_type="application/octet-stream")
@@ -55,7 +55,7 @@ def test_a_missing_file_does_not_stop_the_rest_and_offloads_do_not_overlap(app, 
                                                                           tmp_path):
     other_dir = tmp_path / "other"
     other_dir.mkdir()
-    models.Store.create(name="other", ssh_host="h", path_prefix=str(other_dir))
+    models.Store.create(name="other", ssh_host="localhost", path_prefix=str(other_dir))
     for name in ("a.dat", "b.dat", "c.dat"):
         web.put("/api/upload/%s?null_obsid=true" % name, name.encode(), headers=bearer(),
                 status=201, content_type="application/octet-stream")
