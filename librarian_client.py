@@ -12,13 +12,17 @@ streamed `PUT /api/upload/...` and `GET /api/download/...` of section 2.
 
 This module also holds the checksum definition shared by every Librarian
 (`path_md5`), so that client and server compute it in one way. It depends
-only on `requests` and `tqdm`; `pip install .` installs it alone.
+on `requests`, `tqdm` and (for `upload --via-ssh`) `paramiko`; `pip
+install .` installs it alone.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -341,6 +345,43 @@ class LibrarianClient:
         reply["created"] = resp.status_code == 201
         return reply
 
+    def upload_via_ssh(self, local_path, dest_store_path, ssh=None, use_rsync=False,
+                       null_obsid=False, deletion_policy="disallowed", progress=None):
+        """The two-step protocol: `initiate_upload` names a store and a
+        staging directory on its host; the bytes are copied there over SSH
+        (SFTP through paramiko, or `rsync -e ssh` with `use_rsync`); then
+        `complete_upload` has the server check and register them. `ssh` is
+        an `SSHOptions` (port, user, key, known_hosts). The file's record is
+        read back and compared with the local MD5. Returns `{name,
+        store_name, store_path, size, md5, obsid}`; raises `RPCError`."""
+        local_path = local_path.rstrip("/") or local_path
+        if not (os.path.isfile(local_path) or os.path.isdir(local_path)):
+            raise RPCError("upload", "%s is not a file or a directory" % local_path)
+        name = dest_store_path.rstrip("/").rsplit("/", 1)[-1]
+        size, md5 = path_md5(local_path)
+        info = self.initiate_upload(size)
+        remote = info["staging_dir"].rstrip("/") + "/" + name
+        ssh = ssh or SSHOptions()
+        try:
+            if use_rsync:
+                _rsync_copy(local_path, info["ssh_host"], remote, ssh)
+            else:
+                _sftp_copy(local_path, info["ssh_host"], remote, ssh, progress)
+        except (OSError, EOFError, subprocess.CalledProcessError) as e:
+            raise RPCError("upload", "copying to %s:%s failed: %s"
+                           % (info["ssh_host"], info["staging_dir"], e)) from None
+        except Exception as e:  # paramiko's errors: authentication, host keys, protocol
+            raise RPCError("upload", "copying to %s over SSH failed: %s: %s"
+                           % (info["ssh_host"], type(e).__name__, e)) from None
+        self.complete_upload(info["name"], info["staging_dir"], dest_store_path, "infer",
+                             deletion_policy=deletion_policy, null_obsid=null_obsid)
+        record = self.search_files({"name-is-exactly": name})[0]
+        if record["md5"] != md5:
+            raise RPCError("upload", "%s was registered with md5 %s, but the local copy has %s"
+                           % (name, record["md5"], md5))
+        return {"name": name, "store_name": info["name"], "store_path": dest_store_path,
+                "size": record["size"], "md5": record["md5"], "obsid": record["obsid"]}
+
     def download(self, file_name, dest_path, progress=None):
         """Fetch `file_name` to `dest_path` (a directory arrives as a tar and
         is unpacked there). The result is checked against the server's MD5
@@ -370,6 +411,79 @@ class LibrarianClient:
                                % (file_name, md5, expected))
             os.rename(staged, dest_path)
         return size, md5
+
+
+class SSHOptions:
+    """How the client logs in to a store host: `port` (None: 22 or
+    ~/.ssh/config for rsync), `user`, `key` (private key file) and
+    `known_hosts` (file; default ~/.ssh/known_hosts; unknown hosts are
+    refused)."""
+
+    def __init__(self, port=None, user=None, key=None, known_hosts=None):
+        self.port, self.user, self.key, self.known_hosts = port, user, key, known_hosts
+
+    def ssh_command(self):
+        """The `ssh` command line rsync runs (`-e`)."""
+        words = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        if self.port:
+            words += ["-p", str(self.port)]
+        if self.user:
+            words += ["-l", self.user]
+        if self.key:
+            words += ["-i", os.path.expanduser(self.key), "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts:
+            words += ["-o", "UserKnownHostsFile=" + os.path.expanduser(self.known_hosts)]
+        return shlex.join(words)
+
+
+def _sftp_copy(local_path, host, remote, ssh, progress):
+    """Copy a file or a directory tree to `host:remote` (a new path) by SFTP."""
+    import paramiko
+
+    client = paramiko.SSHClient()
+    client.load_host_keys(os.path.expanduser(ssh.known_hosts or "~/.ssh/known_hosts"))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    key = os.path.expanduser(ssh.key) if ssh.key else None
+    client.connect(host, port=ssh.port or 22, username=ssh.user, key_filename=key,
+                   look_for_keys=key is None, allow_agent=key is None, timeout=30)
+    try:
+        sftp = client.open_sftp()
+        callback = None
+        if progress:
+            done = {}
+
+            def callback(sent, total, path=None):
+                progress(sent - done.get(path, 0))
+                done[path] = sent
+        if os.path.isfile(local_path):
+            sftp.put(local_path, remote, callback=callback and
+                     (lambda n, t: callback(n, t, local_path)))
+            return
+        sftp.mkdir(remote)
+        for dirpath, dirnames, filenames in os.walk(local_path):
+            rel = os.path.relpath(dirpath, local_path)
+            here = remote if rel == "." else remote + "/" + rel.replace(os.sep, "/")
+            for d in sorted(dirnames):
+                sftp.mkdir(here + "/" + d)
+            for f in sorted(filenames):
+                src = os.path.join(dirpath, f)
+                sftp.put(src, here + "/" + f,
+                         callback=callback and (lambda n, t, src=src: callback(n, t, src)))
+    finally:
+        client.close()
+
+
+def _rsync_copy(local_path, host, remote, ssh):
+    """Copy a file or a directory tree to `host:remote` with rsync over ssh.
+    rsync protects the remote path's spaces and quotes itself (3.2.4+: the
+    arguments are not split by the remote shell)."""
+    if shutil.which("rsync") is None:
+        raise OSError("rsync is not installed here; leave out --rsync to copy by SFTP")
+    target = host + ":" + remote
+    source = local_path + ("/" if os.path.isdir(local_path) else "")
+    subprocess.run(["rsync", "-rt", "--partial-dir=.rsync-partial", "-e", ssh.ssh_command(),
+                    source, target], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
 
 
 def _counting(chunks, progress):
@@ -500,8 +614,15 @@ def cmd_upload(client, args):
         else (None, None)
     callback, bar = _progress_bar(size, os.path.basename(args.local_path.rstrip("/")))
     try:
-        reply = client.upload(args.local_path, args.dest_store_path, null_obsid=args.null_obsid,
-                              deletion_policy=args.deletion, progress=callback)
+        if args.via_ssh or args.rsync:
+            ssh = SSHOptions(args.ssh_port, args.ssh_user, args.ssh_key, args.known_hosts)
+            reply = client.upload_via_ssh(args.local_path, args.dest_store_path, ssh=ssh,
+                                          use_rsync=args.rsync, null_obsid=args.null_obsid,
+                                          deletion_policy=args.deletion, progress=callback)
+        else:
+            reply = client.upload(args.local_path, args.dest_store_path,
+                                  null_obsid=args.null_obsid, deletion_policy=args.deletion,
+                                  progress=callback)
     finally:
         if bar:
             bar.close()
@@ -742,6 +863,15 @@ def build_parser():
                    help="the file has no observation (needed when none can be read)")
     p.add_argument("--deletion", choices=("disallowed", "allowed"), default="disallowed",
                    help="deletion policy of the new instance (default: disallowed)")
+    g = p.add_argument_group("two-step upload over SSH (the server tells which store host)")
+    g.add_argument("--via-ssh", action="store_true",
+                   help="copy into the store's staging directory by SFTP, then register")
+    g.add_argument("--rsync", action="store_true",
+                   help="like --via-ssh, copying with rsync over ssh")
+    g.add_argument("--ssh-port", type=int, help="SSH port of the store host (default 22)")
+    g.add_argument("--ssh-user", help="user on the store host (default: yours)")
+    g.add_argument("--ssh-key", help="private key file (default: your usual keys)")
+    g.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("locate-file", help="print host:path of an instance of a file")

@@ -295,6 +295,11 @@ def _reason(e):
     """A short description of a connection failure."""
     import paramiko
 
+    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+        errors = list(e.errors.values())
+        if errors and all(isinstance(x, ConnectionRefusedError) for x in errors):
+            return "connection refused"
+        return "cannot connect (%s)" % "; ".join(str(x) for x in errors)
     if isinstance(e, paramiko.AuthenticationException):
         return "authentication failed (%s)" % e
     if isinstance(e, paramiko.BadHostKeyException):
@@ -398,27 +403,34 @@ class SSHConnection:
         """An SFTP session for the block; network failures become
         `StoreUnreachable` (OSErrors of the remote file system pass)."""
         sftp = self.checkout_sftp()
-        ok = False
         try:
             with self.errors():
                 yield sftp
-            ok = True
+        except StoreUnreachable:
+            sftp.close()
+            raise
         finally:
-            if ok:
+            if not sftp.sock.closed:
                 self.checkin_sftp(sftp)
-            else:
-                sftp.close()
+
+    def is_up(self):
+        t = self.client.get_transport() if self.client else None
+        return t is not None and t.is_active()
 
     @contextmanager
     def errors(self):
+        """Turn a failure of the connection inside the block into
+        `StoreUnreachable`; errors of the remote file system (ENOENT,
+        permissions) pass as the OSErrors they are."""
         import paramiko
 
         try:
             yield
-        except (paramiko.SSHException, EOFError, socket.error) as e:
-            if isinstance(e, OSError) and e.errno is not None and not isinstance(
-                    e, (ConnectionError, TimeoutError)):
-                raise  # an error of the remote file system, e.g. ENOENT
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            lost = isinstance(e, (paramiko.SSHException, EOFError, socket.timeout,
+                                  ConnectionError)) or not self.is_up()
+            if not lost or isinstance(e, StoreUnreachable):
+                raise
             self.drop()
             raise StoreUnreachable(self.store_name, self.target,
                                    "lost the connection (%s)" % _reason(e)) from None
@@ -535,7 +547,8 @@ class SSHFS:
             with self.conn.errors():
                 if mode == "xb" and self._exists(sftp, path):
                     raise FileExistsError("%s exists on %s" % (path, self.where))
-                f = sftp.open(path, mode, bufsize=CHUNK)
+                # paramiko: "wx" creates exclusively (O_EXCL) and allows writes.
+                f = sftp.open(path, "wx" if mode == "xb" else "r", bufsize=CHUNK)
                 if mode == "xb":
                     f.set_pipelined(True)  # do not wait for each write's reply
         except BaseException:
@@ -627,7 +640,13 @@ class SSHFS:
 
     def read_observation(self, path):
         """Observation metadata read over SFTP by the isolated reader
-        process (see `read_remote_observation`)."""
+        process (see `read_remote_observation`); None, without asking it,
+        for what is not shaped like a data set (`uvmeta.data_kind`)."""
+        if stat.S_ISDIR(self.lstat(path).st_mode):
+            if not self.lexists(posixpath.join(path, "visdata")):
+                return None
+        elif not path.endswith(".uvh5"):
+            return None
         try:
             return uvmeta.run_reader("data set", read_remote_observation, self.conn.target, path)
         except OSError as e:

@@ -99,13 +99,16 @@ def db_url(request, tmp_path):
 # Configuration and app
 # ---------------------------------------------------------------------------
 
-def config_text(db_url, store_dir, port=21106, extra=""):
+def config_text(db_url, store_dir, port=21106, extra="", store_section=None):
+    """A configuration with the test sources and one store: `[store:main]`
+    at `store_dir`, or the given `store_section` text instead."""
     sources = "".join("[source:%s]\nauthenticator = %s\nlevel = %s\n\n"
                       % (name, AUTH[name], LEVEL[name]) for name in AUTH)
+    if store_section is None:
+        store_section = "[store:main]\npath_prefix = %s\n\n" % store_dir
     return ("[server]\nport = %d\nsecret_key = test-secret\ndisplayed_site_name = Test\n"
-            "threads = 8\nlog_level = WARNING\n\n[database]\nurl = %s\n\n"
-            "[store:main]\npath_prefix = %s\n\n%s%s"
-            % (port, db_url, store_dir, sources, extra))
+            "threads = 8\nlog_level = WARNING\n\n[database]\nurl = %s\n\n%s%s%s"
+            % (port, db_url, store_section, sources, extra))
 
 
 @pytest.fixture
@@ -160,6 +163,21 @@ def bearer(who="admin"):
 # ---------------------------------------------------------------------------
 # Real servers
 # ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on a loopback port (tests/sshd.py), shared by
+    the run; skipped when sshd is not installed, except under CI."""
+    from sshd import SSHServer, find_sshd
+
+    if find_sshd() is None:
+        if os.environ.get("CI"):
+            pytest.fail("OpenSSH's sshd is not installed (.ci/run installs openssh-server)")
+        pytest.skip("OpenSSH's sshd is not installed (Debian: apt install openssh-server)")
+    server = SSHServer(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()
+
 
 def free_port():
     with socket.socket() as s:

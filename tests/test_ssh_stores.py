@@ -1,0 +1,413 @@
+"""A store on "another host": every store operation over SSH, against a
+real OpenSSH server on a loopback port (tests/sshd.py).
+
+The store's folder is on this machine, so that the tests can look at the
+bytes directly, but the server reaches it only through sshd: its name has
+spaces and quotes, which every command sent over SSH must survive.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+import librarian_client
+import models
+import stores
+from conftest import (AUTH, MIRIAD, ROOT, UVH5, Server, api, bearer, config_text, free_port,
+                      need_data, store_contents)
+from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
+from test_upload import put, tar_of
+
+REMOTE = "remote 'site' \"A\" store"
+ODD_DIR = "night of 'Nov 30' \"x\""  # folders and names with spaces and quotes
+ODD_NAME = "it's a \"test\" file.dat"
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    """The remote store's folder (on this machine, reached through sshd)."""
+    path = tmp_path / REMOTE
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def config_path(tmp_path, db_url, store_dir, sshd):
+    path = tmp_path / "librarian.ini"
+    path.write_text(config_text(db_url, store_dir, port=free_port(),
+                                store_section=sshd.store_section("main", store_dir)))
+    return str(path)
+
+
+def md5_of(data):
+    return hashlib.md5(data).hexdigest()
+
+
+def test_the_store_is_reached_over_ssh(app, sshd):
+    store = stores.open_store(models.Store.get())
+    assert isinstance(store.fs, stores.SSHFS)
+    assert store.fs.conn.target.port == sshd.port
+    assert store.is_reachable()
+
+
+# ---------------------------------------------------------------------------
+# Uploads
+# ---------------------------------------------------------------------------
+
+def test_sample_data_uploaded_over_http_land_on_the_remote_store(web, store_dir):
+    """The metadata are read over SFTP; they must equal what the reference
+    readers find in the local copy."""
+    need_data()
+    with open(UVH5, "rb") as f:
+        reply = put(web, ODD_DIR + "/zen.2458432.34569.uvh5", f.read()).json
+    want = uvh5_reference(UVH5)
+    assert (reply["md5"], reply["size"], reply["obsid"]) == (shell_md5(UVH5), shell_size(UVH5),
+                                                             want["obsid"])
+    placed = os.path.join(store_dir, ODD_DIR, "zen.2458432.34569.uvh5")
+    assert shell_md5(placed) == shell_md5(UVH5)
+    assert os.stat(placed).st_mode & 0o777 == 0o444
+
+    reply = put(web, "zen.2458043.12552.xx.HH.uvA", tar_of(MIRIAD, "zen.2458043.12552.xx.HH.uvA"),
+                headers={"X-Librarian-Directory": "tar"}).json
+    want_miriad = miriad_reference(MIRIAD)
+    assert reply["md5"] == shell_md5(MIRIAD) and reply["obsid"] == want_miriad["obsid"]
+    placed = os.path.join(store_dir, "zen.2458043.12552.xx.HH.uvA")
+    assert shell_md5(placed) == shell_md5(MIRIAD)
+    assert os.stat(placed).st_mode & 0o777 == 0o555
+    assert os.stat(os.path.join(placed, "visdata")).st_mode & 0o777 == 0o444
+    for obsid, ref in ((want["obsid"], want), (want_miriad["obsid"], want_miriad)):
+        obs = models.Observation.get_by_id(obsid)
+        assert obs.start_time_jd == pytest.approx(ref["start_time_jd"], abs=1e-8)
+        assert obs.stop_time_jd == pytest.approx(ref["stop_time_jd"], abs=1e-8)
+        assert obs.start_lst_hr == pytest.approx(ref["start_lst_hr"], abs=1e-9)
+    files, staging = store_contents(store_dir)
+    assert len(files) == 1 + len(os.listdir(MIRIAD)) and staging == []
+
+
+def test_wrong_md5_over_ssh_is_refused_and_leaves_nothing(web, store_dir):
+    reply = put(web, "a.dat", b"abc", status=400, md5="0" * 32, null_obsid="true").json
+    assert "md5 mismatch" in reply["message"]
+    assert models.File.select().count() == 0
+    assert store_contents(store_dir) == (set(), [])
+
+
+def test_a_path_with_spaces_and_quotes_survives_every_operation(web, store_dir, tmp_path):
+    body = b"bytes of an odd name\n" * 1000
+    path = ODD_DIR + "/" + ODD_NAME
+    from urllib.parse import quote
+    reply = put(web, quote(path), body, null_obsid="true").json
+    assert reply["store_path"] == path and reply["md5"] == md5_of(body)
+    with open(os.path.join(store_dir, ODD_DIR, ODD_NAME), "rb") as f:
+        assert f.read() == body
+    located = api(web, "locate_file_instance", file_name=ODD_NAME)
+    assert located["store_path"] == path and located["store_ssh_host"] == "127.0.0.1"
+    got = web.get("/api/download/" + quote(ODD_NAME, safe=""), headers=bearer())
+    assert got.body == body and got.headers["X-Librarian-MD5"] == md5_of(body)
+    part = web.get("/api/download/" + quote(ODD_NAME, safe=""),
+                   headers=dict(bearer(), Range="bytes=5-14"), status=206)
+    assert part.body == body[5:15]
+    assert part.headers["Content-Range"] == "bytes 5-14/%d" % len(body)
+    # A directory with an odd name inside, as a tar.
+    tree = tmp_path / "d.uv"
+    (tree / "sub 'q'").mkdir(parents=True)
+    (tree / "sub 'q'" / 'f "1"').write_bytes(b"one")
+    put(web, quote(ODD_DIR + "/d.uv"), tar_of(str(tree), "d.uv"), null_obsid="true",
+        headers={"X-Librarian-Directory": "tar"})
+    assert models.File.get_by_id("d.uv").md5 == shell_md5(str(tree))
+    # Deletion goes too.
+    api(web, "set_one_file_deletion_policy", file_name=ODD_NAME, deletion_policy="allowed")
+    assert api(web, "delete_file_instances", file_name=ODD_NAME)["n_deleted"] == 1
+    assert not os.path.lexists(os.path.join(store_dir, ODD_DIR, ODD_NAME))
+
+
+# ---------------------------------------------------------------------------
+# Downloads, deletion
+# ---------------------------------------------------------------------------
+
+def test_download_of_a_file_and_of_a_directory_from_the_remote_store(server, client_config,
+                                                                     tmp_path):
+    need_data()
+    client = librarian_client.LibrarianClient("admin", config_path=client_config)
+    client.upload(UVH5, "a/zen.2458432.34569.uvh5")
+    client.upload(MIRIAD, "b/zen.2458043.12552.xx.HH.uvA")
+    size, md5 = client.download("zen.2458432.34569.uvh5", str(tmp_path / "got.uvh5"))
+    assert (size, md5) == (shell_size(UVH5), shell_md5(UVH5))
+    assert shell_md5(str(tmp_path / "got.uvh5")) == shell_md5(UVH5)
+    size, md5 = client.download("zen.2458043.12552.xx.HH.uvA", str(tmp_path / "got.uvA"))
+    assert md5 == shell_md5(MIRIAD) == shell_md5(str(tmp_path / "got.uvA"))
+    # The tar is exactly as long as announced.
+    resp = requests.get(server.url + "api/download/zen.2458043.12552.xx.HH.uvA",
+                        headers=bearer())
+    assert len(resp.content) == int(resp.headers["Content-Length"])
+
+
+def test_delete_interlock_on_the_remote_store(web, store_dir):
+    put(web, "k/keep.dat", b"keep", null_obsid="true")
+    put(web, "k/go.dat", b"go", null_obsid="true", deletion_policy="allowed")
+    stats = api(web, "delete_file_instances_matching_query",
+                query='{"name-matches": "%.dat"}')["stats"]
+    assert (stats["go.dat"]["n_deleted"], stats["keep.dat"]["n_kept"]) == (1, 1)
+    assert all(s["n_error"] == 0 for s in stats.values())
+    assert os.path.exists(os.path.join(store_dir, "k", "keep.dat"))
+    assert not os.path.lexists(os.path.join(store_dir, "k", "go.dat"))
+    assert [i.name for i in models.FileInstance.select()] == ["keep.dat"]
+
+
+def test_register_instances_of_bytes_already_on_the_remote_store(web, store_dir):
+    os.makedirs(os.path.join(store_dir, ODD_DIR))
+    placed = os.path.join(store_dir, ODD_DIR, ODD_NAME)
+    with open(placed, "wb") as f:
+        f.write(b"placed by rsync")
+    api(web, "register_instances", store_name="main", null_obsid=True,
+        file_info={placed: {"size": 15, "md5": md5_of(b"placed by rsync")}})
+    inst = models.FileInstance.get()
+    assert (inst.name, inst.parent_dirs) == (ODD_NAME, ODD_DIR)
+    assert os.stat(placed).st_mode & 0o222 == 0
+    msg = api(web, "register_instances", store_name="main", status=400, null_obsid=True,
+              file_info={placed: {"size": 15, "md5": "0" * 32}})["message"]
+    assert "not 15 and 000" in msg
+
+
+# ---------------------------------------------------------------------------
+# The two-step protocol with the client
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["--via-ssh", "--rsync"])
+def test_two_step_upload_with_the_client(server, client_config, sshd, store_dir, tmp_path, how):
+    need_data()
+    tree = tmp_path / "zen.2458043.12552.xx.HH.uvA"
+    subprocess.run(["cp", "-r", MIRIAD, str(tree)], check=True)
+    os.chmod(tree, 0o755)
+    for cmd in ([UVH5, ODD_DIR + "/zen.2458432.34569.uvh5"],
+                [str(tree), "zen.2458043.12552.xx.HH.uvA"]):
+        out = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "librarian_client.py"), "--config", client_config,
+             "upload", "appender", *cmd, how, "--ssh-port", str(sshd.port), "--ssh-key",
+             sshd.client_key, "--known-hosts", sshd.known_hosts, "--ssh-user", sshd.user],
+            capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "md5 %s" % shell_md5(cmd[0]) in out.stdout
+        assert shell_md5(os.path.join(store_dir, cmd[1])) == shell_md5(cmd[0])
+    client = librarian_client.LibrarianClient("reader", config_path=client_config)
+    names = {f["name"]: f for f in client.search_files({"source-is-exactly": "appender"})}
+    assert names["zen.2458043.12552.xx.HH.uvA"]["obsid"] == 1192201262
+    assert names["zen.2458432.34569.uvh5"]["md5"] == shell_md5(UVH5)
+    assert store_contents(store_dir)[1] == [], "the used staging directories are removed"
+
+
+def test_two_step_upload_to_an_unknown_host_key_is_refused(server, client_config, sshd,
+                                                           tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    (tmp_path / "f.dat").write_bytes(b"x")
+    client = librarian_client.LibrarianClient("appender", config_path=client_config)
+    ssh = librarian_client.SSHOptions(sshd.port, sshd.user, sshd.client_key, str(empty))
+    with pytest.raises(librarian_client.RPCError) as e:
+        client.upload_via_ssh(str(tmp_path / "f.dat"), "f.dat", ssh=ssh, null_obsid=True)
+    assert "127.0.0.1" in str(e.value) and "not found in known_hosts" in str(e.value)
+
+
+# ---------------------------------------------------------------------------
+# Offload, staging, copies
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def local_and_remote(tmp_path, db_url, store_dir, sshd):
+    """A configuration with a local store `local` and the remote `main`."""
+    local = tmp_path / "local"
+    local.mkdir()
+    path = tmp_path / "two.ini"
+    path.write_text(config_text(
+        db_url, store_dir, port=free_port(),
+        store_section="[store:local]\npath_prefix = %s\n\n" % local
+        + sshd.store_section("main", store_dir)))
+    return str(path), str(local)
+
+
+def _app(config_path):
+    import librarian
+    import settings
+    import webtest
+
+    application = librarian.setup(settings.load(config_path))
+    with models.db.connection_context():
+        librarian.migration_router().run()
+    librarian.startup(application)
+    return webtest.TestApp(application)
+
+
+def _run_tasks():
+    import tasks
+
+    models.db.connect(reuse_if_open=True)
+    tasks.run_until_empty()
+
+
+def test_offload_from_a_local_store_to_the_remote_one_and_back(local_and_remote, store_dir,
+                                                             tmp_path):
+    config_path, local = local_and_remote
+    tree = tmp_path / "tree.uv"
+    (tree / "sub dir").mkdir(parents=True)
+    (tree / "sub dir" / "it's").write_bytes(b"inside")
+    (tree / "top").write_bytes(b"top")
+    web = _app(config_path)
+    try:
+        models.Store.update(available=False).where(models.Store.name == "main").execute()
+        put(web, "o/one.dat", b"one", null_obsid="true")
+        put(web, "o/tree.uv", tar_of(str(tree), "tree.uv"), null_obsid="true",
+            headers={"X-Librarian-Directory": "tar"})
+        for source, dest, source_dir, dest_dir in (("local", "main", local, store_dir),
+                                                   ("main", "local", store_dir, local)):
+            reply = api(web, "initiate_offload", source_store_name=source,
+                        dest_store_name=dest)
+            assert reply["outcome"] == "task-launched" and reply["instance-count"] == 2
+            _run_tasks()
+            assert shell_md5(os.path.join(dest_dir, "o", "one.dat")) == md5_of(b"one")
+            assert shell_md5(os.path.join(dest_dir, "o", "tree.uv")) == \
+                models.File.get_by_id("tree.uv").md5
+            # The source copies are now deletable, and deleted here.
+            stats = api(web, "delete_file_instances_matching_query",
+                        query='{"always-true": true}', restrict_to_store=source)["stats"]
+            assert [s["n_deleted"] for s in stats.values()] == [1, 1]
+            assert store_contents(source_dir)[0] == set()
+            assert store_contents(dest_dir)[1] == []
+            models.Store.update(available=True).execute()
+    finally:
+        models.close_database()
+
+
+def test_staging_copies_files_from_the_remote_store(tmp_path, db_url, store_dir, sshd):
+    dest = tmp_path / "staged"
+    config = tmp_path / "staging.ini"
+    config.write_text(config_text(db_url, store_dir, port=free_port(),
+                                  store_section=sshd.store_section("main", store_dir),
+                                  extra="[staging]\ndest_prefix = %s\n" % dest))
+    web = _app(str(config))
+    try:
+        put(web, "s/" + ODD_NAME.replace('"', "%22"), b"to stage", null_obsid="true")
+        reply = api(web, "search", search='{"always-true": true}',
+                    output_format="stage-the-files-json", stage_user="amy", stage_dest="run1")
+        _run_tasks()
+        folder = reply["destination"]
+        assert os.path.exists(os.path.join(folder, "STAGING-SUCCEEDED"))
+        with open(os.path.join(folder, ODD_NAME), "rb") as f:
+            assert f.read() == b"to stage"
+    finally:
+        models.close_database()
+
+
+# ---------------------------------------------------------------------------
+# An unreachable store
+# ---------------------------------------------------------------------------
+
+def _with_settings(sshd, store_dir, **changes):
+    import settings
+
+    text = config_text("sqlite:///:memory:", store_dir,
+                       store_section=sshd.store_section("s", store_dir, **changes))
+    stores.configure(settings.parse(text))
+    return stores.open_store(models.Store(name="s", ssh_host="127.0.0.1", path_prefix=store_dir))
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"ssh_port": "1"}, "connection refused"),
+    ({"ssh_key": "KEY"}, "authentication failed"),
+    ({"known_hosts": "EMPTY"}, "not found in known_hosts"),
+])
+def test_an_unreachable_store_names_store_host_and_reason(sshd, store_dir, tmp_path, change,
+                                                          reason):
+    other_key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)],
+                   check=True)
+    (tmp_path / "empty_known_hosts").write_text("")
+    change = {k: {"KEY": str(other_key), "EMPTY": str(tmp_path / "empty_known_hosts")}.get(v, v)
+              for k, v in change.items()}
+    store = _with_settings(sshd, store_dir, **change)
+    assert not store.is_reachable()
+    with pytest.raises(stores.StoreUnreachable) as e:
+        store.new_staging_dir()
+    assert e.value.status == 503
+    assert "store 's' on host 127.0.0.1" in e.value.message and reason in e.value.message
+
+
+def test_an_unreachable_store_is_passed_over_for_uploads(local_and_remote, sshd):
+    config_path, local = local_and_remote
+    text = open(config_path).read().replace("ssh_port = %d" % sshd.port, "ssh_port = 1")
+    open(config_path, "w").write(text)
+    web = _app(config_path)
+    try:
+        reply = put(web, "x.dat", b"x" * 10, null_obsid="true").json
+        assert reply["store_name"] == "local"
+        msg = api(web, "initiate_offload", status=400, source_store_name="local",
+                  dest_store_name="main")["message"]
+        assert "not reachable" in msg
+    finally:
+        models.close_database()
+
+
+def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
+        tmp_path, db_url, sshd):
+    """A host of its own, killed (with its sessions) while the server writes
+    a 256 MiB upload to it."""
+    from sshd import SSHServer
+
+    host = SSHServer(tmp_path / "host").start()
+    remote = tmp_path / REMOTE
+    remote.mkdir()
+    config = tmp_path / "dies.ini"
+    config.write_text(config_text(db_url, str(remote), port=free_port(),
+                                  store_section=host.store_section("main", str(remote),
+                                                                   ssh_timeout="5")))
+    _app(str(config))
+    models.close_database()
+    srv = Server(str(config)).start()
+    size = 256 << 20
+    result = {}
+
+    def send():
+        body = librarian_client._SizedChunks((os.urandom(1 << 20) for _ in range(size >> 20)),
+                                             size)
+        result["resp"] = requests.put(srv.url + "api/upload/big.dat", params={"null_obsid": "true"},
+                                      data=body, headers=bearer())
+
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        staging = remote / ".staging"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            partial = [p for p in staging.glob("*/big.dat")] if staging.exists() else []
+            if partial and partial[0].stat().st_size > 0:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the upload never reached the store")
+        host.stop()
+        sender.join(60)
+        resp = result["resp"]
+        assert resp.status_code == 503, resp.text
+        message = resp.json()["message"]
+        assert "store 'main' on host 127.0.0.1 port %d" % host.port in message
+        assert "lost the connection" in message or "unreachable" in message
+        with models.db.connection_context():
+            assert models.File.select().count() == 0
+            assert models.FileInstance.select().count() == 0
+        assert store_contents(str(remote))[0] == set()
+        # When the host is back, the next start of the server removes the leftovers.
+        host.start()
+        srv.stop()
+        srv = Server(str(config)).start()
+        assert store_contents(str(remote)) == (set(), [])
+        resp = requests.put(srv.url + "api/upload/small.dat", params={"null_obsid": "true"},
+                            data=b"small", headers=bearer())
+        assert resp.status_code == 201, resp.text
+    finally:
+        srv.stop()
+        host.stop()
