@@ -411,3 +411,51 @@ def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
     finally:
         srv.stop()
         host.stop()
+
+
+# ---------------------------------------------------------------------------
+# Copies between Librarians whose stores are on other hosts
+# ---------------------------------------------------------------------------
+
+def test_a_copy_between_two_librarians_with_remote_stores(tmp_path, sshd):
+    """Sender and receiver both keep their store behind sshd; a directory
+    and a flat file arrive with the sender's MD5s."""
+    import test_copies
+
+    servers = {}
+    for name in ("receiver", "sender"):
+        base = tmp_path / name
+        remote = base / REMOTE
+        remote.mkdir(parents=True)
+        extra = ("[connection:receiver]\nurl = %s\nauthenticator = %s\n"
+                 % (servers["receiver"][0].url, AUTH["appender"])) if name == "sender" else ""
+        path = base / "librarian.ini"
+        path.write_text(config_text("sqlite:///%s" % (base / "db.sqlite"), str(remote),
+                                    port=free_port(), extra=extra,
+                                    store_section=sshd.store_section("main", str(remote))))
+        subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "migrate",
+                        "--config", str(path)], check=True, capture_output=True)
+        servers[name] = (Server(str(path)).start(), remote)
+    (sender, sender_dir), (receiver, receiver_dir) = servers["sender"], servers["receiver"]
+    tree = tmp_path / "d.uv"
+    (tree / "in 'it'").mkdir(parents=True)
+    (tree / "in 'it'" / "x").write_bytes(b"x" * 5000)
+    try:
+        client = librarian_client.LibrarianClient(conn_config={
+            "url": sender.url, "authenticator": AUTH["admin"]})
+        client.upload(str(tree), ODD_DIR + "/d.uv", null_obsid=True)
+        test_copies.put_bytes(sender, "f/" + ODD_NAME.replace('"', "%22"), b"flat" * 1000)
+        for name in ("d.uv", ODD_NAME):
+            assert test_copies.call(sender, "launch_file_copy", file_name=name,
+                                    connection_name="receiver")["success"]
+        test_copies.wait_for(lambda: len(test_copies.names_on(receiver)) == 2)
+        assert shell_md5(str(receiver_dir / ODD_DIR / "d.uv")) == shell_md5(str(tree))
+        with open(receiver_dir / "f" / ODD_NAME, "rb") as f:
+            assert f.read() == b"flat" * 1000
+        staging = receiver_dir / ".staging"
+        # No bytes are left in the receiver's staging, only the empty issued folders
+        # (removing a request's own staging folder follows the commit closely).
+        test_copies.wait_for(lambda: all(not any(d.iterdir()) for d in staging.iterdir()), 10)
+    finally:
+        sender.stop()
+        receiver.stop()
