@@ -498,6 +498,62 @@ class _SFTPFile:
         self.close()
 
 
+class _ExecWriter:
+    """A new file on the store host, written by `cat` with the shell's
+    noclobber option (so an existing file is never replaced). Errors on the
+    host (disk full, permissions, an existing file) are raised by close()
+    as OSError."""
+
+    def __init__(self, conn, path):
+        self.conn, self.path = conn, path
+        client = conn._client()
+        with conn.errors():
+            self.channel = client.get_transport().open_session()
+            self.channel.settimeout(conn.target.timeout)
+            self.channel.exec_command(shlex.join(
+                ["sh", "-c", 'set -C && exec cat > "$1"', "sh", path]))
+        self.closed = False
+
+    def write(self, data):
+        with self.conn.errors():
+            try:
+                # A memoryview: paramiko's sendall slices what is left after
+                # each 32 kB packet, which copies a bytes object every time.
+                self.channel.sendall(memoryview(data))
+            except OSError:
+                if self.channel.exit_status_ready():  # cat gave up: say why
+                    self._finish()
+                raise
+
+    def _finish(self):
+        with self.conn.errors():
+            self.channel.shutdown_write()
+            status = self.channel.recv_exit_status()
+            err = self.channel.makefile_stderr("rb").read()
+        self.channel.close()
+        if status != 0:
+            message = err.decode(errors="replace").strip()
+            if "exist" in message:
+                raise FileExistsError("%s exists on %s" % (self.path, self.conn.target.host))
+            raise OSError("writing %s on %s failed: %s" % (self.path, self.conn.target.host,
+                                                            message or "status %d" % status))
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self._finish()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:  # the caller's error comes first; the channel just goes
+            self.closed = True
+            self.channel.close()
+
+
 class SSHFS:
     """The file system of another host, through an `SSHConnection`."""
 
@@ -542,15 +598,16 @@ class SSHFS:
             raise OSError("mkdir failed on %s: %s" % (self.where, err.decode(errors="replace")))
 
     def open(self, path, mode):
+        """A binary file: 'rb' reads by SFTP; 'xb' creates a new file (never
+        replacing one) written through `cat` on an exec channel, which
+        paramiko drives about 50% faster than SFTP's 32 kB write requests
+        with their acknowledgements."""
+        if mode == "xb":
+            return _ExecWriter(self.conn, path)
         sftp = self.conn.checkout_sftp()
         try:
             with self.conn.errors():
-                if mode == "xb" and self._exists(sftp, path):
-                    raise FileExistsError("%s exists on %s" % (path, self.where))
-                # paramiko: "wx" creates exclusively (O_EXCL) and allows writes.
-                f = sftp.open(path, "wx" if mode == "xb" else "r", bufsize=CHUNK)
-                if mode == "xb":
-                    f.set_pipelined(True)  # do not wait for each write's reply
+                f = sftp.open(path, "r", bufsize=CHUNK)
         except BaseException:
             sftp.close()
             raise

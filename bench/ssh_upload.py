@@ -1,0 +1,114 @@
+"""Benchmark: stream a generated file through `PUT /api/upload/...` to a
+store reached over SSH (an sshd of our own on loopback, as the tests start
+it), next to `scp` of the same file to the same host in the same run.
+
+    python bench/ssh_upload.py [--size-mib 1024] [--keep]
+
+Prints the upload rate (MB/s), scp's rate, their ratio (goal >= 0.6) and
+the server's memory growth during the upload.
+
+What bounds the ratio: waitress spools the whole request body to a
+temporary file before the app sees it (see bench/upload.py), and only then
+does the server send it on by SFTP; scp does one transfer, in C. Runs a real
+`librarian.py serve` on a temporary SQLite database; needs OpenSSH's sshd.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from librarian_client import _ReportingFile  # noqa: E402
+from sshd import SSHServer, find_sshd  # noqa: E402
+from upload import free_port, make_file, memory_kb  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    if find_sshd() is None:
+        sys.exit("OpenSSH's sshd is not installed (Debian: apt install openssh-server)")
+    size = args.size_mib << 20
+
+    work = tempfile.mkdtemp(prefix="librarian-bench-ssh-")
+    sshd = server = None
+    try:
+        data = os.path.join(work, "bench.dat")
+        make_file(data, size)
+        remote = os.path.join(work, "remote-store")
+        os.mkdir(remote)
+        os.sync()
+        sshd = SSHServer(os.path.join(work, "sshd")).start()
+        port = free_port()
+        config = os.path.join(work, "librarian.ini")
+        with open(config, "w") as f:
+            f.write("[server]\nport = %d\nsecret_key = bench\nlog_level = WARNING\n"
+                    "[database]\nurl = sqlite:///%s\n%s"
+                    "[source:bench]\nauthenticator = bench-secret\nlevel = admin\n"
+                    % (port, os.path.join(work, "db.sqlite"),
+                       sshd.store_section("bench", remote)))
+        py = sys.executable
+        subprocess.run([py, os.path.join(ROOT, "librarian.py"), "migrate", "--config", config],
+                       check=True, capture_output=True)
+        server = subprocess.Popen([py, os.path.join(ROOT, "librarian.py"), "serve", "--config",
+                                   config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = "http://127.0.0.1:%d/" % port
+        for _ in range(100):
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        requests.post(url + "api/ping", data={"request": '{"authenticator": "bench-secret"}'},
+                      timeout=60).raise_for_status()
+        rss_before = memory_kb(server.pid, "VmHWM")
+
+        start = time.perf_counter()
+        subprocess.run(["scp", "-q", "-P", str(sshd.port), "-i", sshd.client_key,
+                        "-o", "UserKnownHostsFile=" + sshd.known_hosts, "-o", "BatchMode=yes",
+                        data, "%s@127.0.0.1:%s/scp.dat" % (sshd.user, remote)],
+                       check=True)
+        scp_s = time.perf_counter() - start
+        os.unlink(os.path.join(remote, "scp.dat"))
+        os.sync()
+
+        start = time.perf_counter()
+        with open(data, "rb") as f:
+            resp = requests.put(url + "api/upload/bench.dat", data=_ReportingFile(f, size, None),
+                                params={"null_obsid": "true"},
+                                headers={"Authorization": "Bearer bench-secret"}, timeout=3600)
+        upload_s = time.perf_counter() - start
+        resp.raise_for_status()
+        peak = memory_kb(server.pid, "VmHWM")
+
+        mb = size / 1e6
+        print("file size:              %d MiB" % args.size_mib)
+        print("upload to SSH store:    %8.1f MB/s (%.2f s)" % (mb / upload_s, upload_s))
+        print("scp of the same file:   %8.1f MB/s (%.2f s)" % (mb / scp_s, scp_s))
+        print("ratio upload/scp:       %8.2f   (goal >= 0.6)" % (scp_s / upload_s))
+        print("server memory growth:   %8.1f MB" % ((peak - rss_before) / 1024))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        if sshd is not None:
+            sshd.stop()
+        if args.keep:
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
