@@ -409,16 +409,24 @@ def local_instance(file_name):
 def choose_store(upload_size):
     """The available, reachable store with the most free space that can
     hold `upload_size` bytes (a `stores.StoreAccess`); an unreachable store
-    is passed over. 400 when there is none."""
-    best, best_free = None, -1
+    is passed over. 400 when no store is available or none has room, 503
+    naming the stores and why when the only candidates are unreachable."""
+    best, best_free, problems = None, -1, []
     for row in Store.select().where(Store.available == True).order_by(Store.name):  # noqa: E712
         store = open_store(row)
-        free = store.free_space() if store.is_reachable() else None
+        problem = store.problem()
+        if problem is not None:
+            problems.append(problem)
+            continue
+        free = store.free_space()
         if free is not None and free >= upload_size and free > best_free:
             best, best_free = store, free
     if best is None:
         if not Store.select().where(Store.available == True).exists():  # noqa: E712
             fail(400, "no store is available for uploads (an admin can make one available)")
+        if problems:
+            fail(503, "no reachable store has room for %d bytes; %s"
+                 % (upload_size, "; ".join(problems)))
         fail(400, "no available store has room for %d bytes" % upload_size)
     return best
 

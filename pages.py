@@ -506,7 +506,7 @@ def connectivity_page():
     reachability and free space."""
     person()
     connections = [copies.check_connection(n) for n in copies.connection_names()]
-    stores = [(s, open_store(s).is_reachable(), store_usage(s))
+    stores = [(s, open_store(s).problem(), store_usage(s))
               for s in Store.select().order_by(Store.name)]
     return render("connectivity", "Connectivity", connections=connections, stores=stores)
 

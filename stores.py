@@ -34,6 +34,7 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -281,6 +282,7 @@ SSHTarget.__doc__ = """How to reach a store's host: `port` (int), `user`
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr",
                      "aes256-ctr")
 WINDOW_BYTES = 64 << 20
+RETRY_SECONDS = 5.0  # after a failed connection, fail fast for this long
 
 
 class StoreUnreachable(LibrarianError):
@@ -355,6 +357,7 @@ class SSHConnection:
         self.lock = threading.Lock()
         self.client = None
         self.idle = []  # SFTP sessions not in use
+        self.failed = None  # (monotonic time, StoreUnreachable) of the last failed connect
 
     def unreachable(self, e):
         return StoreUnreachable(self.store_name, self.target, _reason(e))
@@ -364,11 +367,17 @@ class SSHConnection:
             t = self.client.get_transport() if self.client else None
             if t is None or not t.is_active():
                 self.idle = []
+                # A host that is down would make every page and request wait
+                # for the connect timeout: remember the failure for a while.
+                if self.failed and time.monotonic() - self.failed[0] < RETRY_SECONDS:
+                    raise self.failed[1]
                 try:
                     self.client = ssh_connect(self.target)
+                    self.failed = None
                 except Exception as e:
                     self.client = None
-                    raise self.unreachable(e) from None
+                    self.failed = (time.monotonic(), self.unreachable(e))
+                    raise self.failed[1] from None
             return self.client
 
     def drop(self):
@@ -1190,13 +1199,22 @@ class StoreAccess:
         except (OSError, LibrarianError):
             return None
 
+    def problem(self):
+        """None when the prefix is a writable directory; else what is wrong,
+        in words (the host unreachable and why, or the folder missing)."""
+        try:
+            if self.fs.is_writable_dir(self.prefix):
+                return None
+            return "%s is not a writable folder on %s" % (self.prefix, self.fs.where)
+        except LibrarianError as e:
+            return e.message
+        except OSError as e:
+            return str(e)
+
     def is_reachable(self):
         """Whether the prefix is a writable directory (False, never an
         error, when the host cannot be reached)."""
-        try:
-            return self.fs.is_writable_dir(self.prefix)
-        except (OSError, LibrarianError):
-            return False
+        return self.problem() is None
 
     def describe(self):
         return "store %r (%s on %s)" % (self.name, self.prefix, self.fs.where)

@@ -348,6 +348,12 @@ def test_an_unreachable_store_is_passed_over_for_uploads(local_and_remote, sshd)
         msg = api(web, "initiate_offload", status=400, source_store_name="local",
                   dest_store_name="main")["message"]
         assert "not reachable" in msg
+        form = web.get("/login").forms[0]
+        form["authenticator"] = AUTH["admin"]
+        form.submit(status=302)
+        page = web.get("/connectivity").text
+        assert "store &#039;main&#039; on host 127.0.0.1 port 1 is unreachable: connection " \
+            "refused" in page
     finally:
         models.close_database()
 
@@ -400,14 +406,23 @@ def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
             assert models.File.select().count() == 0
             assert models.FileInstance.select().count() == 0
         assert store_contents(str(remote))[0] == set()
-        # When the host is back, the next start of the server removes the leftovers.
+        # When the host is back, the same server reconnects (after a few seconds in
+        # which it answers at once that the host is down)...
         host.start()
+
+        def small_upload():
+            return requests.put(srv.url + "api/upload/small.dat", params={"null_obsid": "true"},
+                                data=b"small", headers=bearer())
+
+        deadline = time.monotonic() + stores.RETRY_SECONDS + 10
+        while (resp := small_upload()).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert resp.status_code == 201, resp.text
+        # ... and its next start removes the leftovers of the broken upload.
+        assert store_contents(str(remote))[1] != []
         srv.stop()
         srv = Server(str(config)).start()
-        assert store_contents(str(remote)) == (set(), [])
-        resp = requests.put(srv.url + "api/upload/small.dat", params={"null_obsid": "true"},
-                            data=b"small", headers=bearer())
-        assert resp.status_code == 201, resp.text
+        assert store_contents(str(remote)) == ({"small.dat"}, [])
     finally:
         srv.stop()
         host.stop()

@@ -15,9 +15,9 @@
 % end
 <h2>Stores here</h2>
 <table>
-<tr><th>Store</th><th>Path</th><th>Reachable</th><th class="num">Free</th></tr>
-% for s, reachable, (total, used, free) in stores:
-<tr><td><a href="/stores/{{quote(s.name)}}">{{s.name}}</a></td><td class="mono">{{s.path_prefix}}</td>
-<td>{{'yes' if reachable else 'no'}}</td><td class="num" title="{{free}} bytes">{{human_size(free)}}</td></tr>
+<tr><th>Store</th><th>Host</th><th>Path</th><th>Reachable</th><th class="num">Free</th></tr>
+% for s, problem, (total, used, free) in stores:
+<tr><td><a href="/stores/{{quote(s.name)}}">{{s.name}}</a></td><td>{{s.ssh_host}}</td><td class="mono">{{s.path_prefix}}</td>
+<td>{{'yes' if problem is None else ''}}<span class="error">{{'' if problem is None else 'no: ' + problem}}</span></td><td class="num" title="{{free}} bytes">{{human_size(free)}}</td></tr>
 % end
 </table>
