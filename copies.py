@@ -161,6 +161,8 @@ def copy_to_librarian(task, args):
         inst, store, path = local_copy(file.name)
         client = client_for(args["connection_name"])
     except LibrarianError as e:
+        if e.status >= 500:  # our store cannot be reached now: retried after the back-off
+            raise
         _finished(file.name, args, 1, e.message, 0.0, 0)
         raise tasks.Permanent(e.message) from None
     started = time.monotonic()

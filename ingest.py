@@ -255,17 +255,39 @@ def policy_code(deletion_policy):
     return DELETION_POLICIES[deletion_policy]
 
 
-def check_not_inside_instance(store, parent_dirs):
-    """Refuse (409) a store path that would put bytes inside a registered
-    file or directory (its ancestors are checked in one query)."""
+def instance_containing(store_row, parent_dirs):
+    """The FileInstance on the store whose file or directory contains the
+    folder `parent_dirs` (one of its ancestors, checked in one query), or
+    None."""
     parts = parent_dirs.split("/") if parent_dirs else []
     cond = None
     for i in range(len(parts)):
         c = (FileInstance.parent_dirs == "/".join(parts[:i])) & (FileInstance.file == parts[i])
         cond = c if cond is None else (cond | c)
     if cond is None:
-        return
-    inside = FileInstance.select().where((FileInstance.store == store.row) & cond).first()
+        return None
+    return FileInstance.select().where((FileInstance.store == store_row) & cond).first()
+
+
+def check_no_instance_inside(store, store_path):
+    """Refuse (409) registering a folder that holds registered instances:
+    their bytes would then belong to two records (and deleting the folder
+    would take them without their interlock)."""
+    inside = FileInstance.select().where(
+        (FileInstance.store == store.row)
+        & ((FileInstance.parent_dirs == store_path)
+           | (pw.fn.SUBSTR(FileInstance.parent_dirs, 1, len(store_path) + 1)
+              == store_path + "/"))).first()  # not LIKE: '_' and '%' are plain here
+    if inside is not None:
+        raise LibrarianError(409, "%s holds the registered file %s on store %r; a folder with "
+                             "registered files inside cannot be registered itself"
+                             % (store_path, inside.store_path, store.name))
+
+
+def check_not_inside_instance(store, parent_dirs):
+    """Refuse (409) a store path that would put bytes inside a registered
+    file or directory."""
+    inside = instance_containing(store.row, parent_dirs)
     if inside is not None:
         raise LibrarianError(409, "%s is inside the registered file %s on store %r; "
                              "registered files never change"
@@ -404,6 +426,8 @@ def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_
         raise LibrarianError(400, "%s does not exist on store %r" % (abs_path, store.name)) \
             from None
     check_tree(fs, real)
+    if stat.S_ISDIR(st.st_mode):
+        check_no_instance_inside(store, store_path)
     md5 = check_md5(md5)
     if stat.S_ISREG(st.st_mode) and st.st_size != size:
         raise LibrarianError(400, "%s has %d bytes, not %d as stated"

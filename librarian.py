@@ -145,10 +145,13 @@ def clean_all_staging():
         store = open_store(row)
 
         def is_registered(store_path, row=row):
+            """Whether the path is a registered instance or inside one (a
+            marker naming a path in registered data is never acted on)."""
             parent_dirs, name = split_store_path(store_path)
-            return FileInstance.select().where(
+            exact = FileInstance.select().where(
                 (FileInstance.store == row) & (FileInstance.parent_dirs == parent_dirs)
                 & (FileInstance.file == name)).exists()
+            return exact or ingest.instance_containing(row, parent_dirs) is not None
 
         if not store.is_reachable():
             log.warning("%s is not reachable: its staging area was not cleaned",
@@ -512,6 +515,7 @@ def op_complete_upload(source, args):
     if not issued:
         fail(400, "staging_dir %r was not issued by this server for store %r, or was already "
              "used" % (args["staging_dir"], store.name))
+    store.check_staging_dir(args["staging_dir"])
     try:
         present = not stat.S_ISLNK(store.fs.lstat(staged).st_mode)
     except (FileNotFoundError, NotADirectoryError):

@@ -71,7 +71,7 @@ def copy_into_staging(src_store, src_path, dest_store, name):
 def offload_task(task, args):
     """Copy, verify, register, mark deletable; one instance at a time."""
     source, dest = Store.by_name(args["source"]), open_store(Store.by_name(args["dest"]))
-    done, errors = 0, []
+    done, errors, transient = 0, [], None
     for inst in list(sole_instances(source).limit(args["batch"])):
         try:
             offload_one(source, dest, inst)
@@ -79,6 +79,12 @@ def offload_task(task, args):
             task.report(done)
         except (OSError, LibrarianError) as e:  # one bad instance must not stop the rest
             errors.append("%s: %s" % (inst.name, e))
+            if isinstance(e, LibrarianError) and e.status >= 500:
+                transient = e
+    if transient is not None:
+        # A store could not be reached: the task is retried after its back-off
+        # and goes on with what is still on the source alone.
+        raise transient
     if errors:
         raise tasks.Permanent("%d instance(s) not offloaded: %s" % (len(errors),
                                                                    "; ".join(errors[:20])))

@@ -23,6 +23,7 @@ client and server compute it in one way.
 """
 
 import collections
+import errno
 import hashlib
 import logging
 import os
@@ -51,6 +52,7 @@ STAGING = ".staging"
 DESTINATION_MARKER = ".librarian-destination"  # in a staging dir: where its bytes are going
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
+NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux: a store path gets half, the prefix the rest
 MIRIAD_HEAD_BYTES = 16 << 20  # of `visdata`: enough for the first record aipy reads
 
 
@@ -78,7 +80,23 @@ def split_store_path(store_path):
     if parts[0] == STAGING:
         raise LibrarianError(400, "store path %r points into the staging area" % store_path)
     name = check_file_name(parts[-1])
+    check_name_lengths(parts, store_path)
+    if name == DESTINATION_MARKER:
+        raise LibrarianError(400, "the name %r is reserved for the Librarian's own use"
+                             % DESTINATION_MARKER)
     return "/".join(parts[:-1]), name
+
+
+def check_name_lengths(parts, path):
+    """Refuse (400) a path with a component longer than NAME_MAX_BYTES or a
+    total longer than PATH_MAX_BYTES (in UTF-8), the limits of Linux file
+    systems, before any store is asked."""
+    if any(len(p.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES for p in parts):
+        raise LibrarianError(400, "a name in %r is longer than %d bytes, too long for the store's "
+                             "file system" % (path, NAME_MAX_BYTES))
+    if len(path.encode("utf-8", "surrogatepass")) > PATH_MAX_BYTES // 2:
+        raise LibrarianError(400, "the path %r is longer than %d bytes" % (path,
+                                                                         PATH_MAX_BYTES // 2))
 
 
 def is_inside(path, root):
@@ -282,7 +300,7 @@ SSHTarget.__doc__ = """How to reach a store's host: `port` (int), `user`
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr",
                      "aes256-ctr")
 WINDOW_BYTES = 64 << 20
-RETRY_SECONDS = 5.0  # after a failed connection, fail fast for this long
+RETRY_SECONDS = 5.0  # between reconnection attempts to a host that is down
 
 
 class StoreUnreachable(LibrarianError):
@@ -315,6 +333,15 @@ def _reason(e):
     return str(e) or type(e).__name__
 
 
+def _close(thing):
+    """Close an SFTP session, channel or client; on a dead connection
+    closing fails too, which does not matter."""
+    try:
+        thing.close()
+    except Exception:  # EOFError, socket errors, paramiko's SSHException
+        pass
+
+
 def ssh_connect(target):
     """A connected `paramiko.SSHClient` for `target`. Host keys are checked
     against `target.known_hosts` (default ~/.ssh/known_hosts) and unknown
@@ -340,131 +367,260 @@ def ssh_connect(target):
         client.load_host_keys(known_hosts)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     key = os.path.expanduser(target.key) if target.key else None
-    client.connect(target.host, port=target.port, username=target.user, key_filename=key,
-                   look_for_keys=key is None, allow_agent=key is None,
-                   timeout=target.timeout, banner_timeout=target.timeout,
-                   auth_timeout=target.timeout, channel_timeout=target.timeout,
-                   transport_factory=transport)
+    try:
+        client.connect(target.host, port=target.port, username=target.user, key_filename=key,
+                       look_for_keys=key is None, allow_agent=key is None,
+                       timeout=target.timeout, banner_timeout=target.timeout,
+                       auth_timeout=target.timeout, channel_timeout=target.timeout,
+                       transport_factory=transport)
+    except BaseException:
+        _close(client)  # a refused host key or login leaves the socket open otherwise
+        raise
     return client
 
 
 class SSHConnection:
-    """One SSH connection to a store's host, shared by every thread, with a
-    small pool of SFTP sessions on it; reconnects when it was dropped."""
+    """One SSH connection to a store's host, shared by every thread.
+
+    Every channel on it (an SFTP session, idle or in use, or a command)
+    holds one of `MAX_CHANNELS` slots, below OpenSSH's default `MaxSessions`
+    of 10: a busy server waits for a slot instead of being refused. Idle
+    SFTP sessions are kept for reuse. When the connection drops, the next
+    use reconnects; when connecting fails, a background thread retries
+    every `RETRY_SECONDS` and meanwhile every use fails at once with the
+    reason, so that a host that is down never holds up requests."""
+
+    MAX_CHANNELS = 8
 
     def __init__(self, store_name, target):
         self.store_name, self.target = store_name, target
         self.lock = threading.Lock()
+        self.connecting = threading.Lock()  # held while a connect is under way
+        self.slots = threading.BoundedSemaphore(self.MAX_CHANNELS)
         self.client = None
-        self.idle = []  # SFTP sessions not in use
-        self.failed = None  # (monotonic time, StoreUnreachable) of the last failed connect
+        self.idle = []  # SFTP sessions not in use (each holds a slot)
+        self.failed = None  # StoreUnreachable of the last failed connect, until one succeeds
+        self.retired = False  # set when the configuration changed: stop reconnecting
 
     def unreachable(self, e):
         return StoreUnreachable(self.store_name, self.target, _reason(e))
 
+    def is_up(self):
+        t = self.client.get_transport() if self.client else None
+        return t is not None and t.is_active()
+
     def _client(self):
-        with self.lock:
-            t = self.client.get_transport() if self.client else None
-            if t is None or not t.is_active():
-                self.idle = []
-                # A host that is down would make every page and request wait
-                # for the connect timeout: remember the failure for a while.
-                if self.failed and time.monotonic() - self.failed[0] < RETRY_SECONDS:
-                    raise self.failed[1]
-                try:
-                    self.client = ssh_connect(self.target)
-                    self.failed = None
-                except Exception as e:
-                    self.client = None
-                    self.failed = (time.monotonic(), self.unreachable(e))
-                    raise self.failed[1] from None
+        if self.is_up():
+            return self.client
+        if self.failed is not None:
+            raise self.failed
+        with self.connecting:  # one thread connects; the others wait for its outcome
+            if self.is_up():
+                return self.client
+            if self.failed is not None:
+                raise self.failed
+            try:
+                self._connect()
+            except StoreUnreachable as e:
+                self.failed = e
+                threading.Thread(target=self._retry, daemon=True,
+                                 name="reconnect-%s" % self.store_name).start()
+                raise
             return self.client
 
-    def drop(self):
-        """Forget the connection (after an error that may have broken it)."""
+    def _connect(self):
+        try:
+            client = ssh_connect(self.target)
+        except Exception as e:
+            raise self.unreachable(e) from None
+        client.get_transport().set_keepalive(max(5, int(self.target.timeout)))
         with self.lock:
+            self._discard_idle()
+            self.client = client
+
+    def _retry(self):
+        """Reconnect in the background until the host answers again."""
+        while True:
+            time.sleep(RETRY_SECONDS)
+            if self.retired:
+                return
+            try:
+                self._connect()
+            except StoreUnreachable as e:
+                self.failed = e
+                continue
+            self.failed = None
+            log.info("store %s on host %s is reachable again", self.store_name,
+                     self.target.host)
+            return
+
+    def _discard_idle(self):
+        for sftp in self.idle:
+            _close(sftp)
+            self.slots.release()
+        self.idle = []
+
+    def drop(self):
+        """Forget the connection (after an error that broke it)."""
+        with self.lock:
+            self._discard_idle()
             if self.client is not None:
-                self.client.close()
-            self.client, self.idle = None, []
+                _close(self.client)
+            self.client = None
+
+    def take_slot(self):
+        """Wait for a channel slot, closing an idle SFTP session if that is
+        what holds the last ones."""
+        while not self.slots.acquire(timeout=0.05):
+            with self.lock:
+                if self.idle:
+                    _close(self.idle.pop(0))
+                    self.slots.release()
 
     def checkout_sftp(self):
         client = self._client()
         with self.lock:
             if self.idle:
                 return self.idle.pop()
+        self.take_slot()
         try:
-            sftp = client.open_sftp()
-        except Exception as e:
-            self.drop()
-            raise self.unreachable(e) from None
+            sftp = self._open(client.open_sftp)
+        except BaseException:
+            self.slots.release()
+            raise
         sftp.get_channel().settimeout(self.target.timeout)
         return sftp
 
+    def _open(self, open_channel, attempts=40):
+        """Open a channel, retrying for a while when the host refuses one:
+        it still counts channels whose closing it has not finished."""
+        for attempt in range(attempts):
+            try:
+                with self.errors():
+                    return open_channel()
+            except StoreUnreachable:
+                raise
+            except LibrarianError:  # refused (or slow): the host is still there
+                if attempt == attempts - 1:
+                    raise
+            time.sleep(0.05)
+
     def checkin_sftp(self, sftp):
+        """Give back a session from `checkout_sftp` (closed ones too)."""
         with self.lock:
-            if sftp.sock.closed or len(self.idle) >= 4:
-                sftp.close()
-            else:
+            if not sftp.sock.closed and len(self.idle) < self.MAX_CHANNELS // 2 \
+                    and self.client is not None:
                 self.idle.append(sftp)
+                return
+        _close(sftp)
+        self.slots.release()
 
     @contextmanager
     def sftp(self):
-        """An SFTP session for the block; network failures become
-        `StoreUnreachable` (OSErrors of the remote file system pass)."""
+        """An SFTP session for the block; see `errors`."""
         sftp = self.checkout_sftp()
         try:
             with self.errors():
                 yield sftp
         except StoreUnreachable:
-            sftp.close()
+            _close(sftp)
             raise
         finally:
-            if not sftp.sock.closed:
-                self.checkin_sftp(sftp)
+            self.checkin_sftp(sftp)
 
-    def is_up(self):
-        t = self.client.get_transport() if self.client else None
-        return t is not None and t.is_active()
+    @contextmanager
+    def channel(self):
+        """A new session channel (for a command) holding a slot."""
+        client = self._client()
+        self.take_slot()
+        try:
+            ch = self._open(client.get_transport().open_session)
+            try:
+                yield ch
+            finally:
+                _close(ch)
+        finally:
+            self.slots.release()
+
+    def _goes_down(self, seconds=1.0):
+        """Whether the connection is down, or goes down within `seconds`
+        (paramiko notices a closed socket a moment after a send failed)."""
+        deadline = time.monotonic() + seconds
+        while self.is_up():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     @contextmanager
     def errors(self):
-        """Turn a failure of the connection inside the block into
-        `StoreUnreachable`; errors of the remote file system (ENOENT,
-        permissions) pass as the OSErrors they are."""
+        """Inside the block, a dropped connection becomes `StoreUnreachable`
+        (503, and the connection is forgotten); a channel that waited longer
+        than `ssh_timeout` or that the host refused becomes a 503 without
+        harming the connection's other channels; errors of the remote file
+        system (ENOENT, permissions) pass as the OSErrors they are."""
         import paramiko
 
         try:
             yield
+        except StoreUnreachable:
+            raise
         except (paramiko.SSHException, EOFError, OSError) as e:
-            lost = isinstance(e, (paramiko.SSHException, EOFError, socket.timeout,
-                                  ConnectionError)) or not self.is_up()
-            if not lost or isinstance(e, StoreUnreachable):
-                raise
-            self.drop()
-            raise StoreUnreachable(self.store_name, self.target,
-                                   "lost the connection (%s)" % _reason(e)) from None
+            if isinstance(e, paramiko.ChannelException):  # e.g. over the host's MaxSessions
+                raise LibrarianError(503, "store %r on host %s refused a new session: %s"
+                                     % (self.store_name, self.target.host, e)) from None
+            if self.is_up() and isinstance(e, (socket.timeout, TimeoutError)):
+                raise LibrarianError(503, "store %r on host %s did not answer within %g s"
+                                     % (self.store_name, self.target.host,
+                                        self.target.timeout)) from None
+            if not isinstance(e, (paramiko.SSHException, EOFError, ConnectionError)):
+                raise  # an error of the remote file system
+            if self._goes_down():
+                self.drop()
+                raise StoreUnreachable(self.store_name, self.target,
+                                       "lost the connection (%s)" % _reason(e)) from None
+            # One channel ended (the connection itself is fine): only this
+            # request fails, the others on the connection go on.
+            raise LibrarianError(503, "store %r on host %s closed a session: %s"
+                                 % (self.store_name, self.target.host, _reason(e))) from None
 
     def run(self, argv, check=True):
-        """Run a command (argv: a list, every word quoted) on the host;
-        returns (exit status, stdout bytes, stderr bytes). With `check`, a
-        non-zero status raises OSError carrying stderr."""
-        command = shlex.join(argv)
-        client = self._client()
-        with self.errors():
-            stdin, stdout, stderr = client.exec_command(command, timeout=self.target.timeout)
-            stdin.close()
-            out = stdout.read()
-            err = stderr.read()
-            status = stdout.channel.recv_exit_status()
+        """Run a command (argv: a list, every word quoted) on the host and
+        wait for it however long it takes (md5sum of a large data set can
+        take minutes; a dead host is noticed by the keepalives); returns
+        (exit status, stdout bytes, stderr bytes). With `check`, a non-zero
+        status raises `remote_error` of its stderr."""
+        with self.channel() as ch, self.errors():
+            ch.settimeout(None)
+            ch.exec_command(shlex.join(argv))
+            ch.shutdown_write()
+            out = ch.makefile("rb").read()
+            err = ch.makefile_stderr("rb").read()
+            status = ch.recv_exit_status()
         if check and status != 0:
-            raise OSError("%s failed on %s: %s" % (argv[0], self.target.host,
-                                                    err.decode(errors="replace").strip()))
+            raise remote_error("%s on %s" % (argv[0], self.target.host), err)
         return status, out, err
 
     def run_script(self, script, *args, check=True):
         """Run `sh -c script _ ARGS...`: the arguments arrive as $1, $2...,
         so that no path is ever pasted into shell text."""
         return self.run(["sh", "-c", script, "sh"] + list(args), check=check)
+
+
+# What commands print for the errors a store can meet, and their errno
+# (commands on the store host report errors as text).
+REMOTE_ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST,
+                 errno.EACCES, errno.ELOOP, errno.ENOENT, errno.EROFS, errno.EISDIR]
+
+
+def remote_error(what, stderr):
+    """An OSError for a command that failed on a store host, carrying the
+    errno its message names (so that callers map it as a local error)."""
+    message = stderr.decode(errors="replace").strip() if isinstance(stderr, bytes) else stderr
+    for code in REMOTE_ERRNOS:
+        if os.strerror(code) in message:
+            return OSError(code, "%s: %s" % (what, message))
+    return OSError("%s failed: %s" % (what, message or "no message"))
 
 
 class _SFTPFile:
@@ -494,11 +650,12 @@ class _SFTPFile:
         self.closed = True
         try:
             with self.conn.errors():
-                self.f.close()  # a pipelined write reports its errors here
+                self.f.close()
         except BaseException:
-            self.sftp.close()
+            _close(self.sftp)
             raise
-        self.conn.checkin_sftp(self.sftp)
+        finally:
+            self.conn.checkin_sftp(self.sftp)
 
     def __enter__(self):
         return self
@@ -511,17 +668,25 @@ class _ExecWriter:
     """A new file on the store host, written by `cat` with the shell's
     noclobber option (so an existing file is never replaced). Errors on the
     host (disk full, permissions, an existing file) are raised by close()
-    as OSError."""
+    as OSErrors with their errno (`remote_error`)."""
 
     def __init__(self, conn, path):
         self.conn, self.path = conn, path
-        client = conn._client()
-        with conn.errors():
-            self.channel = client.get_transport().open_session()
-            self.channel.settimeout(conn.target.timeout)
-            self.channel.exec_command(shlex.join(
-                ["sh", "-c", 'set -C && exec cat > "$1"', "sh", path]))
+        self.context = conn.channel()
+        self.channel = self.context.__enter__()
         self.closed = False
+        try:
+            with conn.errors():
+                self.channel.settimeout(conn.target.timeout)
+                self.channel.exec_command(shlex.join(
+                    ["sh", "-c", 'set -C && exec cat > "$1"', "sh", path]))
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self):
+        self.closed = True
+        self.context.__exit__(None, None, None)
 
     def write(self, data):
         with self.conn.errors():
@@ -529,28 +694,28 @@ class _ExecWriter:
                 # A memoryview: paramiko's sendall slices what is left after
                 # each 32 kB packet, which copies a bytes object every time.
                 self.channel.sendall(memoryview(data))
-            except OSError:
-                if self.channel.exit_status_ready():  # cat gave up: say why
-                    self._finish()
-                raise
+            except OSError:  # paramiko: "Socket is closed": the channel ended
+                if self.channel.exit_status_ready():
+                    self._finish()  # cat gave up, or the session was killed: say which
+                raise EOFError("the session writing %s ended" % self.path) from None
 
     def _finish(self):
         with self.conn.errors():
             self.channel.shutdown_write()
+            self.channel.settimeout(None)  # the host may still be flushing to disk
             status = self.channel.recv_exit_status()
             err = self.channel.makefile_stderr("rb").read()
-        self.channel.close()
+            if status == -1:  # closed without an exit status: the session was lost
+                raise EOFError("the session writing %s ended" % self.path)
         if status != 0:
-            message = err.decode(errors="replace").strip()
-            if "exist" in message:
-                raise FileExistsError("%s exists on %s" % (self.path, self.conn.target.host))
-            raise OSError("writing %s on %s failed: %s" % (self.path, self.conn.target.host,
-                                                            message or "status %d" % status))
+            raise remote_error("writing %s on %s" % (self.path, self.conn.target.host), err)
 
     def close(self):
         if not self.closed:
-            self.closed = True
-            self._finish()
+            try:
+                self._finish()
+            finally:
+                self._release()
 
     def __enter__(self):
         return self
@@ -558,9 +723,8 @@ class _ExecWriter:
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
             self.close()
-        else:  # the caller's error comes first; the channel just goes
-            self.closed = True
-            self.channel.close()
+        elif not self.closed:  # the caller's error comes first; the channel just goes
+            self._release()
 
 
 class SSHFS:
@@ -600,11 +764,25 @@ class SSHFS:
             return False
 
     def makedirs(self, path):
-        status, _, err = self.conn.run(["mkdir", "-p", "--", path], check=False)
-        if status != 0:
-            if b"Not a directory" in err or b"File exists" in err:
-                raise NotADirectoryError("a folder of %s is a file on %s" % (path, self.where))
-            raise OSError("mkdir failed on %s: %s" % (self.where, err.decode(errors="replace")))
+        """`mkdir -p` by SFTP (one request per folder of the path: much
+        cheaper than starting a command); NotADirectoryError when a folder
+        of the path is something else."""
+        with self.conn.sftp() as sftp:
+            parts = [p for p in path.split("/") if p]
+            current = ""
+            for part in parts:
+                current += "/" + part
+                try:
+                    st = sftp.stat(current)  # links to folders are folders here, as for mkdir -p
+                except FileNotFoundError:
+                    try:
+                        sftp.mkdir(current, 0o755)
+                    except OSError:
+                        if not self._exists(sftp, current):  # not made by someone else meanwhile
+                            raise
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    raise NotADirectoryError("%s is not a folder on %s" % (current, self.where))
 
     def open(self, path, mode):
         """A binary file: 'rb' reads by SFTP; 'xb' creates a new file (never
@@ -618,7 +796,7 @@ class SSHFS:
             with self.conn.errors():
                 f = sftp.open(path, "r", bufsize=CHUNK)
         except BaseException:
-            sftp.close()
+            self.conn.checkin_sftp(sftp)
             raise
         return _SFTPFile(self.conn, sftp, f)
 
@@ -666,12 +844,18 @@ class SSHFS:
                              'rm -rf -- "$1"', path)
 
     def make_readonly(self, path):
+        if not stat.S_ISDIR(self.lstat(path).st_mode):
+            self.chmod(path, 0o444)
+            return
         self.conn.run_script('if [ -d "$1" ] && [ ! -L "$1" ]; then '
                              'find "$1" -type f -exec chmod 444 {} + && '
                              'find "$1" -mindepth 1 -type d -exec chmod 555 {} +; '
                              'else chmod 444 "$1"; fi', path)
 
     def find_special(self, path):
+        mode = self.lstat(path).st_mode
+        if not stat.S_ISDIR(mode):
+            return None if stat.S_ISREG(mode) else path
         _, out, _ = self.conn.run(["find", path, "!", "-type", "f", "!", "-type", "d",
                                    "-print0", "-quit"])
         return os.fsdecode(out.rstrip(b"\0")) or None
@@ -694,15 +878,33 @@ class SSHFS:
         return sum(int(n) for n in sizes.split()), directory_digest(entries)
 
     def disk_usage(self, path):
-        _, out, _ = self.conn.run(["df", "-P", "-k", "--", path])
-        fields = out.decode().splitlines()[-1].split()
-        total, used, free = (int(n) * 1024 for n in fields[1:4])
+        """By OpenSSH's `statvfs@openssh.com` SFTP extension (fields as in
+        statvfs(3), as `shutil.disk_usage` reads them), else by `df`."""
+        from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+
+        with self.conn.sftp() as sftp:
+            try:
+                kind, msg = sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
+            except OSError as e:
+                if e.errno is not None:
+                    raise  # the path is missing or unreadable
+                kind = None  # the extension is not supported
+            if kind == CMD_EXTENDED_REPLY:
+                bsize, frsize, blocks, bfree, bavail = (msg.get_int64() for _ in range(5))
+                return DiskUsage(blocks * frsize, (blocks - bfree) * frsize, bavail * frsize)
+        # Only numbers in the output: a file system's name may hold spaces.
+        _, out, _ = self.conn.run(["df", "-k", "--output=size,used,avail", "--", path])
+        total, used, free = (int(n) * 1024 for n in out.decode().splitlines()[-1].split())
         return DiskUsage(total, used, free)
 
     def is_writable_dir(self, path):
-        status, _, _ = self.conn.run_script('[ -d "$1" ] && [ -w "$1" ] && [ -x "$1" ]', path,
-                                            check=False)
-        return status == 0
+        """Whether `path` is a folder with a write bit (by SFTP; whether the
+        bit is ours shows when writing)."""
+        try:
+            st = self.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return stat.S_ISDIR(st.st_mode) and bool(st.st_mode & 0o222)
 
     def read_observation(self, path):
         """Observation metadata read over SFTP by the isolated reader
@@ -828,6 +1030,7 @@ def receive_tar(fs, reader, dest, name):
                                                  "upload needs a folder %r" % (member.name, name))
                         continue
                 rel = "/".join(parts)
+                check_name_lengths(parts, member.name)
                 if member.isdir():
                     if rel in entries:
                         raise FileExistsError(rel)
@@ -964,9 +1167,15 @@ _connections_lock = threading.Lock()
 
 
 def configure(config):
-    """Remember the `[store:NAME]` sections (transport and SSH settings)."""
+    """Remember the `[store:NAME]` sections (transport and SSH settings);
+    connections made under the previous settings are closed."""
     _ssh_settings.clear()
     _ssh_settings.update(config.stores)
+    with _connections_lock:
+        for conn in _connections.values():
+            conn.retired = True
+            conn.drop()
+        _connections.clear()
 
 
 def transport_of(row):
@@ -1008,13 +1217,15 @@ def present_instance(file_name, available_only=False):
     `file_name` (by store name) whose bytes are present, optionally only on
     available stores; (None, None, None) when there is none. Unreachable
     stores are passed over. The one place that decides which copy the
-    server reads from."""
+    server reads from. Raises `StoreUnreachable` when no instance is
+    present but one could be on a store that cannot be reached now."""
     from models import FileInstance, Store
 
     query = (FileInstance.select(FileInstance, Store).join(Store)
              .where(FileInstance.file == file_name).order_by(Store.name))
     if available_only:
         query = query.where(Store.available == True)  # noqa: E712
+    unreachable = None
     for inst in query:
         store = open_store(inst.store)
         try:
@@ -1022,7 +1233,9 @@ def present_instance(file_name, available_only=False):
             if store.fs.lexists(path):
                 return inst, store, path
         except StoreUnreachable as e:
-            log.warning("%s", e.message)
+            unreachable = unreachable or e
+    if unreachable is not None:
+        raise unreachable
     return None, None, None
 
 
@@ -1142,8 +1355,7 @@ class StoreAccess:
         final = self.resolve(store_path)
         # The marker lets start-up undo this move if the process dies before
         # the registration commits (see clean_staging).
-        self.fs.write_text(posixpath.join(posixpath.dirname(abs_staged), DESTINATION_MARKER),
-                           store_path)
+        self._write_marker(posixpath.dirname(abs_staged), store_path)
         try:
             self.fs.makedirs(posixpath.dirname(final))
         except (FileExistsError, NotADirectoryError):
@@ -1160,6 +1372,35 @@ class StoreAccess:
         if is_dir and readonly:
             self.fs.chmod(final, 0o555)
         return final
+
+    def _write_marker(self, staging_dir, store_path):
+        """Write the DESTINATION marker as a new file: whatever is at its
+        place (a staging folder may have been written by a client) goes
+        first, so that a planted link is never followed."""
+        marker = posixpath.join(staging_dir, DESTINATION_MARKER)
+        try:
+            if stat.S_ISDIR(self.fs.lstat(marker).st_mode):
+                self.fs.remove_tree(marker)
+            else:
+                self.fs.unlink(marker)
+        except FileNotFoundError:
+            pass
+        with self.fs.open(marker, "xb") as f:
+            f.write(store_path.encode("utf-8"))
+
+    def check_staging_dir(self, abs_path):
+        """Refuse (400) a staging folder that is not a real folder directly
+        in this store's staging area (a link put in its place, say)."""
+        try:
+            st = self.fs.lstat(abs_path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise LibrarianError(400, "staging folder %s does not exist on %s"
+                                 % (abs_path, self.describe())) from None
+        root = self.fs.realpath(self.staging_root())
+        real = self.fs.realpath(abs_path)
+        if not stat.S_ISDIR(st.st_mode) or posixpath.dirname(real) != root:
+            raise LibrarianError(400, "staging folder %s is not a folder of the staging area of "
+                                 "%s" % (abs_path, self.describe()))
 
     def close_directory(self, abs_path):
         """Make a registered directory itself read-only (its contents are

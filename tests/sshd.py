@@ -79,7 +79,7 @@ class SSHServer:
                     "AuthorizedKeysFile %s/authorized_keys\nPasswordAuthentication no\n"
                     "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                     "PermitRootLogin prohibit-password\nPidFile none\n"
-                    "Subsystem sftp internal-sftp\nMaxSessions 64\nMaxStartups 64\n"
+                    "Subsystem sftp internal-sftp\n"
                     % (self.port, self.host_key, self.folder))
 
     def start(self):

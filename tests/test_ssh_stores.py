@@ -474,3 +474,188 @@ def test_a_copy_between_two_librarians_with_remote_stores(tmp_path, sshd):
     finally:
         sender.stop()
         receiver.stop()
+
+
+# ---------------------------------------------------------------------------
+# What an adversarial pass found
+# ---------------------------------------------------------------------------
+
+def test_the_marker_name_is_reserved(web, store_dir):
+    reply = put(web, "d/.librarian-destination", b"data", status=400, null_obsid="true").json
+    assert "reserved" in reply["message"]
+    assert store_contents(store_dir) == (set(), [])
+
+
+def test_many_parallel_uploads_and_downloads_share_one_connection(server, store_dir):
+    """More requests at once than OpenSSH's default MaxSessions (10) allows
+    channels: they wait for a channel slot instead of failing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = {"p%02d.dat" % i: os.urandom(3 << 20) for i in range(16)}
+
+    def upload(name):
+        return requests.put(server.url + "api/upload/par/" + name, data=bodies[name],
+                            params={"null_obsid": "true"}, headers=bearer(), timeout=120)
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(upload, bodies))
+    assert [r.status_code for r in replies] == [201] * 16, [r.text for r in replies]
+
+    def download(name):
+        return requests.get(server.url + "api/download/" + name, headers=bearer(), timeout=120)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(download, bodies))
+    assert all(r.status_code == 200 and r.content == bodies[n] for r, n in zip(got, bodies))
+    assert store_contents(store_dir)[1] == []
+
+
+def test_md5sum_longer_than_the_ssh_timeout_is_waited_for(tmp_path, db_url, sshd):
+    """ssh_timeout bounds each network wait, not a command that runs long on
+    the host (a 1 GiB file takes md5sum well over 0.3 s)."""
+    remote = tmp_path / REMOTE
+    remote.mkdir()
+    config = tmp_path / "slow.ini"
+    config.write_text(config_text(db_url, str(remote), port=free_port(),
+                                  store_section=sshd.store_section("main", str(remote),
+                                                                   ssh_timeout="0.3")))
+    web = _app(str(config))
+    try:
+        big = remote / "big.dat"
+        with open(big, "wb") as f:
+            f.truncate(1 << 30)
+        md5 = subprocess.run(["md5sum", str(big)], capture_output=True, text=True,
+                             check=True).stdout.split()[0]
+        api(web, "register_instances", store_name="main", null_obsid=True,
+            file_info={str(big): {"size": 1 << 30, "md5": md5}})
+        assert models.File.get_by_id("big.dat").md5 == md5
+    finally:
+        models.close_database()
+
+
+def test_a_folder_holding_registered_files_cannot_be_registered(web, store_dir):
+    put(web, "a b/c.dat", b"inside", null_obsid="true")
+    folder = os.path.join(store_dir, "a b")
+    size, md5 = librarian_client.path_md5(folder)
+    msg = api(web, "register_instances", store_name="main", status=409, null_obsid=True,
+              file_info={folder: {"size": size, "md5": md5}})["message"]
+    assert "holds the registered file a b/c.dat" in msg
+    assert models.FileInstance.select().count() == 1
+
+
+def test_a_forged_marker_never_moves_registered_bytes(app, web, store_dir):
+    """A two-step client can write into its staging folder; a marker naming
+    a path inside a registered directory must not be acted on at start."""
+    import librarian
+
+    tree = os.path.join(str(store_dir), "..", "t.uv")
+    os.makedirs(os.path.join(tree, "sub"))
+    with open(os.path.join(tree, "sub", "f"), "wb") as f:
+        f.write(b"registered")
+    put(web, "t.uv", tar_of(tree, "t.uv"), null_obsid="true",
+        headers={"X-Librarian-Directory": "tar"})
+    staging = api(web, "initiate_upload", upload_size=1)["staging_dir"]
+    with open(os.path.join(staging, ".librarian-destination"), "w") as f:
+        f.write("t.uv/sub/f")
+    librarian.clean_all_staging()
+    with open(os.path.join(store_dir, "t.uv", "sub", "f"), "rb") as f:
+        assert f.read() == b"registered"
+
+
+def test_a_planted_marker_link_is_not_followed(web, store_dir, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    staging = api(web, "initiate_upload", upload_size=4)["staging_dir"]
+    os.symlink(str(victim), os.path.join(staging, ".librarian-destination"))
+    with open(os.path.join(staging, "m.dat"), "wb") as f:
+        f.write(b"data")
+    api(web, "complete_upload", store_name="main", staging_dir=staging,
+        dest_store_path="m/m.dat", meta_mode="infer", null_obsid=True)
+    assert victim.read_text() == "precious"
+    assert open(os.path.join(store_dir, "m", "m.dat"), "rb").read() == b"data"
+
+
+def test_complete_upload_refuses_a_staging_folder_swapped_for_a_link(web, store_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.dat").write_bytes(b"not from staging")
+    staging = api(web, "initiate_upload", upload_size=4)["staging_dir"]
+    os.rmdir(staging)
+    os.symlink(str(outside), staging)
+    msg = api(web, "complete_upload", store_name="main", staging_dir=staging, status=400,
+              dest_store_path="x.dat", meta_mode="infer", null_obsid=True)["message"]
+    assert "not a folder of the staging area" in msg
+    assert models.File.select().count() == 0 and (outside / "x.dat").exists()
+
+
+def _store_behind(web, sshd, store_dir, port):
+    """Point the configured store `main` at another port of 127.0.0.1."""
+    import settings
+
+    text = config_text("sqlite:///:memory:", store_dir, store_section=sshd.store_section(
+        "main", store_dir, ssh_port=port))
+    stores.configure(settings.parse(text))
+
+
+def test_an_unreachable_store_is_named_on_download_and_locate(web, sshd, store_dir):
+    put(web, "u.dat", b"data", null_obsid="true")
+    _store_behind(web, sshd, store_dir, 1)
+    for reply in (web.get("/api/download/u.dat", headers=bearer(), status=503).json,
+                  api(web, "locate_file_instance", file_name="u.dat", status=503)):
+        assert "store 'main' on host 127.0.0.1 port 1 is unreachable: connection refused" \
+            in reply["message"]
+
+
+def test_an_offload_from_an_unreachable_store_waits_and_retries(local_and_remote, sshd,
+                                                                store_dir):
+    import tasks
+
+    config_path, local = local_and_remote
+    web = _app(config_path)
+    try:
+        models.Store.update(available=False).where(models.Store.name == "local").execute()
+        put(web, "o.dat", b"offload me", null_obsid="true")
+        _store_behind(web, sshd, store_dir, 1)
+        api(web, "initiate_offload", source_store_name="main", dest_store_name="local")
+        _run_tasks()
+        task = tasks.Task.get()
+        assert (task.state, task.attempts) == ("pending", 1), task.last_error
+        assert "unreachable" in task.last_error
+    finally:
+        models.close_database()
+
+
+def test_a_host_that_never_answers_does_not_hold_up_uploads_elsewhere(local_and_remote):
+    """The store `main` listens but never speaks SSH; after the first
+    attempt, uploads (to the local store) never wait for it again."""
+    import socket as socketlib
+
+    config_path, local = local_and_remote
+    silent = socketlib.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    text = open(config_path).read()
+    port = text.split("ssh_port = ")[1].split("\n")[0]
+    open(config_path, "w").write(text.replace("ssh_port = " + port, "ssh_port = %d"
+                                              % silent.getsockname()[1])
+                                 .replace("ssh_timeout = 10", "ssh_timeout = 2"))
+    web = _app(config_path)
+    try:
+        put(web, "first.dat", b"1", null_obsid="true")  # pays for finding out
+        started = time.monotonic()
+        for i in range(3):
+            assert put(web, "n%d.dat" % i, b"n", null_obsid="true").json["store_name"] == "local"
+        assert time.monotonic() - started < 2, "each upload waited for the silent host"
+    finally:
+        models.close_database()
+        silent.close()
+
+
+def test_remote_errors_keep_their_errno():
+    import errno
+
+    e = stores.remote_error("writing x", b"sh: 1: cannot create x: No space left on device\n")
+    assert e.errno == errno.ENOSPC
+    assert stores.remote_error("mkdir", b"mkdir: cannot create directory: File exists").errno \
+        == errno.EEXIST
+    assert stores.remote_error("cat", b"something odd").errno is None
