@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import secrets
+import signal
 import socket
 import stat
 import sys
@@ -47,6 +48,7 @@ import settings as settings_mod
 import staging
 import standing
 import tasks
+import uvmeta
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
 import stores
@@ -122,9 +124,14 @@ def sync_config_records(config):
     if they are missing (existing records are left as they are)."""
     with models.write_transaction():
         for name, spec in config.stores.items():
-            Store.insert(name=name, path_prefix=os.path.abspath(spec["path_prefix"]),
-                         ssh_host=spec["ssh_host"], available=spec["available"]) \
-                .on_conflict_ignore().execute()
+            prefix = os.path.abspath(spec["path_prefix"])
+            Store.insert(name=name, path_prefix=prefix, ssh_host=spec["ssh_host"],
+                         available=spec["available"]).on_conflict_ignore().execute()
+            row = Store.by_name(name)
+            if (row.path_prefix, row.ssh_host) != (prefix, spec["ssh_host"]):
+                log.warning("[store:%s] says %s:%s but the database records %s:%s; the "
+                            "database is used (a store's place is fixed once it holds files)",
+                            name, spec["ssh_host"], prefix, row.ssh_host, row.path_prefix)
         for name, spec in config.sources.items():
             if Source.get_or_none(Source.name == name) is None:
                 models.create_source(name, spec["authenticator"], spec["level"])
@@ -497,7 +504,10 @@ def op_initiate_upload(source, args):
         if args["known_staging_store"] is None:
             store.remove_quietly(staging)
         raise
-    return dict(store.row.to_dict(), staging_dir=staging)
+    # ssh_port (our addition): the port this server reaches the store host on,
+    # which the client's --via-ssh uses unless told otherwise.
+    return dict(store.row.to_dict(), staging_dir=staging, ssh_port=stores.ssh_target(
+        store.row).port)
 
 
 @operation("complete_upload", "read-append", store_name=str, staging_dir=str,
@@ -882,6 +892,7 @@ def cmd_serve(args):
 
     config, app = make_server_app(args)
     stop = threading.Event()
+    exit_on_sigterm()
     tasks.start_workers(config.server["workers"], stop)
     host, port = config.server["host"], config.server["port"]
     log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
@@ -898,7 +909,18 @@ def cmd_serve(args):
                                                             config.path)) from None
     finally:
         stop.set()
+        uvmeta.shutdown()
     return 0
+
+
+def exit_on_sigterm():
+    """Make SIGTERM (`kill`, service managers) leave through the normal
+    exit path, so that `finally` blocks run and the header reader process
+    stops with the server instead of being left behind."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def cmd_worker(args):
@@ -916,13 +938,17 @@ def cmd_worker(args):
         return 0
     n = args.threads or max(config.server["workers"], 1)
     stop = threading.Event()
+    exit_on_sigterm()
     log.info("running %d worker thread(s)", n)
     try:
         for t in tasks.start_workers(n, stop):
             while t.is_alive():
                 t.join(1.0)
     except KeyboardInterrupt:
+        pass
+    finally:
         stop.set()
+        uvmeta.shutdown()
     return 0
 
 
@@ -938,8 +964,13 @@ def cmd_add_store(args):
         raise SystemExit(e.message) from None
     except models.pw.IntegrityError:
         raise SystemExit("a store named %r exists already" % args.name) from None
-    os.makedirs(args.path_prefix, exist_ok=True)
-    print("added store %s at %s" % (args.name, os.path.abspath(args.path_prefix)))
+    store = open_store(Store(name=args.name, path_prefix=os.path.abspath(args.path_prefix),
+                             ssh_host=args.ssh_host or socket.gethostname()))
+    try:
+        store.ensure_prefix()
+    except (OSError, LibrarianError) as e:
+        print("warning: cannot create the folder of the store now: %s" % e, file=sys.stderr)
+    print("added %s" % store.describe())
     return 0
 
 

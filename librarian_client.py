@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -362,17 +363,20 @@ class LibrarianClient:
         info = self.initiate_upload(size)
         remote = info["staging_dir"].rstrip("/") + "/" + name
         ssh = ssh or SSHOptions()
+        # The server says which port it reaches the store host on.
+        ssh = SSHOptions(ssh.port or info.get("ssh_port"), ssh.user, ssh.key, ssh.known_hosts)
+        where = "store %s (host %s port %s)" % (info["name"], info["ssh_host"], ssh.port or 22)
         try:
             if use_rsync:
                 _rsync_copy(local_path, info["ssh_host"], remote, ssh)
             else:
                 _sftp_copy(local_path, info["ssh_host"], remote, ssh, progress)
-        except (OSError, EOFError, subprocess.CalledProcessError) as e:
-            raise RPCError("upload", "copying to %s:%s failed: %s"
-                           % (info["ssh_host"], info["staging_dir"], e)) from None
-        except Exception as e:  # paramiko's errors: authentication, host keys, protocol
-            raise RPCError("upload", "copying to %s over SSH failed: %s: %s"
-                           % (info["ssh_host"], type(e).__name__, e)) from None
+        except subprocess.CalledProcessError as e:
+            raise RPCError("upload", "rsync to %s failed: %s" % (
+                where, e.stderr.decode(errors="replace").strip())) from None
+        except Exception as e:  # paramiko's and socket errors
+            raise RPCError("upload", "copying to %s failed: %s"
+                           % (where, ssh_failure_reason(e))) from None
         self.complete_upload(info["name"], info["staging_dir"], dest_store_path, "infer",
                              deletion_policy=deletion_policy, null_obsid=null_obsid)
         record = self.search_files({"name-is-exactly": name})[0]
@@ -413,6 +417,29 @@ class LibrarianClient:
         return size, md5
 
 
+def ssh_failure_reason(e):
+    """A short description of why an SSH connection failed (paramiko's
+    and socket errors), as the server and the client report it."""
+    import paramiko
+
+    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+        errors = list(e.errors.values())
+        if errors and all(isinstance(x, ConnectionRefusedError) for x in errors):
+            return "connection refused"
+        return "cannot connect (%s)" % "; ".join(str(x) for x in errors)
+    if isinstance(e, paramiko.AuthenticationException):
+        return "authentication failed (%s)" % e
+    if isinstance(e, paramiko.BadHostKeyException):
+        return "its host key does not match the known_hosts entry"
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, EOFError):
+        return "the connection was closed"
+    return str(e) or type(e).__name__
+
+
 class SSHOptions:
     """How the client logs in to a store host: `port` (None: 22 or
     ~/.ssh/config for rsync), `user`, `key` (private key file) and
@@ -441,7 +468,11 @@ def _sftp_copy(local_path, host, remote, ssh, progress):
     import paramiko
 
     client = paramiko.SSHClient()
-    client.load_host_keys(os.path.expanduser(ssh.known_hosts or "~/.ssh/known_hosts"))
+    known_hosts = os.path.expanduser(ssh.known_hosts or "~/.ssh/known_hosts")
+    if not os.path.isfile(known_hosts):
+        raise OSError("the known_hosts file %s does not exist (give one with --known-hosts)"
+                      % known_hosts)
+    client.load_host_keys(known_hosts)
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     key = os.path.expanduser(ssh.key) if ssh.key else None
     client.connect(host, port=ssh.port or 22, username=ssh.user, key_filename=key,

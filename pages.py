@@ -27,7 +27,7 @@ import tasks
 import webauth
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
                     ObservingSession, Store)
-from stores import open_store
+from stores import describe_access, open_store
 
 PAGE_SIZE = 50
 RECENT = 10
@@ -331,7 +331,8 @@ def store_page(name):
                                        pw.fn.COALESCE(pw.fn.SUM(File.size), 0))
                    .join(File).where(FileInstance.store == row).tuples().get())
     return render("store", "Store " + name, store=row, usage=store_usage(row), n_instances=count,
-                  instance_bytes=size)
+                  instance_bytes=size, access=describe_access(row),
+                  problem=open_store(row).problem())
 
 
 def set_store_availability(name, available):

@@ -42,7 +42,7 @@ from contextlib import contextmanager
 
 import uvmeta
 from settings import names_this_host
-from librarian_client import directory_digest, path_md5
+from librarian_client import directory_digest, path_md5, ssh_failure_reason
 from models import LibrarianError, check_file_name
 
 log = logging.getLogger("librarian")
@@ -311,28 +311,6 @@ class StoreUnreachable(LibrarianError):
                          % (store_name, target.host, target.port, reason))
 
 
-def _reason(e):
-    """A short description of a connection failure."""
-    import paramiko
-
-    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
-        errors = list(e.errors.values())
-        if errors and all(isinstance(x, ConnectionRefusedError) for x in errors):
-            return "connection refused"
-        return "cannot connect (%s)" % "; ".join(str(x) for x in errors)
-    if isinstance(e, paramiko.AuthenticationException):
-        return "authentication failed (%s)" % e
-    if isinstance(e, paramiko.BadHostKeyException):
-        return "its host key does not match the known_hosts entry"
-    if isinstance(e, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, EOFError):
-        return "the connection was closed"
-    return str(e) or type(e).__name__
-
-
 def _close(thing):
     """Close an SFTP session, channel or client; on a dead connection
     closing fails too, which does not matter."""
@@ -403,7 +381,7 @@ class SSHConnection:
         self.retired = False  # set when the configuration changed: stop reconnecting
 
     def unreachable(self, e):
-        return StoreUnreachable(self.store_name, self.target, _reason(e))
+        return StoreUnreachable(self.store_name, self.target, ssh_failure_reason(e))
 
     def is_up(self):
         t = self.client.get_transport() if self.client else None
@@ -578,11 +556,11 @@ class SSHConnection:
             if self._goes_down():
                 self.drop()
                 raise StoreUnreachable(self.store_name, self.target,
-                                       "lost the connection (%s)" % _reason(e)) from None
+                                       "lost the connection (%s)" % ssh_failure_reason(e)) from None
             # One channel ended (the connection itself is fine): only this
             # request fails, the others on the connection go on.
             raise LibrarianError(503, "store %r on host %s closed a session: %s"
-                                 % (self.store_name, self.target.host, _reason(e))) from None
+                                 % (self.store_name, self.target.host, ssh_failure_reason(e))) from None
 
     def run(self, argv, check=True):
         """Run a command (argv: a list, every word quoted) on the host and
@@ -936,7 +914,7 @@ def read_remote_observation(target, path):
         raise
     except Exception as e:  # paramiko's errors do not all survive pickling
         _reader_clients.pop(target, None)
-        raise OSError(_reason(e)) from None
+        raise OSError(ssh_failure_reason(e)) from None
 
 
 def _read_remote(target, path):
@@ -1193,6 +1171,16 @@ def ssh_target(row):
     return SSHTarget(row.ssh_host, spec.get("ssh_port") or 22, spec.get("ssh_user"),
                      spec.get("ssh_key"), spec.get("known_hosts"),
                      spec.get("ssh_timeout") or 15.0)
+
+
+def describe_access(row):
+    """How the server reaches a store, in words: 'directly (this host)' or
+    'over SSH as USER to HOST port N'."""
+    if transport_of(row) == "local":
+        return "directly (this host)"
+    target = ssh_target(row)
+    return "over SSH as %s to %s port %d" % (target.user or "the server's user", target.host,
+                                             target.port)
 
 
 def connection(row):

@@ -147,6 +147,15 @@ def _discard_pool(pool):
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def shutdown():
+    """Stop the reader process (at server exit: it must not outlive us)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _read(kind, path):
     return READERS[kind](path)
 

@@ -15,7 +15,7 @@ import requests
 
 import librarian_client
 import models
-from conftest import AUTH, MIRIAD, ROOT, UVH5, need_data, store_contents
+from conftest import AUTH, MIRIAD, ROOT, UVH5, bearer, need_data, store_contents
 from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
 
 
@@ -261,3 +261,22 @@ def test_client_config_with_a_non_string_url_is_a_clear_error(tmp_path):
     cfg.write_text('{"connections": {"x": {"url": 5, "authenticator": "a"}}}')
     with pytest.raises(librarian_client.RPCError, match="must be strings"):
         librarian_client.LibrarianClient("x", config_path=str(cfg))
+
+
+def test_sigterm_stops_the_header_reader_process_too(server):
+    """The reader of data headers runs in a child process; a server stopped
+    with SIGTERM must not leave it behind."""
+    need_data()
+    from sshd import _descendants
+
+    with open(UVH5, "rb") as f:
+        resp = requests.put(server.url + "api/upload/zen.2458432.34569.uvh5", data=f,
+                            headers=bearer(), timeout=60)
+    assert resp.status_code == 201, resp.text
+    children = _descendants(server.proc.pid)
+    assert children, "reading the header started a reader process"
+    server.stop()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists("/proc/%d" % pid) for pid in children):
+        assert time.monotonic() < deadline, "reader processes outlived the server"
+        time.sleep(0.1)

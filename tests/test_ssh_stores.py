@@ -50,11 +50,17 @@ def md5_of(data):
     return hashlib.md5(data).hexdigest()
 
 
-def test_the_store_is_reached_over_ssh(app, sshd):
+def test_the_store_is_reached_over_ssh(app, web, sshd):
     store = stores.open_store(models.Store.get())
     assert isinstance(store.fs, stores.SSHFS)
     assert store.fs.conn.target.port == sshd.port
     assert store.is_reachable()
+    assert api(web, "initiate_upload", upload_size=1)["ssh_port"] == sshd.port
+    form = web.get("/login").forms[0]
+    form["authenticator"] = AUTH["admin"]
+    form.submit(status=302)
+    page = web.get("/stores/main").text
+    assert "over SSH as %s to 127.0.0.1 port %d" % (sshd.user, sshd.port) in page
 
 
 # ---------------------------------------------------------------------------
@@ -189,8 +195,8 @@ def test_two_step_upload_with_the_client(server, client_config, sshd, store_dir,
                 [str(tree), "zen.2458043.12552.xx.HH.uvA"]):
         out = subprocess.run(
             [sys.executable, os.path.join(ROOT, "librarian_client.py"), "--config", client_config,
-             "upload", "appender", *cmd, how, "--ssh-port", str(sshd.port), "--ssh-key",
-             sshd.client_key, "--known-hosts", sshd.known_hosts, "--ssh-user", sshd.user],
+             "upload", "appender", *cmd, how, "--ssh-key", sshd.client_key,
+             "--known-hosts", sshd.known_hosts, "--ssh-user", sshd.user],  # the port: from the server
             capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "md5 %s" % shell_md5(cmd[0]) in out.stdout

@@ -4,6 +4,7 @@
 <table>
 <tr><th>Host</th><td>{{store.ssh_host}}</td></tr>
 <tr><th>Path</th><td class="mono">{{store.path_prefix}}</td></tr>
+<tr><th>Reached</th><td id="access">{{access}}<span class="error">{{'' if problem is None else ' (now: ' + problem + ')'}}</span></td></tr>
 <tr><th>Available for uploads</th><td id="available">{{'yes' if store.available else 'no'}}</td></tr>
 <tr><th>Capacity</th><td title="{{total}} bytes">{{human_size(total)}}</td></tr>
 <tr><th>Used / free</th><td><span title="{{used}} bytes">{{human_size(used)}}</span> /
