@@ -477,18 +477,21 @@ def _sftp_copy(local_path, host, remote, ssh, progress):
     key = os.path.expanduser(ssh.key) if ssh.key else None
     client.connect(host, port=ssh.port or 22, username=ssh.user, key_filename=key,
                    look_for_keys=key is None, allow_agent=key is None, timeout=30)
+    def put(sftp, src, dest):
+        """One file; `progress` gets the bytes sent since its last call."""
+        sent = [0]
+
+        def report(n, total):
+            if progress:
+                progress(n - sent[0])
+            sent[0] = n
+
+        sftp.put(src, dest, callback=report)
+
     try:
         sftp = client.open_sftp()
-        callback = None
-        if progress:
-            done = {}
-
-            def callback(sent, total, path=None):
-                progress(sent - done.get(path, 0))
-                done[path] = sent
         if os.path.isfile(local_path):
-            sftp.put(local_path, remote, callback=callback and
-                     (lambda n, t: callback(n, t, local_path)))
+            put(sftp, local_path, remote)
             return
         sftp.mkdir(remote)
         for dirpath, dirnames, filenames in os.walk(local_path):
@@ -497,9 +500,7 @@ def _sftp_copy(local_path, host, remote, ssh, progress):
             for d in sorted(dirnames):
                 sftp.mkdir(here + "/" + d)
             for f in sorted(filenames):
-                src = os.path.join(dirpath, f)
-                sftp.put(src, here + "/" + f,
-                         callback=callback and (lambda n, t, src=src: callback(n, t, src)))
+                put(sftp, os.path.join(dirpath, f), here + "/" + f)
     finally:
         client.close()
 

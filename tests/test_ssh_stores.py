@@ -7,7 +7,6 @@ spaces and quotes, which every command sent over SSH must survive.
 """
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import requests
 
 import librarian_client
 import models
+import sshfs
 import stores
 from conftest import (AUTH, MIRIAD, ROOT, UVH5, Server, api, bearer, config_text, free_port,
                       need_data, store_contents)
@@ -420,7 +420,7 @@ def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
             return requests.put(srv.url + "api/upload/small.dat", params={"null_obsid": "true"},
                                 data=b"small", headers=bearer())
 
-        deadline = time.monotonic() + stores.RETRY_SECONDS + 10
+        deadline = time.monotonic() + sshfs.RETRY_SECONDS + 10
         while (resp := small_upload()).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert resp.status_code == 201, resp.text
@@ -457,7 +457,7 @@ def test_a_copy_between_two_librarians_with_remote_stores(tmp_path, sshd):
         subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "migrate",
                         "--config", str(path)], check=True, capture_output=True)
         servers[name] = (Server(str(path)).start(), remote)
-    (sender, sender_dir), (receiver, receiver_dir) = servers["sender"], servers["receiver"]
+    (sender, _), (receiver, receiver_dir) = servers["sender"], servers["receiver"]
     tree = tmp_path / "d.uv"
     (tree / "in 'it'").mkdir(parents=True)
     (tree / "in 'it'" / "x").write_bytes(b"x" * 5000)
@@ -660,8 +660,8 @@ def test_a_host_that_never_answers_does_not_hold_up_uploads_elsewhere(local_and_
 def test_remote_errors_keep_their_errno():
     import errno
 
-    e = stores.remote_error("writing x", b"sh: 1: cannot create x: No space left on device\n")
+    e = sshfs.remote_error("writing x", b"sh: 1: cannot create x: No space left on device\n")
     assert e.errno == errno.ENOSPC
-    assert stores.remote_error("mkdir", b"mkdir: cannot create directory: File exists").errno \
+    assert sshfs.remote_error("mkdir", b"mkdir: cannot create directory: File exists").errno \
         == errno.EEXIST
-    assert stores.remote_error("cat", b"something odd").errno is None
+    assert sshfs.remote_error("cat", b"something odd").errno is None

@@ -1,0 +1,686 @@
+"""Stores on other hosts: the file system of a store host, reached over SSH
+with paramiko.
+
+`SSHFS` offers the primitives of `stores.LocalFS` (the store logic in
+`stores.StoreAccess` runs on either): SFTP for listings, metadata and
+reading; `cat` on an exec channel for writing streams (faster in paramiko
+than SFTP's write requests); `md5sum`, `find`, `chmod`, `rm` and `df` run
+on the host with every path passed as a separate argument (`shlex.join`,
+or `sh -c SCRIPT sh PATH...`), never pasted into shell text. One
+`SSHConnection` per store is shared by the server's threads.
+"""
+
+import collections
+import errno
+import logging
+import os
+import posixpath
+import shlex
+import socket
+import stat
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+
+import uvmeta
+from librarian_client import CHUNK, directory_digest, ssh_failure_reason
+from models import LibrarianError
+
+log = logging.getLogger("librarian")
+
+MIRIAD_HEAD_BYTES = 16 << 20  # of `visdata`: enough for the first record aipy reads
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")
+
+SSHTarget = collections.namedtuple(
+    "SSHTarget", "host port user key known_hosts timeout")
+SSHTarget.__doc__ = """How to reach a store's host: `port` (int), `user`
+(None: the server's user), `key` (private key file, None: the usual
+~/.ssh keys), `known_hosts` (file; 'ignore' accepts any host key), `timeout`
+(seconds for connecting and for each network wait)."""
+
+# AES-GCM first: with no separate MAC, paramiko moves bytes about 40% faster.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr",
+                     "aes256-ctr")
+WINDOW_BYTES = 64 << 20
+RETRY_SECONDS = 5.0  # between reconnection attempts to a host that is down
+
+
+class StoreUnreachable(LibrarianError):
+    """A store's host cannot be reached or refused us (HTTP 503)."""
+
+    def __init__(self, store_name, target, reason):
+        super().__init__(503, "store %r on host %s port %d is unreachable: %s"
+                         % (store_name, target.host, target.port, reason))
+
+
+def _close(thing):
+    """Close an SFTP session, channel or client; on a dead connection
+    closing fails too, which does not matter."""
+    try:
+        thing.close()
+    except Exception:  # EOFError, socket errors, paramiko's SSHException
+        pass
+
+
+def ssh_connect(target):
+    """A connected `paramiko.SSHClient` for `target`. Host keys are checked
+    against `target.known_hosts` (default ~/.ssh/known_hosts) and unknown
+    hosts refused. Raises paramiko/socket errors."""
+    import paramiko
+
+    def transport(sock, **kwargs):
+        t = paramiko.Transport(sock, default_window_size=WINDOW_BYTES, **kwargs)
+        offered = t.get_security_options().ciphers
+        t.get_security_options().ciphers = tuple(
+            [c for c in PREFERRED_CIPHERS if c in offered]
+            + [c for c in offered if c not in PREFERRED_CIPHERS])
+        return t
+
+    client = paramiko.SSHClient()
+    if target.known_hosts == "ignore":
+        client.set_missing_host_key_policy(paramiko.WarningPolicy())
+    else:
+        known_hosts = os.path.expanduser(target.known_hosts or "~/.ssh/known_hosts")
+        if not os.path.isfile(known_hosts):
+            raise paramiko.SSHException("the known_hosts file %s does not exist (set "
+                                        "known_hosts in the store's section)" % known_hosts)
+        client.load_host_keys(known_hosts)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    key = os.path.expanduser(target.key) if target.key else None
+    try:
+        client.connect(target.host, port=target.port, username=target.user, key_filename=key,
+                       look_for_keys=key is None, allow_agent=key is None,
+                       timeout=target.timeout, banner_timeout=target.timeout,
+                       auth_timeout=target.timeout, channel_timeout=target.timeout,
+                       transport_factory=transport)
+    except BaseException:
+        _close(client)  # a refused host key or login leaves the socket open otherwise
+        raise
+    return client
+
+
+class SSHConnection:
+    """One SSH connection to a store's host, shared by every thread.
+
+    Every channel on it (an SFTP session, idle or in use, or a command)
+    holds one of `MAX_CHANNELS` slots, below OpenSSH's default `MaxSessions`
+    of 10: a busy server waits for a slot instead of being refused. Idle
+    SFTP sessions are kept for reuse. When the connection drops, the next
+    use reconnects; when connecting fails, a background thread retries
+    every `RETRY_SECONDS` and meanwhile every use fails at once with the
+    reason, so that a host that is down never holds up requests."""
+
+    MAX_CHANNELS = 8
+
+    def __init__(self, store_name, target):
+        self.store_name, self.target = store_name, target
+        self.lock = threading.Lock()
+        self.connecting = threading.Lock()  # held while a connect is under way
+        self.slots = threading.BoundedSemaphore(self.MAX_CHANNELS)
+        self.client = None
+        self.idle = []  # SFTP sessions not in use (each holds a slot)
+        self.failed = None  # StoreUnreachable of the last failed connect, until one succeeds
+        self.retired = False  # set when the configuration changed: stop reconnecting
+
+    def unreachable(self, e):
+        return StoreUnreachable(self.store_name, self.target, ssh_failure_reason(e))
+
+    def is_up(self):
+        t = self.client.get_transport() if self.client else None
+        return t is not None and t.is_active()
+
+    def _client(self):
+        if self.is_up():
+            return self.client
+        if self.failed is not None:
+            raise self.failed
+        with self.connecting:  # one thread connects; the others wait for its outcome
+            if self.is_up():
+                return self.client
+            if self.failed is not None:
+                raise self.failed
+            try:
+                self._connect()
+            except StoreUnreachable as e:
+                self.failed = e
+                threading.Thread(target=self._retry, daemon=True,
+                                 name="reconnect-%s" % self.store_name).start()
+                raise
+            return self.client
+
+    def _connect(self):
+        try:
+            client = ssh_connect(self.target)
+        except Exception as e:
+            raise self.unreachable(e) from None
+        client.get_transport().set_keepalive(max(5, int(self.target.timeout)))
+        with self.lock:
+            self._discard_idle()
+            self.client = client
+
+    def _retry(self):
+        """Reconnect in the background until the host answers again."""
+        while True:
+            time.sleep(RETRY_SECONDS)
+            if self.retired:
+                return
+            try:
+                self._connect()
+            except StoreUnreachable as e:
+                self.failed = e
+                continue
+            self.failed = None
+            log.info("store %s on host %s is reachable again", self.store_name,
+                     self.target.host)
+            return
+
+    def _discard_idle(self):
+        for sftp in self.idle:
+            _close(sftp)
+            self.slots.release()
+        self.idle = []
+
+    def drop(self):
+        """Forget the connection (after an error that broke it)."""
+        with self.lock:
+            self._discard_idle()
+            if self.client is not None:
+                _close(self.client)
+            self.client = None
+
+    def take_slot(self):
+        """Wait for a channel slot, closing an idle SFTP session if that is
+        what holds the last ones."""
+        while not self.slots.acquire(timeout=0.05):
+            with self.lock:
+                if self.idle:
+                    _close(self.idle.pop(0))
+                    self.slots.release()
+
+    def checkout_sftp(self):
+        client = self._client()
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+        self.take_slot()
+        try:
+            sftp = self._open(client.open_sftp)
+        except BaseException:
+            self.slots.release()
+            raise
+        sftp.get_channel().settimeout(self.target.timeout)
+        return sftp
+
+    def _open(self, open_channel, attempts=40):
+        """Open a channel, retrying for a while when the host refuses one:
+        it still counts channels whose closing it has not finished."""
+        for attempt in range(attempts):
+            try:
+                with self.errors():
+                    return open_channel()
+            except StoreUnreachable:
+                raise
+            except LibrarianError:  # refused (or slow): the host is still there
+                if attempt == attempts - 1:
+                    raise
+            time.sleep(0.05)
+
+    def checkin_sftp(self, sftp):
+        """Give back a session from `checkout_sftp` (closed ones too)."""
+        with self.lock:
+            if not sftp.sock.closed and len(self.idle) < self.MAX_CHANNELS // 2 \
+                    and self.client is not None:
+                self.idle.append(sftp)
+                return
+        _close(sftp)
+        self.slots.release()
+
+    @contextmanager
+    def sftp(self):
+        """An SFTP session for the block; see `errors`."""
+        sftp = self.checkout_sftp()
+        try:
+            with self.errors():
+                yield sftp
+        except StoreUnreachable:
+            _close(sftp)
+            raise
+        finally:
+            self.checkin_sftp(sftp)
+
+    @contextmanager
+    def channel(self):
+        """A new session channel (for a command) holding a slot."""
+        client = self._client()
+        self.take_slot()
+        try:
+            ch = self._open(client.get_transport().open_session)
+            try:
+                yield ch
+            finally:
+                _close(ch)
+        finally:
+            self.slots.release()
+
+    def _goes_down(self, seconds=1.0):
+        """Whether the connection is down, or goes down within `seconds`
+        (paramiko notices a closed socket a moment after a send failed)."""
+        deadline = time.monotonic() + seconds
+        while self.is_up():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    @contextmanager
+    def errors(self):
+        """Inside the block, a dropped connection becomes `StoreUnreachable`
+        (503, and the connection is forgotten); a channel that waited longer
+        than `ssh_timeout` or that the host refused becomes a 503 without
+        harming the connection's other channels; errors of the remote file
+        system (ENOENT, permissions) pass as the OSErrors they are."""
+        import paramiko
+
+        try:
+            yield
+        except StoreUnreachable:
+            raise
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            if isinstance(e, paramiko.ChannelException):  # e.g. over the host's MaxSessions
+                raise LibrarianError(503, "store %r on host %s refused a new session: %s"
+                                     % (self.store_name, self.target.host, e)) from None
+            if self.is_up() and isinstance(e, (socket.timeout, TimeoutError)):
+                raise LibrarianError(503, "store %r on host %s did not answer within %g s"
+                                     % (self.store_name, self.target.host,
+                                        self.target.timeout)) from None
+            if not isinstance(e, (paramiko.SSHException, EOFError, ConnectionError)):
+                raise  # an error of the remote file system
+            if self._goes_down():
+                self.drop()
+                raise StoreUnreachable(self.store_name, self.target,
+                                       "lost the connection (%s)" % ssh_failure_reason(e)) from None
+            # One channel ended (the connection itself is fine): only this
+            # request fails, the others on the connection go on.
+            raise LibrarianError(503, "store %r on host %s closed a session: %s"
+                                 % (self.store_name, self.target.host, ssh_failure_reason(e))) from None
+
+    def run(self, argv, check=True):
+        """Run a command (argv: a list, every word quoted) on the host and
+        wait for it however long it takes (md5sum of a large data set can
+        take minutes; a dead host is noticed by the keepalives); returns
+        (exit status, stdout bytes, stderr bytes). With `check`, a non-zero
+        status raises `remote_error` of its stderr."""
+        with self.channel() as ch, self.errors():
+            ch.settimeout(None)
+            ch.exec_command(shlex.join(argv))
+            ch.shutdown_write()
+            out = ch.makefile("rb").read()
+            err = ch.makefile_stderr("rb").read()
+            status = ch.recv_exit_status()
+        if check and status != 0:
+            raise remote_error("%s on %s" % (argv[0], self.target.host), err)
+        return status, out, err
+
+    def run_script(self, script, *args, check=True):
+        """Run `sh -c script _ ARGS...`: the arguments arrive as $1, $2...,
+        so that no path is ever pasted into shell text."""
+        return self.run(["sh", "-c", script, "sh"] + list(args), check=check)
+
+
+# What commands print for the errors a store can meet, and their errno
+# (commands on the store host report errors as text).
+REMOTE_ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST,
+                 errno.EACCES, errno.ELOOP, errno.ENOENT, errno.EROFS, errno.EISDIR]
+
+
+def remote_error(what, stderr):
+    """An OSError for a command that failed on a store host, carrying the
+    errno its message names (so that callers map it as a local error)."""
+    message = stderr.decode(errors="replace").strip() if isinstance(stderr, bytes) else stderr
+    for code in REMOTE_ERRNOS:
+        if os.strerror(code) in message:
+            return OSError(code, "%s: %s" % (what, message))
+    return OSError("%s failed: %s" % (what, message or "no message"))
+
+
+class _SFTPFile:
+    """An open SFTP file that gives its session back to the pool on close."""
+
+    def __init__(self, conn, sftp, f):
+        self.conn, self.sftp, self.f = conn, sftp, f
+        self.closed = False
+
+    def read(self, n=-1):
+        with self.conn.errors():
+            return self.f.read(n) if n is not None and n >= 0 else self.f.read()
+
+    def write(self, data):
+        with self.conn.errors():
+            self.f.write(data)
+
+    def seek(self, offset, whence=0):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with self.conn.errors():
+                self.f.close()
+        except BaseException:
+            _close(self.sftp)
+            raise
+        finally:
+            self.conn.checkin_sftp(self.sftp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _ExecWriter:
+    """A new file on the store host, written by `cat` with the shell's
+    noclobber option (so an existing file is never replaced). Errors on the
+    host (disk full, permissions, an existing file) are raised by close()
+    as OSErrors with their errno (`remote_error`)."""
+
+    def __init__(self, conn, path):
+        self.conn, self.path = conn, path
+        self.context = conn.channel()
+        self.channel = self.context.__enter__()
+        self.closed = False
+        try:
+            with conn.errors():
+                self.channel.settimeout(conn.target.timeout)
+                self.channel.exec_command(shlex.join(
+                    ["sh", "-c", 'set -C && exec cat > "$1"', "sh", path]))
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self):
+        self.closed = True
+        self.context.__exit__(None, None, None)
+
+    def write(self, data):
+        with self.conn.errors():
+            try:
+                # A memoryview: paramiko's sendall slices what is left after
+                # each 32 kB packet, which copies a bytes object every time.
+                self.channel.sendall(memoryview(data))
+            except OSError:  # paramiko: "Socket is closed": the channel ended
+                if self.channel.exit_status_ready():
+                    self._finish()  # cat gave up, or the session was killed: say which
+                raise EOFError("the session writing %s ended" % self.path) from None
+
+    def _finish(self):
+        with self.conn.errors():
+            self.channel.shutdown_write()
+            self.channel.settimeout(None)  # the host may still be flushing to disk
+            status = self.channel.recv_exit_status()
+            err = self.channel.makefile_stderr("rb").read()
+            if status == -1:  # closed without an exit status: the session was lost
+                raise EOFError("the session writing %s ended" % self.path)
+        if status != 0:
+            raise remote_error("writing %s on %s" % (self.path, self.conn.target.host), err)
+
+    def close(self):
+        if not self.closed:
+            try:
+                self._finish()
+            finally:
+                self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        elif not self.closed:  # the caller's error comes first; the channel just goes
+            self._release()
+
+
+class SSHFS:
+    """The file system of another host, through an `SSHConnection`."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.where = "host %s" % conn.target.host
+
+    def lstat(self, path):
+        with self.conn.sftp() as sftp:
+            return sftp.lstat(path)
+
+    def lexists(self, path):
+        try:
+            self.lstat(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def scandir(self, path):
+        with self.conn.sftp() as sftp:
+            return sorted((a.filename, a) for a in sftp.listdir_attr(path))
+
+    def mkdir(self, path, mode=0o755):
+        with self.conn.sftp() as sftp:
+            if self._exists(sftp, path):
+                raise FileExistsError("%s exists on %s" % (path, self.where))
+            sftp.mkdir(path, mode)
+
+    @staticmethod
+    def _exists(sftp, path):
+        try:
+            sftp.lstat(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def makedirs(self, path):
+        """`mkdir -p` by SFTP (one request per folder of the path: much
+        cheaper than starting a command); NotADirectoryError when a folder
+        of the path is something else."""
+        with self.conn.sftp() as sftp:
+            parts = [p for p in path.split("/") if p]
+            current = ""
+            for part in parts:
+                current += "/" + part
+                try:
+                    st = sftp.stat(current)  # links to folders are folders here, as for mkdir -p
+                except FileNotFoundError:
+                    try:
+                        sftp.mkdir(current, 0o755)
+                    except OSError:
+                        if not self._exists(sftp, current):  # not made by someone else meanwhile
+                            raise
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    raise NotADirectoryError("%s is not a folder on %s" % (current, self.where))
+
+    def open(self, path, mode):
+        """A binary file: 'rb' reads by SFTP; 'xb' creates a new file (never
+        replacing one) written through `cat` on an exec channel, which
+        paramiko drives about 50% faster than SFTP's 32 kB write requests
+        with their acknowledgements."""
+        if mode == "xb":
+            return _ExecWriter(self.conn, path)
+        sftp = self.conn.checkout_sftp()
+        try:
+            with self.conn.errors():
+                f = sftp.open(path, "r", bufsize=CHUNK)
+        except BaseException:
+            self.conn.checkin_sftp(sftp)
+            raise
+        return _SFTPFile(self.conn, sftp, f)
+
+    def write_text(self, path, text):
+        with self.conn.sftp() as sftp, sftp.open(path, "w") as f:
+            f.write(text.encode("utf-8"))
+
+    def read_text(self, path):
+        with self.conn.sftp() as sftp, sftp.open(path, "r") as f:
+            return f.read().decode("utf-8")
+
+    def rename_new(self, src, dst):
+        # OpenSSH's SFTP rename never replaces an existing target (it links
+        # and unlinks files, and checks for anything at the target first).
+        with self.conn.sftp() as sftp:
+            sftp.rename(src, dst)
+
+    def unlink(self, path):
+        with self.conn.sftp() as sftp:
+            sftp.remove(path)
+
+    def chmod(self, path, mode):
+        with self.conn.sftp() as sftp:
+            sftp.chmod(path, mode)
+
+    def realpath(self, path):
+        """The canonical path with links resolved; the missing tail of the
+        path is kept as given (as `os.path.realpath` does)."""
+        with self.conn.sftp() as sftp:
+            tail = []
+            while True:
+                try:
+                    head = sftp.normalize(path)
+                    return posixpath.join(head, *reversed(tail))
+                except FileNotFoundError:
+                    parent, name = posixpath.split(path)
+                    if parent == path:
+                        raise
+                    tail.append(name)
+                    path = parent
+
+    def remove_tree(self, path):
+        self.conn.run_script('[ -e "$1" ] || [ -L "$1" ] || exit 0; '
+                             '[ -L "$1" ] || find "$1" -type d -exec chmod u+w {} +; '
+                             'rm -rf -- "$1"', path)
+
+    def make_readonly(self, path):
+        if not stat.S_ISDIR(self.lstat(path).st_mode):
+            self.chmod(path, 0o444)
+            return
+        self.conn.run_script('if [ -d "$1" ] && [ ! -L "$1" ]; then '
+                             'find "$1" -type f -exec chmod 444 {} + && '
+                             'find "$1" -mindepth 1 -type d -exec chmod 555 {} +; '
+                             'else chmod 444 "$1"; fi', path)
+
+    def find_special(self, path):
+        mode = self.lstat(path).st_mode
+        if not stat.S_ISDIR(mode):
+            return None if stat.S_ISREG(mode) else path
+        _, out, _ = self.conn.run(["find", path, "!", "-type", "f", "!", "-type", "d",
+                                   "-print0", "-quit"])
+        return os.fsdecode(out.rstrip(b"\0")) or None
+
+    def path_info(self, path):
+        """(size, md5) computed on the host with `md5sum` (the directory
+        definition of `librarian_client.directory_digest`)."""
+        st = self.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            _, out, _ = self.conn.run(["md5sum", "-z", "--", path])
+            return st.st_size, out[:32].decode()
+        _, sizes, _ = self.conn.run_script('cd -- "$1" && find . ! -type d -printf "%s\\n"',
+                                           path)
+        _, out, _ = self.conn.run_script(
+            'cd -- "$1" && find . ! -type d -print0 | xargs -0 -r md5sum -z --', path)
+        entries = []
+        for line in out.split(b"\0"):
+            if line:
+                entries.append((os.fsdecode(line[36:]), line[:32].decode()))  # "md5  ./rel"
+        return sum(int(n) for n in sizes.split()), directory_digest(entries)
+
+    def disk_usage(self, path):
+        """By OpenSSH's `statvfs@openssh.com` SFTP extension (fields as in
+        statvfs(3), as `shutil.disk_usage` reads them), else by `df`."""
+        from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+
+        with self.conn.sftp() as sftp:
+            try:
+                kind, msg = sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
+            except OSError as e:
+                if e.errno is not None:
+                    raise  # the path is missing or unreadable
+                kind = None  # the extension is not supported
+            if kind == CMD_EXTENDED_REPLY:
+                bsize, frsize, blocks, bfree, bavail = (msg.get_int64() for _ in range(5))
+                return DiskUsage(blocks * frsize, (blocks - bfree) * frsize, bavail * frsize)
+        # Only numbers in the output: a file system's name may hold spaces.
+        _, out, _ = self.conn.run(["df", "-k", "--output=size,used,avail", "--", path])
+        total, used, free = (int(n) * 1024 for n in out.decode().splitlines()[-1].split())
+        return DiskUsage(total, used, free)
+
+    def is_writable_dir(self, path):
+        """Whether `path` is a folder with a write bit (by SFTP; whether the
+        bit is ours shows when writing)."""
+        try:
+            st = self.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return stat.S_ISDIR(st.st_mode) and bool(st.st_mode & 0o222)
+
+    def read_observation(self, path):
+        """Observation metadata read over SFTP by the isolated reader
+        process (see `read_remote_observation`); None, without asking it,
+        for what is not shaped like a data set (`uvmeta.data_kind`)."""
+        if stat.S_ISDIR(self.lstat(path).st_mode):
+            if not self.lexists(posixpath.join(path, "visdata")):
+                return None
+        elif not path.endswith(".uvh5"):
+            return None
+        try:
+            return uvmeta.run_reader("data set", read_remote_observation, self.conn.target, path)
+        except OSError as e:
+            raise LibrarianError(503, "cannot read the header of %s on %s: %s"
+                                 % (path, self.where, e)) from None
+
+
+_reader_clients = {}  # in the reader process: SSHTarget -> SSHClient
+
+
+def read_remote_observation(target, path):
+    """Runs in uvmeta's reader process: read the metadata of a data set on
+    another host. A UVH5 header is read by h5py straight from the SFTP file;
+    for a MIRIAD data set the header items and the start of `visdata` (what
+    aipy reads on opening) are fetched into a temporary directory."""
+    try:
+        return _read_remote(target, path)
+    except uvmeta.MetadataError:
+        raise
+    except Exception as e:  # paramiko's errors do not all survive pickling
+        _reader_clients.pop(target, None)
+        raise OSError(ssh_failure_reason(e)) from None
+
+
+def _read_remote(target, path):
+    client = _reader_clients.get(target)
+    if client is None or not client.get_transport() or not client.get_transport().is_active():
+        client = _reader_clients[target] = ssh_connect(target)
+    with client.open_sftp() as sftp:
+        st = sftp.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            names = set(sftp.listdir(path))
+            if "visdata" not in names:
+                return None
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, posixpath.basename(path))
+                os.mkdir(local)
+                for item in ("header", "vartable", "visdata"):
+                    if item in names:
+                        limit = MIRIAD_HEAD_BYTES if item == "visdata" else None
+                        with sftp.open(posixpath.join(path, item), "rb") as src, \
+                                open(os.path.join(local, item), "wb") as out:
+                            out.write(src.read(limit) if limit else src.read())
+                return uvmeta.read_miriad(local)
+        if stat.S_ISREG(st.st_mode) and path.endswith(".uvh5"):
+            with sftp.open(path, "rb", bufsize=CHUNK) as f:
+                return uvmeta.read_uvh5(f)
+    return None
