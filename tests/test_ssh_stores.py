@@ -665,3 +665,18 @@ def test_remote_errors_keep_their_errno():
     assert sshfs.remote_error("mkdir", b"mkdir: cannot create directory: File exists").errno \
         == errno.EEXIST
     assert sshfs.remote_error("cat", b"something odd").errno is None
+
+
+def test_a_large_file_streams_back_whole_and_in_ranges(web):
+    """Files from SMALL_FILE_BYTES up are read through `cat` / `tail -c`."""
+    body = os.urandom(sshfs.SMALL_FILE_BYTES + 123457)
+    put(web, "big/large.dat", body, null_obsid="true")
+    got = web.get("/api/download/large.dat", headers=bearer())
+    assert got.body == body
+    start = sshfs.SMALL_FILE_BYTES - 10
+    part = web.get("/api/download/large.dat", headers=dict(bearer(), Range="bytes=%d-%d"
+                                                           % (start, start + 99999)), status=206)
+    assert part.body == body[start:start + 100000]
+    tail = web.get("/api/download/large.dat", headers=dict(bearer(), Range="bytes=-7"),
+                   status=206)
+    assert tail.body == body[-7:]
