@@ -193,24 +193,13 @@ class SSHConnection:
             self.client = None
 
     def take_slot(self):
-        """Wait for a channel slot (at most `ssh_timeout`, then 503: slow
-        downloads may hold them all), closing an idle SFTP session if that
-        is what holds the last ones."""
-        deadline = time.monotonic() + self.target.timeout
+        """Wait for a channel slot, closing an idle SFTP session if that is
+        what holds the last ones."""
         while not self.slots.acquire(timeout=0.05):
-            self._close_idle()
-            if time.monotonic() > deadline:
-                raise LibrarianError(503, "store %r on host %s is busy: all %d of its SSH "
-                                     "sessions are in use" % (self.store_name, self.target.host,
-                                                              self.MAX_CHANNELS))
-
-    def _close_idle(self):
-        with self.lock:
-            if self.idle:
-                _close(self.idle.pop(0))
-                self.slots.release()
-                return True
-        return False
+            with self.lock:
+                if self.idle:
+                    _close(self.idle.pop(0))
+                    self.slots.release()
 
     def checkout_sftp(self):
         client = self._client()
@@ -229,24 +218,15 @@ class SSHConnection:
     def _open(self, open_channel, attempts=40):
         """Open a channel, retrying for a while when the host refuses one:
         it still counts channels whose closing it has not finished."""
-        import paramiko
-
         for attempt in range(attempts):
             try:
-                return open_channel()
-            except paramiko.ChannelException as e:  # refused: over the host's MaxSessions?
+                with self.errors():
+                    return open_channel()
+            except StoreUnreachable:
+                raise
+            except LibrarianError:  # refused (or slow): the host is still there
                 if attempt == attempts - 1:
-                    raise LibrarianError(503, "store %r on host %s refused a new session "
-                                         "(its sshd's MaxSessions must allow %d): %s"
-                                         % (self.store_name, self.target.host,
-                                            self.MAX_CHANNELS, e)) from None
-                self._close_idle()  # our idle SFTP sessions count against the limit
-            except Exception as e:
-                # A channel whose opening timed out may still be opened by the
-                # host later, and nobody would close it: start afresh.
-                self.drop()
-                raise StoreUnreachable(self.store_name, self.target, "opening a session "
-                                       "failed (%s)" % ssh_failure_reason(e)) from None
+                    raise
             time.sleep(0.05)
 
     def checkin_sftp(self, sftp):
