@@ -816,7 +816,7 @@ def download(name):
                    "Content-Length": str(tar_size(store.fs, path, name)), "X-Librarian-MD5": md5,
                    "Content-Disposition": "attachment; filename*=UTF-8''%s.tar"
                    % urllib.parse.quote(name, safe="")}
-        return HTTPResponse(iter_tar(store.fs, path, name), **headers)
+        return HTTPResponse(primed(iter_tar(store.fs, path, name)), **headers)
     if isinstance(store.fs, LocalFS):
         resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
                                   mimetype="application/octet-stream")
@@ -837,12 +837,32 @@ def remote_file_response(store, path, size):
         start, end = ranges[0]  # end is exclusive
         headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, size)
         headers["Content-Length"] = str(end - start)
-        body = iter_file(store.fs, path, start, end - start)
+        body = primed(iter_file(store.fs, path, start, end - start))
         return HTTPResponse(body, status=206, **headers)
     headers["Content-Length"] = str(size)
     if request.method == "HEAD":
         return HTTPResponse("", **headers)
-    return HTTPResponse(iter_file(store.fs, path, 0, size), **headers)
+    return HTTPResponse(primed(iter_file(store.fs, path, 0, size)), **headers)
+
+
+def primed(chunks):
+    """The stream with its first chunk already read, so that a failure to
+    start it (a store that cannot be reached, a file that shrank) is an
+    error of the request, answered and logged by `handle_errors`, not a
+    broken body."""
+    chunks = iter(chunks)
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return iter(())
+
+    def resumed():
+        try:
+            yield first
+            yield from chunks
+        finally:  # a client that goes early: the store's session is freed now
+            getattr(chunks, "close", lambda: None)()
+    return resumed()
 
 
 def install_routes(app):

@@ -46,6 +46,7 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 WINDOW_BYTES = 64 << 20
 READ_WINDOW_BYTES = 8 << 20  # a download or copy holds at most this much unread
 SMALL_FILE_BYTES = 4 << 20   # read whole by SFTP below this size
+REKEY_BYTES = 16 << 32  # 2**32 blocks of AES's 16 bytes
 RETRY_SECONDS = 5.0  # between reconnection attempts to a host that is down
 
 
@@ -74,6 +75,11 @@ def ssh_connect(target):
 
     def transport(sock, **kwargs):
         t = paramiko.Transport(sock, default_window_size=WINDOW_BYTES, **kwargs)
+        # paramiko re-keys every 512 MiB, and a channel closing during a
+        # re-key can stall the connection (paramiko issue #822): re-key
+        # when OpenSSH does for 128-bit block ciphers, after 2**32 blocks
+        # (RFC 4344, section 3.2).
+        t.packetizer.REKEY_BYTES = REKEY_BYTES
         offered = t.get_security_options().ciphers
         t.get_security_options().ciphers = tuple(
             [c for c in PREFERRED_CIPHERS if c in offered]
@@ -108,11 +114,14 @@ class SSHConnection:
 
     Every channel on it (an SFTP session, idle or in use, or a command)
     holds one of `MAX_CHANNELS` slots, below OpenSSH's default `MaxSessions`
-    of 10: a busy server waits for a slot instead of being refused. Idle
-    SFTP sessions are kept for reuse. When the connection drops, the next
-    use reconnects; when connecting fails, a background thread retries
-    every `RETRY_SECONDS` and meanwhile every use fails at once with the
-    reason, so that a host that is down never holds up requests."""
+    of 10: a busy server waits for a slot (up to `ssh_timeout`, then 503)
+    instead of being refused. Idle SFTP sessions are kept for reuse. No
+    wait on the host lasts longer than `ssh_timeout` (but a command's own
+    run time): a host that stalls has its connection dropped (`watchdog`,
+    `errors`). When the connection drops, the next use reconnects; when
+    connecting fails, a background thread retries every `RETRY_SECONDS`
+    and meanwhile every use fails at once with the reason, so that a host
+    that is down never holds up requests."""
 
     MAX_CHANNELS = 8
 
@@ -125,6 +134,7 @@ class SSHConnection:
         self.idle = []  # SFTP sessions not in use (each holds a slot)
         self.failed = None  # StoreUnreachable of the last failed connect, until one succeeds
         self.retired = False  # set when the configuration changed: stop reconnecting
+        self.stalled_client = None  # dropped for not answering; None again on reconnecting
 
     def unreachable(self, e):
         return StoreUnreachable(self.store_name, self.target, ssh_failure_reason(e))
@@ -157,10 +167,36 @@ class SSHConnection:
             client = ssh_connect(self.target)
         except Exception as e:
             raise self.unreachable(e) from None
-        client.get_transport().set_keepalive(max(5, int(self.target.timeout)))
         with self.lock:
             self._discard_idle()
             self.client = client
+            self.stalled_client = None
+        threading.Thread(target=self._heartbeat, args=(client,), daemon=True,
+                         name="heartbeat-%s" % self.store_name).start()
+
+    def _heartbeat(self, client):
+        """Every `ssh_timeout` (at least 1 s), ask the host for a reply while
+        `client` is the connection in use; one that does not come within
+        `ssh_timeout` means the host is stalled (`drop_stalled`). This
+        bounds waits that have no timeout of their own, such as a command's
+        run. (paramiko's keepalive asks for no reply: it notices only a
+        closed socket.)"""
+        interval = max(1.0, self.target.timeout)
+        while True:
+            time.sleep(interval)
+            transport = client.get_transport()
+            if client is not self.client or transport is None or not transport.is_active():
+                return
+            answered = threading.Event()
+
+            def ask():
+                transport.global_request("keepalive@openssh.com", wait=True)  # any reply
+                answered.set()
+
+            threading.Thread(target=ask, daemon=True).start()
+            if not answered.wait(self.target.timeout):
+                self.drop_stalled(client)
+                return
 
     def _retry(self):
         """Reconnect in the background until the host answers again."""
@@ -184,50 +220,127 @@ class SSHConnection:
             self.slots.release()
         self.idle = []
 
-    def drop(self):
-        """Forget the connection (after an error that broke it)."""
+    def drop(self, client=None):
+        """Forget the connection (after an error that broke it); with
+        `client`, only if that is still the connection in use."""
         with self.lock:
+            if client is not None and client is not self.client:
+                return
             self._discard_idle()
             if self.client is not None:
                 _close(self.client)
             self.client = None
 
+    def drop_stalled(self, client):
+        """Drop `client`, which did not answer within `ssh_timeout`: every
+        wait on it ends, with `stalled()` as the reason."""
+        log.warning("store %s on host %s did not answer within %g s: dropping the "
+                    "connection", self.store_name, self.target.host, self.target.timeout)
+        self.stalled_client = client
+        self.drop(client)
+
+    def stalled(self):
+        return StoreUnreachable(self.store_name, self.target, "it did not answer within %g s"
+                                % self.target.timeout)
+
+    @contextmanager
+    def watchdog(self, client):
+        """Inside the block, a host that does not answer within `ssh_timeout`
+        is taken as stalled: the connection is dropped, which ends every
+        wait on it, and the block raises `stalled()`. This bounds the waits
+        paramiko bounds badly (a channel whose opening timed out is still
+        opened by the host later, and never closed) or not at all (starting
+        a command or an SFTP session, a transport stuck in a rekey)."""
+        fired = threading.Event()
+
+        def stall():
+            fired.set()
+            self.drop_stalled(client)
+
+        timer = threading.Timer(self.target.timeout, stall)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except Exception:
+            if fired.is_set():
+                raise self.stalled() from None
+            raise
+        finally:
+            timer.cancel()
+
     def take_slot(self):
         """Wait for a channel slot, closing an idle SFTP session if that is
-        what holds the last ones."""
+        what holds the last ones; a 503 ('busy') after `ssh_timeout`, since
+        downloads to slow readers may hold them all for long."""
+        deadline = time.monotonic() + self.target.timeout
         while not self.slots.acquire(timeout=0.05):
-            with self.lock:
-                if self.idle:
-                    _close(self.idle.pop(0))
-                    self.slots.release()
+            if not self._close_idle() and time.monotonic() > deadline:
+                raise LibrarianError(503, "store %r on host %s is busy: all %d of its SSH "
+                                     "sessions are in use; try again later"
+                                     % (self.store_name, self.target.host, self.MAX_CHANNELS))
+
+    def _close_idle(self):
+        """Close one idle SFTP session, freeing its slot; False if none."""
+        with self.lock:
+            if not self.idle:
+                return False
+            sftp = self.idle.pop(0)
+        _close(sftp)
+        self.slots.release()
+        return True
 
     def checkout_sftp(self):
         client = self._client()
         with self.lock:
             if self.idle:
                 return self.idle.pop()
+
+        def start():
+            sftp = client.open_sftp()
+            sftp.get_channel().settimeout(self.target.timeout)
+            return sftp
+
+        return self._open(client, start)
+
+    def _open(self, client, start):
+        """Take a slot and run `start()`, which opens a channel on `client`
+        and starts what runs on it; returns what it returns, holding the slot.
+
+        A host that refuses a channel (over its sshd's MaxSessions, which
+        also counts sessions whose closing it has not finished) is asked
+        again, after one of our idle SFTP sessions is closed, until
+        `ssh_timeout`; then 503. A stalled host: see `watchdog`."""
+        import paramiko
+
         self.take_slot()
+        deadline = time.monotonic() + self.target.timeout
+        pause = 0.02
         try:
-            sftp = self._open(client.open_sftp)
+            while True:
+                try:
+                    with self.watchdog(client), self.errors():
+                        try:
+                            channel = start()
+                        except paramiko.ChannelException as e:
+                            refusal = "refused a new session (%s)" % e
+                        else:
+                            return channel
+                except StoreUnreachable:
+                    raise
+                except LibrarianError as e:  # the host ended the new session: it is still there
+                    refusal = e.message
+                if time.monotonic() > deadline:
+                    raise LibrarianError(503, "store %r on host %s: %s; its sshd must allow %d "
+                                         "sessions per connection (MaxSessions)"
+                                         % (self.store_name, self.target.host, refusal,
+                                            self.MAX_CHANNELS + 2))
+                if not self._close_idle():
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.5)
         except BaseException:
             self.slots.release()
             raise
-        sftp.get_channel().settimeout(self.target.timeout)
-        return sftp
-
-    def _open(self, open_channel, attempts=40):
-        """Open a channel, retrying for a while when the host refuses one:
-        it still counts channels whose closing it has not finished."""
-        for attempt in range(attempts):
-            try:
-                with self.errors():
-                    return open_channel()
-            except StoreUnreachable:
-                raise
-            except LibrarianError:  # refused (or slow): the host is still there
-                if attempt == attempts - 1:
-                    raise
-            time.sleep(0.05)
 
     def checkin_sftp(self, sftp):
         """Give back a session from `checkout_sftp` (closed ones too)."""
@@ -246,25 +359,35 @@ class SSHConnection:
         try:
             with self.errors():
                 yield sftp
-        except StoreUnreachable:
+        except LibrarianError:  # the session may be mid-request: never reuse it
             _close(sftp)
             raise
         finally:
             self.checkin_sftp(sftp)
 
     @contextmanager
-    def channel(self, window_size=None):
-        """A new session channel (for a command) holding a slot;
-        `window_size` bounds what the host may send ahead of our reads."""
+    def channel(self, argv, window_size=None):
+        """A new session channel running the command `argv` (a list: every
+        word is quoted), holding a slot; `window_size` bounds what the host
+        may send ahead of our reads. Reads and writes on it time out after
+        `ssh_timeout` (see `errors`)."""
         client = self._client()
-        self.take_slot()
-        try:
-            ch = self._open(lambda: client.get_transport().open_session(window_size=window_size))
+
+        def start():
+            ch = client.get_transport().open_session(window_size=window_size)
             try:
-                yield ch
-            finally:
+                ch.exec_command(shlex.join(argv))
+            except BaseException:
                 _close(ch)
+                raise
+            ch.settimeout(self.target.timeout)
+            return ch
+
+        ch = self._open(client, start)
+        try:
+            yield ch
         finally:
+            _close(ch)
             self.slots.release()
 
     def _goes_down(self, seconds=1.0):
@@ -280,10 +403,12 @@ class SSHConnection:
     @contextmanager
     def errors(self):
         """Inside the block, a dropped connection becomes `StoreUnreachable`
-        (503, and the connection is forgotten); a channel that waited longer
-        than `ssh_timeout` or that the host refused becomes a 503 without
-        harming the connection's other channels; errors of the remote file
-        system (ENOENT, permissions) pass as the OSErrors they are."""
+        (503, and the connection is forgotten), and so does a wait on a
+        channel longer than `ssh_timeout`: the host is stalled, and what
+        it may still send would confuse the channel's next use. A channel
+        that the host refused or ended becomes a 503 without harming the
+        connection's other channels; errors of the remote file system
+        (ENOENT, permissions) pass as the OSErrors they are."""
         import paramiko
 
         try:
@@ -294,14 +419,16 @@ class SSHConnection:
             if isinstance(e, paramiko.ChannelException):  # e.g. over the host's MaxSessions
                 raise LibrarianError(503, "store %r on host %s refused a new session: %s"
                                      % (self.store_name, self.target.host, e)) from None
-            if self.is_up() and isinstance(e, (socket.timeout, TimeoutError)):
-                raise LibrarianError(503, "store %r on host %s did not answer within %g s"
-                                     % (self.store_name, self.target.host,
-                                        self.target.timeout)) from None
+            if isinstance(e, (socket.timeout, TimeoutError)):
+                self.drop_stalled(self.client)
+                raise self.stalled() from None
             if not isinstance(e, (paramiko.SSHException, EOFError, ConnectionError)):
                 raise  # an error of the remote file system
             if self._goes_down():
+                stalled = self.stalled_client is not None  # and no connection since
                 self.drop()
+                if stalled:
+                    raise self.stalled() from None
                 raise StoreUnreachable(self.store_name, self.target,
                                        "lost the connection (%s)" % ssh_failure_reason(e)) from None
             # One channel ended (the connection itself is fine): only this
@@ -312,16 +439,18 @@ class SSHConnection:
     def run(self, argv, check=True):
         """Run a command (argv: a list, every word quoted) on the host and
         wait for it however long it takes (md5sum of a large data set can
-        take minutes; a dead host is noticed by the keepalives); returns
-        (exit status, stdout bytes, stderr bytes). With `check`, a non-zero
-        status raises `remote_error` of its stderr."""
-        with self.channel() as ch, self.errors():
+        take minutes; a host that stops answering is noticed by
+        `_heartbeat`); returns (exit status, stdout bytes, stderr bytes).
+        With `check`, a non-zero status raises `remote_error` of its
+        stderr."""
+        with self.channel(argv) as ch, self.errors():
             ch.settimeout(None)
-            ch.exec_command(shlex.join(argv))
             ch.shutdown_write()
             out = ch.makefile("rb").read()
             err = ch.makefile_stderr("rb").read()
             status = ch.recv_exit_status()
+            if status == -1:  # closed without an exit status
+                raise EOFError("the session running %s ended" % argv[0])
         if check and status != 0:
             raise remote_error("%s on %s" % (argv[0], self.target.host), err)
         return status, out, err
@@ -367,16 +496,15 @@ class _ExecReader:
         self.offset = offset
 
     def _start(self):
-        self.context = self.conn.channel(window_size=READ_WINDOW_BYTES)
-        self.channel = self.context.__enter__()
         if self.offset:
             argv = ["sh", "-c", 'exec tail -c +"$2" -- "$1"', "sh", self.path,
                     str(self.offset + 1)]
         else:
             argv = ["cat", "--", self.path]
+        context = self.conn.channel(argv, window_size=READ_WINDOW_BYTES)
+        self.channel = context.__enter__()
+        self.context = context
         with self.conn.errors():
-            self.channel.settimeout(self.conn.target.timeout)
-            self.channel.exec_command(shlex.join(argv))
             self.channel.shutdown_write()
         self.stream = self.channel.makefile("rb")
 
@@ -415,17 +543,9 @@ class _ExecWriter:
 
     def __init__(self, conn, path):
         self.conn, self.path = conn, path
-        self.context = conn.channel()
+        self.context = conn.channel(["sh", "-c", 'set -C && exec cat > "$1"', "sh", path])
         self.channel = self.context.__enter__()
         self.closed = False
-        try:
-            with conn.errors():
-                self.channel.settimeout(conn.target.timeout)
-                self.channel.exec_command(shlex.join(
-                    ["sh", "-c", 'set -C && exec cat > "$1"', "sh", path]))
-        except BaseException:
-            self._release()
-            raise
 
     def _release(self):
         self.closed = True

@@ -32,7 +32,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from librarian_client import _ReportingFile  # noqa: E402
 from sshd import SSHServer, find_sshd  # noqa: E402
-from upload import free_port, make_file, memory_kb  # noqa: E402
+from upload import make_file, memory_kb, start_server  # noqa: E402
 
 
 def main():
@@ -53,28 +53,7 @@ def main():
         os.mkdir(remote)
         os.sync()
         sshd = SSHServer(os.path.join(work, "sshd")).start()
-        port = free_port()
-        config = os.path.join(work, "librarian.ini")
-        with open(config, "w") as f:
-            f.write("[server]\nport = %d\nsecret_key = bench\nlog_level = WARNING\n"
-                    "[database]\nurl = sqlite:///%s\n%s"
-                    "[source:bench]\nauthenticator = bench-secret\nlevel = admin\n"
-                    % (port, os.path.join(work, "db.sqlite"),
-                       sshd.store_section("bench", remote)))
-        py = sys.executable
-        subprocess.run([py, os.path.join(ROOT, "librarian.py"), "migrate", "--config", config],
-                       check=True, capture_output=True)
-        server = subprocess.Popen([py, os.path.join(ROOT, "librarian.py"), "serve", "--config",
-                                   config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = "http://127.0.0.1:%d/" % port
-        for _ in range(100):
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        requests.post(url + "api/ping", data={"request": '{"authenticator": "bench-secret"}'},
-                      timeout=60).raise_for_status()
+        server, url = start_server(work, sshd.store_section("bench", remote))
         rss_before = memory_kb(server.pid, "VmHWM")
 
         start = time.perf_counter()

@@ -30,7 +30,6 @@ sys.path.insert(0, ROOT)
 from librarian_client import _ReportingFile  # noqa: E402
 
 
-
 def free_port():
     import socket
 
@@ -58,6 +57,36 @@ def make_file(path, size):
             left -= len(block)
 
 
+def start_server(work, store_section):
+    """Start `librarian.py serve` on a new SQLite database in `work` with
+    the `[store:...]` section `store_section` and an admin source whose
+    authenticator is 'bench-secret'; returns (process, base URL) once it
+    has answered one authenticated call (Argon2 verification itself peaks
+    at its 64 MiB memory cost, which is not what the benchmarks measure)."""
+    port = free_port()
+    config = os.path.join(work, "librarian.ini")
+    with open(config, "w") as f:
+        f.write("[server]\nport = %d\nsecret_key = bench\nlog_level = WARNING\n"
+                "[database]\nurl = sqlite:///%s\n%s"
+                "[source:bench]\nauthenticator = bench-secret\nlevel = admin\n"
+                % (port, os.path.join(work, "db.sqlite"), store_section))
+    py = sys.executable
+    subprocess.run([py, os.path.join(ROOT, "librarian.py"), "migrate", "--config", config],
+                   check=True, capture_output=True)
+    server = subprocess.Popen([py, os.path.join(ROOT, "librarian.py"), "serve", "--config",
+                               config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = "http://127.0.0.1:%d/" % port
+    for _ in range(100):
+        try:
+            requests.get(url, timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    requests.post(url + "api/ping", data={"request": '{"authenticator": "bench-secret"}'},
+                  timeout=60).raise_for_status()
+    return server, url
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -70,29 +99,8 @@ def main():
         data = os.path.join(work, "bench.dat")
         make_file(data, size)
         os.sync()  # so that writing it back does not compete with the upload
-        port = free_port()
-        config = os.path.join(work, "librarian.ini")
-        with open(config, "w") as f:
-            f.write("[server]\nport = %d\nsecret_key = bench\nlog_level = WARNING\n"
-                    "[database]\nurl = sqlite:///%s\n[store:bench]\npath_prefix = %s\n"
-                    "[source:bench]\nauthenticator = bench-secret\nlevel = admin\n"
-                    % (port, os.path.join(work, "db.sqlite"), os.path.join(work, "store")))
-        py = sys.executable
-        subprocess.run([py, os.path.join(ROOT, "librarian.py"), "migrate", "--config", config],
-                       check=True, capture_output=True)
-        server = subprocess.Popen([py, os.path.join(ROOT, "librarian.py"), "serve", "--config",
-                                   config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = "http://127.0.0.1:%d/" % port
-        for _ in range(100):
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        # One authenticated call first: Argon2 verification itself peaks at
-        # its 64 MiB memory cost, which is not what this benchmark measures.
-        requests.post(url + "api/ping", data={"request": '{"authenticator": "bench-secret"}'},
-                      timeout=60).raise_for_status()
+        server, url = start_server(work, "[store:bench]\npath_prefix = %s\n"
+                                   % os.path.join(work, "store"))
         rss_before = memory_kb(server.pid, "VmHWM")
 
         # md5sum of the same file, warm in the page cache like the upload.

@@ -54,9 +54,9 @@ def _descendants(pid):
 
 class SSHServer:
     """sshd on 127.0.0.1:`port`; `user`, `client_key`, `known_hosts` are
-    what a client needs."""
+    what a client needs; `extra_config` lines end its sshd_config."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, extra_config=""):
         self.folder = str(folder)
         os.makedirs(self.folder, exist_ok=True)
         self.port = _free_port()
@@ -79,8 +79,8 @@ class SSHServer:
                     "AuthorizedKeysFile %s/authorized_keys\nPasswordAuthentication no\n"
                     "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                     "PermitRootLogin prohibit-password\nPidFile none\n"
-                    "Subsystem sftp internal-sftp\n"
-                    % (self.port, self.host_key, self.folder))
+                    "Subsystem sftp internal-sftp\n%s"
+                    % (self.port, self.host_key, self.folder, extra_config))
 
     def start(self):
         if os.geteuid() == 0:
@@ -98,6 +98,15 @@ class SSHServer:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("sshd did not start: %s" % self.read_log())
+
+    def pause(self, paused=True):
+        """Stop (SIGSTOP) sshd and its sessions, as a host that hangs with
+        its connections open; `pause(False)` lets them go on (SIGCONT)."""
+        for pid in [self.proc.pid] + _descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGSTOP if paused else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def read_log(self):
         with open(os.path.join(self.folder, "sshd.log"), errors="replace") as f:

@@ -8,6 +8,7 @@ spaces and quotes, which every command sent over SSH must survive.
 
 import hashlib
 import os
+import posixpath
 import subprocess
 import sys
 import threading
@@ -237,6 +238,19 @@ def local_and_remote(tmp_path, db_url, store_dir, sshd):
     return str(path), str(local)
 
 
+def _remote_config(tmp_path, db_url, ssh_server, **settings):
+    """The folder `REMOTE` under tmp_path (a Path) and the path of a
+    configuration whose store `main` is that folder reached through
+    `ssh_server`, with the given store settings."""
+    remote = tmp_path / REMOTE
+    remote.mkdir()
+    config = tmp_path / "remote.ini"
+    config.write_text(config_text(db_url, str(remote), port=free_port(),
+                                  store_section=ssh_server.store_section("main", str(remote),
+                                                                         **settings)))
+    return remote, str(config)
+
+
 def _app(config_path):
     import librarian
     import settings
@@ -368,18 +382,10 @@ def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
         tmp_path, db_url, sshd):
     """A host of its own, killed (with its sessions) while the server writes
     a 256 MiB upload to it."""
-    from sshd import SSHServer
-
-    host = SSHServer(tmp_path / "host").start()
-    remote = tmp_path / REMOTE
-    remote.mkdir()
-    config = tmp_path / "dies.ini"
-    config.write_text(config_text(db_url, str(remote), port=free_port(),
-                                  store_section=host.store_section("main", str(remote),
-                                                                   ssh_timeout="5")))
-    _app(str(config))
+    host, remote, config = _own_host(tmp_path, db_url, ssh_timeout="5")
+    _app(config)
     models.close_database()
-    srv = Server(str(config)).start()
+    srv = Server(config).start()
     size = 256 << 20
     result = {}
 
@@ -427,7 +433,7 @@ def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
         # ... and its next start removes the leftovers of the broken upload.
         assert store_contents(str(remote))[1] != []
         srv.stop()
-        srv = Server(str(config)).start()
+        srv = Server(config).start()
         assert store_contents(str(remote)) == ({"small.dat"}, [])
     finally:
         srv.stop()
@@ -519,13 +525,8 @@ def test_many_parallel_uploads_and_downloads_share_one_connection(server, store_
 def test_md5sum_longer_than_the_ssh_timeout_is_waited_for(tmp_path, db_url, sshd):
     """ssh_timeout bounds each network wait, not a command that runs long on
     the host (a 1 GiB file takes md5sum well over 0.3 s)."""
-    remote = tmp_path / REMOTE
-    remote.mkdir()
-    config = tmp_path / "slow.ini"
-    config.write_text(config_text(db_url, str(remote), port=free_port(),
-                                  store_section=sshd.store_section("main", str(remote),
-                                                                   ssh_timeout="0.3")))
-    web = _app(str(config))
+    remote, config = _remote_config(tmp_path, db_url, sshd, ssh_timeout="0.3")
+    web = _app(config)
     try:
         big = remote / "big.dat"
         with open(big, "wb") as f:
@@ -680,3 +681,167 @@ def test_a_large_file_streams_back_whole_and_in_ranges(web):
     tail = web.get("/api/download/large.dat", headers=dict(bearer(), Range="bytes=-7"),
                    status=206)
     assert tail.body == body[-7:]
+
+
+# ---------------------------------------------------------------------------
+# A host that stalls, refuses sessions, or has all of them busy
+# ---------------------------------------------------------------------------
+
+def _own_host(tmp_path, db_url, extra_config="", **settings):
+    """An sshd of its own (which a test may stop or pause), and
+    `_remote_config` on it."""
+    from sshd import SSHServer
+
+    host = SSHServer(tmp_path / "host", extra_config).start()
+    return (host,) + _remote_config(tmp_path, db_url, host, **settings)
+
+
+def test_a_stalled_host_is_dropped_after_the_ssh_timeout_and_comes_back(tmp_path, db_url):
+    """sshd and its sessions stop (SIGSTOP) with the connection open: a
+    request waits about ssh_timeout, then 503 naming the host; later ones
+    fail at once; when the host goes on, the store works again."""
+    host, remote, config = _own_host(tmp_path, db_url, ssh_timeout="2")
+    web = _app(config)
+    try:
+        put(web, "s.dat", b"stalls", null_obsid="true")
+        host.pause()
+        started = time.monotonic()
+        reply = web.get("/api/download/s.dat", headers=bearer(), status=503).json
+        assert time.monotonic() - started < 6
+        assert "store 'main' on host 127.0.0.1 port %d is unreachable: it did not answer " \
+            "within 2 s" % host.port in reply["message"]
+        web.get("/api/download/s.dat", headers=bearer(), status=503)  # finds the host silent
+        started = time.monotonic()
+        web.get("/api/download/s.dat", headers=bearer(), status=503)
+        assert time.monotonic() - started < 1, "a request waited for a host known to be down"
+        host.pause(False)
+        deadline = time.monotonic() + sshfs.RETRY_SECONDS + 10
+        while (got := web.get("/api/download/s.dat", headers=bearer(), expect_errors=True)) \
+                .status_int == 503 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert got.status_int == 200 and got.body == b"stalls"
+    finally:
+        models.close_database()
+        host.stop()
+
+
+def test_a_host_that_stalls_during_a_command_is_dropped(tmp_path, db_url):
+    """A command may run long, but the host must still answer: sshd stops
+    while md5sum runs on it, and the wait ends about two ssh_timeouts
+    later with the reason."""
+    import settings
+    from sshd import _descendants
+
+    host, remote, config = _own_host(tmp_path, db_url, ssh_timeout="1")
+    stores.configure(settings.load(config))
+    store = stores.open_store(models.Store(name="main", ssh_host="127.0.0.1",
+                                           path_prefix=str(remote)))
+    big = remote / "big.dat"
+    with open(big, "wb") as f:
+        f.truncate(4 << 30)  # md5sum takes seconds
+    failure = []
+
+    def checksum():
+        try:
+            store.fs.path_info(str(big))
+        except Exception as e:
+            failure.append(e)
+
+    def md5sum_running():
+        for pid in _descendants(host.proc.pid):
+            try:
+                with open("/proc/%d/comm" % pid) as f:
+                    if f.read().strip() == "md5sum":
+                        return True
+            except OSError:
+                pass
+        return False
+
+    worker = threading.Thread(target=checksum)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not md5sum_running() and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert md5sum_running(), "md5sum never ran on the host"
+        host.pause()
+        started = time.monotonic()
+        worker.join(15)
+        assert not worker.is_alive(), "the command's wait never ended"
+        assert time.monotonic() - started < 5
+        assert isinstance(failure[0], stores.StoreUnreachable), failure
+        assert "port %d is unreachable: it did not answer within 1 s" % host.port \
+            in failure[0].message
+    finally:
+        host.stop()
+        worker.join(15)
+
+
+def test_readers_holding_every_session_make_others_busy_not_stuck(sshd, store_dir):
+    """Downloads to clients that stopped reading hold their sessions; other
+    uses of the store wait at most ssh_timeout for one, then 503."""
+    store = _with_settings(sshd, store_dir, ssh_timeout="1")
+    path = os.path.join(store_dir, "big.dat")
+    with open(path, "wb") as f:
+        f.write(os.urandom(2 * sshfs.READ_WINDOW_BYTES))  # more than a channel holds unread
+    readers = [store.fs.open(path, "rb") for _ in range(sshfs.SSHConnection.MAX_CHANNELS)]
+    try:
+        for r in readers:
+            assert len(r.read(1)) == 1
+        started = time.monotonic()
+        with pytest.raises(models.LibrarianError) as e:
+            store.fs.lstat(path)
+        assert 1 <= time.monotonic() - started < 4
+        assert e.value.status == 503
+        assert "store 's' on host 127.0.0.1 is busy: all 8 of its SSH sessions are in use" \
+            in e.value.message
+    finally:
+        for r in readers:
+            r.close()
+    assert store.fs.lstat(path).st_size == 2 * sshfs.READ_WINDOW_BYTES
+
+
+def test_a_host_allowing_fewer_sessions_than_we_use_only_slows_us(tmp_path, db_url):
+    """sshd with MaxSessions 4 (the server uses up to 8 channels): refused
+    sessions are asked for again as others end, and every operation of 16
+    at once succeeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import settings
+
+    host, remote, config = _own_host(tmp_path, db_url, extra_config="MaxSessions 4\n")
+    stores.configure(settings.load(config))
+    store = stores.open_store(models.Store(name="main", ssh_host="127.0.0.1",
+                                           path_prefix=str(remote)))
+    bodies = [os.urandom(sshfs.SMALL_FILE_BYTES + i) for i in range(16)]
+
+    def roundtrip(i):
+        path = posixpath.join(str(remote), "f%02d.dat" % i)
+        with store.fs.open(path, "xb") as f:
+            f.write(bodies[i])
+        size, md5 = store.fs.path_info(path)
+        with store.fs.open(path, "rb") as f:
+            back = f.read()
+        return size, md5, back
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(roundtrip, range(16)))
+        for body, (size, md5, back) in zip(bodies, results):
+            assert (size, md5) == (len(body), md5_of(body))
+            assert back == body
+    finally:
+        host.stop()
+
+
+@pytest.mark.parametrize("size", [10, sshfs.SMALL_FILE_BYTES + 10])
+def test_a_stream_that_cannot_start_is_an_error_of_the_request(web, store_dir, caplog, size):
+    """The bytes on the store are shorter than their record: the download
+    fails with a logged 500 before any byte, not as a 200 cut short."""
+    put(web, "short.dat", os.urandom(size), null_obsid="true")
+    path = os.path.join(store_dir, "short.dat")
+    os.chmod(path, 0o644)
+    os.truncate(path, 0)
+    reply = web.get("/api/download/short.dat", headers=bearer(), status=500)
+    assert reply.json["message"].startswith("internal error")
+    assert "short.dat shrank while being read" in caplog.text

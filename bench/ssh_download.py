@@ -1,0 +1,102 @@
+"""Benchmark: several clients download the same file at once from a store
+reached over SSH (an sshd of our own on loopback), and the server's memory
+is watched.
+
+    python bench/ssh_download.py [--size-mib 1024] [--clients 8] [--keep]
+
+Prints the combined download rate (MB/s) and the server's peak resident
+memory growth during the downloads. Goal: memory flat in the file's size,
+bounded by the clients (each holds at most the read window of its SSH
+channel, 8 MiB, and a chunk or two). Runs a real `librarian.py serve` on a
+temporary SQLite database; needs OpenSSH's sshd.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from librarian_client import _ReportingFile  # noqa: E402
+from sshd import SSHServer, find_sshd  # noqa: E402
+from upload import make_file, memory_kb, start_server  # noqa: E402
+
+AUTH = {"Authorization": "Bearer bench-secret"}
+
+
+def download(url):
+    """MD5 of the body of GET `url`, read in 1 MiB pieces."""
+    md5 = hashlib.md5()
+    with requests.get(url, headers=AUTH, stream=True, timeout=3600) as resp:
+        resp.raise_for_status()
+        for chunk in resp.iter_content(1 << 20):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    if find_sshd() is None:
+        sys.exit("OpenSSH's sshd is not installed (Debian: apt install openssh-server)")
+    size = args.size_mib << 20
+
+    work = tempfile.mkdtemp(prefix="librarian-bench-ssh-")
+    sshd = server = None
+    try:
+        data = os.path.join(work, "bench.dat")
+        make_file(data, size)
+        remote = os.path.join(work, "remote-store")
+        os.mkdir(remote)
+        sshd = SSHServer(os.path.join(work, "sshd")).start()
+        server, url = start_server(work, sshd.store_section("bench", remote))
+        with open(data, "rb") as f:
+            resp = requests.put(url + "api/upload/bench.dat", data=_ReportingFile(f, size, None),
+                                params={"null_obsid": "true"}, headers=AUTH, timeout=3600)
+        resp.raise_for_status()
+        md5 = resp.json()["md5"]
+        os.unlink(data)
+        rss_before = memory_kb(server.pid, "VmRSS")
+        peak = rss_before
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            futures = [pool.submit(download, url + "api/download/bench.dat")
+                       for _ in range(args.clients)]
+            while not all(f.done() for f in futures):
+                peak = max(peak, memory_kb(server.pid, "VmRSS"))
+                time.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        assert all(f.result() == md5 for f in futures), "a download differs"
+
+        mb = size * args.clients / 1e6
+        print("file size:              %d MiB, %d clients at once" % (args.size_mib, args.clients))
+        print("combined download rate: %8.1f MB/s (%.2f s)" % (mb / elapsed, elapsed))
+        print("server RSS before:      %8.1f MB" % (rss_before / 1024))
+        print("server peak RSS growth: %8.1f MB  (goal: flat in the file size)"
+              % ((peak - rss_before) / 1024))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        if sshd is not None:
+            sshd.stop()
+        if args.keep:
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
