@@ -540,17 +540,18 @@ def op_complete_upload(source, args):
             fail(400, "staging_dir %r was already used" % args["staging_dir"])
 
     try:
-        ingest.register_staged(store, staged, args["dest_store_path"], source=source.name,
-                               deletion_policy=args["deletion_policy"],
-                               meta_mode=args["meta_mode"], null_obsid=bool(args["null_obsid"]),
-                               claim=claim, inference_mode=cfg().librarian["obsid_inference_mode"],
-                               readonly=cfg().librarian["permissions_mode"] == "readonly")
+        result = ingest.register_staged(
+            store, staged, args["dest_store_path"], source=source.name,
+            deletion_policy=args["deletion_policy"], meta_mode=args["meta_mode"],
+            null_obsid=bool(args["null_obsid"]), claim=claim,
+            inference_mode=cfg().librarian["obsid_inference_mode"],
+            readonly=cfg().librarian["permissions_mode"] == "readonly")
     except FileNotFoundError:
         # Another complete_upload of the same staging directory won the race.
         fail(400, "staging_dir %r was already used" % args["staging_dir"])
     standing.after_upload()
     store.remove_quietly(args["staging_dir"])
-    return {}
+    return upload_outcome(result, store)
 
 
 @operation("register_instances", "read-append", store_name=str, file_info=dict,
@@ -789,14 +790,21 @@ def upload(dest_store_path):
         store.remove_quietly(staging)
     if result["created"]:
         standing.after_upload()
+    return json_reply(201 if result["created"] else 200, **upload_outcome(result, store))
+
+
+def upload_outcome(result, store):
+    """The reply fields for an upload that `ingest.register_staged` made
+    into `result`, on `store`: name, size, md5, obsid, the store_name and
+    store_path of its instance (the new one; or, when `already_present`,
+    the identical file's, preferably on `store`, at the place named, which
+    may differ from the path asked for: nothing was changed)."""
     inst = (FileInstance.select(FileInstance, Store).join(Store)
             .where(FileInstance.file == result["name"])
             .order_by((Store.id != store.row.id), Store.name, FileInstance.parent_dirs).first())
-    # `already_present`: the identical file was here, at the place named (which may differ
-    # from the path asked for); nothing was changed.
-    return json_reply(201 if result["created"] else 200, name=result["name"],
-                      store_name=inst.store.name, store_path=inst.store_path, size=size,
-                      md5=got_md5, obsid=result["obsid"], already_present=not result["created"])
+    return dict(name=result["name"], store_name=inst.store.name, store_path=inst.store_path,
+                size=result["size"], md5=result["md5"], obsid=result["obsid"],
+                already_present=not result["created"])
 
 
 @handle_errors
@@ -1081,7 +1089,8 @@ def build_parser():
     p = with_config(sub.add_parser("add-store", help="register a store"))
     p.add_argument("name")
     p.add_argument("path_prefix")
-    p.add_argument("--ssh-host", help="host of the store (default: this host)")
+    p.add_argument("--ssh-host", help="host of the store (default: this host); how to reach "
+                   "it over SSH comes from the [store:NAME] section of the configuration")
     p.set_defaults(func=cmd_add_store)
     p = with_config(sub.add_parser("add-user", help="create a source (user) and print its "
                                    "authenticator"))

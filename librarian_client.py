@@ -354,7 +354,9 @@ class LibrarianClient:
         `complete_upload` has the server check and register them. `ssh` is
         an `SSHOptions` (port, user, key, known_hosts). The file's record is
         read back and compared with the local MD5. Returns `{name,
-        store_name, store_path, size, md5, obsid}`; raises `RPCError`."""
+        store_name, store_path, size, md5, obsid, created}` (`created`
+        False: the identical file was already in the archive, at the place
+        named); raises `RPCError`."""
         local_path = local_path.rstrip("/") or local_path
         if not (os.path.isfile(local_path) or os.path.isdir(local_path)):
             raise RPCError("upload", "%s is not a file or a directory" % local_path)
@@ -377,14 +379,18 @@ class LibrarianClient:
         except Exception as e:  # paramiko's and socket errors
             raise RPCError("upload", "copying to %s failed: %s"
                            % (where, ssh_failure_reason(e))) from None
-        self.complete_upload(info["name"], info["staging_dir"], dest_store_path, "infer",
-                             deletion_policy=deletion_policy, null_obsid=null_obsid)
-        record = self.search_files({"name-is-exactly": name})[0]
-        if record["md5"] != md5:
+        reply = self.complete_upload(info["name"], info["staging_dir"], dest_store_path, "infer",
+                                     deletion_policy=deletion_policy, null_obsid=null_obsid)
+        if "store_path" not in reply:  # a server that does not say where the file is
+            record = self.search_files({"name-is-exactly": name})[0]
+            reply = {"store_name": info["name"], "store_path": dest_store_path,
+                     "size": record["size"], "md5": record["md5"], "obsid": record["obsid"]}
+        if reply["md5"] != md5:
             raise RPCError("upload", "%s was registered with md5 %s, but the local copy has %s"
-                           % (name, record["md5"], md5))
-        return {"name": name, "store_name": info["name"], "store_path": dest_store_path,
-                "size": record["size"], "md5": record["md5"], "obsid": record["obsid"]}
+                           % (name, reply["md5"], md5))
+        return {"name": name, "store_name": reply["store_name"], "store_path": reply["store_path"],
+                "size": reply["size"], "md5": reply["md5"], "obsid": reply["obsid"],
+                "created": not reply.get("already_present", False)}
 
     def download(self, file_name, dest_path, progress=None):
         """Fetch `file_name` to `dest_path` (a directory arrives as a tar and

@@ -29,6 +29,9 @@ from librarian_client import CHUNK, directory_digest, ssh_failure_reason
 from models import LibrarianError
 
 log = logging.getLogger("librarian")
+# paramiko logs a traceback of its own for every failed connection; ours
+# name the store, the host and the reason once.
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 MIRIAD_HEAD_BYTES = 16 << 20  # of `visdata`: enough for the first record aipy reads
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
@@ -98,10 +101,13 @@ def ssh_connect(target):
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     key = os.path.expanduser(target.key) if target.key else None
     try:
+        # channel_timeout: paramiko's own bound on opening a channel gives up
+        # on a channel that the host may still open later (and that nobody
+        # would close): `SSHConnection.watchdog` acts first.
         client.connect(target.host, port=target.port, username=target.user, key_filename=key,
                        look_for_keys=key is None, allow_agent=key is None,
                        timeout=target.timeout, banner_timeout=target.timeout,
-                       auth_timeout=target.timeout, channel_timeout=target.timeout,
+                       auth_timeout=target.timeout, channel_timeout=2 * target.timeout,
                        transport_factory=transport)
     except BaseException:
         _close(client)  # a refused host key or login leaves the socket open otherwise
@@ -156,16 +162,29 @@ class SSHConnection:
             try:
                 self._connect()
             except StoreUnreachable as e:
-                self.failed = e
-                threading.Thread(target=self._retry, daemon=True,
-                                 name="reconnect-%s" % self.store_name).start()
+                self._mark_unreachable(e)
                 raise
             return self.client
 
+    def _mark_unreachable(self, e):
+        """From now on every use fails at once with `e` (StoreUnreachable),
+        while a background thread reconnects every `RETRY_SECONDS`."""
+        with self.lock:
+            first, self.failed = self.failed is None, e
+        if first:
+            log.warning("%s; trying again every %g s", e.message, RETRY_SECONDS)
+            threading.Thread(target=self._retry, daemon=True,
+                             name="reconnect-%s" % self.store_name).start()
+
     def _connect(self):
+        started = time.monotonic()
         try:
             client = ssh_connect(self.target)
         except Exception as e:
+            if time.monotonic() - started >= self.target.timeout:
+                # A host that accepts the TCP connection and then says
+                # nothing: paramiko's message for it is obscure.
+                raise self.stalled() from None
             raise self.unreachable(e) from None
         with self.lock:
             self._discard_idle()
@@ -209,7 +228,8 @@ class SSHConnection:
             except StoreUnreachable as e:
                 self.failed = e
                 continue
-            self.failed = None
+            with self.lock:
+                self.failed = None
             log.info("store %s on host %s is reachable again", self.store_name,
                      self.target.host)
             return
@@ -222,22 +242,30 @@ class SSHConnection:
 
     def drop(self, client=None):
         """Forget the connection (after an error that broke it); with
-        `client`, only if that is still the connection in use."""
+        `client`, only if that is still the connection in use. Returns
+        whether a connection was closed."""
         with self.lock:
             if client is not None and client is not self.client:
-                return
-            self._discard_idle()
-            if self.client is not None:
-                _close(self.client)
-            self.client = None
+                return False
+            dropped, self.client = self.client, None
+            idle, self.idle = self.idle, []
+        # The connection first: closing a session on it sends a message,
+        # which blocks for good when a stalled host reads nothing more.
+        if dropped is not None:
+            _close(dropped)
+        for sftp in idle:
+            _close(sftp)
+            self.slots.release()
+        return dropped is not None
 
     def drop_stalled(self, client):
         """Drop `client`, which did not answer within `ssh_timeout`: every
-        wait on it ends, with `stalled()` as the reason."""
-        log.warning("store %s on host %s did not answer within %g s: dropping the "
-                    "connection", self.store_name, self.target.host, self.target.timeout)
+        wait on it ends, with `stalled()` as the reason, and the host is
+        taken as unreachable until a reconnection succeeds (a stalled host
+        mostly stays so: requests must not each wait to find out)."""
         self.stalled_client = client
-        self.drop(client)
+        if self.drop(client):
+            self._mark_unreachable(self.stalled())
 
     def stalled(self):
         return StoreUnreachable(self.store_name, self.target, "it did not answer within %g s"
@@ -318,18 +346,17 @@ class SSHConnection:
         pause = 0.02
         try:
             while True:
-                try:
-                    with self.watchdog(client), self.errors():
-                        try:
-                            channel = start()
-                        except paramiko.ChannelException as e:
-                            refusal = "refused a new session (%s)" % e
-                        else:
-                            return channel
-                except StoreUnreachable:
-                    raise
-                except LibrarianError as e:  # the host ended the new session: it is still there
-                    refusal = e.message
+                with self.watchdog(client), self.errors():
+                    try:
+                        return start()
+                    except paramiko.ChannelException as e:
+                        refusal = "it refused a new session (%s)" % e
+                    except (paramiko.SSHException, EOFError) as e:
+                        if self._goes_down():
+                            raise  # the connection is lost: `errors` says so
+                        # paramiko keeps one reason per connection: concurrent
+                        # refusals may come as "Unable to open channel".
+                        refusal = "it ended a new session (%s)" % ssh_failure_reason(e)
                 if time.monotonic() > deadline:
                     raise LibrarianError(503, "store %r on host %s: %s; its sshd must allow %d "
                                          "sessions per connection (MaxSessions)"
