@@ -144,7 +144,8 @@ def send_instance(client, store, path, file, remote_store_path, progress):
     tar) to the receiver, with the MD5 of the record: the receiver refuses
     bytes that do not match it."""
     if store.is_dir(path):
-        chunks, length = iter_tar(store.fs, path, file.name), tar_size(store.fs, path, file.name)
+        chunks = iter_tar(store.fs, path, file.name, size=file.size)
+        length = tar_size(store.fs, path, file.name)
     else:
         chunks, length = iter_file(store.fs, path), file.size
     client.upload_stream(chunks, length, file.md5, remote_store_path, is_dir=store.is_dir(path),

@@ -396,11 +396,13 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
                            deletion_policy=deletion_policy, meta_mode=meta_mode, obsid=obsid,
                            meta=meta, move=move, claim=claim, another_copy=another_copy)
     except BaseException:
-        # The transaction was rolled back: bytes already moved must go too.
+        # The transaction was rolled back: bytes already moved go back.
         for path in moved:
-            log.warning("removing %s: its registration was rolled back", path)
-            store.fs.remove_tree(path)
+            log.warning("moving %s back to staging: its registration was rolled back", path)
+            store.undo_move(path, abs_staged)
         raise
+    if moved:
+        store.forget_marker(posixpath.dirname(abs_staged))  # the record is committed
     result.update(size=size, md5=md5)
     return result
 

@@ -824,7 +824,8 @@ def download(name):
                    "Content-Length": str(tar_size(store.fs, path, name)), "X-Librarian-MD5": md5,
                    "Content-Disposition": "attachment; filename*=UTF-8''%s.tar"
                    % urllib.parse.quote(name, safe="")}
-        return HTTPResponse(primed(iter_tar(store.fs, path, name)), **headers)
+        return HTTPResponse(primed(iter_tar(store.fs, path, name, size=inst.file.size)),
+                            **headers)
     if isinstance(store.fs, LocalFS):
         resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
                                   mimetype="application/octet-stream")

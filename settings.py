@@ -105,7 +105,7 @@ SCHEMA = {
         "secret_key": (_nonempty, REQUIRED),
         "displayed_site_name": (_nonempty, "Librarian"),
         "log_level": (_log_level, "INFO"),
-        "threads": (_positive_int, 8),
+        "threads": (_positive_int, 16),
         "telescope_timezone": (_timezone, "Africa/Johannesburg"),
         "workers": (_non_negative_int, 1),
         "task_retry_seconds": (_positive_float, 10.0),

@@ -51,6 +51,28 @@ READ_WINDOW_BYTES = 8 << 20  # a download or copy holds at most this much unread
 SMALL_FILE_BYTES = 4 << 20   # read whole by SFTP below this size
 REKEY_BYTES = 16 << 32  # 2**32 blocks of AES's 16 bytes
 RETRY_SECONDS = 5.0  # between reconnection attempts to a host that is down
+STREAM_WAIT_SECONDS = 120.0  # for a session, by a response whose first bytes are sent
+
+_streaming = threading.local()  # .depth > 0: this thread is inside `stream_started`
+
+
+@contextmanager
+def stream_started():
+    """Inside the block (a response that has sent its first bytes, such as
+    a directory's tar between members), waiting for a session is bounded
+    by STREAM_WAIT_SECONDS instead of `ssh_timeout`: a 503 is no longer
+    possible, and failing would cut the body short. A waiting stream
+    holds no session, so it waits only for the others to end."""
+    _streaming.depth = getattr(_streaming, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _streaming.depth -= 1
+
+
+def _session_wait(timeout):
+    """Seconds to wait for a session in this thread (see `stream_started`)."""
+    return max(timeout, STREAM_WAIT_SECONDS) if getattr(_streaming, "depth", 0) else timeout
 
 
 class StoreUnreachable(LibrarianError):
@@ -299,9 +321,10 @@ class SSHConnection:
 
     def take_slot(self):
         """Wait for a channel slot, closing an idle SFTP session if that is
-        what holds the last ones; a 503 ('busy') after `ssh_timeout`, since
-        downloads to slow readers may hold them all for long."""
-        deadline = time.monotonic() + self.target.timeout
+        what holds the last ones; a 503 ('busy') after `ssh_timeout` (see
+        `stream_started`), since downloads to slow readers may hold them
+        all for long."""
+        deadline = time.monotonic() + _session_wait(self.target.timeout)
         while not self.slots.acquire(timeout=0.05):
             if not self._close_idle() and time.monotonic() > deadline:
                 raise LibrarianError(503, "store %r on host %s is busy: all %d of its SSH "
@@ -342,7 +365,7 @@ class SSHConnection:
         import paramiko
 
         self.take_slot()
-        deadline = time.monotonic() + self.target.timeout
+        deadline = time.monotonic() + _session_wait(self.target.timeout)
         pause = 0.02
         try:
             while True:
@@ -515,7 +538,7 @@ class _ExecReader:
     def __init__(self, conn, path):
         self.conn, self.path = conn, path
         self.offset = 0
-        self.context = self.channel = self.stream = None
+        self.context = self.channel = None
 
     def seek(self, offset, whence=0):
         if self.channel is not None or whence != 0:
@@ -533,14 +556,25 @@ class _ExecReader:
         self.context = context
         with self.conn.errors():
             self.channel.shutdown_write()
-        self.stream = self.channel.makefile("rb")
+
+    def _fill(self, n):
+        """Up to `n` bytes (fewer only at the end; all with n < 0), gathered
+        in a bytearray: paramiko's file objects grow bytes objects chunk by
+        chunk, which copies every 32 kB packet again and again."""
+        data = bytearray()
+        while n < 0 or len(data) < n:
+            packet = self.channel.recv(CHUNK if n < 0 else min(CHUNK, n - len(data)))
+            if not packet:
+                break
+            data += packet
+        return bytes(data)
 
     def read(self, n=-1):
         if self.channel is None:
             self._start()
         with self.conn.errors():
-            data = self.stream.read(n if n is not None and n >= 0 else None)
-            if data or (n is not None and n == 0):
+            data = self._fill(n if n is not None else -1)
+            if data or n == 0:
                 return data
             status = self.channel.recv_exit_status()
             if status == -1:
@@ -584,6 +618,8 @@ class _ExecWriter:
                 # A memoryview: paramiko's sendall slices what is left after
                 # each 32 kB packet, which copies a bytes object every time.
                 self.channel.sendall(memoryview(data))
+            except TimeoutError:
+                raise  # the host took nothing for ssh_timeout: `errors` drops it as stalled
             except OSError:  # paramiko: "Socket is closed": the channel ended
                 if self.channel.exit_status_ready():
                     self._finish()  # cat gave up, or the session was killed: say which

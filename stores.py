@@ -36,7 +36,8 @@ import uvmeta
 from settings import names_this_host
 from librarian_client import directory_digest, path_md5
 from models import LibrarianError, check_file_name
-from sshfs import SSHFS, DiskUsage, SSHConnection, SSHTarget, StoreUnreachable
+from sshfs import (SSHFS, DiskUsage, SSHConnection, SSHTarget, StoreUnreachable,
+                   stream_started)
 
 log = logging.getLogger("librarian")
 
@@ -412,25 +413,36 @@ def tar_size(fs, path, name):
     return total + (-total) % TAR_RECORD
 
 
-def iter_tar(fs, path, name):
+def iter_tar(fs, path, name, size=None):
     """Yield a tar stream of the directory `path` on `fs` with members under
-    the top folder `name`, built on the fly in chunks (no temporary copy)."""
-    total = 0
-    for ti, abs_path in _tar_entries(fs, path, name):
-        header = ti.tobuf(tarfile.PAX_FORMAT)
-        total += len(header)
-        yield header
-        if abs_path is None:
-            continue
-        with fs.open(abs_path, "rb") as f:
-            yield from _read_exactly(f, ti.size, abs_path)
-        pad = _padding(ti.size)
-        total += ti.size + pad
-        if pad:
-            yield b"\0" * pad
-    end = 2 * TAR_BLOCK
-    end += (-(total + end)) % TAR_RECORD
-    yield b"\0" * end
+    the top folder `name`, built on the fly in chunks (no temporary copy).
+    The directory is listed before the first chunk, and an IOError raised
+    then if its files hold other than `size` bytes (their record's, when
+    given); once a chunk is sent, a store host's sessions are waited for
+    longer (`sshfs.stream_started`)."""
+    (top, _), *members = _tar_entries(fs, path, name)
+    found = sum(ti.size for ti, abs_path in members if abs_path is not None)
+    if size is not None and found != size:
+        raise IOError("%s holds %d bytes, not the %d of its record" % (path, found, size))
+    header = top.tobuf(tarfile.PAX_FORMAT)
+    yield header
+    total = len(header)
+    with stream_started():
+        for ti, abs_path in members:
+            header = ti.tobuf(tarfile.PAX_FORMAT)
+            total += len(header)
+            yield header
+            if abs_path is None:
+                continue
+            with fs.open(abs_path, "rb") as f:
+                yield from _read_exactly(f, ti.size, abs_path)
+            pad = _padding(ti.size)
+            total += ti.size + pad
+            if pad:
+                yield b"\0" * pad
+        end = 2 * TAR_BLOCK
+        end += (-(total + end)) % TAR_RECORD
+        yield b"\0" * end
 
 
 def iter_file(fs, path, start=0, length=None):
@@ -675,25 +687,71 @@ class StoreAccess:
         (a directory's own mode is closed right after the rename). Returns
         the final absolute path."""
         final = self.resolve(store_path)
-        # The marker lets start-up undo this move if the process dies before
-        # the registration commits (see clean_staging).
-        self._write_marker(posixpath.dirname(abs_staged), store_path)
+        staging_dir = posixpath.dirname(abs_staged)
+        # The marker stays in the staging folder for as long as the bytes
+        # may be at `final` without their record: if the process dies or
+        # the host stops answering before that is settled (the record
+        # committed: `forget_marker`; the move undone), start-up's
+        # clean_staging undoes the move, and remove_quietly keeps the folder.
+        self._write_marker(staging_dir, store_path)
         try:
             self.fs.makedirs(posixpath.dirname(final))
         except (FileExistsError, NotADirectoryError):
+            self.forget_marker(staging_dir)
             raise LibrarianError(409, "a folder of the store path %r is a file on store %r"
                                  % (store_path, self.name)) from None
-        final = self.resolve(store_path)  # re-check now that parents exist
-        if self.fs.lexists(final):
-            raise LibrarianError(409, "%s already exists on store %r but is not registered "
-                                 "there" % (store_path, self.name))
-        is_dir = stat.S_ISDIR(self.fs.lstat(abs_staged).st_mode)
-        if readonly:
-            self.fs.make_readonly(abs_staged)
-        self.fs.rename_new(abs_staged, final)
+        except BaseException:
+            self.forget_marker(staging_dir)
+            raise
+        try:
+            final = self.resolve(store_path)  # re-check now that parents exist
+            if self.fs.lexists(final):
+                raise LibrarianError(409, "%s already exists on store %r but is not registered "
+                                     "there" % (store_path, self.name))
+            is_dir = stat.S_ISDIR(self.fs.lstat(abs_staged).st_mode)
+            if readonly:
+                self.fs.make_readonly(abs_staged)
+            self.fs.rename_new(abs_staged, final)
+        except LibrarianError as e:
+            if e.status != 503:  # not a host gone quiet: nothing was moved
+                self.forget_marker(staging_dir)
+            raise  # else the rename may have happened: the marker stays
+        except OSError:
+            self.forget_marker(staging_dir)
+            raise
         if is_dir and readonly:
-            self.fs.chmod(final, 0o555)
+            try:
+                self.fs.chmod(final, 0o555)
+            except BaseException:
+                self.undo_move(final, abs_staged)
+                raise
         return final
+
+    def undo_move(self, final, abs_staged):
+        """Move bytes that `move_into_place` put at `final` back to
+        `abs_staged` (their registration failed); quietly: when that fails
+        too, the marker stays and the next start undoes the move."""
+        try:
+            if stat.S_ISDIR(self.fs.lstat(final).st_mode):
+                self.fs.chmod(final, 0o755)
+            self.fs.rename_new(final, abs_staged)
+        except (OSError, LibrarianError) as e:
+            log.warning("could not move %s back to staging on store %s (the next start "
+                        "will): %s", final, self.name, e)
+            return
+        self.forget_marker(posixpath.dirname(abs_staged))
+
+    def forget_marker(self, staging_dir):
+        """Remove the DESTINATION marker of `staging_dir` once its move is
+        settled; quietly: a marker left behind only costs start-up a check
+        (it never acts on a registered path)."""
+        try:
+            self.fs.unlink(posixpath.join(staging_dir, DESTINATION_MARKER))
+        except FileNotFoundError:
+            pass
+        except (OSError, LibrarianError) as e:
+            log.warning("could not remove the marker in %s on store %s: %s", staging_dir,
+                        self.name, e)
 
     def _write_marker(self, staging_dir, store_path):
         """Write the DESTINATION marker as a new file: whatever is at its
@@ -737,9 +795,15 @@ class StoreAccess:
         self.fs.remove_tree(self.resolve(store_path))
 
     def remove_quietly(self, abs_path):
-        """Best-effort removal of staging leftovers: failures are logged,
-        not raised (start-up cleaning catches what remains)."""
+        """Best-effort removal of a staging folder: failures are logged, not
+        raised (start-up cleaning catches what remains). A folder that
+        still holds a DESTINATION marker is kept: the bytes it staged may
+        be in place without their record, which start-up settles."""
         try:
+            if self.fs.lexists(posixpath.join(abs_path, DESTINATION_MARKER)):
+                log.warning("keeping %s on store %s until the next start: the move it "
+                            "staged may have happened without its record", abs_path, self.name)
+                return
             self.fs.remove_tree(abs_path)
         except (OSError, LibrarianError) as e:
             log.warning("could not remove %s on store %s: %s", abs_path, self.name, e)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 import settings
+import sshfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "[server]\nsecret_key = s\n[database]\nurl = sqlite:///x.db\n"
@@ -13,7 +14,10 @@ BASE = "[server]\nsecret_key = s\n[database]\nurl = sqlite:///x.db\n"
 
 def test_defaults_are_filled_in():
     config = settings.parse(BASE)
-    assert config.server["port"] == 21106 and config.server["threads"] == 8
+    assert config.server["port"] == 21106 and config.server["threads"] == 16
+    # Clients that stop reading downloads from a store on another host hold
+    # at most its SSH sessions, never every HTTP thread.
+    assert config.server["threads"] > sshfs.SSHConnection.MAX_CHANNELS
     assert config.librarian["obsid_inference_mode"] == "none"
     assert config.librarian["permissions_mode"] == "readonly"
     assert config.librarian["standing_order_mode"] == "normal"

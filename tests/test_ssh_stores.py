@@ -563,6 +563,40 @@ def test_a_folder_holding_registered_files_cannot_be_registered(web, store_dir):
     assert models.FileInstance.select().count() == 1
 
 
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_a_rename_whose_reply_is_lost_is_settled_at_the_next_start(app, web, store_dir,
+                                                                   monkeypatch, tmp_path, what):
+    """The host renames the upload into place, then stops answering before
+    saying so: the request fails (503) with no record, the staging folder
+    keeps its marker, and the next start moves the bytes back, so that the
+    same upload then succeeds (no unregistered bytes in the way)."""
+    import librarian
+
+    real_rename = sshfs.SSHFS.rename_new
+
+    def rename_then_go_quiet(fs, src, dst):
+        real_rename(fs, src, dst)
+        raise stores.StoreUnreachable("main", fs.conn.target, "it did not answer within 10 s")
+
+    body, headers = b"lost reply", {}
+    if what == "directory":
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "a").write_bytes(b"alpha")
+        (tree / "sub" / "b").write_bytes(b"beta")
+        body, headers = tar_of(str(tree), "lost.dat"), {"X-Librarian-Directory": "tar"}
+    monkeypatch.setattr(sshfs.SSHFS, "rename_new", rename_then_go_quiet)
+    put(web, "n/lost.dat", body, status=503, null_obsid="true", headers=headers)
+    monkeypatch.setattr(sshfs.SSHFS, "rename_new", real_rename)
+    assert models.File.select().count() == 0
+    assert os.path.exists(os.path.join(store_dir, "n", "lost.dat")), "the rename happened"
+    assert len(store_contents(store_dir)[1]) == 1, "the staging folder and its marker stay"
+    with models.db.connection_context():
+        librarian.clean_all_staging()  # what the next start does
+    assert store_contents(store_dir) == (set(), [])
+    assert put(web, "n/lost.dat", body, null_obsid="true", headers=headers).status_int == 201
+
+
 def test_a_forged_marker_never_moves_registered_bytes(app, web, store_dir):
     """A two-step client can write into its staging folder; a marker naming
     a path inside a registered directory must not be acted on at start."""
@@ -820,6 +854,46 @@ def test_readers_holding_every_session_make_others_busy_not_stuck(sshd, store_di
     assert store.fs.lstat(path).st_size == 2 * sshfs.READ_WINDOW_BYTES
 
 
+def test_a_started_tar_stream_waits_for_a_session_instead_of_breaking(sshd, store_dir):
+    """Once a directory's tar has sent its first bytes, a member that finds
+    every session busy waits (longer than ssh_timeout) for one: a 503 is
+    no longer possible, and failing would cut the body short."""
+    import io
+    import tarfile
+
+    store = _with_settings(sshd, store_dir, ssh_timeout="1")
+    tree = os.path.join(store_dir, "d.uv")
+    os.makedirs(os.path.join(tree, "sub"))
+    contents = {"a": b"alpha", "sub/b": os.urandom(sshfs.SMALL_FILE_BYTES + 5)}
+    for rel, data in contents.items():
+        with open(os.path.join(tree, rel), "wb") as f:
+            f.write(data)
+    big = os.path.join(store_dir, "big.dat")
+    with open(big, "wb") as f:
+        f.write(os.urandom(2 * sshfs.READ_WINDOW_BYTES))
+    chunks = stores.iter_tar(store.fs, tree, "d.uv")
+    body = [next(chunks)]  # what a download sends before answering
+    readers = [store.fs.open(big, "rb") for _ in range(sshfs.SSHConnection.MAX_CHANNELS)]
+    for r in readers:
+        r.read(1)
+
+    def free_sessions():
+        for r in readers:
+            r.close()
+
+    release = threading.Timer(2.5, free_sessions)
+    release.start()
+    started = time.monotonic()
+    try:
+        body.extend(chunks)
+    finally:
+        release.join()
+    assert time.monotonic() - started >= 2, "the stream never had to wait"
+    with tarfile.open(fileobj=io.BytesIO(b"".join(body))) as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert got == {"d.uv/" + rel: data for rel, data in contents.items()}
+
+
 def test_a_host_allowing_fewer_sessions_than_we_use_only_slows_us(tmp_path, db_url):
     """sshd with MaxSessions 4 (the server uses up to 8 channels): refused
     sessions are asked for again as others end, and every operation of 16
@@ -852,6 +926,21 @@ def test_a_host_allowing_fewer_sessions_than_we_use_only_slows_us(tmp_path, db_u
             assert back == body
     finally:
         host.stop()
+
+
+def test_a_directory_whose_bytes_changed_is_not_served(web, store_dir, tmp_path, caplog):
+    tree = tmp_path / "t.uv"
+    tree.mkdir()
+    (tree / "a.bin").write_bytes(b"v" * 1000)
+    (tree / "b.bin").write_bytes(b"h" * 10)
+    put(web, "t.uv", tar_of(str(tree), "t.uv"), null_obsid="true",
+        headers={"X-Librarian-Directory": "tar"})
+    member = os.path.join(store_dir, "t.uv", "a.bin")
+    os.chmod(member, 0o644)
+    os.truncate(member, 10)
+    reply = web.get("/api/download/t.uv", headers=bearer(), status=500)
+    assert reply.json["message"].startswith("internal error")
+    assert "t.uv holds 20 bytes, not the 1010 of its record" in caplog.text
 
 
 @pytest.mark.parametrize("size", [10, sshfs.SMALL_FILE_BYTES + 10])
