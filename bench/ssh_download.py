@@ -12,12 +12,9 @@ a little for 8 clients, whether the file has 100 MiB or 10 GiB. Runs a real
 `librarian.py serve` on a temporary SQLite database; needs OpenSSH's sshd.
 """
 
-import argparse
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,9 +25,9 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from librarian_client import CHUNK, _ReportingFile  # noqa: E402
-from sshd import SSHServer, find_sshd  # noqa: E402
+from ssh_upload import ssh_store_server  # noqa: E402
 from sshfs import READ_WINDOW_BYTES  # noqa: E402
-from upload import make_file, memory_kb, start_server  # noqa: E402
+from upload import arguments, make_file, memory_kb, work_dir  # noqa: E402
 
 AUTH = {"Authorization": "Bearer bench-secret"}
 
@@ -46,59 +43,40 @@ def download(url):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024)
+    parser = arguments(__doc__)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
-    if find_sshd() is None:
-        sys.exit("OpenSSH's sshd is not installed (Debian: apt install openssh-server)")
     size = args.size_mib << 20
-
-    work = tempfile.mkdtemp(prefix="librarian-bench-ssh-")
-    sshd = server = None
-    try:
+    with work_dir("librarian-bench-ssh-", args.keep) as work:
         data = os.path.join(work, "bench.dat")
         make_file(data, size)
-        remote = os.path.join(work, "remote-store")
-        os.mkdir(remote)
-        sshd = SSHServer(os.path.join(work, "sshd")).start()
-        server, url = start_server(work, sshd.store_section("bench", remote))
-        with open(data, "rb") as f:
-            resp = requests.put(url + "api/upload/bench.dat", data=_ReportingFile(f, size, None),
-                                params={"null_obsid": "true"}, headers=AUTH, timeout=3600)
-        resp.raise_for_status()
-        md5 = resp.json()["md5"]
-        os.unlink(data)
-        rss_before = memory_kb(server.pid, "VmRSS")
-        peak = rss_before
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            futures = [pool.submit(download, url + "api/download/bench.dat")
-                       for _ in range(args.clients)]
-            while not all(f.done() for f in futures):
-                peak = max(peak, memory_kb(server.pid, "VmRSS"))
-                time.sleep(0.05)
-        elapsed = time.perf_counter() - start
-        assert all(f.result() == md5 for f in futures), "a download differs"
+        with ssh_store_server(work) as (_, server, url, _):
+            with open(data, "rb") as f:
+                resp = requests.put(url + "api/upload/bench.dat",
+                                    data=_ReportingFile(f, size, None),
+                                    params={"null_obsid": "true"}, headers=AUTH, timeout=3600)
+            resp.raise_for_status()
+            md5 = resp.json()["md5"]
+            os.unlink(data)
+            rss_before = memory_kb(server.pid, "VmRSS")
+            peak = rss_before
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                futures = [pool.submit(download, url + "api/download/bench.dat")
+                           for _ in range(args.clients)]
+                while not all(f.done() for f in futures):
+                    peak = max(peak, memory_kb(server.pid, "VmRSS"))
+                    time.sleep(0.05)
+            elapsed = time.perf_counter() - start
+            assert all(f.result() == md5 for f in futures), "a download differs"
 
-        mb = size * args.clients / 1e6
-        print("file size:              %d MiB, %d clients at once" % (args.size_mib, args.clients))
-        print("combined download rate: %8.1f MB/s (%.2f s)" % (mb / elapsed, elapsed))
-        print("server RSS before:      %8.1f MB" % (rss_before * 1024 / 1e6))
-        bound = args.clients * (READ_WINDOW_BYTES + 2 * CHUNK) / 1e6
-        print("server peak RSS growth: %8.1f MB  (goal: below %.0f MB whatever the file size)"
-              % ((peak - rss_before) * 1024 / 1e6, bound))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
-        if sshd is not None:
-            sshd.stop()
-        if args.keep:
-            print("kept", work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    mb = size * args.clients / 1e6
+    print("file size:              %d MiB, %d clients at once" % (args.size_mib, args.clients))
+    print("combined download rate: %8.1f MB/s (%.2f s)" % (mb / elapsed, elapsed))
+    print("server RSS before:      %8.1f MB" % (rss_before * 1024 / 1e6))
+    bound = args.clients * (READ_WINDOW_BYTES + 2 * CHUNK) / 1e6
+    print("server peak RSS growth: %8.1f MB  (goal: below %.0f MB whatever the file size)"
+          % ((peak - rss_before) * 1024 / 1e6, bound))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ Runs a real `librarian.py serve` on a temporary SQLite database; needs
 OpenSSH's sshd.
 """
 
-import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from contextlib import contextmanager
 
 import requests
 
@@ -32,64 +30,62 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from librarian_client import _ReportingFile  # noqa: E402
 from sshd import SSHServer, find_sshd  # noqa: E402
-from upload import make_file, memory_kb, start_server  # noqa: E402
+from upload import arguments, make_file, memory_kb, running_server, work_dir  # noqa: E402
+
+
+@contextmanager
+def ssh_store_server(work):
+    """For the block, an sshd of our own and a server whose store `bench`
+    is a folder reached through it: yields (sshd, server process, URL,
+    the store's folder)."""
+    if find_sshd() is None:
+        sys.exit("OpenSSH's sshd is not installed (Debian: apt install openssh-server)")
+    remote = os.path.join(work, "remote-store")
+    os.mkdir(remote)
+    sshd = SSHServer(os.path.join(work, "sshd")).start()
+    try:
+        with running_server(work, sshd.store_section("bench", remote)) as (server, url):
+            yield sshd, server, url, remote
+    finally:
+        sshd.stop()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    args = parser.parse_args()
-    if find_sshd() is None:
-        sys.exit("OpenSSH's sshd is not installed (Debian: apt install openssh-server)")
+    args = arguments(__doc__).parse_args()
     size = args.size_mib << 20
-
-    work = tempfile.mkdtemp(prefix="librarian-bench-ssh-")
-    sshd = server = None
-    try:
+    with work_dir("librarian-bench-ssh-", args.keep) as work:
         data = os.path.join(work, "bench.dat")
         make_file(data, size)
-        remote = os.path.join(work, "remote-store")
-        os.mkdir(remote)
         os.sync()
-        sshd = SSHServer(os.path.join(work, "sshd")).start()
-        server, url = start_server(work, sshd.store_section("bench", remote))
-        rss_before = memory_kb(server.pid, "VmHWM")
+        with ssh_store_server(work) as (sshd, server, url, remote):
+            rss_before = memory_kb(server.pid, "VmHWM")
 
-        start = time.perf_counter()
-        subprocess.run(["scp", "-q", "-P", str(sshd.port), "-i", sshd.client_key,
-                        "-o", "UserKnownHostsFile=" + sshd.known_hosts, "-o", "BatchMode=yes",
-                        data, "%s@127.0.0.1:%s/scp.dat" % (sshd.user, remote)],
-                       check=True)
-        scp_s = time.perf_counter() - start
-        os.unlink(os.path.join(remote, "scp.dat"))
-        os.sync()
+            start = time.perf_counter()
+            subprocess.run(["scp", "-q", "-P", str(sshd.port), "-i", sshd.client_key,
+                            "-o", "UserKnownHostsFile=" + sshd.known_hosts,
+                            "-o", "BatchMode=yes", data,
+                            "%s@127.0.0.1:%s/scp.dat" % (sshd.user, remote)], check=True)
+            scp_s = time.perf_counter() - start
+            os.unlink(os.path.join(remote, "scp.dat"))
+            os.sync()
 
-        start = time.perf_counter()
-        with open(data, "rb") as f:
-            resp = requests.put(url + "api/upload/bench.dat", data=_ReportingFile(f, size, None),
-                                params={"null_obsid": "true"},
-                                headers={"Authorization": "Bearer bench-secret"}, timeout=3600)
-        upload_s = time.perf_counter() - start
-        resp.raise_for_status()
-        peak = memory_kb(server.pid, "VmHWM")
+            start = time.perf_counter()
+            with open(data, "rb") as f:
+                resp = requests.put(url + "api/upload/bench.dat",
+                                    data=_ReportingFile(f, size, None),
+                                    params={"null_obsid": "true"},
+                                    headers={"Authorization": "Bearer bench-secret"},
+                                    timeout=3600)
+            upload_s = time.perf_counter() - start
+            resp.raise_for_status()
+            peak = memory_kb(server.pid, "VmHWM")
 
-        mb = size / 1e6
-        print("file size:              %d MiB" % args.size_mib)
-        print("upload to SSH store:    %8.1f MB/s (%.2f s)" % (mb / upload_s, upload_s))
-        print("scp of the same file:   %8.1f MB/s (%.2f s)" % (mb / scp_s, scp_s))
-        print("ratio upload/scp:       %8.2f   (goal >= 0.6)" % (scp_s / upload_s))
-        print("server memory growth:   %8.1f MB" % ((peak - rss_before) / 1024))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
-        if sshd is not None:
-            sshd.stop()
-        if args.keep:
-            print("kept", work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    mb = size / 1e6
+    print("file size:              %d MiB" % args.size_mib)
+    print("upload to SSH store:    %8.1f MB/s (%.2f s)" % (mb / upload_s, upload_s))
+    print("scp of the same file:   %8.1f MB/s (%.2f s)" % (mb / scp_s, scp_s))
+    print("ratio upload/scp:       %8.2f   (goal >= 0.6)" % (scp_s / upload_s))
+    print("server memory growth:   %8.1f MB" % ((peak - rss_before) / 1024))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import requests
 
@@ -87,54 +88,75 @@ def start_server(work, store_section):
     return server, url
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc):
+    """An ArgumentParser with the benchmarks' --size-mib and --keep."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    args = parser.parse_args()
-    size = args.size_mib << 20
+    return parser
 
-    work = tempfile.mkdtemp(prefix="librarian-bench-")
+
+@contextmanager
+def work_dir(prefix, keep):
+    """A temporary folder for a run, removed afterwards unless `keep`."""
+    work = tempfile.mkdtemp(prefix=prefix)
     try:
-        data = os.path.join(work, "bench.dat")
-        make_file(data, size)
-        os.sync()  # so that writing it back does not compete with the upload
-        server, url = start_server(work, "[store:bench]\npath_prefix = %s\n"
-                                   % os.path.join(work, "store"))
-        rss_before = memory_kb(server.pid, "VmHWM")
-
-        # md5sum of the same file, warm in the page cache like the upload.
-        start = time.perf_counter()
-        md5 = subprocess.run(["md5sum", data], check=True, capture_output=True,
-                             text=True).stdout.split()[0]
-        md5sum_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        with open(data, "rb") as f:
-            body = _ReportingFile(f, size, None)  # the client's sender: 1 MiB reads
-            resp = requests.put(url + "api/upload/bench.dat", data=body,
-                                params={"null_obsid": "true", "md5": md5},
-                                headers={"Authorization": "Bearer bench-secret"}, timeout=3600)
-        upload_s = time.perf_counter() - start
-        resp.raise_for_status()
-        assert resp.json()["md5"] == md5
-        peak = memory_kb(server.pid, "VmHWM")
-        server.terminate()
-        server.wait(10)
-
-        mb = size / 1e6
-        print("file size:            %d MiB" % args.size_mib)
-        print("upload through PUT:   %8.1f MB/s (%.2f s)" % (mb / upload_s, upload_s))
-        print("md5sum of same file:  %8.1f MB/s (%.2f s)" % (mb / md5sum_s, md5sum_s))
-        print("ratio upload/md5sum:  %8.2f   (goal >= 0.7)" % (md5sum_s / upload_s))
-        print("server peak RSS before upload: %.1f MB" % (rss_before / 1024))
-        print("server peak RSS:      %8.1f MB" % (peak / 1024))
-        print("server memory growth: %8.1f MB  (goal < 64)" % ((peak - rss_before) / 1024))
+        yield work
     finally:
-        if args.keep:
+        if keep:
             print("kept", work)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def running_server(work, store_section):
+    """`start_server` for the block, stopped after it: yields (process, URL)."""
+    server, url = start_server(work, store_section)
+    try:
+        yield server, url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def main():
+    args = arguments(__doc__).parse_args()
+    size = args.size_mib << 20
+    with work_dir("librarian-bench-", args.keep) as work:
+        data = os.path.join(work, "bench.dat")
+        make_file(data, size)
+        os.sync()  # so that writing it back does not compete with the upload
+        with running_server(work, "[store:bench]\npath_prefix = %s\n"
+                            % os.path.join(work, "store")) as (server, url):
+            rss_before = memory_kb(server.pid, "VmHWM")
+
+            # md5sum of the same file, warm in the page cache like the upload.
+            start = time.perf_counter()
+            md5 = subprocess.run(["md5sum", data], check=True, capture_output=True,
+                                 text=True).stdout.split()[0]
+            md5sum_s = time.perf_counter() - start
+
+            start = time.perf_counter()
+            with open(data, "rb") as f:
+                body = _ReportingFile(f, size, None)  # the client's sender: 1 MiB reads
+                resp = requests.put(url + "api/upload/bench.dat", data=body,
+                                    params={"null_obsid": "true", "md5": md5},
+                                    headers={"Authorization": "Bearer bench-secret"},
+                                    timeout=3600)
+            upload_s = time.perf_counter() - start
+            resp.raise_for_status()
+            assert resp.json()["md5"] == md5
+            peak = memory_kb(server.pid, "VmHWM")
+
+    mb = size / 1e6
+    print("file size:            %d MiB" % args.size_mib)
+    print("upload through PUT:   %8.1f MB/s (%.2f s)" % (mb / upload_s, upload_s))
+    print("md5sum of same file:  %8.1f MB/s (%.2f s)" % (mb / md5sum_s, md5sum_s))
+    print("ratio upload/md5sum:  %8.2f   (goal >= 0.7)" % (md5sum_s / upload_s))
+    print("server peak RSS before upload: %.1f MB" % (rss_before / 1024))
+    print("server peak RSS:      %8.1f MB" % (peak / 1024))
+    print("server memory growth: %8.1f MB  (goal < 64)" % ((peak - rss_before) / 1024))
 
 
 if __name__ == "__main__":
