@@ -162,7 +162,7 @@ class SSHConnection:
         self.idle = []  # SFTP sessions not in use (each holds a slot)
         self.failed = None  # StoreUnreachable of the last failed connect, until one succeeds
         self.retired = False  # set when the configuration changed: stop reconnecting
-        self.stalled_client = None  # dropped for not answering; None again on reconnecting
+        self.went_quiet = False  # the last drop was for not answering, and no connect since
 
     def unreachable(self, e):
         return StoreUnreachable(self.store_name, self.target, ssh_failure_reason(e))
@@ -211,7 +211,7 @@ class SSHConnection:
         with self.lock:
             self._discard_idle()
             self.client = client
-            self.stalled_client = None
+            self.went_quiet = False
         threading.Thread(target=self._heartbeat, args=(client,), daemon=True,
                          name="heartbeat-%s" % self.store_name).start()
 
@@ -285,7 +285,8 @@ class SSHConnection:
         wait on it ends, with `stalled()` as the reason, and the host is
         taken as unreachable until a reconnection succeeds (a stalled host
         mostly stays so: requests must not each wait to find out)."""
-        self.stalled_client = client
+        if client is self.client:  # said before the drop ends the waits on it
+            self.went_quiet = True
         if self.drop(client):
             self._mark_unreachable(self.stalled())
 
@@ -475,9 +476,9 @@ class SSHConnection:
             if not isinstance(e, (paramiko.SSHException, EOFError, ConnectionError)):
                 raise  # an error of the remote file system
             if self._goes_down():
-                stalled = self.stalled_client is not None  # and no connection since
+                went_quiet = self.went_quiet
                 self.drop()
-                if stalled:
+                if went_quiet:
                     raise self.stalled() from None
                 raise StoreUnreachable(self.store_name, self.target,
                                        "lost the connection (%s)" % ssh_failure_reason(e)) from None
