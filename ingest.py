@@ -71,7 +71,10 @@ def gather_observation(fs, abs_path, name, *, null_obsid, inference_mode):
     try:
         meta = fs.read_observation(abs_path)
     except uvmeta.MetadataError as e:
-        raise LibrarianError(400, "%s: %s" % (name, e)) from None
+        if null_obsid:  # as the original: data that cannot be read carry no obsid
+            return None, None
+        raise LibrarianError(400, "%s: %s; if it has no observation, say so (null_obsid; "
+                             "--null-obsid in the client)" % (name, e)) from None
     if null_obsid:
         if meta is not None:
             raise LibrarianError(400, "%s was sent with null_obsid but its data carry obsid %d"
@@ -100,18 +103,35 @@ def stated_observation(fs, abs_path, name, obsid):
 
 
 def ensure_observation(meta):
-    """Insert the Observation described by `meta` unless it exists."""
+    """Insert the Observation described by `meta` unless it exists; a known
+    one that has no session yet is attached to `meta`'s session (sessions
+    are assigned at the source after a first copy, and re-sent with the
+    next). Raises `LibrarianError` 400 on invalid records, 409 when the
+    known observation belongs to another session."""
     try:
         with db.atomic():
             Observation.insert(obsid=meta["obsid"], start_time_jd=meta["start_time_jd"],
                                stop_time_jd=meta.get("stop_time_jd"),
                                start_lst_hr=meta.get("start_lst_hr"),
                                session=meta.get("session_id")).execute()
+        return
     except pw.IntegrityError:
-        if Observation.get_or_none(Observation.obsid == meta["obsid"]) is None:
-            raise LibrarianError(400, "observation %r is not valid: unknown session %r, or "
-                                 "times out of order" % (meta["obsid"], meta.get("session_id"))) \
-                from None
+        existing = Observation.get_or_none(Observation.obsid == meta["obsid"])
+    if existing is None:
+        raise LibrarianError(400, "observation %r is not valid: unknown session %r, or "
+                             "times out of order" % (meta["obsid"], meta.get("session_id")))
+    session_id = meta.get("session_id")
+    if session_id is None or existing.session_id == session_id:
+        return
+    if existing.session_id is not None:
+        raise LibrarianError(409, "observation %d belongs to session %d here, not %d"
+                             % (existing.obsid, existing.session_id, session_id))
+    if ObservingSession.get_or_none(ObservingSession.id == session_id) is None:
+        raise LibrarianError(400, "observation %d names session %d, which is not known here "
+                             "(send it in the record set's sessions)" % (existing.obsid,
+                                                                       session_id))
+    Observation.update(session=session_id).where(
+        (Observation.obsid == existing.obsid) & Observation.session.is_null()).execute()
 
 
 def insert_file(record, source):

@@ -317,10 +317,12 @@ def check_text(name, value):
         fail(400, "argument %r is not valid Unicode text" % name)
 
 
-def validate(payload, spec):
+def validate(payload, spec, lenient=False):
     """Check `payload` against `spec` (`{name: type}`, a name ending in `?`
     is optional) and return `{name: value}` with absent optionals as None.
-    Missing required and unknown arguments are 400s naming them."""
+    Missing required arguments are 400s naming them; so are unknown ones,
+    unless `lenient` (the original's operations ignored them, and deployed
+    clients may send some): then they are logged and ignored."""
     args = {}
     known = {"authenticator"}
     for key, kind in spec.items():
@@ -333,7 +335,10 @@ def validate(payload, spec):
             continue
         args[name] = check_type(name, payload[name], kind)
     unknown = sorted(set(payload) - known)
-    if unknown:
+    if unknown and lenient:
+        log.info("%s: ignoring unknown argument%s %s", request.path, "s" if len(unknown) > 1
+                 else "", ", ".join(repr(u[:64]) for u in unknown[:10]))
+    elif unknown:
         fail(400, "unknown argument%s %s" % ("s" if len(unknown) > 1 else "",
                                              ", ".join(repr(u) for u in unknown)))
     return args
@@ -380,6 +385,16 @@ def read_api_payload():
 OPERATIONS = {}
 
 
+# The operations of the original Librarian (API.md section 1): they ignore
+# unknown arguments as it did, where our additions refuse them.
+V1_OPERATIONS = {"ping", "probe_stores", "create_file_event", "locate_file_instance",
+                 "initiate_upload", "complete_upload", "register_instances", "search",
+                 "assign_observing_sessions", "describe_session_without_event",
+                 "set_one_file_deletion_policy", "delete_file_instances",
+                 "delete_file_instances_matching_query", "launch_file_copy",
+                 "initiate_offload"}
+
+
 def operation(op_name, level, **spec):
     """Register an `/api/NAME` operation for callers of at least `level`;
     keyword arguments are the argument spec of `validate`. The handler is
@@ -397,7 +412,7 @@ def api_dispatch(name):
     func, level, spec = OPERATIONS[name]
     payload = read_api_payload()
     source = authenticate(bearer_token() or payload.get("authenticator"), level)
-    args = validate(payload, spec)
+    args = validate(payload, spec, lenient=name in V1_OPERATIONS)
     return json_reply(**(func(source, args) or {}))
 
 
@@ -478,19 +493,19 @@ def op_locate_file_instance(source, args):
 @operation("initiate_upload", "read-append", upload_size=int, known_staging_store_Q=str,
            known_staging_subdir_Q=str, files_Q=dict, observations_Q=dict, sessions_Q=dict)
 def op_initiate_upload(source, args):
-    """Pick a store and make a staging directory; ingest records sent along."""
+    """Pick a store and make a staging folder (or take the operator's
+    pre-staged folder named by `known_staging_*`); ingest records sent
+    along. `staging_dir` in the reply is relative to `path_prefix`, and
+    `available` is the store's free bytes, as the deployed client expects."""
     if args["upload_size"] < 0:
         fail(400, "upload_size may not be negative")
-    if (args["known_staging_store"] is None) != (args["known_staging_subdir"] is None):
+    known = args["known_staging_store"] is not None
+    if known != (args["known_staging_subdir"] is not None):
         fail(400, "give both known_staging_store and known_staging_subdir, or neither")
-    if args["known_staging_store"] is not None:
+    if known:
         store = open_store(Store.by_name(args["known_staging_store"]))
-        subdir = args["known_staging_subdir"]
-        if not STAGING_SUBDIR_RE.match(subdir):
-            fail(400, "known_staging_subdir must be one folder name of letters, digits, '-' "
-                 "and '_', got %r" % subdir)
-        staging = posixpath.join(store.staging_root(), subdir)
-        store.fs.makedirs(staging)
+        staging = store.known_staging_dir(args["known_staging_subdir"])
+        ingest.check_not_inside_instance(store, store.relative(staging))
     else:
         store = choose_store(args["upload_size"])
         staging = store.new_staging_dir()
@@ -499,33 +514,69 @@ def op_initiate_upload(source, args):
             ingest.ingest_record_sets(args["files"], args["observations"], args["sessions"],
                                       source.name)
             StagingDir.insert(store=store.row, path=staging, source=source.name,
-                              created=models.utcnow()).on_conflict_ignore().execute()
+                              created=models.utcnow()).on_conflict(
+                conflict_target=[StagingDir.path],
+                update={StagingDir.created: models.utcnow()}).execute()
     except BaseException:
-        if args["known_staging_store"] is None:
+        if not known:
             store.remove_quietly(staging)
         raise
     # ssh_port (our addition): the port this server reaches the store host on,
     # which the client's --via-ssh uses unless told otherwise.
-    return dict(store.row.to_dict(), staging_dir=staging, ssh_port=stores.ssh_target(
-        store.row).port)
+    return dict(store.row.to_dict(), available=store.free_space() or 0,
+                staging_dir=args["known_staging_subdir"] if known else store.relative(staging),
+                ssh_port=stores.ssh_target(store.row).port)
 
 
 @operation("complete_upload", "read-append", store_name=str, staging_dir=str,
            dest_store_path=str, meta_mode=str, deletion_policy_Q=str, staging_was_known_Q=bool,
            null_obsid_Q=bool)
 def op_complete_upload(source, args):
-    """Verify, register and move into place what was copied into staging."""
+    """Verify, register and move into place what was copied into the
+    staging folder `staging_dir` (relative to the store's prefix, as
+    `initiate_upload` named it). A server-issued folder is used once and
+    then removed (unless `staging_was_known`); an operator's pre-staged
+    folder is never removed or changed: only the named file is taken out
+    of it, and put back if it is not registered."""
     if args["meta_mode"] not in ("direct", "infer"):
         fail(400, "meta_mode must be 'direct' or 'infer', got %r" % args["meta_mode"])
     store = open_store(Store.by_name(args["store_name"]))
     _, name = split_store_path(args["dest_store_path"])
-    staged = posixpath.join(args["staging_dir"], name)
-    issued = (StagingDir.select().where((StagingDir.store == store.row)
-                                        & (StagingDir.path == args["staging_dir"])).exists())
+    folder = store.issued_staging_dir(args["staging_dir"])
+    issued = store.is_staging_dir(folder)
     if not issued:
-        fail(400, "staging_dir %r was not issued by this server for store %r, or was already "
-             "used" % (args["staging_dir"], store.name))
-    store.check_staging_dir(args["staging_dir"])
+        folder = store.known_staging_dir(args["staging_dir"])
+    if not StagingDir.select().where((StagingDir.store == store.row)
+                                     & (StagingDir.path == folder)).exists():
+        fail(400, "staging_dir %r was not issued by this server for store %r%s"
+             % (args["staging_dir"], store.name, ", or was already used" if issued else
+                " (a known staging folder is named in initiate_upload first)"))
+    register = functools.partial(
+        ingest.register_staged, store, store_path=args["dest_store_path"], source=source.name,
+        deletion_policy=args["deletion_policy"], meta_mode=args["meta_mode"],
+        null_obsid=bool(args["null_obsid"]),
+        inference_mode=cfg().librarian["obsid_inference_mode"],
+        readonly=cfg().librarian["permissions_mode"] == "readonly")
+    if issued:
+        result = complete_issued(store, folder, name, register)
+        if not args["staging_was_known"]:
+            store.remove_quietly(folder)
+    else:
+        staged = store.take_from_known(folder, name)
+        try:
+            result = register(staged)
+        finally:
+            store.give_back(staged)
+    standing.after_upload()
+    return upload_outcome(result, store)
+
+
+def complete_issued(store, folder, name, register):
+    """Register `folder/name` in a staging folder issued by
+    `initiate_upload`, which is consumed in the same transaction (it is
+    accepted once)."""
+    store.check_staging_dir(folder)
+    staged = posixpath.join(folder, name)
     try:
         present = not stat.S_ISLNK(store.fs.lstat(staged).st_mode)
     except (FileNotFoundError, NotADirectoryError):
@@ -535,23 +586,15 @@ def op_complete_upload(source, args):
 
     def claim():
         used = StagingDir.delete().where((StagingDir.store == store.row)
-                                         & (StagingDir.path == args["staging_dir"])).execute()
+                                         & (StagingDir.path == folder)).execute()
         if used != 1:
-            fail(400, "staging_dir %r was already used" % args["staging_dir"])
+            fail(400, "staging_dir %r was already used" % store.relative(folder))
 
     try:
-        result = ingest.register_staged(
-            store, staged, args["dest_store_path"], source=source.name,
-            deletion_policy=args["deletion_policy"], meta_mode=args["meta_mode"],
-            null_obsid=bool(args["null_obsid"]), claim=claim,
-            inference_mode=cfg().librarian["obsid_inference_mode"],
-            readonly=cfg().librarian["permissions_mode"] == "readonly")
+        return register(staged, claim=claim)
     except FileNotFoundError:
-        # Another complete_upload of the same staging directory won the race.
-        fail(400, "staging_dir %r was already used" % args["staging_dir"])
-    standing.after_upload()
-    store.remove_quietly(args["staging_dir"])
-    return upload_outcome(result, store)
+        # Another complete_upload of the same staging folder won the race.
+        fail(400, "staging_dir %r was already used" % store.relative(folder))
 
 
 @operation("register_instances", "read-append", store_name=str, file_info=dict,
@@ -564,7 +607,8 @@ def op_register_instances(source, args):
         if not isinstance(info, dict):
             fail(400, "file_info[%r] must be an object" % full_path)
         # `type` is accepted for compatibility; the type is always derived from the name.
-        item = validate(info, {"size": int, "md5": str, "type?": str, "obsid?": int})
+        item = validate(info, {"size": int, "md5": str, "type?": str, "obsid?": int},
+                        lenient=True)
         prepared.append(ingest.prepare_in_place(
             store, full_path, size=item["size"], md5=item["md5"], obsid=item["obsid"],
             null_obsid=bool(args["null_obsid"]),
@@ -770,8 +814,9 @@ def upload(dest_store_path):
     null_obsid = query_flag("null_obsid")
     is_tar = directory is not None
     length = request.content_length
-    if length == 0 or (length < 0 and request.get_header("Transfer-Encoding") is None):
-        fail(400, "empty request body: send the file's bytes")
+    if length < 0 and request.get_header("Transfer-Encoding") is None:
+        # (A zero-length file is an ordinary file, with Content-Length: 0.)
+        fail(400, "no request body: send the file's bytes, with a Content-Length")
     store = choose_store(max(length, 0))
     store.resolve(dest_store_path)  # refuse paths leaving the store before any byte moves
     staging = store.new_staging_dir()
@@ -779,8 +824,6 @@ def upload(dest_store_path):
         reader = BodyReader(request.environ["wsgi.input"], length if length >= 0 else None)
         staged = posixpath.join(staging, name)
         size, got_md5 = store.receive(reader, staged, name, is_tar)
-        if size == 0 and not is_tar:
-            fail(400, "empty request body: send the file's bytes")
         result = ingest.register_staged(
             store, staged, dest_store_path, source=source.name, deletion_policy=deletion_policy,
             null_obsid=null_obsid, expected_md5=md5, size=size, md5=got_md5,

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import posixpath
 import shlex
 import shutil
 import socket
@@ -363,7 +364,8 @@ class LibrarianClient:
         name = dest_store_path.rstrip("/").rsplit("/", 1)[-1]
         size, md5 = path_md5(local_path)
         info = self.initiate_upload(size)
-        remote = info["staging_dir"].rstrip("/") + "/" + name
+        # staging_dir is relative to the store's prefix (the existing protocol).
+        remote = posixpath.join(info["path_prefix"], info["staging_dir"], name)
         ssh = ssh or SSHOptions()
         # The server says which port it reaches the store host on.
         ssh = SSHOptions(ssh.port or info.get("ssh_port"), ssh.user, ssh.key, ssh.known_hosts)

@@ -258,6 +258,7 @@ class Kind:
         return _join([self.clause(c, p) for c, p in _pairs(clause, payload)], " OR ", FALSE)
 
     def clause(self, clause, payload):
+        clause = ALIASES.get(type(self), {}).get(clause, clause)
         if clause == "and":
             return self.compile(_pairs(clause, payload))
         if clause == "or":
@@ -399,6 +400,9 @@ OPERATORS = {"string": ["is-exactly", "is-not", "matches"],
              "float": ["greater-than", "less-than", "in-range", "not-in-range"]}
 EXTRA = {FileKind: ["not-older-than", "not-newer-than", "obs-matches", "obsid-is-null"],
          ObservationKind: [], SessionKind: ["no-file-has-event"]}
+# Other names of clauses that the original Librarian accepted (its search
+# documentation uses them), so that saved searches keep working.
+ALIASES = {FileKind: {"name-like": "name-matches", "source-is": "source-is-exactly"}}
 
 
 def clause_names(kind):

@@ -21,6 +21,7 @@ which lives in `librarian_client` (`path_md5`, `directory_digest`) so that
 client and server compute it in one way.
 """
 
+import errno
 import hashlib
 import logging
 import os
@@ -44,6 +45,8 @@ log = logging.getLogger("librarian")
 CHUNK = 1 << 20  # bytes per read/write when streaming
 STAGING = ".staging"
 DESTINATION_MARKER = ".librarian-destination"  # in a staging dir: where its bytes are going
+ORIGIN_MARKER = ".librarian-origin"  # in a staging dir: the operator's folder its bytes came from
+RESERVED_NAMES = (DESTINATION_MARKER, ORIGIN_MARKER)
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
 NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux: a store path gets half, the prefix the rest
@@ -74,10 +77,29 @@ def split_store_path(store_path):
         raise LibrarianError(400, "store path %r points into the staging area" % store_path)
     name = check_file_name(parts[-1])
     check_name_lengths(parts, store_path)
-    if name == DESTINATION_MARKER:
-        raise LibrarianError(400, "the name %r is reserved for the Librarian's own use"
-                             % DESTINATION_MARKER)
+    if name in RESERVED_NAMES:
+        raise LibrarianError(400, "the name %r is reserved for the Librarian's own use" % name)
     return "/".join(parts[:-1]), name
+
+
+def check_relative_folder(path, what):
+    """Check a folder given relative to a store's prefix (a staging folder
+    as `initiate_upload` names it, a known staging folder of an operator):
+    returns its normalised parts. Refuses (400) absolute paths, `..`, NUL
+    and empty paths, naming `what`."""
+    if not isinstance(path, str) or not path.strip("/."):
+        raise LibrarianError(400, "%s must name a folder, relative to the store's path_prefix"
+                             % what)
+    if "\0" in path:
+        raise LibrarianError(400, "%s may not contain a NUL character" % what)
+    if path.startswith("/"):
+        raise LibrarianError(400, "%s %r must be relative to the store's path_prefix (as "
+                             "initiate_upload returns it), not absolute" % (what, path))
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LibrarianError(400, "%s %r may not contain '..'" % (what, path))
+    check_name_lengths(parts, path)
+    return parts
 
 
 def check_name_lengths(parts, path):
@@ -622,6 +644,101 @@ class StoreAccess:
         self.fs.mkdir(path)
         return path
 
+    def relative(self, abs_path):
+        """The form the existing protocol sends store folders in: relative
+        to the prefix (the deployed client joins it to `path_prefix`)."""
+        root = self.prefix if is_inside(abs_path, self.prefix) else self.fs.realpath(self.prefix)
+        return posixpath.relpath(abs_path, root)
+
+    def issued_staging_dir(self, staging_dir):
+        """The absolute path of a folder of this store that `initiate_upload`
+        named as `staging_dir` (relative to the prefix); 400 for an
+        absolute path or one with `..`."""
+        return posixpath.join(self.prefix, *check_relative_folder(staging_dir, "staging_dir"))
+
+    def known_staging_dir(self, subdir):
+        """The resolved absolute path of an operator's pre-staged folder:
+        `subdir` is relative to the prefix, of any depth, and must be an
+        existing folder inside the store and outside its staging area.
+        Such a folder is the operator's: the server only ever takes the
+        file it is asked to complete out of it. 400 otherwise."""
+        parts = check_relative_folder(subdir, "known_staging_subdir")
+        if parts[0] == STAGING:
+            raise LibrarianError(400, "known_staging_subdir %r is inside the server's own "
+                                 "staging area" % subdir)
+        root = self.fs.realpath(self.prefix)
+        real = self.fs.realpath(posixpath.join(root, *parts))
+        if real == root or not is_inside(real, root) \
+                or is_inside(real, posixpath.join(root, STAGING)):
+            raise LibrarianError(400, "known_staging_subdir %r resolves to %s, which is not a "
+                                 "folder of store %r outside its staging area"
+                                 % (subdir, real, self.name))
+        try:
+            is_dir = stat.S_ISDIR(self.fs.lstat(real).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_dir = None
+        if not is_dir:
+            raise LibrarianError(400, "known_staging_subdir %r %s on %s" % (
+                subdir, "does not exist" if is_dir is None else "is not a folder",
+                self.describe()))
+        return real
+
+    def take_from_known(self, known_dir, name):
+        """Move the operator's `known_dir/name` into a fresh staging folder
+        of the server and return its new absolute path, so that nothing is
+        written in the operator's folder and the bytes checked are out of
+        reach of whoever writes there. An ORIGIN marker says where they came
+        from: `give_back` (or start-up, after a crash) returns bytes that
+        were not registered. 400 when nothing (or a link) is there."""
+        src = posixpath.join(known_dir, name)
+        try:
+            is_link = stat.S_ISLNK(self.fs.lstat(src).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            raise LibrarianError(400, "nothing staged at %s on %s" % (src, self.describe())) \
+                from None
+        if is_link:
+            raise LibrarianError(400, "%s on %s is a symbolic link" % (src, self.describe()))
+        staging = self.new_staging_dir()
+        staged = posixpath.join(staging, name)
+        try:
+            self._write_marker(staging, ORIGIN_MARKER,
+                               posixpath.relpath(src, self.fs.realpath(self.prefix)))
+            self.fs.rename_new(src, staged)
+        except OSError as e:
+            self.remove_quietly(staging)
+            if e.errno == errno.EXDEV:
+                raise LibrarianError(409, "%s is on another file system than the staging area "
+                                     "of %s" % (src, self.describe())) from None
+            raise
+        except BaseException:
+            self.remove_quietly(staging)
+            raise
+        return staged
+
+    def give_back(self, abs_staged):
+        """Settle a `take_from_known`: bytes still staged (not registered)
+        go back to the operator's folder; the staging folder goes."""
+        staging = posixpath.dirname(abs_staged)
+        self._return_to_origin(staging)
+        self.remove_quietly(staging)
+
+    def _return_to_origin(self, staging_dir):
+        marker = posixpath.join(staging_dir, ORIGIN_MARKER)
+        try:
+            if not stat.S_ISREG(self.fs.lstat(marker).st_mode):
+                return
+            origin = self.resolve(self.fs.read_text(marker))
+        except (FileNotFoundError, LibrarianError):
+            return
+        staged = posixpath.join(staging_dir, posixpath.basename(origin))
+        if self.fs.lexists(staged):
+            if self.fs.lexists(origin):
+                log.warning("cannot return %s on store %s to %s: something is there now",
+                            staged, self.name, origin)
+                return
+            self.fs.rename_new(staged, origin)
+        self.fs.unlink(marker)
+
     def ensure_prefix(self):
         self.fs.makedirs(self.prefix)
 
@@ -643,6 +760,7 @@ class StoreAccess:
             path = posixpath.join(root, entry)
             if stat.S_ISDIR(st.st_mode):
                 self._undo_interrupted_move(path, is_registered)
+                self._return_to_origin(path)
             if path not in keep:
                 self.fs.remove_tree(path)
                 removed += 1
@@ -693,7 +811,7 @@ class StoreAccess:
         # the host stops answering before that is settled (the record
         # committed: `forget_marker`; the move undone), start-up's
         # clean_staging undoes the move, and remove_quietly keeps the folder.
-        self._write_marker(staging_dir, store_path)
+        self._write_marker(staging_dir, DESTINATION_MARKER, store_path)
         try:
             self.fs.makedirs(posixpath.dirname(final))
         except (FileExistsError, NotADirectoryError):
@@ -753,11 +871,11 @@ class StoreAccess:
             log.warning("could not remove the marker in %s on store %s: %s", staging_dir,
                         self.name, e)
 
-    def _write_marker(self, staging_dir, store_path):
-        """Write the DESTINATION marker as a new file: whatever is at its
-        place (a staging folder may have been written by a client) goes
+    def _write_marker(self, staging_dir, marker_name, store_path):
+        """Write a marker naming `store_path` as a new file: whatever is at
+        its place (a staging folder may have been written by a client) goes
         first, so that a planted link is never followed."""
-        marker = posixpath.join(staging_dir, DESTINATION_MARKER)
+        marker = posixpath.join(staging_dir, marker_name)
         try:
             if stat.S_ISDIR(self.fs.lstat(marker).st_mode):
                 self.fs.remove_tree(marker)

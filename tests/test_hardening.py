@@ -13,6 +13,7 @@ import pytest
 
 import models
 from conftest import MIRIAD, ROOT, UVH5, api, bearer, need_data, store_contents
+from reference import shell_size
 
 
 def put(web, path, body=b"abc", status=201, headers=None, **query):
@@ -100,7 +101,7 @@ def test_registered_trees_may_not_hold_symlinks(web, store_dir, tmp_path):
     assert "is a link or special file" in reply["message"]
 
     staging = api(web, "initiate_upload", upload_size=10)["staging_dir"]
-    shutil.copytree(tree, os.path.join(staging, "d2"), symlinks=True)
+    shutil.copytree(tree, os.path.join(store_dir, staging, "d2"), symlinks=True)
     reply = api(web, "complete_upload", status=400, store_name="main", staging_dir=staging,
                 dest_store_path="d2", meta_mode="infer", null_obsid=True)
     assert "is a link or special file" in reply["message"]
@@ -151,8 +152,11 @@ def test_malformed_miriad_header_is_a_400_and_the_server_lives_on(web, store_dir
         tar.add(bad, arcname="bad.uv")
     reply = put(web, "2458043/bad.uv", buf.getvalue(), status=400, headers=TAR,
                 null_obsid="false")
-    assert "MIRIAD" in reply["message"]
+    assert "MIRIAD" in reply["message"] and "null_obsid" in reply["message"]
     assert store_contents(store_dir) == (set(), [])
+    # As in the original, a data set that cannot be read has no obsid.
+    reply = put(web, "2458043/bad.uv", buf.getvalue(), headers=TAR, null_obsid="true")
+    assert reply["obsid"] is None and reply["size"] == shell_size(str(bad))
     with open(UVH5, "rb") as f:
         assert put(web, "zen.2458432.34569.uvh5", f.read(), null_obsid="false")["obsid"] \
             == 1225829886
@@ -278,7 +282,8 @@ def test_a_move_interrupted_before_commit_is_undone_at_start(app, web, store_dir
 
     store = open_store(models.Store.get())
     # An issued staging directory (two-step protocol) and a request's own.
-    issued = api(web, "initiate_upload", upload_size=3)["staging_dir"]
+    issued_rel = api(web, "initiate_upload", upload_size=3)["staging_dir"]
+    issued = os.path.join(store_dir, issued_rel)
     with open(os.path.join(issued, "two.txt"), "wb") as f:
         f.write(b"two")
     own = store.new_staging_dir()
@@ -295,7 +300,7 @@ def test_a_move_interrupted_before_commit_is_undone_at_start(app, web, store_dir
     assert staging == [os.path.basename(issued)]
     assert os.listdir(issued) == ["two.txt"]
     # The two-step upload can now be completed as if nothing had happened.
-    api(web, "complete_upload", store_name="main", staging_dir=issued,
+    api(web, "complete_upload", store_name="main", staging_dir=issued_rel,
         dest_store_path="x/two.txt", meta_mode="infer", null_obsid=True)
     assert store_contents(store_dir)[0] == {"x/two.txt"}
 

@@ -608,7 +608,7 @@ def test_a_forged_marker_never_moves_registered_bytes(app, web, store_dir):
         f.write(b"registered")
     put(web, "t.uv", tar_of(tree, "t.uv"), null_obsid="true",
         headers={"X-Librarian-Directory": "tar"})
-    staging = api(web, "initiate_upload", upload_size=1)["staging_dir"]
+    staging = os.path.join(store_dir, api(web, "initiate_upload", upload_size=1)["staging_dir"])
     with open(os.path.join(staging, ".librarian-destination"), "w") as f:
         f.write("t.uv/sub/f")
     librarian.clean_all_staging()
@@ -619,11 +619,12 @@ def test_a_forged_marker_never_moves_registered_bytes(app, web, store_dir):
 def test_a_planted_marker_link_is_not_followed(web, store_dir, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    staging = api(web, "initiate_upload", upload_size=4)["staging_dir"]
+    rel = api(web, "initiate_upload", upload_size=4)["staging_dir"]
+    staging = os.path.join(store_dir, rel)
     os.symlink(str(victim), os.path.join(staging, ".librarian-destination"))
     with open(os.path.join(staging, "m.dat"), "wb") as f:
         f.write(b"data")
-    api(web, "complete_upload", store_name="main", staging_dir=staging,
+    api(web, "complete_upload", store_name="main", staging_dir=rel,
         dest_store_path="m/m.dat", meta_mode="infer", null_obsid=True)
     assert victim.read_text() == "precious"
     assert open(os.path.join(store_dir, "m", "m.dat"), "rb").read() == b"data"
@@ -633,10 +634,11 @@ def test_complete_upload_refuses_a_staging_folder_swapped_for_a_link(web, store_
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "x.dat").write_bytes(b"not from staging")
-    staging = api(web, "initiate_upload", upload_size=4)["staging_dir"]
+    rel = api(web, "initiate_upload", upload_size=4)["staging_dir"]
+    staging = os.path.join(store_dir, rel)
     os.rmdir(staging)
     os.symlink(str(outside), staging)
-    msg = api(web, "complete_upload", store_name="main", staging_dir=staging, status=400,
+    msg = api(web, "complete_upload", store_name="main", staging_dir=rel, status=400,
               dest_store_path="x.dat", meta_mode="infer", null_obsid=True)["message"]
     assert "not a folder of the staging area" in msg
     assert models.File.select().count() == 0 and (outside / "x.dat").exists()

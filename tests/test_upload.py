@@ -187,10 +187,25 @@ def test_store_path_through_symlink_leaving_the_store_is_refused(web, store_dir,
     assert models.File.select().count() == 0
 
 
-def test_empty_body_is_refused(web, store_dir):
-    reply = put(web, "empty.dat", b"", status=400, null_obsid="true").json
-    assert "empty request body" in reply["message"]
-    assert_nothing_registered(store_dir)
+def test_a_zero_length_file_is_an_ordinary_file(web, store_dir):
+    reply = put(web, "flags/empty.flag", b"", null_obsid="true").json
+    assert (reply["size"], reply["md5"]) == (0, "d41d8cd98f00b204e9800998ecf8427e")
+    assert os.path.getsize(os.path.join(store_dir, "flags", "empty.flag")) == 0
+    assert web.get("/api/download/empty.flag", headers=bearer()).body == b""
+
+
+def test_a_directory_with_zero_length_members_keeps_them(web, store_dir, tmp_path):
+    tree = tmp_path / "d.flags"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "empty").write_bytes(b"")
+    (tree / "data").write_bytes(b"x")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(str(tree), "d.flags")
+    reply = put(web, "d.flags", buf.getvalue(), null_obsid="true",
+                headers={"X-Librarian-Directory": "tar"}).json
+    assert reply["md5"] == shell_md5(str(tree)) and reply["size"] == 1
+    assert os.path.getsize(os.path.join(store_dir, "d.flags", "sub", "empty")) == 0
 
 
 @pytest.mark.parametrize("member", ["../x", "/etc/passwd-copy", "symlink", "hardlink", "fifo"])
