@@ -1,0 +1,228 @@
+"""What a site running the original Librarian relies on, checked against our
+server: pre-staged folders, store-relative staging folders, the original's
+search aliases, its leniency about extra arguments, record sets that add a
+session later, zero-length files. (The deployed client itself is driven in
+test_v1_client.py.)"""
+
+import os
+import shutil
+import socket
+
+import models
+from conftest import api, bearer
+from reference import shell_md5
+
+
+def prestage(store_dir, subdir, files):
+    """Put `{name: bytes}` into `store_dir/subdir` as an operator would."""
+    folder = os.path.join(store_dir, subdir)
+    os.makedirs(folder, exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    return folder
+
+
+def snapshot(folder):
+    """{relative path: (bytes, mtime)} of everything in a folder."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
+    return found
+
+
+def ingest_prestaged(web, subdir, name, dest=None, status=200, **extra):
+    reply = api(web, "initiate_upload", upload_size=1, known_staging_store="main",
+                known_staging_subdir=subdir)
+    assert reply["staging_dir"] == subdir  # as given: relative to path_prefix
+    return api(web, "complete_upload", status=status, store_name="main", staging_dir=subdir,
+               dest_store_path=dest or "2458043/" + name, meta_mode="infer",
+               staging_was_known=True, **extra)
+
+
+def test_a_prestaged_folder_is_ingested_one_file_per_call_and_keeps_the_others(
+        web, store_dir):
+    import librarian
+
+    names = ["f%03d.flag" % i for i in range(200)]
+    folder = prestage(store_dir, "incoming/night 1", {n: n.encode() for n in names})
+    prestage(store_dir, "incoming/night 1", {"README.txt": b"operator's notes"})
+    for name in names[:150]:
+        ingest_prestaged(web, "incoming/night 1", name, null_obsid=True)
+    assert models.FileInstance.select().count() == 150
+    left = snapshot(folder)
+    assert sorted(left) == sorted(names[150:] + ["README.txt"])
+    assert left["README.txt"][0] == b"operator's notes"
+    with open(os.path.join(store_dir, "2458043", "f007.flag"), "rb") as f:
+        assert f.read() == b"f007.flag"
+    # Start-up housekeeping never sweeps an operator's folder.
+    before = snapshot(folder)
+    librarian.clean_all_staging()
+    assert snapshot(folder) == before
+    assert os.listdir(os.path.join(store_dir, ".staging")) == []
+
+
+def test_a_prestaged_file_that_cannot_be_registered_stays_where_it_was(web, store_dir):
+    folder = prestage(store_dir, "carried/disk7", {"zen.x.dat": b"no obsid", "other": b"o"})
+    before = snapshot(folder)
+    msg = ingest_prestaged(web, "carried/disk7", "zen.x.dat", status=400)["message"]
+    assert "null_obsid" in msg
+    assert snapshot(folder) == before
+    assert models.File.select().count() == 0
+    assert os.listdir(os.path.join(store_dir, ".staging")) == []
+    # Different bytes under a registered name: refused, and still left alone.
+    api(web, "initiate_upload", upload_size=1, files={"zen.x.dat": {
+        "name": "zen.x.dat", "type": "dat", "create_time": 1500000000, "obsid": None,
+        "size": 3, "md5": "0" * 32}})
+    msg = ingest_prestaged(web, "carried/disk7", "zen.x.dat", status=409, null_obsid=True)
+    assert snapshot(folder) == before
+
+
+def test_a_crash_while_a_prestaged_file_is_out_of_its_folder_puts_it_back(app, web, store_dir):
+    import librarian
+    from stores import open_store
+
+    folder = prestage(store_dir, "pre", {"a.flag": b"aaa"})
+    store = open_store(models.Store.get())
+    staged = store.take_from_known(store.known_staging_dir("pre"), "a.flag")
+    assert not os.path.exists(os.path.join(folder, "a.flag"))
+    # ... and the process dies before registering it: the next start returns it.
+    librarian.startup(app)
+    assert snapshot(folder)["a.flag"][0] == b"aaa"
+    assert not os.path.exists(os.path.dirname(staged))
+
+
+def test_known_staging_subdirs_must_be_folders_inside_the_store(web, store_dir, tmp_path):
+    os.makedirs(os.path.join(store_dir, "ok"))
+    (tmp_path / "outside").mkdir()
+    os.symlink(str(tmp_path / "outside"), os.path.join(store_dir, "link"))
+    with open(os.path.join(store_dir, "plain"), "wb") as f:
+        f.write(b"x")
+    cases = {"../../escape": "may not contain '..'", "/abs/path": "not absolute",
+             "": "must name a folder", ".staging/x": "server's own staging area",
+             "missing/dir": "does not exist", "plain": "is not a folder",
+             "link": "not a folder of store 'main'"}
+    for subdir, message in cases.items():
+        reply = api(web, "initiate_upload", status=400, upload_size=1,
+                    known_staging_store="main", known_staging_subdir=subdir)
+        assert message in reply["message"], (subdir, reply["message"])
+    assert api(web, "initiate_upload", upload_size=1, known_staging_store="main",
+               known_staging_subdir="ok/")["staging_dir"] == "ok/"
+    # A registered directory is not a staging folder.
+    tree = os.path.join(store_dir, "reg.uv")
+    os.makedirs(os.path.join(tree, "sub"))
+    from librarian_client import path_md5
+    size, md5 = path_md5(tree)
+    api(web, "register_instances", store_name="main", null_obsid=True,
+        file_info={tree: {"size": size, "md5": md5}})
+    reply = api(web, "initiate_upload", status=409, upload_size=1, known_staging_store="main",
+                known_staging_subdir="reg.uv/sub")
+    assert "inside the registered file reg.uv" in reply["message"]
+
+
+def test_a_known_folder_must_be_named_in_initiate_upload_first(web, store_dir):
+    prestage(store_dir, "pre", {"a.flag": b"a"})
+    msg = api(web, "complete_upload", status=400, store_name="main", staging_dir="pre",
+              dest_store_path="a.flag", meta_mode="infer", null_obsid=True)["message"]
+    assert "named in initiate_upload first" in msg
+
+
+def test_initiate_upload_names_the_free_bytes_and_a_relative_staging_folder(web, store_dir):
+    reply = api(web, "initiate_upload", upload_size=10)
+    free = shutil.disk_usage(store_dir).free
+    assert isinstance(reply["available"], int) and not isinstance(reply["available"], bool)
+    assert abs(reply["available"] - free) < 64 << 20
+    assert not reply["staging_dir"].startswith("/")
+    assert os.path.isdir(os.path.join(reply["path_prefix"], reply["staging_dir"]))
+
+
+def test_search_aliases_of_the_original_work_in_searches_and_standing_orders(
+        web, app, store_dir):
+    app.config["librarian.settings"].connections["penn"] = {
+        "url": "http://127.0.0.1:9/", "authenticator": "x"}
+    api(web, "initiate_upload", upload_size=1, auth="appender", files={
+        n: {"name": n, "type": "flag", "create_time": 1500000000, "obsid": None, "size": 1,
+            "md5": "0" * 32} for n in ("zen.a.flag", "zen.b.flag", "other.flag")})
+    names = lambda search: [r["name"] for r in api(  # noqa: E731
+        web, "search", search=search, output_format="file-listing-json")["results"]]
+    assert names('{"name-like": "zen.%"}') == ["zen.a.flag", "zen.b.flag"]
+    assert names('{"source-is": "appender", "name-like": "%.a.%"}') == ["zen.a.flag"]
+    assert names('{"source-is": "admin"}') == []
+    api(web, "create_standing_order", name="zen-to-penn", search='{"name-like": "zen.%"}',
+        conn_name="penn")
+    orders = api(web, "list_standing_orders")["standing_orders"]
+    assert orders[0]["search"] == '{"name-like": "zen.%"}'
+
+
+def session_record(sid, start):
+    return {str(sid): {"id": sid, "start_time_jd": start, "stop_time_jd": start + 0.1}}
+
+
+def obs_record(obsid, start, session_id=None):
+    rec = {"obsid": obsid, "start_time_jd": start, "stop_time_jd": start + 0.01,
+           "start_lst_hr": 1.5}
+    if session_id is not None:
+        rec["session_id"] = session_id
+    return {str(obsid): rec}
+
+
+def test_a_resent_observation_gets_the_session_assigned_at_the_source(web):
+    api(web, "initiate_upload", upload_size=1, observations=obs_record(1192201262, 2458043.1))
+    assert models.Observation.get_by_id(1192201262).session_id is None
+    api(web, "initiate_upload", upload_size=1, sessions=session_record(1192201262, 2458043.1),
+        observations=obs_record(1192201262, 2458043.1, session_id=1192201262))
+    assert models.Observation.get_by_id(1192201262).session_id == 1192201262
+    # Sent again: a no-op. Another session for it: refused, nothing changed.
+    api(web, "initiate_upload", upload_size=1,
+        observations=obs_record(1192201262, 2458043.1, session_id=1192201262))
+    reply = api(web, "initiate_upload", status=409, upload_size=1,
+                sessions=session_record(1192201000, 2458043.0),
+                observations=obs_record(1192201262, 2458043.1, session_id=1192201000))
+    assert "belongs to session 1192201262 here, not 1192201000" in reply["message"]
+    assert models.Observation.get_by_id(1192201262).session_id == 1192201262
+    assert models.ObservingSession.get_or_none(models.ObservingSession.id == 1192201000) is None
+
+
+def test_a_zero_length_file_arrives_by_the_two_step_protocol(web, store_dir):
+    reply = api(web, "initiate_upload", upload_size=0)
+    open(os.path.join(store_dir, reply["staging_dir"], "done.flag"), "wb").close()
+    out = api(web, "complete_upload", store_name="main", staging_dir=reply["staging_dir"],
+              dest_store_path="flags/done.flag", meta_mode="infer", null_obsid=True)
+    assert (out["size"], out["md5"]) == (0, "d41d8cd98f00b204e9800998ecf8427e")
+
+
+def test_a_put_without_any_body_is_refused(server, store_dir):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(("PUT /api/upload/nobody.dat?null_obsid=true HTTP/1.1\r\nHost: x\r\n"
+                   "Authorization: %s\r\nConnection: close\r\n\r\n"
+                   % bearer()["Authorization"]).encode())
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400") and b"no request body" in reply
+
+
+def test_a_directory_the_reader_cannot_read_has_no_obsid_with_null_obsid(web, tmp_path):
+    tree = tmp_path / "cal.uv"
+    tree.mkdir()
+    (tree / "visdata").write_bytes(b"not miriad")
+    (tree / "header").write_bytes(b"\0garbage")
+    from librarian_client import path_md5
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(str(tree), "cal.uv")
+    headers = dict(bearer(), **{"X-Librarian-Directory": "tar"})
+    msg = web.put("/api/upload/cal.uv", buf.getvalue(), headers=headers, status=400).json
+    assert "cannot read MIRIAD header" in msg["message"] and "null_obsid" in msg["message"]
+    reply = web.put("/api/upload/cal.uv?null_obsid=true", buf.getvalue(), headers=headers,
+                    status=201).json
+    assert reply["obsid"] is None and reply["md5"] == path_md5(str(tree))[1] \
+        == shell_md5(str(tree))
