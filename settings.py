@@ -8,6 +8,7 @@ documented in `config.example.ini`, which a test checks against `SCHEMA`.
 
 import configparser
 import os
+import shlex
 import socket
 
 from models import LEVELS, STORE_NAME_RE
@@ -90,6 +91,13 @@ def _db_url(value):
     return value
 
 
+def _command(value):
+    words = shlex.split(value)
+    if not words:
+        raise ValueError("expected a command")
+    return words
+
+
 def _nonempty(value):
     if not value.strip():
         raise ValueError("may not be empty")
@@ -134,6 +142,7 @@ SCHEMA = {
     },
     "staging": {
         "dest_prefix": (_nonempty, None),
+        "chown_command": (_command, None),
     },
     "connection:*": {
         "url": (_url, REQUIRED),

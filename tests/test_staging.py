@@ -1,6 +1,8 @@
 """Local-disk staging of search results, on SQLite and PostgreSQL."""
 
 import os
+import stat
+import time
 
 import pytest
 
@@ -29,8 +31,14 @@ def test_staging_copies_the_matches_and_leaves_markers(staged, web):
                                 output_format="stage-the-files-json", stage_user="ann",
                                 stage_dest="night1")["message"]
     assert tasks.run_until_empty() == 1
-    assert sorted(os.listdir(dest)) == ["STAGING-SUCCEEDED", "one.txt", "two.txt"]
-    assert (dest / "two.txt").read_bytes() == b"two!"
+    # Each file keeps its folders on the store, as the original's pipelines expect.
+    assert sorted(os.listdir(dest)) == ["STAGING-SUCCEEDED", "a", "b"]
+    assert (dest / "b" / "two.txt").read_bytes() == b"two!"
+    finished = float((dest / "STAGING-SUCCEEDED").read_text())
+    assert abs(finished - time.time()) < 60
+    # Folders are shared (group-writable, setgid) and copies the user's to change.
+    assert stat.S_IMODE(os.stat(dest / "a").st_mode) & 0o2030 == 0o2030  # g+wx, setgid
+    assert os.stat(dest / "a" / "one.txt").st_mode & 0o220 == 0o220
     # Again into the same place: the copies exist, so each is an error line.
     api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
         stage_user="ann", stage_dest="night1")
@@ -40,9 +48,45 @@ def test_staging_copies_the_matches_and_leaves_markers(staged, web):
     assert not (dest / "STAGING-SUCCEEDED").exists()
 
 
+def test_staging_into_an_absolute_folder_as_the_deployed_client_asks(staged, web, tmp_path):
+    target = staged / "lustre" / "ann" / "run7"
+    reply = api(web, "search", auth="writer", search='{"name-matches": "one.%"}',
+                output_format="stage-the-files-json", stage_user="ann",
+                stage_dest=str(target), type="instances-stores")
+    assert reply["destination"] == str(target) and reply["n_instances"] == 1
+    tasks.run_until_empty()
+    assert (target / "a" / "one.txt").read_bytes() == b"one"
+    assert (target / "STAGING-SUCCEEDED").exists()
+    for outside in (str(tmp_path / "elsewhere"), str(staged), str(staged) + "-evil/x"):
+        msg = api(web, "search", status=400, search="{}", output_format="stage-the-files-json",
+                  stage_user="ann", stage_dest=outside)["message"]
+        assert "not a folder inside the staging area" in msg
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_chown_command_hands_the_copies_to_the_user(staged, app, web, tmp_path):
+    log = tmp_path / "chown.log"
+    script = tmp_path / "fake-chown"
+    script.write_text('#!/bin/sh\necho "$@" > %s\n' % log)
+    script.chmod(0o755)
+    app.config["librarian.settings"].staging["chown_command"] = [str(script), "--as-root"]
+    api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
+        stage_user="bob", stage_dest="handed")
+    tasks.run_until_empty()
+    dest = staged / "bob" / "handed"
+    assert log.read_text().split() == ["--as-root", "-u", "bob", "-R", "-d", str(dest)]
+    assert (dest / "STAGING-SUCCEEDED").exists()
+    script.write_text("#!/bin/sh\necho no such user >&2\nexit 3\n")
+    api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
+        stage_user="bob", stage_dest="handed-again")
+    tasks.run_until_empty()
+    errors = (staged / "bob" / "handed-again" / "STAGING-ERRORS").read_text()
+    assert "fake-chown exited with 3: no such user" in errors
+
+
 @pytest.mark.parametrize("user,subdir,message", [
-    ("ann", "../../escape", "without '..'"), ("ann", "/abs", "relative"),
-    ("../x", "d", "plain name"), ("ann", "link/inside", "outside the staging area")])
+    ("ann", "../../escape", "without '..'"), ("ann", "/abs", "not a folder inside"),
+    ("../x", "d", "plain name"), ("ann", "link/inside", "not a folder inside the staging")])
 def test_staging_refuses_escapes(staged, web, tmp_path, user, subdir, message):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -82,7 +126,7 @@ def test_client_stage_files_waits_for_the_result(tmp_path, capsys):
         assert code == 0
         out = capsys.readouterr().out
         assert "staging 1 file(s), 3 bytes" in out and out.strip().endswith("done")
-        assert (area / "writer" / "run1" / "a.txt").read_bytes() == b"aaa"
+        assert (area / "writer" / "run1" / "x" / "a.txt").read_bytes() == b"aaa"
     finally:
         server.stop()
 
@@ -97,7 +141,7 @@ def test_staging_form_under_file_search_results(staged, web):
     form["dest"] = "from-web"
     assert "into <code>%s</code>" % (staged / "writer" / "from-web") in form.submit().text
     tasks.run_until_empty()
-    assert sorted(os.listdir(staged / "writer" / "from-web")) == ["STAGING-SUCCEEDED", "one.txt"]
+    assert sorted(os.listdir(staged / "writer" / "from-web")) == ["STAGING-SUCCEEDED", "a"]
     login_as(web, "reader")
     page = web.post("/search", {"type": "files", "search": "{}", "output_format": "List of files"})
     assert "/stage" not in page.text
