@@ -4,13 +4,23 @@
 records a `launch_copy` event and queues a `copy_to_librarian` task. The
 task sends the file's File/Observation/Session records with the receiver's
 `initiate_upload` (so that the receiver keeps the same create time and
-session), then streams the bytes with the streamed upload, which the
-receiver verifies (size and MD5) before registering. A broken transfer is
-simply sent again on the next attempt: the receiver registers nothing until
-the whole file has arrived and checked out. When the receiver already has
-the identical file, the copy succeeds at once. A `copy_finished` event
-records the connection, the remote path, the error code and message, the
-duration (s) and the average rate (kB/s).
+session), then the bytes, which the receiver verifies (size and MD5 against
+the records) before registering:
+
+- to a Librarian like this one, by the streamed upload over HTTP;
+- to one that still runs the original server (it has no streamed upload),
+  by the original's protocol: over SSH into the staging folder its
+  `initiate_upload` named on its store host, logged in with the
+  connection's SSH settings, then `complete_upload` in `direct` mode;
+- with `known_staging_store`/`known_staging_subdir` (the bytes were put in
+  that folder of the receiver by other means), no bytes at all: the
+  receiver is asked to complete from that folder.
+
+A broken transfer is simply sent again on the next attempt: the receiver
+registers nothing until the whole file has arrived and checked out. When
+the receiver already has the identical file, the copy succeeds at once. A
+`copy_finished` event records the connection, the remote path, the error
+code and message, the duration (s) and the average rate (kB/s).
 
 Connections are `[connection:NAME]` sections of the configuration, or else
 entries of `~/.hl_client.cfg`.
@@ -19,24 +29,34 @@ entries of `~/.hl_client.cfg`.
 import json
 import logging
 import os
+import posixpath
+import threading
 import time
 
 import librarian_client
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
-from stores import iter_file, iter_tar, present_instance, tar_size
+from sshfs import SSHFS, SSHConnection, SSHTarget
+from stores import copy_tree, iter_file, iter_tar, present_instance, tar_size
 
 log = logging.getLogger("librarian")
 
 REPORT_EVERY = 64 << 20  # bytes between progress reports
 _settings = None
+_peer_hosts = {}  # SSHTarget -> SSHConnection: store hosts of Librarians of the original kind
+_peer_hosts_lock = threading.Lock()
 
 
 def configure(settings):
     """Give the copy tasks the configuration (for its connections)."""
     global _settings
     _settings = settings
+    with _peer_hosts_lock:
+        for conn in _peer_hosts.values():
+            conn.retired = True
+            conn.drop()
+        _peer_hosts.clear()
 
 
 def client_for(connection_name):
@@ -101,9 +121,14 @@ def record_set(file):
     return sets
 
 
-def launch(file_name, connection_name, remote_store_path=None, standing_order=None):
-    """Queue a copy (for `standing_order`, if given); returns the task. 400
-    for an unknown file or connection, or a file with no instance here."""
+def launch(file_name, connection_name, remote_store_path=None, standing_order=None,
+           known_staging_store=None, known_staging_subdir=None):
+    """Queue a copy (for `standing_order`, if given; from the receiver's
+    pre-staged folder with `known_staging_*`); returns the task. 400 for an
+    unknown file or connection, or a file with no instance here."""
+    if (known_staging_store is None) != (known_staging_subdir is None):
+        raise LibrarianError(400, "give both known_staging_store and known_staging_subdir, "
+                             "or neither")
     if File.get_or_none(File.name == file_name) is None:
         raise LibrarianError(400, "no file named %r" % file_name)
     client_for(connection_name)
@@ -119,7 +144,10 @@ def launch(file_name, connection_name, remote_store_path=None, standing_order=No
         return tasks.enqueue("copy_to_librarian", {"file_name": file_name,
                                                    "connection_name": connection_name,
                                                    "remote_store_path": remote,
-                                                   "standing_order": standing_order},
+                                                   "standing_order": standing_order,
+                                                   "known_staging_store": known_staging_store,
+                                                   "known_staging_subdir":
+                                                   known_staging_subdir},
                              file_name=file_name, standing_order=standing_order)
 
 
@@ -152,6 +180,57 @@ def send_instance(client, store, path, file, remote_store_path, progress):
                          null_obsid=file.obsid is None, progress=progress)
 
 
+def peer_host(connection_name, store_name, host):
+    """The file system of a receiver's store host over SSH, reached with
+    the `[connection:NAME]` SSH settings (one shared connection per host)."""
+    spec = _settings.connections.get(connection_name, {}) if _settings else {}
+    target = SSHTarget(host, spec.get("ssh_port") or 22, spec.get("ssh_user"),
+                       spec.get("ssh_key"), spec.get("known_hosts"),
+                       spec.get("ssh_timeout") or 15.0)
+    with _peer_hosts_lock:
+        if target not in _peer_hosts:
+            _peer_hosts[target] = SSHConnection("%s of %s" % (store_name, connection_name),
+                                                target)
+        return SSHFS(_peer_hosts[target])
+
+
+def send_by_ssh(client, connection_name, store, path, file, remote_store_path, progress):
+    """The original protocol: records with `initiate_upload`, which names a
+    store and a staging folder (relative to its prefix); the bytes over
+    SSH into that folder; `complete_upload` in `direct` mode, where the
+    receiver checks them against the records."""
+    info = client.initiate_upload(file.size, **record_set(file))
+    remote = peer_host(connection_name, info["name"], info["ssh_host"])
+    staged = posixpath.join(info["path_prefix"], info["staging_dir"], file.name)
+    copy_tree(store.fs, path, remote, staged, progress=progress)
+    client.complete_upload(info["name"], info["staging_dir"], remote_store_path, "direct")
+
+
+def complete_prestaged(client, file, args):
+    """Ask the receiver to register `file` from the folder where its bytes
+    were put by other means (`known_staging_store`/`_subdir`)."""
+    info = client.initiate_upload(file.size, known_staging_store=args["known_staging_store"],
+                                  known_staging_subdir=args["known_staging_subdir"],
+                                  **record_set(file))
+    client.complete_upload(info["name"], info["staging_dir"], args["remote_store_path"],
+                           "direct", staging_was_known=True)
+
+
+def send(client, store, path, file, args, progress):
+    """Send `file` (at `path` on `store`) by the way the receiver takes it;
+    see the module docstring. Returns the bytes sent."""
+    if args.get("known_staging_store"):
+        complete_prestaged(client, file, args)
+        return 0
+    if client.offers_streamed_upload():
+        client.initiate_upload(file.size, **record_set(file))
+        send_instance(client, store, path, file, args["remote_store_path"], progress)
+    else:
+        send_by_ssh(client, args["connection_name"], store, path, file,
+                    args["remote_store_path"], progress)
+    return file.size
+
+
 @tasks.handler("copy_to_librarian")
 def copy_to_librarian(task, args):
     """The task: send records, then bytes; see the module docstring."""
@@ -175,15 +254,19 @@ def copy_to_librarian(task, args):
             task.report(sent[0])
 
     try:
-        client.initiate_upload(file.size, **record_set(file))
-        send_instance(client, store, path, file, args["remote_store_path"], progress)
+        size = send(client, store, path, file, args, progress)
     except librarian_client.RPCError as e:
         if e.status in (400, 403, 409):  # refused: sending again will not help
             _finished(file.name, args, e.status, e.message, time.monotonic() - started, 0)
             raise tasks.Permanent(e.message) from None
         raise  # unreachable or broken: retried after the back-off
+    except LibrarianError as e:
+        if e.status >= 500:  # the receiver's store host cannot be reached now
+            raise
+        _finished(file.name, args, 1, e.message, time.monotonic() - started, 0)
+        raise tasks.Permanent(e.message) from None
     with write_transaction():
-        _finished(file.name, args, 0, "", time.monotonic() - started, file.size)
+        _finished(file.name, args, 0, "", time.monotonic() - started, size)
         if args.get("standing_order") and _order_exists(args["standing_order"]):
             FileEvent.record(file.name, "standing_order_succeeded:" + args["standing_order"],
                              {"connection_name": args["connection_name"]})

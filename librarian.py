@@ -407,8 +407,9 @@ def operation(op_name, level, **spec):
 
 @handle_errors
 def api_dispatch(name):
-    if name not in OPERATIONS:
-        fail(400, "unknown operation %r" % name)
+    if name not in OPERATIONS or (name not in V1_OPERATIONS
+                                  and not cfg().server["protocol_additions"]):
+        fail(404, "unknown operation %r" % name[:64])
     func, level, spec = OPERATIONS[name]
     payload = read_api_payload()
     source = authenticate(bearer_token() or payload.get("authenticator"), level)
@@ -722,7 +723,9 @@ def op_launch_file_copy(source, args):
     """Queue a copy of a file to another Librarian (a background task)."""
     if args["remote_store_path"] is not None:
         split_store_path(args["remote_store_path"])
-    copies.launch(args["file_name"], args["connection_name"], args["remote_store_path"])
+    copies.launch(args["file_name"], args["connection_name"], args["remote_store_path"],
+                  known_staging_store=args["known_staging_store"],
+                  known_staging_subdir=args["known_staging_subdir"])
     return {}
 
 
@@ -921,10 +924,11 @@ def install_routes(app):
     import pages
 
     pages.install(app)
-    app.route("/api/openapi.json", "GET", openapi)
-    # [\s\S]: any character, so that a name with a newline gets a clear 400.
-    app.route(r"/api/upload/<dest_store_path:re:[\s\S]+>", "PUT", upload)
-    app.route("/api/download/<name>", "GET", download)
+    if app.config["librarian.settings"].server["protocol_additions"]:
+        app.route("/api/openapi.json", "GET", openapi)
+        # [\s\S]: any character, so that a name with a newline gets a clear 400.
+        app.route(r"/api/upload/<dest_store_path:re:[\s\S]+>", "PUT", upload)
+        app.route("/api/download/<name>", "GET", download)
     app.route("/stream/<name>", "GET", download)
     app.route("/api/<name>", ["GET", "POST"], api_dispatch)
 

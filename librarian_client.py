@@ -300,6 +300,23 @@ class LibrarianClient:
     def list_standing_orders(self):
         return self._do_http_post("list_standing_orders")["standing_orders"]
 
+    def offers_streamed_upload(self):
+        """Whether the server takes bytes over HTTP (our addition, described
+        by its OpenAPI document); a server of the original kind does not,
+        and takes them only by the two-step protocol over SSH. Raises
+        `RPCError` when the server cannot be asked."""
+        resp = self._send("openapi", "GET", self.url + "api/openapi.json")
+        if resp.status_code in (404, 405):
+            return False
+        try:
+            paths = resp.json()["paths"] if resp.status_code == 200 else None
+        except (ValueError, KeyError, TypeError):
+            paths = None
+        if paths is None:
+            raise RPCError("openapi", "HTTP %d for the API description" % resp.status_code,
+                           resp.status_code)
+        return "/api/upload/{dest_store_path}" in paths
+
     # -- streamed transfers ---------------------------------------------------
 
     def upload(self, local_path, dest_store_path, null_obsid=False, deletion_policy="disallowed",

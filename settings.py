@@ -118,6 +118,7 @@ SCHEMA = {
         "workers": (_non_negative_int, 1),
         "task_retry_seconds": (_positive_float, 10.0),
         "task_max_attempts": (_positive_int, 5),
+        "protocol_additions": (_bool, True),
     },
     "database": {
         "url": (_db_url, REQUIRED),
@@ -147,6 +148,11 @@ SCHEMA = {
     "connection:*": {
         "url": (_url, REQUIRED),
         "authenticator": (_nonempty, REQUIRED),
+        "ssh_user": (_nonempty, None),
+        "ssh_port": (_port, 22),
+        "ssh_key": (_nonempty, None),
+        "known_hosts": (_nonempty, None),
+        "ssh_timeout": (_positive_float, 15.0),
     },
     "source:*": {
         "authenticator": (_nonempty, REQUIRED),

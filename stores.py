@@ -479,28 +479,32 @@ def iter_file(fs, path, start=0, length=None):
             yield from _read_exactly(f, length, path)
 
 
-def copy_tree(src_fs, src, dst_fs, dst):
+def copy_tree(src_fs, src, dst_fs, dst, progress=None):
     """Copy the file or directory `src` on `src_fs` to the new path `dst` on
-    `dst_fs`, streaming (either may be local or remote). Links and special
-    files are refused with `LibrarianError(400)`."""
+    `dst_fs`, streaming (either may be local or remote); `progress(n)` is
+    called with each chunk's bytes. Links and special files are refused
+    with `LibrarianError(400)`."""
     bad = src_fs.find_special(src)
     if bad is not None:
         raise LibrarianError(400, "%s is a link or special file" % bad)
     if not stat.S_ISDIR(src_fs.lstat(src).st_mode):
-        _copy_file(src_fs, src, dst_fs, dst)
+        _copy_file(src_fs, src, dst_fs, dst, progress)
         return
     dst_fs.mkdir(dst)
     for rel, st in walk(src_fs, src):
         if stat.S_ISDIR(st.st_mode):
             dst_fs.mkdir(posixpath.join(dst, rel))
         else:
-            _copy_file(src_fs, posixpath.join(src, rel), dst_fs, posixpath.join(dst, rel))
+            _copy_file(src_fs, posixpath.join(src, rel), dst_fs, posixpath.join(dst, rel),
+                       progress)
 
 
-def _copy_file(src_fs, src, dst_fs, dst):
+def _copy_file(src_fs, src, dst_fs, dst, progress=None):
     with src_fs.open(src, "rb") as f, dst_fs.open(dst, "xb") as out:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             out.write(chunk)
+            if progress:
+                progress(len(chunk))
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_malformed_requests_get_400_with_message(web, body, message):
 
 
 def test_unknown_operation_and_unknown_route_are_json_errors(web):
-    assert "unknown operation 'nope'" in api(web, "nope", status=400)["message"]
+    assert "unknown operation 'nope'" in api(web, "nope", status=404)["message"]
     resp = web.get("/api/nothing/here", status=404)
     assert resp.json["success"] is False and "/api/nothing/here" in resp.json["message"]
     resp = web.delete("/api/ping", status=405)

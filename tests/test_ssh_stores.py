@@ -501,6 +501,86 @@ def test_a_copy_between_two_librarians_with_remote_stores(tmp_path, sshd):
         receiver.stop()
 
 
+@pytest.fixture
+def original_receiver(tmp_path, sshd):
+    """A receiver that speaks only the original protocol (ours with its
+    additions switched off), its store behind sshd, and a sender with a
+    local store whose connection to it has SSH settings."""
+    base = tmp_path / "receiver"
+    remote = base / REMOTE
+    remote.mkdir(parents=True)
+    path = base / "librarian.ini"
+    path.write_text(config_text("sqlite:///%s" % (base / "db.sqlite"), str(remote),
+                                port=free_port(), store_section=sshd.store_section(
+                                    "pot1", str(remote))).replace(
+        "[server]\n", "[server]\nprotocol_additions = false\n", 1))
+    subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "migrate",
+                    "--config", str(path)], check=True, capture_output=True)
+    receiver = Server(str(path)).start()
+    import test_copies
+
+    sender, sender_dir = test_copies.make_librarian(
+        tmp_path, "sender", extra="[connection:v1site]\nurl = %s\nauthenticator = %s\n"
+        "ssh_user = %s\nssh_port = %d\nssh_key = %s\nknown_hosts = %s\n"
+        % (receiver.url, AUTH["appender"], sshd.user, sshd.port, sshd.client_key,
+           sshd.known_hosts))
+    sender.start()
+    yield sender, receiver, remote
+    sender.stop()
+    receiver.stop()
+
+
+def test_a_copy_to_a_librarian_of_the_original_kind_goes_over_ssh(original_receiver, tmp_path):
+    import test_copies
+
+    sender, receiver, remote = original_receiver
+    assert requests.put(receiver.url + "api/upload/x.dat", data=b"x", headers=bearer(),
+                        timeout=10).status_code == 404  # no streamed upload there
+    assert not librarian_client.LibrarianClient(conn_config={
+        "url": receiver.url, "authenticator": AUTH["reader"]}).offers_streamed_upload()
+    tree = tmp_path / "d.uv"
+    (tree / "in 'it'").mkdir(parents=True)
+    (tree / "in 'it'" / "x").write_bytes(b"x" * 5000)
+    (tree / "empty").write_bytes(b"")
+    client = librarian_client.LibrarianClient(conn_config={
+        "url": sender.url, "authenticator": AUTH["admin"]})
+    client.upload(str(tree), ODD_DIR + "/d.uv", null_obsid=True)
+    test_copies.put_bytes(sender, "f/" + ODD_NAME.replace('"', "%22"), b"flat" * 1000)
+    for name in ("d.uv", ODD_NAME):
+        assert test_copies.call(sender, "launch_file_copy", who="writer", file_name=name,
+                                connection_name="v1site")["success"]
+    test_copies.wait_for(lambda: len(test_copies.names_on(receiver)) == 2)
+    assert test_copies.files_on(receiver, {"name-is-exactly": "d.uv"}) == \
+        test_copies.files_on(sender, {"name-is-exactly": "d.uv"})
+    assert shell_md5(str(remote / ODD_DIR / "d.uv")) == shell_md5(str(tree))
+    with open(remote / "f" / ODD_NAME, "rb") as f:
+        assert f.read() == b"flat" * 1000
+    base = sender.config_path.rsplit("/", 1)[0]
+    finished = test_copies.wait_for(lambda: [
+        p for t, p in test_copies.events(__import__("pathlib").Path(base), "d.uv")
+        if t == "copy_finished"])
+    assert finished[0]["error_code"] == 0 and finished[0]["connection_name"] == "v1site"
+    # The receiver's issued staging folders were used and removed.
+    assert [d for d in (remote / ".staging").iterdir() if any(d.iterdir())] == []
+
+
+def test_a_copy_from_a_folder_prestaged_at_the_receiver_sends_no_bytes(original_receiver):
+    import test_copies
+
+    sender, receiver, remote = original_receiver
+    test_copies.put_bytes(sender, "2458043/carried.dat", b"carried by disk")
+    carried = remote / "incoming" / "disk 3"
+    carried.mkdir(parents=True)
+    (carried / "carried.dat").write_bytes(b"carried by disk")
+    (carried / "other.dat").write_bytes(b"not this one")
+    assert test_copies.call(sender, "launch_file_copy", who="writer", file_name="carried.dat",
+                            connection_name="v1site", known_staging_store="pot1",
+                            known_staging_subdir="incoming/disk 3")["success"]
+    test_copies.wait_for(lambda: test_copies.names_on(receiver) == ["carried.dat"])
+    assert (remote / "2458043" / "carried.dat").read_bytes() == b"carried by disk"
+    assert sorted(os.listdir(carried)) == ["other.dat"]
+
+
 # ---------------------------------------------------------------------------
 # What an adversarial pass found
 # ---------------------------------------------------------------------------
