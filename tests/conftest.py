@@ -80,19 +80,26 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield "sqlite:///%s" % (tmp_path / "librarian.db")
         return
+    dbname = request.getfixturevalue("pg_database")
+    url, schema, conn = pg_schema(dbname)
+    yield url
+    models.close_database()
+    with conn.cursor() as cur:
+        cur.execute("DROP SCHEMA %s CASCADE" % schema)
+    conn.close()
+
+
+def pg_schema(dbname):
+    """A fresh schema in the run's PostgreSQL database `dbname`: (its URL,
+    its name, an autocommit connection to the database)."""
     import psycopg2
 
-    dbname = request.getfixturevalue("pg_database")
     schema = "t_%s" % uuid.uuid4().hex[:12]
     conn = psycopg2.connect("%s/%s" % (PG_BASE, dbname))
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("CREATE SCHEMA %s" % schema)
-    yield "%s/%s?options=-csearch_path%%3D%s" % (PG_BASE, dbname, schema)
-    models.close_database()
-    with conn.cursor() as cur:
-        cur.execute("DROP SCHEMA %s CASCADE" % schema)
-    conn.close()
+    return "%s/%s?options=-csearch_path%%3D%s" % (PG_BASE, dbname, schema), schema, conn
 
 
 # ---------------------------------------------------------------------------

@@ -21,15 +21,14 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
-import uuid
 
 import pytest
 import requests
 
-from conftest import (AUTH, MIRIAD, PG_BASE, ROOT, UVH5, Server, config_text, free_port,
-                      need_data)
+from conftest import (AUTH, MIRIAD, ROOT, UVH5, Server, config_text, free_port, need_data,
+                      pg_schema)
 from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
+from test_copies import wait_for
 
 VENV = os.path.join(ROOT, ".venv-v1client")
 REQUIREMENTS = os.path.join(ROOT, "tests", "v1client-requirements.txt")
@@ -217,29 +216,11 @@ def site(request, tmp_path_factory, sshd):
     if request.param == "sqlite":
         db_url = "sqlite:///%s/librarian.db" % base
     else:
-        import psycopg2
-
-        dbname = request.getfixturevalue("pg_database")
-        schema = "v1_%s" % uuid.uuid4().hex[:12]
-        conn = psycopg2.connect("%s/%s" % (PG_BASE, dbname))
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("CREATE SCHEMA %s" % schema)
-        conn.close()
-        db_url = "%s/%s?options=-csearch_path%%3D%s" % (PG_BASE, dbname, schema)
+        db_url, _, conn = pg_schema(request.getfixturevalue("pg_database"))
+        conn.close()  # the schema goes with the run's database
     s = Site(base, db_url, sshd, venv).start()
     yield s
     s.stop()
-
-
-def wait_for(predicate, seconds=60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError("timed out waiting")
 
 
 # ---------------------------------------------------------------------------
