@@ -118,8 +118,9 @@ def ensure_observation(meta):
     except pw.IntegrityError:
         existing = Observation.get_or_none(Observation.obsid == meta["obsid"])
     if existing is None:
-        raise LibrarianError(400, "observation %r is not valid: unknown session %r, or "
-                             "times out of order" % (meta["obsid"], meta.get("session_id")))
+        raise LibrarianError(400, "observation %r is not valid: %s" % (
+            meta["obsid"], "its times are out of order" if meta.get("session_id") is None
+            else "unknown session %r, or times out of order" % meta["session_id"]))
     session_id = meta.get("session_id")
     if session_id is None or existing.session_id == session_id:
         return

@@ -546,16 +546,18 @@ def op_complete_upload(source, args):
     folder = store.issued_staging_dir(args["staging_dir"])
     issued = store.is_staging_dir(folder)
     if not issued:
-        folder = store.known_staging_dir(args["staging_dir"])
+        folder = store.known_staging_dir(args["staging_dir"], what="staging_dir")
     if not StagingDir.select().where((StagingDir.store == store.row)
                                      & (StagingDir.path == folder)).exists():
         fail(400, "staging_dir %r was not issued by this server for store %r%s"
              % (args["staging_dir"], store.name, ", or was already used" if issued else
                 " (a known staging folder is named in initiate_upload first)"))
+    # As in the original, the bytes become a further instance of a file
+    # already known here, unless that very instance exists.
     register = functools.partial(
         ingest.register_staged, store, store_path=args["dest_store_path"], source=source.name,
         deletion_policy=args["deletion_policy"], meta_mode=args["meta_mode"],
-        null_obsid=bool(args["null_obsid"]),
+        null_obsid=bool(args["null_obsid"]), another_copy=True,
         inference_mode=cfg().librarian["obsid_inference_mode"],
         readonly=cfg().librarian["permissions_mode"] == "readonly")
     if issued:
@@ -712,6 +714,9 @@ def op_delete_file_instances_matching_query(source, args):
     """Delete the allowed instances of every file a search matches."""
     mode = deletion_mode(args)
     deletion.check_request(mode, args["restrict_to_store"])
+    if not search.parse(args["query"]):
+        fail(400, "the query is empty, which matches every file; to mean every file, say "
+             "so: {\"always-true\": []}")
     names = [f.name for f in search.file_query(args["query"]).select(File.name)]
     return {"stats": {name: deletion.delete_instances(name, mode, args["restrict_to_store"])
                       for name in names}}

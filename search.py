@@ -148,9 +148,7 @@ def _range(clause, value, cast):
     if not isinstance(value, list) or len(value) != 2:
         raise SearchError("%s needs a list [low, high], got %s" % (clause, _describe(value)))
     lo, hi = cast(clause, value[0]), cast(clause, value[1])
-    if lo > hi:
-        raise SearchError("%s has low %s above high %s" % (clause, value[0], value[1]))
-    return lo, hi
+    return min(lo, hi), max(lo, hi)  # reversed bounds are swapped, as the original did
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ line.
 
 import os
 import posixpath
+import pwd
 import re
 import stat
 import subprocess
@@ -115,6 +116,12 @@ def launch(search_text, user, stage_dest):
     """Check, lock and queue a staging; returns `{destination, n_instances,
     n_bytes}`. 400 on bad input, 409 when a staging into it is running."""
     dest = destination(user, stage_dest)
+    if _settings.staging["chown_command"]:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise LibrarianError(400, "stage_user %r is not a user of this system, to whom the "
+                                 "staged copies could be given" % user) from None
     n, size = totals(search_text)
     make_folders(os.path.realpath(_settings.staging["dest_prefix"]), dest)
     try:

@@ -660,30 +660,30 @@ class StoreAccess:
         absolute path or one with `..`."""
         return posixpath.join(self.prefix, *check_relative_folder(staging_dir, "staging_dir"))
 
-    def known_staging_dir(self, subdir):
+    def known_staging_dir(self, subdir, what="known_staging_subdir"):
         """The resolved absolute path of an operator's pre-staged folder:
         `subdir` is relative to the prefix, of any depth, and must be an
         existing folder inside the store and outside its staging area.
         Such a folder is the operator's: the server only ever takes the
-        file it is asked to complete out of it. 400 otherwise."""
-        parts = check_relative_folder(subdir, "known_staging_subdir")
+        file it is asked to complete out of it. 400 otherwise, naming
+        `what` (the argument that named the folder)."""
+        parts = check_relative_folder(subdir, what)
         if parts[0] == STAGING:
-            raise LibrarianError(400, "known_staging_subdir %r is inside the server's own "
-                                 "staging area" % subdir)
+            raise LibrarianError(400, "%s %r is inside the server's own staging area, but "
+                                 "not one of its issued folders" % (what, subdir))
         root = self.fs.realpath(self.prefix)
         real = self.fs.realpath(posixpath.join(root, *parts))
         if real == root or not is_inside(real, root) \
                 or is_inside(real, posixpath.join(root, STAGING)):
-            raise LibrarianError(400, "known_staging_subdir %r resolves to %s, which is not a "
-                                 "folder of store %r outside its staging area"
-                                 % (subdir, real, self.name))
+            raise LibrarianError(400, "%s %r resolves to %s, which is not a folder of store %r "
+                                 "outside its staging area" % (what, subdir, real, self.name))
         try:
             is_dir = stat.S_ISDIR(self.fs.lstat(real).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             is_dir = None
         if not is_dir:
-            raise LibrarianError(400, "known_staging_subdir %r %s on %s" % (
-                subdir, "does not exist" if is_dir is None else "is not a folder",
+            raise LibrarianError(400, "%s %r %s on %s" % (
+                what, subdir, "does not exist" if is_dir is None else "is not a folder",
                 self.describe()))
         return real
 

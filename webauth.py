@@ -55,7 +55,9 @@ def authenticate(authenticator, level):
     `level`; otherwise 400 (missing or wrong) or 403 (too low). Verified
     sources are cached for a minute so that Argon2's deliberate slowness is
     paid once per client, not per request."""
-    if not isinstance(authenticator, str) or not authenticator:
+    if authenticator is not None and not isinstance(authenticator, str):
+        fail(400, "the authenticator must be a string")
+    if not authenticator:
         fail(400, "no authenticator given")
     cache = request.app.config["librarian.auth_cache"]
     key = hashlib.sha256(authenticator.encode("utf-8", "replace")).hexdigest()

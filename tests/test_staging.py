@@ -4,10 +4,14 @@ import os
 import stat
 import time
 
+import getpass
+
 import pytest
 
 import tasks
 from conftest import api, bearer
+
+USER = getpass.getuser()  # a user of this system, as chown_command needs
 
 
 @pytest.fixture
@@ -70,17 +74,21 @@ def test_a_chown_command_hands_the_copies_to_the_user(staged, app, web, tmp_path
     script.write_text('#!/bin/sh\necho "$@" > %s\n' % log)
     script.chmod(0o755)
     app.config["librarian.settings"].staging["chown_command"] = [str(script), "--as-root"]
+    msg = api(web, "search", status=400, search='{"name-matches": "%.txt"}',
+              output_format="stage-the-files-json", stage_user="no-such-user-here",
+              stage_dest="handed")["message"]
+    assert "not a user of this system" in msg
     api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
-        stage_user="bob", stage_dest="handed")
+        stage_user=USER, stage_dest="handed")
     tasks.run_until_empty()
-    dest = staged / "bob" / "handed"
-    assert log.read_text().split() == ["--as-root", "-u", "bob", "-R", "-d", str(dest)]
+    dest = staged / USER / "handed"
+    assert log.read_text().split() == ["--as-root", "-u", USER, "-R", "-d", str(dest)]
     assert (dest / "STAGING-SUCCEEDED").exists()
     script.write_text("#!/bin/sh\necho no such user >&2\nexit 3\n")
     api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
-        stage_user="bob", stage_dest="handed-again")
+        stage_user=USER, stage_dest="handed-again")
     tasks.run_until_empty()
-    errors = (staged / "bob" / "handed-again" / "STAGING-ERRORS").read_text()
+    errors = (staged / USER / "handed-again" / "STAGING-ERRORS").read_text()
     assert "fake-chown exited with 3: no such user" in errors
 
 

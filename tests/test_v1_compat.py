@@ -226,3 +226,39 @@ def test_a_directory_the_reader_cannot_read_has_no_obsid_with_null_obsid(web, tm
                     status=201).json
     assert reply["obsid"] is None and reply["md5"] == path_md5(str(tree))[1] \
         == shell_md5(str(tree))
+
+
+def test_completing_a_known_file_elsewhere_adds_an_instance_as_the_original_did(web, store_dir):
+    web.put("/api/upload/first/dup.flag?null_obsid=true", b"same", headers=bearer(),
+            status=201, content_type="application/octet-stream")
+    folder = prestage(store_dir, "pre", {"dup.flag": b"same"})
+    ingest_prestaged(web, "pre", "dup.flag", dest="second/dup.flag", null_obsid=True)
+    places = sorted(i.store_path for i in models.FileInstance.select())
+    assert places == ["first/dup.flag", "second/dup.flag"]
+    assert os.listdir(folder) == []
+    # The very same instance again: nothing to do, and the bytes go back.
+    prestage(store_dir, "pre", {"dup.flag": b"same"})
+    reply = ingest_prestaged(web, "pre", "dup.flag", dest="second/dup.flag", null_obsid=True)
+    assert reply["already_present"] is True
+    assert models.FileInstance.select().count() == 2 and os.listdir(folder) == ["dup.flag"]
+
+
+def test_an_empty_query_deletes_nothing_and_says_how_to_mean_everything(web, store_dir):
+    web.put("/api/upload/gone.flag?null_obsid=true&deletion_policy=allowed", b"g",
+            headers=bearer(), status=201, content_type="application/octet-stream")
+    for query in ("{}", " { } # nothing\n"):
+        msg = api(web, "delete_file_instances_matching_query", status=400,
+                  query=query)["message"]
+        assert '{"always-true": []}' in msg
+    assert models.FileInstance.select().count() == 1
+    reply = api(web, "delete_file_instances_matching_query", query='{"always-true": []}')
+    assert reply["stats"] == {"gone.flag": {"n_deleted": 1, "n_kept": 0, "n_error": 0}}
+
+
+def test_reversed_range_bounds_are_swapped_as_the_original_did(web):
+    api(web, "initiate_upload", upload_size=1, files={"r.flag": {
+        "name": "r.flag", "type": "flag", "create_time": 1500000000, "obsid": None,
+        "size": 20, "md5": "0" * 32}})
+    for search in ('{"size-in-range": [30, 10]}', '{"size-in-range": [10, 30]}'):
+        assert [r["name"] for r in api(web, "search", search=search,
+                                       output_format="file-listing-json")["results"]] == ["r.flag"]
