@@ -377,7 +377,8 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
                          {"store_name": store.name, "parent_dirs": parent_dirs})
         if move is not None:
             move()
-    return {"created": True, "name": name, "obsid": obsid}
+    return {"created": True, "name": name, "obsid": obsid,
+            "store_path": "/".join(p for p in (parent_dirs, name) if p)}
 
 
 def register_staged(store, abs_staged, store_path, *, source, deletion_policy=None,

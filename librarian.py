@@ -850,10 +850,14 @@ def upload_outcome(result, store):
     store_path of its instance (the new one; or, when `already_present`,
     the identical file's, preferably on `store`, at the place named, which
     may differ from the path asked for: nothing was changed)."""
-    inst = (FileInstance.select(FileInstance, Store).join(Store)
-            .where(FileInstance.file == result["name"])
-            .order_by((Store.id != store.row.id), Store.name, FileInstance.parent_dirs).first())
-    return dict(name=result["name"], store_name=inst.store.name, store_path=inst.store_path,
+    where = (store.name, result["store_path"]) if result["created"] else None
+    if where is None:
+        inst = (FileInstance.select(FileInstance, Store).join(Store)
+                .where(FileInstance.file == result["name"])
+                .order_by((Store.id != store.row.id), Store.name, FileInstance.parent_dirs)
+                .first())
+        where = (inst.store.name, inst.store_path)
+    return dict(name=result["name"], store_name=where[0], store_path=where[1],
                 size=result["size"], md5=result["md5"], obsid=result["obsid"],
                 already_present=not result["created"])
 

@@ -71,6 +71,7 @@ def destination(user, stage_dest):
 def make_folders(root, folder):
     """Create `folder` and its missing parents below `root`, each
     group-writable and setgid (so that the people staging share them)."""
+    os.makedirs(root, exist_ok=True)
     parts = os.path.relpath(folder, root).split(os.sep)
     for i in range(1, len(parts) + 1):
         path = os.path.join(root, *parts[:i])

@@ -33,7 +33,7 @@ def test_ping_in_form_query_and_json_body_forms(web):
     ({"request": "[1, 2]"}, "must be a JSON object"),
     ({"request": "{}"}, "no authenticator given"),
     ({"request": '{"authenticator": "wrong"}'}, "unknown authenticator"),
-    ({"request": '{"authenticator": 5}'}, "no authenticator given"),
+    ({"request": '{"authenticator": 5}'}, "the authenticator must be a string"),
 ])
 def test_malformed_requests_get_400_with_message(web, body, message):
     resp = web.post("/api/ping", body, status=400)

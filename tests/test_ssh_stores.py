@@ -209,17 +209,21 @@ def test_two_step_upload_with_the_client(server, client_config, sshd, store_dir,
     assert store_contents(store_dir)[1] == [], "the used staging directories are removed"
 
 
-def test_two_step_upload_of_a_file_already_archived_names_where_it_is(server, client_config,
-                                                                      sshd, tmp_path):
+def test_two_step_upload_of_a_file_already_archived_adds_a_copy_or_names_it(
+        server, client_config, sshd, tmp_path):
     (tmp_path / "f.dat").write_bytes(b"twice")
     client = librarian_client.LibrarianClient("appender", config_path=client_config)
     ssh = librarian_client.SSHOptions(None, sshd.user, sshd.client_key, sshd.known_hosts)
     first = client.upload_via_ssh(str(tmp_path / "f.dat"), "a/f.dat", ssh=ssh, null_obsid=True)
-    again = client.upload_via_ssh(str(tmp_path / "f.dat"), "b/f.dat", ssh=ssh, null_obsid=True)
     assert (first["store_path"], first["created"]) == ("a/f.dat", True)
-    assert (again["store_name"], again["store_path"], again["created"]) == ("main", "a/f.dat",
-                                                                            False)
-    assert again["md5"] == md5_of(b"twice")
+    # Elsewhere: a second instance, as the original protocol made it.
+    again = client.upload_via_ssh(str(tmp_path / "f.dat"), "b/f.dat", ssh=ssh, null_obsid=True)
+    assert (again["store_name"], again["store_path"], again["created"]) == ("main", "b/f.dat",
+                                                                            True)
+    # At the same place: nothing to do, and the reply says where it is.
+    third = client.upload_via_ssh(str(tmp_path / "f.dat"), "a/f.dat", ssh=ssh, null_obsid=True)
+    assert (third["store_path"], third["created"]) == ("a/f.dat", False)
+    assert third["md5"] == md5_of(b"twice")
 
 
 def test_two_step_upload_to_an_unknown_host_key_is_refused(server, client_config, sshd,
@@ -330,7 +334,7 @@ def test_staging_copies_files_from_the_remote_store(tmp_path, db_url, store_dir,
         _run_tasks()
         folder = reply["destination"]
         assert os.path.exists(os.path.join(folder, "STAGING-SUCCEEDED"))
-        with open(os.path.join(folder, ODD_NAME), "rb") as f:
+        with open(os.path.join(folder, "s", ODD_NAME), "rb") as f:
             assert f.read() == b"to stage"
     finally:
         models.close_database()
