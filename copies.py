@@ -32,13 +32,15 @@ import os
 import posixpath
 import threading
 import time
+import urllib.parse
 
 import librarian_client
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
 from sshfs import SSHFS, SSHConnection, SSHTarget
-from stores import copy_tree, iter_file, iter_tar, present_instance, tar_size
+from stores import (check_relative_folder, copy_tree, iter_file, iter_tar, present_instance,
+                    tar_size)
 
 log = logging.getLogger("librarian")
 
@@ -182,8 +184,17 @@ def send_instance(client, store, path, file, remote_store_path, progress):
 
 def peer_host(connection_name, store_name, host):
     """The file system of a receiver's store host over SSH, reached with
-    the `[connection:NAME]` SSH settings (one shared connection per host)."""
+    the `[connection:NAME]` SSH settings (one shared connection per host).
+    The host must be one the connection's `ssh_hosts` lists (by default the
+    host of its URL): the receiver's word alone never sends our key and
+    bytes to a host. 400 otherwise."""
     spec = _settings.connections.get(connection_name, {}) if _settings else {}
+    allowed = spec.get("ssh_hosts") or [urllib.parse.urlsplit(spec.get("url", "")).hostname]
+    if host not in allowed:
+        raise LibrarianError(400, "%s names the store host %r, which is not among the hosts "
+                             "[connection:%s] ssh_hosts allows (%s)" % (
+                                 connection_name, host, connection_name,
+                                 ", ".join(filter(None, allowed)) or "none"))
     target = SSHTarget(host, spec.get("ssh_port") or 22, spec.get("ssh_user"),
                        spec.get("ssh_key"), spec.get("known_hosts"),
                        spec.get("ssh_timeout") or 15.0)
@@ -201,7 +212,13 @@ def send_by_ssh(client, connection_name, store, path, file, remote_store_path, p
     receiver checks them against the records."""
     info = client.initiate_upload(file.size, **record_set(file))
     remote = peer_host(connection_name, info["name"], info["ssh_host"])
-    staged = posixpath.join(info["path_prefix"], info["staging_dir"], file.name)
+    prefix = info["path_prefix"]
+    if not (isinstance(prefix, str) and prefix.startswith("/") and ".." not in prefix.split("/")):
+        raise LibrarianError(400, "%s names the store prefix %r, not an absolute path"
+                             % (connection_name, prefix))
+    folder = check_relative_folder(info["staging_dir"], "the staging_dir %s names"
+                                   % connection_name)
+    staged = posixpath.join(prefix, *folder, file.name)
     copy_tree(store.fs, path, remote, staged, progress=progress)
     client.complete_upload(info["name"], info["staging_dir"], remote_store_path, "direct")
 

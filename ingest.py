@@ -127,10 +127,16 @@ def ensure_observation(meta):
     if existing.session_id is not None:
         raise LibrarianError(409, "observation %d belongs to session %d here, not %d"
                              % (existing.obsid, existing.session_id, session_id))
-    if ObservingSession.get_or_none(ObservingSession.id == session_id) is None:
+    session = ObservingSession.get_or_none(ObservingSession.id == session_id)
+    if session is None:
         raise LibrarianError(400, "observation %d names session %d, which is not known here "
                              "(send it in the record set's sessions)" % (existing.obsid,
                                                                        session_id))
+    if not session.start_time_jd <= existing.start_time_jd <= session.stop_time_jd:
+        raise LibrarianError(409, "observation %d starts at JD %.6f, outside session %d (JD "
+                             "%.6f to %.6f)" % (existing.obsid, existing.start_time_jd,
+                                                session.id, session.start_time_jd,
+                                                session.stop_time_jd))
     Observation.update(session=session_id).where(
         (Observation.obsid == existing.obsid) & Observation.session.is_null()).execute()
 

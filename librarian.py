@@ -145,8 +145,9 @@ def clean_all_staging():
     # (a copy from another Librarian announces its records with
     # initiate_upload, then sends the bytes with the streamed upload).
     with models.write_transaction():
-        StagingDir.delete().where(StagingDir.created < models.utcnow()
-                                  - datetime.timedelta(days=1)).execute()
+        StagingDir.delete().where(StagingDir.origin.is_null() & (
+            StagingDir.created < models.utcnow() - datetime.timedelta(days=1))).execute()
+    settle_taken_files()
     issued = [s.path for s in StagingDir.select()]
     for row in Store.select():
         store = open_store(row)
@@ -167,6 +168,22 @@ def clean_all_staging():
         removed = store.clean_staging(keep=issued, is_registered=is_registered)
         if removed:
             log.info("removed %d staging leftovers on store %s", removed, row.name)
+
+
+def settle_taken_files():
+    """Put back into their operators' folders the pre-staged files that a
+    process which has died had taken out (see `complete_known`); those of a
+    live process, or of a process on another host, are left to it."""
+    for taken in StagingDir.select(StagingDir, Store).join(Store).where(
+            StagingDir.origin.is_null(False)):
+        if not models.process_is_gone(taken.owner):
+            continue
+        store = open_store(taken.store)
+        if store.give_back(taken.path, taken.origin):
+            log.warning("put %s on store %s back where it was: the process registering it "
+                        "(%s) died", taken.origin, store.name, taken.owner)
+            with models.write_transaction():
+                StagingDir.delete().where(StagingDir.id == taken.id).execute()
 
 
 def startup(app):
@@ -206,7 +223,8 @@ def _close_db():
         db.close()
     started = request.environ.get("librarian.start")
     if started is not None:
-        log.info("%s %s %s %.3fs", request.method, request.path, response.status_code,
+        path = request.path if len(request.path) <= 300 else request.path[:300] + "..."
+        log.info("%s %s %s %.3fs", request.method, path, response.status_code,
                  time.monotonic() - started)
 
 
@@ -565,13 +583,34 @@ def op_complete_upload(source, args):
         if not args["staging_was_known"]:
             store.remove_quietly(folder)
     else:
-        staged = store.take_from_known(folder, name)
-        try:
-            result = register(staged)
-        finally:
-            store.give_back(staged)
+        result = complete_known(store, folder, name, register, source)
     standing.after_upload()
     return upload_outcome(result, store)
+
+
+def complete_known(store, folder, name, register, source):
+    """Register `folder/name` from an operator's pre-staged folder: it is
+    taken into a fresh staging folder of the server, whose origin and
+    owning process are recorded first, checked and registered there, and
+    put back unless it was registered (by `settle_taken_files` after a
+    crash). A file or folder that is registered, or inside registered
+    data, is never taken (409)."""
+    origin = posixpath.join(store.relative(folder), name)
+    ingest.check_not_inside_instance(store, origin)
+    ingest.check_no_instance_inside(store, origin)
+    private = store.new_staging_dir()
+    with models.write_transaction():
+        taken = StagingDir.create(store=store.row, path=private, source=source.name,
+                                  created=models.utcnow(), origin=origin,
+                                  owner=models.this_process())
+    modes = None
+    try:
+        staged, modes = store.take_from_known(folder, name, private)
+        return register(staged)
+    finally:
+        if store.give_back(private, origin, modes):
+            with models.write_transaction():
+                StagingDir.delete().where(StagingDir.id == taken.id).execute()
 
 
 def complete_issued(store, folder, name, register):

@@ -20,7 +20,9 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
@@ -330,12 +332,17 @@ class Source(BaseModel):
 
 class StagingDir(BaseModel):
     """A staging directory issued by `initiate_upload` and not yet used by
-    `complete_upload` (each is accepted once)."""
+    `complete_upload` (each is accepted once), or an operator's pre-staged
+    folder named there; or, with `origin`, a server's staging folder holding
+    a file taken out of such a folder (at the store path `origin`) by the
+    process `owner` ("host:pid") while it is checked and registered."""
 
     store = pw.ForeignKeyField(Store, column_name="store", on_delete="CASCADE")
     path = pw.CharField(max_length=1024, unique=True)
     source = pw.CharField(max_length=64)
     created = pw.DateTimeField()
+    origin = pw.CharField(max_length=1024, null=True)
+    owner = pw.CharField(max_length=128, null=True)
 
     class Meta:
         table_name = "staging_dir"
@@ -400,6 +407,27 @@ def find_source(authenticator):
         except (VerificationError, InvalidHashError):
             continue
     return None
+
+
+def this_process():
+    """"host:pid" of this process, as leases and tasks record their owner."""
+    return "%s:%d" % (socket.gethostname(), os.getpid())
+
+
+def process_is_gone(owner):
+    """Whether the process named by `owner` ("host:pid...", see
+    `this_process`) ran on this host and has ended. A process on another
+    host is never taken as gone: only it can settle what it left."""
+    host, _, rest = (owner or "").partition(":")
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(rest.split(":")[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
 
 
 def write_transaction():

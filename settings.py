@@ -91,6 +91,13 @@ def _db_url(value):
     return value
 
 
+def _words(value):
+    words = value.split()
+    if not words:
+        raise ValueError("expected one or more names")
+    return words
+
+
 def _command(value):
     words = shlex.split(value)
     if not words:
@@ -144,6 +151,7 @@ SCHEMA = {
     "staging": {
         "dest_prefix": (_nonempty, None),
         "chown_command": (_command, None),
+        "chown_timeout": (_positive_float, 600.0),
     },
     "connection:*": {
         "url": (_url, REQUIRED),
@@ -153,6 +161,7 @@ SCHEMA = {
         "ssh_key": (_nonempty, None),
         "known_hosts": (_nonempty, None),
         "ssh_timeout": (_positive_float, 15.0),
+        "ssh_hosts": (_words, None),
     },
     "source:*": {
         "authenticator": (_nonempty, REQUIRED),

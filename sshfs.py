@@ -732,9 +732,9 @@ class SSHFS:
         with self.conn.sftp() as sftp, sftp.open(path, "w") as f:
             f.write(text.encode("utf-8"))
 
-    def read_text(self, path):
+    def read_text(self, path, limit=1 << 16):
         with self.conn.sftp() as sftp, sftp.open(path, "r") as f:
-            return f.read().decode("utf-8")
+            return f.read(limit).decode("utf-8")
 
     def rename_new(self, src, dst):
         # OpenSSH's SFTP rename never replaces an existing target (it links

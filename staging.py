@@ -23,6 +23,7 @@ import pwd
 import re
 import stat
 import subprocess
+import threading
 import time
 
 import peewee as pw
@@ -30,7 +31,7 @@ import peewee as pw
 import search
 import tasks
 from models import File, LibrarianError
-from stores import LocalFS, copy_tree, is_inside, present_instance
+from stores import CHUNK, is_inside, present_instance
 
 IN_PROGRESS, SUCCEEDED, ERRORS = "STAGING-IN-PROGRESS", "STAGING-SUCCEEDED", "STAGING-ERRORS"
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
@@ -68,41 +69,69 @@ def destination(user, stage_dest):
     return dest
 
 
-def make_folders(root, folder):
-    """Create `folder` and its missing parents below `root`, each
-    group-writable and setgid (so that the people staging share them)."""
+def open_folder(path, create=False):
+    """A descriptor of the folder `path` (absolute, inside the staging
+    prefix), reached one name at a time from the prefix without following
+    any link, so that a link planted in a shared folder never leads a copy
+    elsewhere; with `create`, missing folders are made, group-writable and
+    setgid (the people staging share them). Raises OSError (ELOOP or
+    ENOTDIR where a link or a file is met)."""
+    root = os.path.realpath(_settings.staging["dest_prefix"])
     os.makedirs(root, exist_ok=True)
-    parts = os.path.relpath(folder, root).split(os.sep)
-    for i in range(1, len(parts) + 1):
-        path = os.path.join(root, *parts[:i])
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            if i < len(parts) or os.path.islink(path) or not os.path.isdir(path):
-                continue
-        _add_mode(path, GROUP_FOLDER)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for name in ([] if path == root else os.path.relpath(path, root).split(os.sep)):
+        fd = enter(fd, name, create)
+    return fd
 
 
-def _add_mode(path, bits):
-    """Add mode `bits` to `path` (never through a link), where we may."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) | bits == stat.S_IMODE(st.st_mode):
-        return
+def enter(fd, name, create):
+    """The descriptor of the folder `name` in the folder `fd` (closed),
+    made if missing with `create`."""
     try:
-        os.chmod(path, stat.S_IMODE(st.st_mode) | bits)
-    except PermissionError:
-        pass  # a folder someone else owns: theirs to share
+        made = False
+        if create:
+            try:
+                os.mkdir(name, 0o777, dir_fd=fd)
+                made = True
+            except FileExistsError:
+                pass
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if made:
+        share(sub, GROUP_FOLDER)
+    return sub
 
 
-def make_group_writable(path):
-    """A staged copy is the user's to change: files u+w g+w, folders also
-    u+x g+x and setgid."""
-    _add_mode(path, GROUP_FOLDER if os.path.isdir(path) else GROUP_WRITABLE)
-    for dirpath, dirnames, filenames in os.walk(path):
-        for d in dirnames:
-            _add_mode(os.path.join(dirpath, d), GROUP_FOLDER)
-        for f in filenames:
-            _add_mode(os.path.join(dirpath, f), GROUP_WRITABLE)
+def share(fd, bits):
+    """Add mode `bits` to an open file or folder we made."""
+    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | bits)
+
+
+def copy_into(src_fs, src, folder_fd, name):
+    """Copy the file or tree `src` of a store's file system as the new
+    entry `name` of the folder open as `folder_fd`, group-writable, never
+    through a link. Raises OSError (FileExistsError when `name` exists) or
+    LibrarianError (400) for a link or special file in the tree."""
+    st = src_fs.lstat(src)
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(name, 0o777, dir_fd=folder_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder_fd)
+        try:
+            share(fd, GROUP_FOLDER)
+            for entry, _ in src_fs.scandir(src):
+                copy_into(src_fs, posixpath.join(src, entry), fd, entry)
+        finally:
+            os.close(fd)
+    elif stat.S_ISREG(st.st_mode):
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666,
+                      dir_fd=folder_fd)
+        with os.fdopen(out, "wb") as f, src_fs.open(src, "rb") as data:
+            share(out, GROUP_WRITABLE)
+            for chunk in iter(lambda: data.read(CHUNK), b""):
+                f.write(chunk)
+    else:
+        raise LibrarianError(400, "%s is a link or special file" % src)
 
 
 def totals(search_text):
@@ -118,32 +147,56 @@ def launch(search_text, user, stage_dest):
     n_bytes}`. 400 on bad input, 409 when a staging into it is running."""
     dest = destination(user, stage_dest)
     if _settings.staging["chown_command"]:
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            raise LibrarianError(400, "stage_user %r is not a user of this system, to whom the "
-                                 "staged copies could be given" % user) from None
+        check_user_may_have(dest, user)
     n, size = totals(search_text)
-    make_folders(os.path.realpath(_settings.staging["dest_prefix"]), dest)
+    fd = open_folder(dest, create=True)
     try:
-        _write_marker(dest, IN_PROGRESS, "%r\n" % time.time())
-    except FileExistsError:
-        raise LibrarianError(409, "a staging into %s is in progress" % dest) from None
-    for marker in (SUCCEEDED, ERRORS):
-        if os.path.lexists(os.path.join(dest, marker)):  # links included
-            os.unlink(os.path.join(dest, marker))
+        try:
+            _write_marker(fd, IN_PROGRESS, "%r\n" % time.time())
+        except FileExistsError:
+            raise LibrarianError(409, "a staging into %s is in progress" % dest) from None
+        _remove_markers(fd, (SUCCEEDED, ERRORS))
+    finally:
+        os.close(fd)
     tasks.enqueue("stage", {"search": search_text, "destination": dest, "user": user,
                             "subdir": stage_dest}, max_attempts=1)
     return {"destination": dest, "n_instances": n, "n_bytes": size}
 
 
-def _write_marker(dest, name, text):
-    """Create a marker file, never through a symbolic link, never over an
-    existing entry (FileExistsError)."""
-    fd = os.open(os.path.join(dest, name),
-                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o664)
+def check_user_may_have(dest, user):
+    """With a chown_command, the copies are handed to `user` (which the
+    caller only claims): refuse (400) a user this system does not know,
+    and a destination that exists and belongs to someone else, whose files
+    would be handed over too."""
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise LibrarianError(400, "stage_user %r is not a user of this system, to whom the "
+                             "staged copies could be given" % user) from None
+    try:
+        owner = os.lstat(dest).st_uid
+    except FileNotFoundError:
+        return
+    if owner != uid:
+        raise LibrarianError(400, "%s belongs to another user than %s; stage into a folder of "
+                             "your own, or a new one" % (dest, user))
+
+
+def _write_marker(dest_fd, name, text):
+    """Create a marker file in the folder `dest_fd`, never through a
+    symbolic link, never over an existing entry (FileExistsError)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o664,
+                 dir_fd=dest_fd)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
+
+
+def _remove_markers(dest_fd, names):
+    for name in names:
+        try:
+            os.unlink(name, dir_fd=dest_fd)  # a link is removed, not followed
+        except FileNotFoundError:
+            pass
 
 
 @tasks.handler("stage")
@@ -152,75 +205,109 @@ def stage_task(task, args):
     `DEST/<parent_dirs>/<name>`; hand the result to the user; finish with
     the marker files."""
     dest = args["destination"]
-    if destination(args["user"], args["subdir"]) != dest:
+    try:
+        if destination(args["user"], args["subdir"]) != dest:
+            raise OSError("it resolves elsewhere now")
+        fd = open_folder(dest)
+    except (OSError, LibrarianError) as e:
         # The folder was swapped (for a link) since the launch: stage nothing.
-        raise tasks.Permanent("%s no longer resolves to itself inside the staging area" % dest)
+        raise tasks.Permanent("%s is no longer a folder inside the staging area: %s"
+                              % (dest, e)) from None
     errors, copied = [], 0
     try:
         for f in search.file_query(args["search"]).where(File.num_instances > 0):
             try:
-                copied += stage_one(dest, f)
+                copied += stage_one(fd, f)
                 task.report(copied)
-            except (OSError, LibrarianError) as e:
+            except (OSError, LibrarianError, RecursionError) as e:
                 errors.append("%s: %s" % (f.name, e))
         if not errors:
             errors += hand_over(dest, args["user"])
     finally:
-        finish(dest, errors)
+        finish(fd, errors)
+        os.close(fd)
 
 
-def stage_one(dest, file):
-    """Copy a present instance of `file` under `dest`, at its store path;
-    returns its size. Raises OSError or LibrarianError."""
+def stage_one(dest_fd, file):
+    """Copy a present instance of `file` into the folder `dest_fd`, at its
+    store path; returns its size. Raises OSError or LibrarianError."""
     inst, store, present = present_instance(file.name)
     if present is None:
         raise FileNotFoundError("no instance of %s is present here" % file.name)
-    folder = os.path.realpath(os.path.join(dest, *inst.parent_dirs.split("/")))
-    if not is_inside(folder, dest):  # a link planted in the destination
-        raise LibrarianError(400, "%s leads out of %s" % (inst.parent_dirs, dest))
-    target = os.path.join(folder, file.name)
-    if os.path.lexists(target):
-        raise FileExistsError("%s exists already" % target)
-    make_folders(dest, folder)
-    copy_tree(store.fs, present, LocalFS(), target)
-    make_group_writable(target)
+    fd = os.dup(dest_fd)
+    for name in filter(None, inst.parent_dirs.split("/")):
+        fd = enter(fd, name, create=True)
+    try:
+        copy_into(store.fs, present, fd, file.name)
+    except FileExistsError:
+        raise FileExistsError("%s exists already in the destination" % inst.store_path) \
+            from None
+    finally:
+        os.close(fd)
     return file.size
 
 
 def hand_over(dest, user):
     """Run `[staging] chown_command -u USER -R -d DEST` (as the original
-    did), if configured; returns error lines."""
+    did), if configured, for at most `chown_timeout` seconds; returns error
+    lines (with the head of what it printed)."""
     command = _settings.staging["chown_command"] if _settings else None
     if not command:
         return []
     argv = command + ["-u", user, "-R", "-d", dest]
     try:
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, check=True, timeout=3600)
-    except subprocess.CalledProcessError as e:
-        return ["%s exited with %d: %s" % (posixpath.basename(argv[0]), e.returncode,
-                                          e.stdout.decode("utf-8", "replace").strip()[:500])]
-    except (OSError, subprocess.TimeoutExpired) as e:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+    except OSError as e:
         return ["cannot run %s: %s" % (argv[0], e)]
+    head = []
+    reader = threading.Thread(target=_keep_head, args=(proc.stdout, head), daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(_settings.staging["chown_timeout"])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = None
+    reader.join(10)
+    said = b"".join(head).decode("utf-8", "replace").strip()
+    if code is None:
+        return ["%s did not finish within %g s" % (posixpath.basename(argv[0]),
+                                                   _settings.staging["chown_timeout"])]
+    if code != 0:
+        return ["%s exited with %d: %s" % (posixpath.basename(argv[0]), code, said)]
     return []
 
 
-def finish(dest, errors):
+def _keep_head(stream, head, limit=500):
+    """Read `stream` to its end, keeping its first `limit` bytes."""
+    kept = 0
+    for chunk in iter(lambda: stream.read(65536), b""):
+        if kept < limit:
+            head.append(chunk[:limit - kept])
+            kept += len(head[-1])
+    stream.close()
+
+
+def finish(dest_fd, errors):
     """Replace the lock by the outcome's marker: STAGING-ERRORS with one
     line per error, or STAGING-SUCCEEDED holding the finishing time."""
-    for marker in (SUCCEEDED, ERRORS):
-        if os.path.lexists(os.path.join(dest, marker)):
-            os.unlink(os.path.join(dest, marker))
+    _remove_markers(dest_fd, (SUCCEEDED, ERRORS))
     if errors:
-        _write_marker(dest, ERRORS, "".join(line.replace("\n", " ") + "\n" for line in errors))
+        _write_marker(dest_fd, ERRORS, "".join(line.replace("\n", " ") + "\n"
+                                               for line in errors))
     else:
-        _write_marker(dest, SUCCEEDED, "%r\n" % time.time())
-    if os.path.lexists(os.path.join(dest, IN_PROGRESS)):
-        os.unlink(os.path.join(dest, IN_PROGRESS))
+        _write_marker(dest_fd, SUCCEEDED, "%r\n" % time.time())
+    _remove_markers(dest_fd, (IN_PROGRESS,))
 
 
 @tasks.on_cancel("stage")
 def stage_cancelled(args):
     """A cancelled staging releases its folder, saying so."""
-    if os.path.isdir(args["destination"]) and not os.path.islink(args["destination"]):
-        finish(args["destination"], ["cancelled before it ran"])
+    try:
+        fd = open_folder(args["destination"])
+    except OSError:
+        return  # gone, or swapped for a link: nothing of ours to release
+    try:
+        finish(fd, ["cancelled before it ran"])
+    finally:
+        os.close(fd)

@@ -21,8 +21,8 @@ which lives in `librarian_client` (`path_md5`, `directory_digest`) so that
 client and server compute it in one way.
 """
 
-import errno
 import hashlib
+import hmac
 import logging
 import os
 import posixpath
@@ -45,8 +45,7 @@ log = logging.getLogger("librarian")
 CHUNK = 1 << 20  # bytes per read/write when streaming
 STAGING = ".staging"
 DESTINATION_MARKER = ".librarian-destination"  # in a staging dir: where its bytes are going
-ORIGIN_MARKER = ".librarian-origin"  # in a staging dir: the operator's folder its bytes came from
-RESERVED_NAMES = (DESTINATION_MARKER, ORIGIN_MARKER)
+RESERVED_NAMES = (DESTINATION_MARKER,)
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
 NAME_MAX_BYTES, PATH_MAX_BYTES = 255, 4096  # Linux: a store path gets half, the prefix the rest
@@ -112,6 +111,26 @@ def check_name_lengths(parts, path):
     if len(path.encode("utf-8", "surrogatepass")) > PATH_MAX_BYTES // 2:
         raise LibrarianError(400, "the path %r is longer than %d bytes" % (path,
                                                                          PATH_MAX_BYTES // 2))
+
+
+def marker_text(staging_dir, store_path):
+    """The text of a DESTINATION marker: the store path and an HMAC of it
+    and of its staging folder under the server's secret key."""
+    return "%s\n%s" % (store_path, _marker_mac(staging_dir, store_path))
+
+
+def _marker_mac(staging_dir, store_path):
+    return hmac.new(_marker_key[0], ("%s\0%s" % (posixpath.normpath(staging_dir), store_path))
+                    .encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+def read_marker(staging_dir, text):
+    """The store path a marker names; ValueError unless the server wrote it
+    for `staging_dir`."""
+    store_path, _, mac = text.rpartition("\n")
+    if not hmac.compare_digest(mac, _marker_mac(staging_dir, store_path)):
+        raise ValueError("marker not signed by this server")
+    return store_path
 
 
 def is_inside(path, root):
@@ -217,9 +236,11 @@ class LocalFS:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
 
-    def read_text(self, path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+    def read_text(self, path, limit=1 << 16):
+        """At most `limit` bytes of a small text file (UTF-8; ValueError
+        otherwise)."""
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8")
 
     def rename_new(self, src, dst):
         """Move `src` to the new path `dst` atomically; a file never
@@ -512,6 +533,7 @@ def _copy_file(src_fs, src, dst_fs, dst, progress=None):
 # ---------------------------------------------------------------------------
 
 _ssh_settings = {}   # store name -> its [store:NAME] section
+_marker_key = [b""]  # signs the markers in staging folders: [server] secret_key
 _connections = {}    # (store name, SSHTarget) -> SSHConnection
 _connections_lock = threading.Lock()
 
@@ -521,6 +543,7 @@ def configure(config):
     connections made under the previous settings are closed."""
     _ssh_settings.clear()
     _ssh_settings.update(config.stores)
+    _marker_key[0] = config.server["secret_key"].encode("utf-8")
     with _connections_lock:
         for conn in _connections.values():
             conn.retired = True
@@ -687,13 +710,14 @@ class StoreAccess:
                 self.describe()))
         return real
 
-    def take_from_known(self, known_dir, name):
-        """Move the operator's `known_dir/name` into a fresh staging folder
-        of the server and return its new absolute path, so that nothing is
-        written in the operator's folder and the bytes checked are out of
-        reach of whoever writes there. An ORIGIN marker says where they came
-        from: `give_back` (or start-up, after a crash) returns bytes that
-        were not registered. 400 when nothing (or a link) is there."""
+    def take_from_known(self, known_dir, name, private):
+        """Move the operator's `known_dir/name` into the server's fresh,
+        empty staging folder `private` (whose origin the caller has
+        recorded) and return (its new absolute path, its modes), so that
+        nothing is written in the operator's folder. (An open descriptor of
+        a writer still writing it keeps writing, though.) 400 when nothing,
+        or a link, is there; 409 when it cannot be moved there (another
+        file system, say)."""
         src = posixpath.join(known_dir, name)
         try:
             is_link = stat.S_ISLNK(self.fs.lstat(src).st_mode)
@@ -702,46 +726,61 @@ class StoreAccess:
                 from None
         if is_link:
             raise LibrarianError(400, "%s on %s is a symbolic link" % (src, self.describe()))
-        staging = self.new_staging_dir()
-        staged = posixpath.join(staging, name)
+        modes = self.tree_modes(src)
+        staged = posixpath.join(private, name)
         try:
-            self._write_marker(staging, ORIGIN_MARKER,
-                               posixpath.relpath(src, self.fs.realpath(self.prefix)))
             self.fs.rename_new(src, staged)
         except OSError as e:
-            self.remove_quietly(staging)
-            if e.errno == errno.EXDEV:
-                raise LibrarianError(409, "%s is on another file system than the staging area "
-                                     "of %s" % (src, self.describe())) from None
-            raise
-        except BaseException:
-            self.remove_quietly(staging)
-            raise
-        return staged
+            raise LibrarianError(409, "cannot move %s into the staging area of %s (%s): a "
+                                 "folder on another file system than the store's cannot be "
+                                 "ingested from; copy it onto the store, or register it where "
+                                 "it is" % (src, self.describe(), e.strerror or e)) from None
+        return staged, modes
 
-    def give_back(self, abs_staged):
-        """Settle a `take_from_known`: bytes still staged (not registered)
-        go back to the operator's folder; the staging folder goes."""
-        staging = posixpath.dirname(abs_staged)
-        self._return_to_origin(staging)
-        self.remove_quietly(staging)
+    def tree_modes(self, abs_path):
+        """[(relative path, permission bits)] of a file or tree."""
+        modes = [("", stat.S_IMODE(self.fs.lstat(abs_path).st_mode))]
+        if stat.S_ISDIR(self.fs.lstat(abs_path).st_mode):
+            modes += [(rel, stat.S_IMODE(st.st_mode)) for rel, st in walk(self.fs, abs_path)]
+        return modes
 
-    def _return_to_origin(self, staging_dir):
-        marker = posixpath.join(staging_dir, ORIGIN_MARKER)
+    def give_back(self, private, origin, modes=None):
+        """Settle a `take_from_known`: bytes still in the staging folder
+        `private` (not registered) go back to the store path `origin`, with
+        their `modes` if given; the folder goes. Returns True when settled;
+        False (logged, never raised) when the bytes cannot go back, because
+        something else is at `origin` now or its folder is gone: they are
+        then kept where they are, for an operator to see to."""
+        staged = posixpath.join(private, posixpath.basename(origin))
         try:
-            if not stat.S_ISREG(self.fs.lstat(marker).st_mode):
-                return
-            origin = self.resolve(self.fs.read_text(marker))
-        except (FileNotFoundError, LibrarianError):
-            return
-        staged = posixpath.join(staging_dir, posixpath.basename(origin))
-        if self.fs.lexists(staged):
-            if self.fs.lexists(origin):
-                log.warning("cannot return %s on store %s to %s: something is there now",
-                            staged, self.name, origin)
-                return
-            self.fs.rename_new(staged, origin)
-        self.fs.unlink(marker)
+            if self.fs.lexists(staged):
+                back = self.resolve(origin)
+                if self.fs.lexists(back):
+                    if not self._same_file(staged, back):
+                        raise FileExistsError("something else is at %s now" % origin)
+                    self.fs.unlink(staged)  # a move that a crash cut short: both names held it
+                else:
+                    self._move_back(staged, back, modes)
+            self.fs.remove_tree(private)
+            return True
+        except (OSError, LibrarianError) as e:
+            log.error("keeping %s on store %s, taken from %s, which cannot be put back: %s; "
+                      "move it back by hand", staged, self.name, origin,
+                      getattr(e, "message", None) or e)
+            return False
+
+    def _same_file(self, a, b):
+        """Whether two paths name one file (hard links: a move cut short)."""
+        sa, sb = self.fs.lstat(a), self.fs.lstat(b)
+        return bool(getattr(sa, "st_ino", None)) and (sa.st_ino, sa.st_dev) == (sb.st_ino,
+                                                                                 sb.st_dev)
+
+    def _move_back(self, staged, back, modes):
+        if stat.S_ISDIR(self.fs.lstat(staged).st_mode):
+            self.fs.chmod(staged, 0o755)  # a directory needs write permission to be moved
+        self.fs.rename_new(staged, back)
+        for rel, mode in modes or ():
+            self.fs.chmod(posixpath.join(back, rel) if rel else back, mode)
 
     def ensure_prefix(self):
         self.fs.makedirs(self.prefix)
@@ -762,12 +801,14 @@ class StoreAccess:
         removed = 0
         for entry, st in entries:
             path = posixpath.join(root, entry)
-            if stat.S_ISDIR(st.st_mode):
-                self._undo_interrupted_move(path, is_registered)
-                self._return_to_origin(path)
-            if path not in keep:
-                self.fs.remove_tree(path)
-                removed += 1
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    self._undo_interrupted_move(path, is_registered)
+                if path not in keep:
+                    self.fs.remove_tree(path)
+                    removed += 1
+            except OSError as e:  # one folder that cannot be settled does not stop the rest
+                log.error("could not clean %s on store %s: %s", path, self.name, e)
         return removed
 
     def _undo_interrupted_move(self, staging_dir, is_registered):
@@ -777,19 +818,23 @@ class StoreAccess:
                 return
         except FileNotFoundError:
             return
-        store_path = self.fs.read_text(marker)
         try:
+            store_path = read_marker(staging_dir, self.fs.read_text(marker))
             final = self.resolve(store_path)
-        except LibrarianError:
+        except (ValueError, LibrarianError):
+            log.warning("ignoring the marker in %s on store %s: the server did not write it",
+                        staging_dir, self.name)
             return
         staged = posixpath.join(staging_dir, posixpath.basename(final))
-        if not is_registered(store_path) and self.fs.lexists(final) \
-                and not self.fs.lexists(staged):
-            log.warning("moving unregistered %s on store %s back to staging: its registration "
-                        "was interrupted", store_path, self.name)
-            if stat.S_ISDIR(self.fs.lstat(final).st_mode):
-                self.fs.chmod(final, 0o755)
-            self.fs.rename_new(final, staged)
+        if not is_registered(store_path) and self.fs.lexists(final):
+            if not self.fs.lexists(staged):
+                log.warning("moving unregistered %s on store %s back to staging: its "
+                            "registration was interrupted", store_path, self.name)
+                if stat.S_ISDIR(self.fs.lstat(final).st_mode):
+                    self.fs.chmod(final, 0o755)
+                self.fs.rename_new(final, staged)
+            elif self._same_file(final, staged):  # the move's link made, its unlink not
+                self.fs.unlink(final)
         self.fs.unlink(marker)
 
     # -- bytes in -------------------------------------------------------------
@@ -878,7 +923,8 @@ class StoreAccess:
     def _write_marker(self, staging_dir, marker_name, store_path):
         """Write a marker naming `store_path` as a new file: whatever is at
         its place (a staging folder may have been written by a client) goes
-        first, so that a planted link is never followed."""
+        first, so that a planted link is never followed. It is signed
+        (`marker_text`), so that a marker a client forged is never acted on."""
         marker = posixpath.join(staging_dir, marker_name)
         try:
             if stat.S_ISDIR(self.fs.lstat(marker).st_mode):
@@ -888,7 +934,7 @@ class StoreAccess:
         except FileNotFoundError:
             pass
         with self.fs.open(marker, "xb") as f:
-            f.write(store_path.encode("utf-8"))
+            f.write(marker_text(staging_dir, store_path).encode("utf-8"))
 
     def check_staging_dir(self, abs_path):
         """Refuse (400) a staging folder that is not a real folder directly

@@ -27,7 +27,7 @@ import traceback
 
 import peewee as pw
 
-from models import BaseModel, db, is_postgres, utcnow, write_transaction
+from models import BaseModel, db, is_postgres, process_is_gone, utcnow, write_transaction
 
 log = logging.getLogger("librarian")
 
@@ -144,16 +144,9 @@ def reclaim_dead_local_workers():
     process is gone (a server killed and restarted resumes its work at
     once, instead of after STALE_SECONDS); returns how many."""
     prefix = socket.gethostname() + ":"
-    dead = []
-    for task in Task.select(Task.id, Task.worker).where((Task.state == "running")
-                                                       & Task.worker.startswith(prefix)):
-        try:
-            pid = int(task.worker.split(":")[1])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            dead.append(task.id)
-        except (ValueError, IndexError, PermissionError):
-            continue
+    dead = [task.id for task in Task.select(Task.id, Task.worker).where(
+        (Task.state == "running") & Task.worker.startswith(prefix))
+        if process_is_gone(task.worker)]
     if not dead:
         return 0
     with write_transaction():

@@ -585,6 +585,63 @@ def test_a_copy_from_a_folder_prestaged_at_the_receiver_sends_no_bytes(original_
     assert sorted(os.listdir(carried)) == ["other.dat"]
 
 
+@pytest.mark.parametrize("lie", [{"staging_dir": "ABS"}, {"path_prefix": "ABS", "staging_dir": "."},
+                                 {"staging_dir": "../../x"}, {"ssh_host": "localhost"}])
+def test_a_receiver_of_the_original_kind_cannot_send_our_bytes_elsewhere(tmp_path, sshd, lie):
+    """Where the bytes go over SSH is the receiver's word: it may name
+    only a staging folder under an absolute prefix, on a host the
+    connection allows."""
+    import http.server
+    import json as json_mod
+
+    import test_copies
+
+    target = tmp_path / "not a staging folder"
+    target.mkdir()
+    reply = {"success": True, "name": "pot1", "ssh_host": "127.0.0.1",
+             "path_prefix": str(tmp_path / "prefix"), "available": 1 << 30,
+             "staging_dir": "staging.x"}
+    reply.update({k: str(target) if v == "ABS" else v for k, v in lie.items()})
+
+    class Liar(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json_mod.dumps(reply if "initiate_upload" in self.path
+                                  else {"success": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    liar = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Liar)
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    sender, sender_dir = test_copies.make_librarian(
+        tmp_path, "sender", extra="[connection:liar]\nurl = http://127.0.0.1:%d/\n"
+        "authenticator = x\nssh_user = %s\nssh_port = %d\nssh_key = %s\nknown_hosts = %s\n"
+        % (liar.server_port, sshd.user, sshd.port, sshd.client_key, sshd.known_hosts))
+    sender.start()
+    try:
+        test_copies.put_bytes(sender, "payload.txt", b"ours")
+        test_copies.call(sender, "launch_file_copy", who="writer", file_name="payload.txt",
+                         connection_name="liar")
+        [done] = test_copies.wait_for(lambda: [p for t, p in test_copies.events(
+            sender_dir, "payload.txt") if t == "copy_finished"])
+        assert done["error_code"] == 1
+        assert any(w in done["error_message"] for w in (
+            "not an absolute path", "ssh_hosts", "may not contain '..'", "not absolute",
+            "must name a folder"))
+        assert os.listdir(target) == [] and not (tmp_path / "x").exists()
+    finally:
+        sender.stop()
+        liar.shutdown()
+
+
 # ---------------------------------------------------------------------------
 # What an adversarial pass found
 # ---------------------------------------------------------------------------

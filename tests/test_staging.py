@@ -190,3 +190,69 @@ def test_cancelling_a_staging_releases_its_folder(staged, web):
     assert sorted(os.listdir(dest)) == ["STAGING-ERRORS"]
     assert "cancelled" in (dest / "STAGING-ERRORS").read_text()
     api(web, "search", search="{}", output_format="stage-the-files-json", stage_dest="cancelme")
+
+
+def test_a_link_swapped_in_during_a_staging_leads_nowhere(staged, web, tmp_path, monkeypatch):
+    """The staging area is shared (group-writable): a folder swapped for a
+    link while a staging runs must not lead the copies, or mode changes,
+    out of it."""
+    import staging
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "secret.ini").write_text("x")
+    os.chmod(victim / "secret.ini", 0o600)
+    api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
+        stage_user="ann", stage_dest="swap")
+    dest = staged / "ann" / "swap"
+    real_enter = staging.enter
+
+    def planted_then_enter(fd, name, create):
+        if name == "b":  # someone in the group plants "b" as a link just before
+            os.symlink(victim, dest / "b")
+        return real_enter(fd, name, create)
+
+    monkeypatch.setattr(staging, "enter", planted_then_enter)
+    tasks.run_until_empty()
+    assert sorted(os.listdir(victim)) == ["secret.ini"]
+    assert os.stat(victim / "secret.ini").st_mode & 0o777 == 0o600
+    assert "two.txt" in (dest / "STAGING-ERRORS").read_text()
+    assert (dest / "a" / "one.txt").read_bytes() == b"one"
+
+
+def test_a_chown_command_never_hands_over_someone_elses_folder(staged, app, web, tmp_path):
+    script = tmp_path / "fake-chown"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    app.config["librarian.settings"].staging["chown_command"] = [str(script)]
+    theirs = staged / "bob"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    msg = api(web, "search", status=400, search="{}", output_format="stage-the-files-json",
+              stage_user=USER, stage_dest=str(theirs))["message"]
+    assert "belongs to another user" in msg
+    assert os.listdir(theirs) == []
+    # A new folder inside it is the caller's.
+    api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
+        stage_user=USER, stage_dest=str(theirs / "mine"))
+
+
+def test_a_chown_command_that_floods_or_hangs_is_bounded(staged, app, web, tmp_path):
+    script = tmp_path / "fake-chown"
+    script.write_text("#!/bin/sh\nhead -c 50000000 /dev/zero | tr '\\0' x\nexit 2\n")
+    script.chmod(0o755)
+    settings = app.config["librarian.settings"]
+    settings.staging["chown_command"] = [str(script)]
+    api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
+        stage_user=USER, stage_dest="flood")
+    tasks.run_until_empty()
+    errors = (staged / USER / "flood" / "STAGING-ERRORS").read_text()
+    assert "exited with 2" in errors and len(errors) < 1000
+    script.write_text("#!/bin/sh\nsleep 30\n")
+    settings.staging["chown_timeout"] = 0.5
+    started = time.monotonic()
+    api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
+        stage_user=USER, stage_dest="hang")
+    tasks.run_until_empty()
+    assert time.monotonic() - started < 15
+    assert "did not finish within 0.5 s" in (staged / USER / "hang" / "STAGING-ERRORS").read_text()

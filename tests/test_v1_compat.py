@@ -7,6 +7,7 @@ test_v1_client.py.)"""
 import os
 import shutil
 import socket
+import subprocess
 
 import models
 from conftest import api, bearer
@@ -81,18 +82,75 @@ def test_a_prestaged_file_that_cannot_be_registered_stays_where_it_was(web, stor
     assert snapshot(folder) == before
 
 
-def test_a_crash_while_a_prestaged_file_is_out_of_its_folder_puts_it_back(app, web, store_dir):
+def take_as(store, folder, name, owner):
+    """Do what complete_upload does before registering a pre-staged file,
+    as the process `owner` ("host:pid")."""
+    private = store.new_staging_dir()
+    models.StagingDir.create(store=store.row, path=private, source="admin",
+                             created=models.utcnow(), origin=os.path.join(folder, name),
+                             owner=owner)
+    return store.take_from_known(store.known_staging_dir(folder), name, private)[0]
+
+
+def dead_process():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return "%s:%d" % (socket.gethostname(), proc.pid)
+
+
+def test_a_prestaged_file_taken_by_a_process_that_died_is_put_back_at_start(app, web,
+                                                                            store_dir):
     import librarian
     from stores import open_store
 
-    folder = prestage(store_dir, "pre", {"a.flag": b"aaa"})
+    folder = prestage(store_dir, "pre", {"a.flag": b"aaa", "b.flag": b"bbb"})
     store = open_store(models.Store.get())
-    staged = store.take_from_known(store.known_staging_dir("pre"), "a.flag")
-    assert not os.path.exists(os.path.join(folder, "a.flag"))
-    # ... and the process dies before registering it: the next start returns it.
+    dead = take_as(store, "pre", "a.flag", dead_process())
+    live = take_as(store, "pre", "b.flag", models.this_process())
+    assert sorted(os.listdir(folder)) == []
+    # A process starting now settles what the dead one left, and only that:
+    # the live one may be registering its file this very moment.
     librarian.startup(app)
-    assert snapshot(folder)["a.flag"][0] == b"aaa"
-    assert not os.path.exists(os.path.dirname(staged))
+    assert snapshot(folder) == {"a.flag": (b"aaa", snapshot(folder)["a.flag"][1])}
+    assert not os.path.exists(os.path.dirname(dead))
+    with open(live, "rb") as f:
+        assert f.read() == b"bbb"
+    assert models.StagingDir.select().where(models.StagingDir.origin.is_null(False)).count() == 1
+
+
+def test_a_taken_file_that_cannot_go_back_is_kept_never_deleted(app, web, store_dir, caplog):
+    import librarian
+    from stores import open_store
+
+    folder = prestage(store_dir, "pre", {"a.flag": b"the only full copy"})
+    store = open_store(models.Store.get())
+    staged = take_as(store, "pre", "a.flag", dead_process())
+    with open(os.path.join(folder, "a.flag"), "wb") as f:
+        f.write(b"partial re-copy")  # the operator, seeing the file gone
+    librarian.startup(app)
+    assert "cannot be put back" in caplog.text
+    with open(staged, "rb") as f:
+        assert f.read() == b"the only full copy"
+    librarian.startup(app)  # and again: still kept, and the server starts
+    assert os.path.exists(staged)
+    # The folder itself gone: kept as well.
+    shutil.rmtree(folder)
+    librarian.startup(app)
+    assert os.path.exists(staged)
+
+
+def test_markers_the_server_did_not_write_are_never_acted_on(app, web, store_dir):
+    import librarian
+
+    folder = prestage(store_dir, "incoming", {"operator.dat": b"precious"})
+    staging = os.path.join(store_dir, api(web, "initiate_upload", upload_size=1)["staging_dir"])
+    with open(os.path.join(staging, ".librarian-destination"), "w") as f:
+        f.write("incoming/operator.dat")  # a client's forgery, unsigned
+    other = os.path.join(store_dir, api(web, "initiate_upload", upload_size=1)["staging_dir"])
+    with open(os.path.join(other, ".librarian-destination"), "wb") as f:
+        f.write(b"\xff\xfe not UTF-8")
+    librarian.startup(app)  # starts, and
+    assert snapshot(folder)["operator.dat"][0] == b"precious"
 
 
 def test_known_staging_subdirs_must_be_folders_inside_the_store(web, store_dir, tmp_path):
@@ -262,3 +320,67 @@ def test_reversed_range_bounds_are_swapped_as_the_original_did(web):
     for search in ('{"size-in-range": [30, 10]}', '{"size-in-range": [10, 30]}'):
         assert [r["name"] for r in api(web, "search", search=search,
                                        output_format="file-listing-json")["results"]] == ["r.flag"]
+
+
+# ---------------------------------------------------------------------------
+# What an adversarial pass found
+# ---------------------------------------------------------------------------
+
+def test_a_registered_file_is_never_taken_out_of_its_place(web, store_dir):
+    web.put("/api/upload/raw/big.dat?null_obsid=true", b"registered", headers=bearer(),
+            status=201, content_type="application/octet-stream")
+    api(web, "initiate_upload", upload_size=1, known_staging_store="main",
+        known_staging_subdir="raw")
+    msg = api(web, "complete_upload", status=409, store_name="main", staging_dir="raw",
+              dest_store_path="elsewhere/big.dat", meta_mode="infer", null_obsid=True,
+              staging_was_known=True)["message"]
+    assert "registered file raw/big.dat" in msg
+    with open(os.path.join(store_dir, "raw", "big.dat"), "rb") as f:
+        assert f.read() == b"registered"
+
+
+def test_a_folder_registered_after_initiate_is_not_taken_from(web, store_dir):
+    from librarian_client import path_md5
+
+    tree = prestage(store_dir, "obs/set.uv", {"visdata": b"v" * 100, "header": b"h"})
+    api(web, "initiate_upload", upload_size=1, known_staging_store="main",
+        known_staging_subdir="obs/set.uv")
+    size, md5 = path_md5(tree)
+    api(web, "register_instances", store_name="main", null_obsid=True,
+        file_info={tree: {"size": size, "md5": md5}})
+    msg = api(web, "complete_upload", status=409, store_name="main", staging_dir="obs/set.uv",
+              dest_store_path="other/visdata", meta_mode="infer", null_obsid=True,
+              staging_was_known=True)["message"]
+    assert "inside the registered file obs/set.uv" in msg
+    assert path_md5(tree) == (size, md5)
+
+
+def test_a_failed_registration_gives_the_operator_back_their_modes(app, web, store_dir,
+                                                                   monkeypatch):
+    import ingest
+
+    tree = prestage(store_dir, "pre/d.flags", {"a": b"a", "b": b"b"})
+    os.chmod(os.path.join(tree, "a"), 0o664)
+    os.chmod(tree, 0o775)
+
+    def fail_after_the_move(*args, **kwargs):
+        kwargs["move"]()
+        raise models.LibrarianError(500, "database went away")
+
+    monkeypatch.setattr(ingest, "_register", fail_after_the_move)
+    api(web, "initiate_upload", upload_size=1, known_staging_store="main",
+        known_staging_subdir="pre")
+    api(web, "complete_upload", status=500, store_name="main", staging_dir="pre",
+        dest_store_path="d.flags", meta_mode="infer", null_obsid=True, staging_was_known=True)
+    assert os.stat(tree).st_mode & 0o777 == 0o775
+    assert os.stat(os.path.join(tree, "a")).st_mode & 0o777 == 0o664
+    assert not os.path.exists(os.path.join(store_dir, "d.flags"))
+
+
+def test_a_session_is_attached_only_to_observations_inside_it(web):
+    api(web, "initiate_upload", upload_size=1, observations=obs_record(1225829886, 2458432.35))
+    reply = api(web, "initiate_upload", status=409, upload_size=1,
+                sessions=session_record(1000000000, 2400001.0),
+                observations=obs_record(1225829886, 2458432.35, session_id=1000000000))
+    assert "outside session 1000000000" in reply["message"]
+    assert models.Observation.get_by_id(1225829886).session_id is None
