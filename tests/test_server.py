@@ -32,7 +32,10 @@ def test_serve_refuses_an_unmigrated_database(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "serve",
                            "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert "is not migrated (pending: 001_initial, 002_search_indexes, 003_web_sessions, 004_tasks, 005_standing_orders)" in proc.stderr
+    every = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "migrations"))
+                   if n[:3].isdigit() and n.endswith(".py"))
+    assert every[:2] == ["001_initial", "002_search_indexes"]
+    assert "is not migrated (pending: %s)" % ", ".join(every) in proc.stderr
     assert "librarian.py migrate --config" in proc.stderr
 
 
