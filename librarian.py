@@ -134,7 +134,8 @@ def sync_config_records(config):
                             name, spec["ssh_host"], prefix, row.ssh_host, row.path_prefix)
         for name, spec in config.sources.items():
             if Source.get_or_none(Source.name == name) is None:
-                models.create_source(name, spec["authenticator"], spec["level"])
+                models.create_source(name, spec["authenticator"], spec["level"],
+                                     authenticator_hash=spec["authenticator_hash"])
 
 
 def clean_all_staging():
@@ -1063,7 +1064,8 @@ def cmd_show_admin(args):
     print("Librarian at http://%s:%d/" % (config.server["host"], config.server["port"]))
     for name, spec in config.sources.items():
         if spec["level"] == "admin":
-            print("admin source %r, authenticator: %s" % (name, spec["authenticator"]))
+            print("admin source %r, authenticator: %s"
+                  % (name, spec["authenticator"] or "(only its hash is configured)"))
     print("=" * 72 + "\n")
     return 0
 

@@ -8,9 +8,10 @@ documented in `config.example.ini`, which a test checks against `SCHEMA`.
 
 import configparser
 import os
+import shlex
 import socket
 
-from models import LEVELS, STORE_NAME_RE
+from models import LEVELS, STORE_NAME_RE, check_authenticator_hash
 
 DEFAULT_PORT = 21106
 
@@ -96,6 +97,18 @@ def _nonempty(value):
     return value.strip()
 
 
+def _shell_words(value):
+    """A command line as one string (split with `shlex.split` where it is
+    run); refused when it does not split or is empty."""
+    try:
+        words = shlex.split(value)
+    except ValueError as e:
+        raise ValueError("expected a command line: %s" % e) from None
+    if not words:
+        raise ValueError("may not be empty")
+    return value.strip()
+
+
 # section -> key -> (cast, default); a default of REQUIRED must be given.
 REQUIRED = object()
 SCHEMA = {
@@ -134,13 +147,16 @@ SCHEMA = {
     },
     "staging": {
         "dest_prefix": (_nonempty, None),
+        "chown_command": (_shell_words, None),
     },
     "connection:*": {
         "url": (_url, REQUIRED),
         "authenticator": (_nonempty, REQUIRED),
     },
     "source:*": {
-        "authenticator": (_nonempty, REQUIRED),
+        # Exactly one of the two (checked in `parse`).
+        "authenticator": (_nonempty, None),
+        "authenticator_hash": (check_authenticator_hash, None),
         "level": (_choice(*LEVELS), REQUIRED),
     },
 }
@@ -209,6 +225,10 @@ def parse(text, path=None):
     for label in ("server", "database", "librarian", "staging"):
         if label not in sections:
             sections[label] = _cast_section(label, SCHEMA[label], {})
+    for name, source in sections["source:*"].items():
+        if (source["authenticator"] is None) == (source["authenticator_hash"] is None):
+            raise ConfigError("[source:%s] needs exactly one of authenticator (the secret "
+                              "itself) and authenticator_hash (its Argon2 hash)" % name)
     for name, store in sections["store:*"].items():
         if store["ssh_host"] is None:
             store["ssh_host"] = socket.gethostname()
