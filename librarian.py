@@ -1100,14 +1100,14 @@ def cmd_adopt_v1(args):
 
 def cmd_adopt_v1_config(args):
     """Print an original Librarian's server-config.json as our INI
-    (adopt.py); exit 2 when a file is unusable."""
-    import adopt
+    (v1config.py); exit 2 when a file is unusable."""
+    import v1config
 
     try:
-        v1, connections, client_path = adopt.read_config_files(args.path, args.hl_client_cfg)
-        text = adopt.convert_config(v1, args.level, connections, (args.path, client_path),
-                                    args.database_url)
-    except adopt.AdoptError as e:
+        v1, connections, client_path = v1config.read_config_files(args.path, args.hl_client_cfg)
+        text = v1config.convert_config(v1, args.level, connections, (args.path, client_path),
+                                       args.database_url)
+    except v1config.AdoptError as e:
         print("adopt-v1-config: %s" % e, file=sys.stderr)
         return 2
     sys.stdout.write(text)
