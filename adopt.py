@@ -114,15 +114,21 @@ class V1Database:
         cur.close()
         return row[0] if row else None
 
+    def has_table(self, table):
+        return bool(self.scalar("SELECT to_regclass('%s') IS NOT NULL" % table if self.postgres
+                                else "SELECT count(*) FROM sqlite_master WHERE name = '%s'"
+                                % table))
+
     def revision(self):
         """The `alembic_version` of the database, or None without one."""
-        exists = ("SELECT to_regclass('alembic_version') IS NOT NULL" if self.postgres else
-                  "SELECT count(*) FROM sqlite_master WHERE name = 'alembic_version'")
-        return self.scalar("SELECT version_num FROM alembic_version") if self.scalar(exists) \
-            else None
+        return self.scalar("SELECT version_num FROM alembic_version") \
+            if self.has_table("alembic_version") else None
 
     def check_table(self, table, columns):
         """Rows in `table`; `AdoptError` when it or one of `columns` is missing."""
+        if self.has_table("migratehistory"):
+            raise AdoptError("%s is a database of this server (it has migratehistory), not an "
+                             "original Librarian's" % redact(self.url))
         try:
             self.scalar("SELECT %s FROM %s WHERE 1 = 0" % (", ".join(columns), table))
             return self.scalar("SELECT count(*) FROM %s" % table)
@@ -366,7 +372,8 @@ def format_report(report):
                 lines += ["  %s: %s" % (", ".join("%s=%r" % kv for kv in r["row"].items()),
                                         r["reason"]) for r in t[kind + "_rows"]]
     if report["num_instances_corrected"]:
-        lines.append("num_instances recomputed for %d files" % report["num_instances_corrected"])
+        lines.append("num_instances corrected for %d file(s) whose v1 instances were not all "
+                     "taken" % report["num_instances_corrected"])
     lines.append("every row was taken" if report["complete"] else
                  "%d rows were not taken (listed above)"
                  % sum(t["refused"] for t in report["tables"].values()))

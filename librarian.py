@@ -1083,6 +1083,11 @@ def cmd_adopt_v1(args):
     setup(config)
     with db.connection_context():
         pending = pending_migrations()
+        if pending and db.table_exists("alembic_version"):
+            print("adopt-v1: the database %s holds an original Librarian's tables; adopt-v1 "
+                  "copies them into a fresh one: point [database] url in %s at a new database"
+                  % (config.database["url"], config.path), file=sys.stderr)
+            return 2
         if pending:
             print("adopt-v1: the database %s is not migrated (pending: %s); run: python "
                   "librarian.py migrate --config %s" % (config.database["url"],

@@ -314,6 +314,14 @@ def test_unusable_input_is_refused_with_status_2(v1, app, config_path, tmp_path,
                           % tmp_path)
     assert librarian.main(["adopt-v1", "--from", v1.url, "--config", str(unmigrated)]) == 2
     assert "is not migrated (pending: 001_initial" in capsys.readouterr().err
+    ours = settings.load(config_path).database["url"]
+    assert librarian.main(["adopt-v1", "--from", ours, "--config", config_path]) == 2
+    assert "is a database of this server (it has migratehistory)" in capsys.readouterr().err
+    if v1.kind == "sqlite":   # the INI from adopt-v1-config, still naming the original's
+        into_v1 = tmp_path / "into-v1.ini"
+        into_v1.write_text("[server]\nsecret_key = s\n[database]\nurl = %s\n" % v1.url)
+        assert librarian.main(["adopt-v1", "--from", v1.url, "--config", str(into_v1)]) == 2
+        assert "holds an original Librarian's tables" in capsys.readouterr().err
 
 
 def test_another_schema_revision_is_a_warning_not_a_failure(v1, app, config_path, capsys):
@@ -324,6 +332,25 @@ def test_another_schema_revision_is_a_warning_not_a_failure(v1, app, config_path
     assert report["warnings"] == ["the v1 database is at schema revision b02eb31402b1, not "
                                   "464899566429; its tables were read as 464899566429 "
                                   "describes them"]
+
+
+def test_every_refused_row_is_counted_and_the_first_hundred_listed(v1, app, config_path,
+                                                                   capsys):
+    v1.fill({"file": [("bad%03d.uv" % i, "uv", v1_time(T0, v1.kind), None, 1, "md5?", "RTP")
+                      for i in range(130)] + [("good.uv", "uv", v1_time(T0, v1.kind), None, 1,
+                                               MD5, "RTP")]})
+    status, report = run_adoption(v1.url, config_path, capsys)
+    files = report["tables"]["file"]
+    assert status == 1 and (files["read"], files["new"], files["refused"]) == (131, 1, 130)
+    assert len(files["refused_rows"]) == 100
+    assert files["refused_rows"][0] == {"row": {"name": "bad000.uv"},
+                                        "reason": "md5 must be 32 hexadecimal digits, got 'md5?'"}
+    models.close_database()
+    assert librarian.main(["adopt-v1", "--from", v1.url, "--config", config_path,
+                           "--no-progress"]) == 1
+    text = capsys.readouterr().out
+    assert "refused rows of file (130, first 100 listed):" in text
+    assert "130 rows were not taken (listed above)" in text
 
 
 def count_rows(db_url, table):
@@ -505,3 +532,29 @@ def test_broken_v1_configuration_names_line_and_column(tmp_path, text, message, 
     path.write_text(text)
     assert librarian.main(["adopt-v1-config", str(path), "--level", "admin"]) == 2
     assert "%s: %s" % (path, message) in capsys.readouterr().err
+
+
+def test_v1_entries_that_cannot_be_taken_become_comments_and_the_rest_loads():
+    import v1config
+
+    text = v1config.convert_config({
+        "SQLALCHEMY_DATABASE_URI": "sqlite:///v1.sqlite", "n_worker_threads": 500,
+        "sources": {"nokey": {}, "ok": {"authenticator": "a", "level": "admin"}},
+        "add-stores": {"noprefix": {"ssh_host": "h"}},
+        "local_disk_staging": {"chown_command": "sudo chown"}}, "read-only")
+    config = settings.parse(text)
+    assert len(config.server["secret_key"]) == 64 and "no usable SECRET_KEY" in text
+    assert list(config.sources) == ["ok"] and config.sources["ok"]["level"] == "read-only"
+    assert config.stores == {} and config.server["workers"] == 1
+    assert config.database["url"] == "sqlite:///v1.sqlite"
+    for comment in ("#   sources.nokey = ...: needs authenticator",
+                    "#   sources.ok.level = ...: not known to this server",
+                    "#   add-stores.noprefix = ...: needs path_prefix",
+                    "#   n_worker_threads = 500: expected a whole number from 0 to 64; [server] "
+                    "workers keeps its default",
+                    '#   local_disk_staging.chown_command = "sudo chown": expected a list of '
+                    "words (each without line breaks)"):
+        assert comment in text.splitlines()
+    with pytest.raises(adopt.AdoptError, match="SQLALCHEMY_DATABASE_URI 'mysql://x/y': expected "
+                       "sqlite:///PATH or postgresql://"):
+        v1config.convert_config({"SQLALCHEMY_DATABASE_URI": "mysql://x/y"}, "admin")
