@@ -106,8 +106,13 @@ class V1Database:
         except Exception as e:  # psycopg2.Error, sqlite3.Error: the driver says why
             raise AdoptError("cannot open the v1 database %s: %s"
                              % (redact(self.url), str(e).strip())) from None
+        if self.has_table("migratehistory"):
+            self.close()
+            raise AdoptError("%s is a database of this server (it has migratehistory), not an "
+                             "original Librarian's" % redact(self.url))
 
     def scalar(self, sql):
+        """The first column of the first row of `sql`, or None."""
         cur = self.conn.cursor()
         cur.execute(sql)
         row = cur.fetchone()
@@ -126,9 +131,6 @@ class V1Database:
 
     def check_table(self, table, columns):
         """Rows in `table`; `AdoptError` when it or one of `columns` is missing."""
-        if self.has_table("migratehistory"):
-            raise AdoptError("%s is a database of this server (it has migratehistory), not an "
-                             "original Librarian's" % redact(self.url))
         try:
             self.scalar("SELECT %s FROM %s WHERE 1 = 0" % (", ".join(columns), table))
             return self.scalar("SELECT count(*) FROM %s" % table)
