@@ -91,20 +91,15 @@ def _db_url(value):
     return value
 
 
+def _command(value):
+    words = shlex.split(value)
+    if not words:
+        raise ValueError("expected a command")
+    return words
+
+
 def _nonempty(value):
     if not value.strip():
-        raise ValueError("may not be empty")
-    return value.strip()
-
-
-def _shell_words(value):
-    """A command line as one string (split with `shlex.split` where it is
-    run); refused when it does not split or is empty."""
-    try:
-        words = shlex.split(value)
-    except ValueError as e:
-        raise ValueError("expected a command line: %s" % e) from None
-    if not words:
         raise ValueError("may not be empty")
     return value.strip()
 
@@ -147,7 +142,7 @@ SCHEMA = {
     },
     "staging": {
         "dest_prefix": (_nonempty, None),
-        "chown_command": (_shell_words, None),
+        "chown_command": (_command, None),
     },
     "connection:*": {
         "url": (_url, REQUIRED),

@@ -9,7 +9,6 @@ import hashlib
 import html
 import json
 import os
-import shlex
 import signal
 import sqlite3
 import subprocess
@@ -479,8 +478,7 @@ def test_v1_configuration_converts_loads_and_serves(tmp_path, db_url, capsys):
     assert config.librarian["permissions_mode"] == "unchanged"
     assert config.librarian["obsid_inference_mode"] == "hera"
     assert config.staging["dest_prefix"] == str(staging)
-    assert shlex.split(config.staging["chown_command"]) == ["sudo", "-n",
-                                                            "/usr/local/bin/fix owner"]
+    assert config.staging["chown_command"] == ["sudo", "-n", "/usr/local/bin/fix owner"]
     assert config.stores == {"pot1": dict(config.stores["pot1"], path_prefix=str(store),
                                           ssh_host="localhost", available=True)}
     assert config.connections == {"penn": {"url": "https://penn.example.org/librarian/",

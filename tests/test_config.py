@@ -95,10 +95,10 @@ def test_a_source_gives_exactly_one_of_authenticator_and_its_hash():
         settings.parse(BASE + "[source:x]\nauthenticator_hash = plaintext\nlevel = admin\n")
 
 
-def test_chown_command_is_one_line_of_shell_words():
+def test_chown_command_is_split_into_words_as_a_shell_would():
     config = settings.parse(BASE + "[staging]\nchown_command = sudo -n 'my chown'\n")
-    assert config.staging["chown_command"] == "sudo -n 'my chown'"
+    assert config.staging["chown_command"] == ["sudo", "-n", "my chown"]
     assert settings.parse(BASE).staging["chown_command"] is None
     with pytest.raises(settings.ConfigError, match="bad value .* for chown_command in "
-                       r"\[staging\]: expected a command line: No closing quotation"):
+                       r"\[staging\]: No closing quotation"):
         settings.parse(BASE + "[staging]\nchown_command = sudo 'unclosed\n")
