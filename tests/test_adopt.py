@@ -481,8 +481,8 @@ def test_v1_configuration_converts_loads_and_serves(tmp_path, db_url, capsys):
     assert config.staging["chown_command"] == ["sudo", "-n", "/usr/local/bin/fix owner"]
     assert config.stores == {"pot1": dict(config.stores["pot1"], path_prefix=str(store),
                                           ssh_host="localhost", available=True)}
-    assert config.connections == {"penn": {"url": "https://penn.example.org/librarian/",
-                                           "authenticator": "to-penn"}}
+    assert {name: (c["url"], c["authenticator"]) for name, c in config.connections.items()} \
+        == {"penn": ("https://penn.example.org/librarian/", "to-penn")}
     assert set(config.sources) == {"RTP", "HumanUser"}
     for source in config.sources.values():
         assert source["level"] == "read-append" and source["authenticator"] is None
