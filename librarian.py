@@ -6,6 +6,8 @@
     python librarian.py add-store NAME PATH       register a store
     python librarian.py add-user NAME --level L   create a source (prints its authenticator)
     python librarian.py init-config PATH          write a fresh config for a local archive
+    python librarian.py adopt-v1 --from URL       copy an original Librarian's catalogue in
+    python librarian.py adopt-v1-config FILE      its server-config.json as our INI (stdout)
 
 `--config` falls back to `$LIBRARIAN_CONFIG_PATH`, then `./librarian.ini`.
 
@@ -134,7 +136,8 @@ def sync_config_records(config):
                             name, spec["ssh_host"], prefix, row.ssh_host, row.path_prefix)
         for name, spec in config.sources.items():
             if Source.get_or_none(Source.name == name) is None:
-                models.create_source(name, spec["authenticator"], spec["level"])
+                models.create_source(name, spec["authenticator"], spec["level"],
+                                     authenticator_hash=spec["authenticator_hash"])
 
 
 def clean_all_staging():
@@ -1158,8 +1161,56 @@ def cmd_show_admin(args):
     print("Librarian at http://%s:%d/" % (config.server["host"], config.server["port"]))
     for name, spec in config.sources.items():
         if spec["level"] == "admin":
-            print("admin source %r, authenticator: %s" % (name, spec["authenticator"]))
+            print("admin source %r, authenticator: %s"
+                  % (name, spec["authenticator"] or "(only its hash is configured)"))
     print("=" * 72 + "\n")
+    return 0
+
+
+def cmd_adopt_v1(args):
+    """Copy a v1 database into the configured, migrated one (adopt.py):
+    exit 0 when every row was taken, 1 when some were not, 2 when the
+    input is unusable or the database not migrated."""
+    import adopt
+
+    config = load_config(args.config)
+    configure_logging(config.server["log_level"])
+    setup(config)
+    with db.connection_context():
+        pending = pending_migrations()
+        if pending and db.table_exists("alembic_version"):
+            print("adopt-v1: the database %s holds an original Librarian's tables; adopt-v1 "
+                  "copies them into a fresh one: point [database] url in %s at a new database"
+                  % (config.database["url"], config.path), file=sys.stderr)
+            return 2
+        if pending:
+            print("adopt-v1: the database %s is not migrated (pending: %s); run: python "
+                  "librarian.py migrate --config %s" % (config.database["url"],
+                                                         ", ".join(pending), config.path),
+                  file=sys.stderr)
+            return 2
+        try:
+            report = adopt.adopt(args.source, batch=args.batch, progress=not args.no_progress)
+        except adopt.AdoptError as e:
+            print("adopt-v1: %s" % e, file=sys.stderr)
+            return 2
+    print(json.dumps(report, indent=1, default=str) if args.json else adopt.format_report(report))
+    return 0 if report["complete"] else 1
+
+
+def cmd_adopt_v1_config(args):
+    """Print an original Librarian's server-config.json as our INI
+    (v1config.py); exit 2 when a file is unusable."""
+    import v1config
+
+    try:
+        v1, connections, client_path = v1config.read_config_files(args.path, args.hl_client_cfg)
+        text = v1config.convert_config(v1, args.level, connections, (args.path, client_path),
+                                       args.database_url)
+    except v1config.AdoptError as e:
+        print("adopt-v1-config: %s" % e, file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
     return 0
 
 
@@ -1200,7 +1251,33 @@ def build_parser():
     p.set_defaults(func=cmd_init_config)
     with_config(sub.add_parser("show-admin", help="print the URL and admin authenticators")) \
         .set_defaults(func=cmd_show_admin)
+    p = with_config(sub.add_parser("adopt-v1", help="copy an original (v1) Librarian's "
+                                   "database into this one (read-only on the v1 side)"))
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="the v1 database: postgresql://USER@HOST:PORT/DB or sqlite:///PATH "
+                   "(SQLAlchemy spellings accepted)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--batch", type=positive_int, default=20_000, metavar="ROWS",
+                   help="rows per transaction (default 20000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(func=cmd_adopt_v1)
+    p = sub.add_parser("adopt-v1-config", help="print an original (v1) Librarian's "
+                       "server-config.json as an INI configuration for this server")
+    p.add_argument("path", help="the original's server-config.json")
+    p.add_argument("--level", required=True, choices=models.LEVELS,
+                   help="level of every source (the original had none: all could do anything)")
+    p.add_argument("--hl-client-cfg", metavar="PATH", help="client file whose connections "
+                   "become [connection:NAME] (default: $HL_CLIENT_CFG or ~/.hl_client.cfg)")
+    p.add_argument("--database-url", metavar="URL", help="this server's (fresh) database; "
+                   "default: the original's SQLALCHEMY_DATABASE_URI")
+    p.set_defaults(func=cmd_adopt_v1_config)
     return parser
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number of at least 1, got %r" % text)
+    return int(text)
 
 
 def main(argv=None):

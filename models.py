@@ -286,7 +286,10 @@ class FileInstance(BaseModel):
 
 
 class FileEvent(BaseModel):
-    """An append-only log entry about a file; `payload` is a JSON object."""
+    """An append-only log entry about a file. `payload` is JSON text: an
+    object for events recorded here; events adopted from an original
+    Librarian may hold any JSON value (text that was not JSON is kept as a
+    JSON string)."""
 
     file = pw.ForeignKeyField(File, column_name="name", backref="events", on_delete="RESTRICT")
     time = pw.DateTimeField()
@@ -297,8 +300,14 @@ class FileEvent(BaseModel):
         table_name = "file_event"
 
     def to_dict(self):
+        """`time` in Unix seconds; `payload` decoded (any JSON value), or
+        the raw text should it not be JSON."""
+        try:
+            payload = json.loads(self.payload)
+        except ValueError:
+            payload = self.payload
         return {"name": self.name, "time": to_unix(self.time), "type": self.type,
-                "payload": json.loads(self.payload)}
+                "payload": payload}
 
     @classmethod
     def record(cls, file_name, type, payload):
@@ -314,7 +323,8 @@ class FileEvent(BaseModel):
 class Source(BaseModel):
     """A user or site that calls this Librarian. Only a hash of its
     authenticator is kept; `lookup` is a short SHA-256 prefix of it that
-    narrows the candidates before the (slow, salted) Argon2 check."""
+    narrows the candidates before the (slow, salted) Argon2 check, or empty
+    for a source configured by its hash alone."""
 
     name = pw.CharField(max_length=64, unique=True)
     lookup = pw.CharField(max_length=16, index=True)
@@ -375,19 +385,44 @@ def authenticator_lookup(authenticator):
     return hashlib.sha256(authenticator.encode("utf-8")).hexdigest()[:16]
 
 
-def create_source(name, authenticator, level):
-    """Create a source (user) with an Argon2 hash of `authenticator`.
-    Raises `LibrarianError(400)` on a bad level, `(409)` on a taken name."""
+def check_authenticator_hash(value):
+    """`value` if it is an Argon2 hash string (`$argon2id$v=19$m=...`), as
+    `argon2.PasswordHasher().hash` writes; raises `ValueError` otherwise."""
+    from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
+
+    try:
+        extract_parameters(value)
+    except (InvalidHashError, ValueError, TypeError):
+        raise ValueError("expected an Argon2 hash such as $argon2id$v=19$m=65536,t=3,p=4$..."
+                         ) from None
+    return value
+
+
+def create_source(name, authenticator, level, authenticator_hash=None):
+    """Create a source (user) from its plaintext `authenticator` (stored as
+    an Argon2 hash) or, with `authenticator` None, from a ready
+    `authenticator_hash` (its `lookup` is then empty: the plaintext that
+    gives it is unknown here). Raises `LibrarianError(400)` on a bad level,
+    a bad hash or not exactly one of the two, `(409)` on a taken name."""
     from argon2 import PasswordHasher
 
     if level not in LEVELS:
         raise LibrarianError(400, "level must be one of %s, got %r" % (", ".join(LEVELS), level))
-    if not authenticator:
-        raise LibrarianError(400, "authenticator may not be empty")
+    if (authenticator is None) == (authenticator_hash is None):
+        raise LibrarianError(400, "give exactly one of an authenticator and its hash")
+    if authenticator is not None:
+        if not authenticator:
+            raise LibrarianError(400, "authenticator may not be empty")
+        lookup, hashed = authenticator_lookup(authenticator), PasswordHasher().hash(authenticator)
+    else:
+        try:
+            lookup, hashed = "", check_authenticator_hash(authenticator_hash)
+        except ValueError as e:
+            raise LibrarianError(400, "authenticator hash of %r: %s" % (name, e)) from None
     try:
         with db.atomic():
-            return Source.create(name=name, lookup=authenticator_lookup(authenticator),
-                                 authenticator_hash=PasswordHasher().hash(authenticator),
+            return Source.create(name=name, lookup=lookup, authenticator_hash=hashed,
                                  level=level, created=utcnow())
     except pw.IntegrityError:
         raise LibrarianError(409, "a source named %r already exists" % name) from None
@@ -395,12 +430,17 @@ def create_source(name, authenticator, level):
 
 def find_source(authenticator):
     """The Source whose authenticator this is, or None. Argon2 compares in
-    constant time; candidates are narrowed by `lookup` first."""
+    constant time; candidates are narrowed by `lookup` first, then the
+    sources created from a hash alone (empty `lookup`, few: those adopted
+    from an original Librarian's configuration) are tried."""
     from argon2 import PasswordHasher
     from argon2.exceptions import VerificationError, InvalidHashError
 
     hasher = PasswordHasher()
-    for source in Source.select().where(Source.lookup == authenticator_lookup(authenticator)):
+    candidates = (Source.select()
+                  .where(Source.lookup.in_([authenticator_lookup(authenticator), ""]))
+                  .order_by(Source.lookup.desc(), Source.id))
+    for source in candidates:
         try:
             hasher.verify(source.authenticator_hash, authenticator)
             return source

@@ -11,7 +11,7 @@ import os
 import shlex
 import socket
 
-from models import LEVELS, STORE_NAME_RE
+from models import LEVELS, STORE_NAME_RE, check_authenticator_hash
 
 DEFAULT_PORT = 21106
 
@@ -164,7 +164,9 @@ SCHEMA = {
         "ssh_hosts": (_words, None),
     },
     "source:*": {
-        "authenticator": (_nonempty, REQUIRED),
+        # Exactly one of the two (checked in `parse`).
+        "authenticator": (_nonempty, None),
+        "authenticator_hash": (check_authenticator_hash, None),
         "level": (_choice(*LEVELS), REQUIRED),
     },
 }
@@ -233,6 +235,10 @@ def parse(text, path=None):
     for label in ("server", "database", "librarian", "staging"):
         if label not in sections:
             sections[label] = _cast_section(label, SCHEMA[label], {})
+    for name, source in sections["source:*"].items():
+        if (source["authenticator"] is None) == (source["authenticator_hash"] is None):
+            raise ConfigError("[source:%s] needs exactly one of authenticator (the secret "
+                              "itself) and authenticator_hash (its Argon2 hash)" % name)
     for name, store in sections["store:*"].items():
         if store["ssh_host"] is None:
             store["ssh_host"] = socket.gethostname()

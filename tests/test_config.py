@@ -76,3 +76,29 @@ def test_config_path_falls_back_to_environment_then_cwd(monkeypatch):
     monkeypatch.setenv("LIBRARIAN_CONFIG_PATH", "/etc/lib.ini")
     assert settings.find_config_path(None) == "/etc/lib.ini"
     assert settings.find_config_path("given.ini") == "given.ini"
+
+
+def test_a_source_gives_exactly_one_of_authenticator_and_its_hash():
+    from argon2 import PasswordHasher
+
+    hashed = PasswordHasher().hash("s3cret")
+    config = settings.parse(BASE + "[source:v1]\nauthenticator_hash = %s\nlevel = read-only\n"
+                            % hashed)
+    assert config.sources["v1"] == {"authenticator": None, "authenticator_hash": hashed,
+                                    "level": "read-only"}
+    for body in ("authenticator = a\nauthenticator_hash = %s\n" % hashed, ""):
+        with pytest.raises(settings.ConfigError, match=r"\[source:x\] needs exactly one of "
+                           "authenticator .* and authenticator_hash"):
+            settings.parse(BASE + "[source:x]\n%slevel = admin\n" % body)
+    with pytest.raises(settings.ConfigError, match="bad value 'plaintext' for authenticator_hash "
+                       r"in \[source:x\]: expected an Argon2 hash"):
+        settings.parse(BASE + "[source:x]\nauthenticator_hash = plaintext\nlevel = admin\n")
+
+
+def test_chown_command_is_split_into_words_as_a_shell_would():
+    config = settings.parse(BASE + "[staging]\nchown_command = sudo -n 'my chown'\n")
+    assert config.staging["chown_command"] == ["sudo", "-n", "my chown"]
+    assert settings.parse(BASE).staging["chown_command"] is None
+    with pytest.raises(settings.ConfigError, match="bad value .* for chown_command in "
+                       r"\[staging\]: No closing quotation"):
+        settings.parse(BASE + "[staging]\nchown_command = sudo 'unclosed\n")

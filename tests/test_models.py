@@ -74,6 +74,30 @@ def test_authenticators_are_stored_hashed_and_verified(app):
     assert models.find_source("") is None
 
 
+def test_a_source_made_from_a_hash_alone_is_found_by_its_authenticator(app):
+    from argon2 import PasswordHasher
+
+    made = models.create_source("v1user", None, "read-append",
+                                authenticator_hash=PasswordHasher().hash("from v1"))
+    assert made.lookup == ""
+    assert models.find_source("from v1").name == "v1user"
+    assert models.find_source(AUTH["admin"]).name == "admin"   # the lookup path still works
+    assert models.find_source("from v2") is None
+    with pytest.raises(models.LibrarianError, match="exactly one of"):
+        models.create_source("both", "x", "admin", authenticator_hash=made.authenticator_hash)
+    with pytest.raises(models.LibrarianError, match="authenticator hash of 'bad': expected an "
+                       "Argon2 hash"):
+        models.create_source("bad", None, "admin", authenticator_hash="secret")
+
+
+def test_event_payloads_that_are_not_objects_still_list(app):
+    models.File.insert(**raw_file()).execute()
+    for text, value in (("null", None), ("[1, 2]", [1, 2]), ('"ok"', "ok"), ("not json", "not json"),
+                        ('{"\u00e9": 1}', {"\u00e9": 1})):
+        event = models.FileEvent.create(file="f.dat", time=models.utcnow(), type="t", payload=text)
+        assert event.to_dict()["payload"] == value
+
+
 def test_levels_order():
     reader = models.Source(level="read-only")
     writer = models.Source(level="read-write")
