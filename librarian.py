@@ -123,7 +123,8 @@ def pending_migrations():
 
 def sync_config_records(config):
     """Add the stores and sources named in the configuration to the database
-    if they are missing (existing records are left as they are)."""
+    if they are missing; a configured source's level follows its section
+    (existing stores are left as they are: their place is fixed)."""
     with models.write_transaction():
         for name, spec in config.stores.items():
             prefix = os.path.abspath(spec["path_prefix"])
@@ -135,9 +136,14 @@ def sync_config_records(config):
                             "database is used (a store's place is fixed once it holds files)",
                             name, spec["ssh_host"], prefix, row.ssh_host, row.path_prefix)
         for name, spec in config.sources.items():
-            if Source.get_or_none(Source.name == name) is None:
+            row = Source.get_or_none(Source.name == name)
+            if row is None:
                 models.create_source(name, spec["authenticator"], spec["level"],
                                      authenticator_hash=spec["authenticator_hash"])
+            elif row.level != spec["level"]:
+                Source.update(level=spec["level"]).where(Source.id == row.id).execute()
+                log.warning("source %s: level %s, as [source:%s] now says (was %s)", name,
+                            spec["level"], name, row.level)
 
 
 def clean_all_staging():
@@ -1001,6 +1007,12 @@ def cmd_migrate(args):
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)  # one line per step is noise
     setup(config)
     with db.connection_context():
+        if db.table_exists("alembic_version"):
+            raise SystemExit(
+                "the database %s is an original Librarian's (it has alembic_version); it is "
+                "never changed: put this server's catalogue in a new, empty database ([database] "
+                "url in %s), migrate that, and copy the original's with adopt-v1 --from URL"
+                % (config.database["url"], config.path))
         done = migration_router().run()
     print("applied %d migration(s)%s" % (len(done), (": " + ", ".join(done)) if done else ""))
     return 0
@@ -1206,7 +1218,7 @@ def cmd_adopt_v1_config(args):
     try:
         v1, connections, client_path = v1config.read_config_files(args.path, args.hl_client_cfg)
         text = v1config.convert_config(v1, args.level, connections, (args.path, client_path),
-                                       args.database_url)
+                                       args.database_url, admins=args.admin)
     except v1config.AdoptError as e:
         print("adopt-v1-config: %s" % e, file=sys.stderr)
         return 2
@@ -1266,6 +1278,8 @@ def build_parser():
     p.add_argument("path", help="the original's server-config.json")
     p.add_argument("--level", required=True, choices=models.LEVELS,
                    help="level of every source (the original had none: all could do anything)")
+    p.add_argument("--admin", action="append", default=[], metavar="SOURCE",
+                   help="this source gets level admin instead (may repeat)")
     p.add_argument("--hl-client-cfg", metavar="PATH", help="client file whose connections "
                    "become [connection:NAME] (default: $HL_CLIENT_CFG or ~/.hl_client.cfg)")
     p.add_argument("--database-url", metavar="URL", help="this server's (fresh) database; "

@@ -208,11 +208,12 @@ class _Ini:
 
 
 def convert_config(v1, level, connections=None, names=("server-config.json", None),
-                   database=None):
+                   database=None, admins=()):
     """The INI text (our `config.example.ini` keys) for the v1 server
     configuration `v1` (a dict, as `load_commented_json` returns it).
 
-    `level` is given to every source (the original had no levels); each
+    `level` is given to every source but those in `admins`, which get
+    `admin` (the original had no levels); each
     source's authenticator is written as its Argon2 hash. `connections` is
     the `connections` object of a `~/.hl_client.cfg`; `names` the two
     files' paths, for the header; `database` our database URL when it is
@@ -235,6 +236,9 @@ def convert_config(v1, level, connections=None, names=("server-config.json", Non
     ini = _Ini()
     written = ini.carry("", v1, TOP_KEYS, handled=("SQLALCHEMY_DATABASE_URI",
                                                    "local_disk_staging", "add-stores", "sources"))
+    ini.note("librarian", "While the original still serves this site, set standing_order_mode "
+             "= disabled:\nboth would copy the same files (adopted standing orders run at "
+             "once).")
     if "server.secret_key" not in written:
         ini.set("server.secret_key", secrets.token_hex(32))
         ini.note("server", "The original had no usable SECRET_KEY: a new random one.")
@@ -253,9 +257,14 @@ def convert_config(v1, level, connections=None, names=("server-config.json", Non
     source_keys = {"authenticator": ("authenticator_hash", lambda v: hasher.hash(_v1_text(v)))}
     for name in ini.entries("sources.", v1.get("sources"), SECTION_NAME_RE, "source",
                             ("authenticator",), source_keys):
-        ini.set("source:%s.level" % name, level)
+        ini.set("source:%s.level" % name, "admin" if name in admins else level)
         ini.note("source:" + name, "The original let every source do everything; the level "
-                 "is adopt-v1-config's --level.")
+                 "is adopt-v1-config's %s (change it here: it applies at the next start)."
+                 % ("--admin" if name in admins else "--level"))
+    missing = sorted(set(admins) - set(v1.get("sources") or {}))
+    if missing:
+        raise AdoptError("--admin names %s, not among the sources of %s"
+                         % (", ".join(missing), names[0]))
     ini.entries("connections.", connections, SECTION_NAME_RE, "connection",
                 ("url", "authenticator"), CONNECTION_KEYS)
 

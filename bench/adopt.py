@@ -178,8 +178,11 @@ def show(report, samples, made):
         print("adopting process RSS: %.0f MB at 10 %%, %.0f MB at 50 %%, %.0f MB at 100 %%; "
               "peak %.0f MB (goal: flat)" % (rss_at(0.1), rss_at(0.5), rss_at(1.0),
                                              max(kb for _, kb in samples) / 1024))
-    print("total %.0f s (goal < 300 s on two cores): %s"
-          % (total, "met" if total < 300 else "MISSED"))
+    full = all(made[t] >= n for t, n in (("file", 1_000_000), ("file_instance", 1_200_000),
+                                         ("file_event", 3_000_000)))
+    print("total %.0f s (goal, at 1,000,000 files, 1,200,000 instances and 3,000,000 events: "
+          "< 300 s on two cores): %s" % (total, ("met" if total < 300 else "MISSED") if full
+                                         else "not measured at this size"))
 
 
 if __name__ == "__main__":

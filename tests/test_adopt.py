@@ -24,7 +24,7 @@ import librarian
 import models
 import settings
 import v1site
-from conftest import PG_BASE, ROOT, Server, api, free_port
+from conftest import PG_BASE, ROOT, Server, api, config_text, free_port
 
 T0 = datetime.datetime(2017, 10, 23, 5, 14, 32)
 EVENT_TIME = datetime.datetime(2017, 10, 23, 5, 20, 1, 123456)   # v1 events keep microseconds
@@ -465,7 +465,8 @@ def test_v1_configuration_converts_loads_and_serves(tmp_path, db_url, capsys):
         "penn": {"url": "https://penn.example.org/librarian/", "authenticator": "to-penn"},
         "broken": {"url": "ftp://x"}}}))
     assert librarian.main(["adopt-v1-config", str(v1_path), "--level", "read-append",
-                           "--hl-client-cfg", str(client), "--database-url", db_url]) == 0
+                           "--admin", "RTP", "--hl-client-cfg", str(client),
+                           "--database-url", db_url]) == 0
     text = capsys.readouterr().out
     config = settings.parse(text)
     assert config.server["secret_key"] == "not # a comment"
@@ -484,9 +485,12 @@ def test_v1_configuration_converts_loads_and_serves(tmp_path, db_url, capsys):
     assert {name: (c["url"], c["authenticator"]) for name, c in config.connections.items()} \
         == {"penn": ("https://penn.example.org/librarian/", "to-penn")}
     assert set(config.sources) == {"RTP", "HumanUser"}
+    assert {n: c["level"] for n, c in config.sources.items()} == {"RTP": "admin",
+                                                                  "HumanUser": "read-append"}
     for source in config.sources.values():
-        assert source["level"] == "read-append" and source["authenticator"] is None
+        assert source["authenticator"] is None
         assert source["authenticator_hash"].startswith("$argon2id$")
+    assert "set standing_order_mode = disabled" in text
     assert "rtp-secret" not in text and "I am a human" not in text
     comments = [line for line in text.splitlines() if line.startswith("#   ")]
     for key in ("server", "SQLALCHEMY_TRACK_MODIFICATIONS", "flask_debug", "report_to_mandc",
@@ -513,11 +517,35 @@ def test_v1_configuration_converts_loads_and_serves(tmp_path, db_url, capsys):
         assert call("ping", "not-a-source").status_code == 400
         upload = call("initiate_upload", "I am a human", upload_size=1)
         assert upload.status_code == 200, upload.text           # read-append: allowed
-        refused = call("set_one_file_deletion_policy", "rtp-secret", file_name="x",
+        refused = call("set_one_file_deletion_policy", "I am a human", file_name="x",
                        deletion_policy="allowed")
         assert refused.status_code == 403 and "needs level read-write" in refused.json()["message"]
     finally:
         server.stop()
+    # A source's level follows its section at the next start.
+    ini.write_text(text.replace("level = read-append", "level = read-write"))
+    server = Server(str(ini)).start()
+    try:
+        allowed = call("set_one_file_deletion_policy", "I am a human", file_name="x",
+                       deletion_policy="allowed")
+        assert "no file named 'x'" in allowed.json()["message"]   # past the level check
+    finally:
+        server.stop()
+
+
+def test_migrate_never_touches_an_original_librarians_database(tmp_path):
+    v1_db = tmp_path / "hera_lib.sqlite"
+    with sqlite3.connect(v1_db) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.execute("INSERT INTO alembic_version VALUES ('464899566429')")
+    ini = tmp_path / "librarian.ini"
+    ini.write_text(config_text("sqlite:///%s" % v1_db, str(tmp_path / "s"), port=free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "librarian.py"), "migrate",
+                           "--config", str(ini)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "is an original Librarian's" in proc.stderr
+    with sqlite3.connect(v1_db) as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == \
+            ["alembic_version"]
 
 
 @pytest.mark.parametrize("text,message", [

@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -43,7 +44,10 @@ def find_python2():
     """A Python 2.7 interpreter ($LIBRARIAN_TEST_PYTHON2, PATH, pyenv), or None."""
     candidates = [os.environ.get("LIBRARIAN_TEST_PYTHON2")]
     candidates += [shutil.which(name) for name in PYTHON2_CANDIDATES]
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python2.7")))
+    for root in (os.environ.get("PYENV_ROOT"), os.path.expanduser("~/.pyenv"),
+                 os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".pyenv")):
+        if root:
+            candidates += sorted(glob.glob(os.path.join(root, "versions/2.7*/bin/python2.7")))
     candidates += ["/usr/bin/python2.7"]
     for path in filter(None, candidates):
         try:
@@ -122,8 +126,10 @@ class Site:
                         "--config", peer_cfg], check=True, capture_output=True)
         self.peer = Server(peer_cfg)
         self.peer_store = os.path.join(peer_base, "store")
+        # pot2 takes no uploads: the client would have to reach this host's
+        # own sshd for it (offload fills it).
         stores = (sshd.store_section("pot1", self.pot1)
-                  + "[store:pot2]\npath_prefix = %s\n\n" % self.pot2)
+                  + "[store:pot2]\npath_prefix = %s\navailable = false\n\n" % self.pot2)
         extra = ("[staging]\ndest_prefix = %s\n\n[connection:peer]\nurl = %s\n"
                  "authenticator = %s\n" % (self.lustre, self.peer.url, AUTH["appender"]))
         self.config = os.path.join(base, "librarian.ini")
