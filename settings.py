@@ -63,7 +63,8 @@ def _non_negative_int(value):
     return n
 
 
-def _choice(*allowed):
+def choice(*allowed):
+    """A cast accepting only the values `allowed` (ValueError naming them)."""
     def cast(value):
         if value not in allowed:
             raise ValueError("expected one of %s" % ", ".join(allowed))
@@ -72,7 +73,7 @@ def _choice(*allowed):
 
 
 def _log_level(value):
-    return _choice("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
+    return choice("DEBUG", "INFO", "WARNING", "ERROR")(value.upper())
 
 
 def _timezone(value):
@@ -131,9 +132,9 @@ SCHEMA = {
         "url": (_db_url, REQUIRED),
     },
     "librarian": {
-        "obsid_inference_mode": (_choice("none", "hera"), "none"),
-        "permissions_mode": (_choice("readonly", "unchanged"), "readonly"),
-        "standing_order_mode": (_choice("normal", "disabled", "nighttime"), "normal"),
+        "obsid_inference_mode": (choice("none", "hera"), "none"),
+        "permissions_mode": (choice("readonly", "unchanged"), "readonly"),
+        "standing_order_mode": (choice("normal", "disabled", "nighttime"), "normal"),
         "standing_order_delay": (_positive_float, 60.0),
         "standing_order_interval": (_positive_float, 600.0),
     },
@@ -141,7 +142,7 @@ SCHEMA = {
         "path_prefix": (_nonempty, REQUIRED),
         "ssh_host": (_nonempty, None),
         "available": (_bool, True),
-        "transport": (_choice("local", "ssh"), None),
+        "transport": (choice("local", "ssh"), None),
         "ssh_user": (_nonempty, None),
         "ssh_port": (_port, 22),
         "ssh_key": (_nonempty, None),
@@ -167,7 +168,7 @@ SCHEMA = {
         # Exactly one of the two (checked in `parse`).
         "authenticator": (_nonempty, None),
         "authenticator_hash": (check_authenticator_hash, None),
-        "level": (_choice(*LEVELS), REQUIRED),
+        "level": (choice(*LEVELS), REQUIRED),
     },
 }
 

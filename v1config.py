@@ -13,6 +13,7 @@ import shlex
 
 import models
 from adopt import AdoptError, database_url, redact
+from settings import choice
 
 
 def load_commented_json(text, path):
@@ -84,14 +85,6 @@ def _v1_int(low, high, why=""):
     return cast
 
 
-def _v1_choice(*allowed):
-    def cast(value):
-        if value not in allowed:
-            raise ValueError("expected one of %s" % ", ".join(allowed))
-        return value
-    return cast
-
-
 def _v1_log_level(value):
     if str(value).lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("expected debug, info, warning or error (the original used info)")
@@ -127,9 +120,9 @@ TOP_KEYS = {
     "n_worker_threads": ("server.workers", _v1_int(0, 64, "; [server] workers keeps its "
                                                         "default")),
     "standing_order_mode": ("librarian.standing_order_mode",
-                            _v1_choice("normal", "disabled", "nighttime")),
-    "permissions_mode": ("librarian.permissions_mode", _v1_choice("readonly", "unchanged")),
-    "obsid_inference_mode": ("librarian.obsid_inference_mode", _v1_choice("none", "hera")),
+                            choice("normal", "disabled", "nighttime")),
+    "permissions_mode": ("librarian.permissions_mode", choice("readonly", "unchanged")),
+    "obsid_inference_mode": ("librarian.obsid_inference_mode", choice("none", "hera")),
 }
 STAGING_KEYS = {"dest_prefix": ("staging.dest_prefix", _v1_text),
                 "chown_command": ("staging.chown_command", _v1_words)}
