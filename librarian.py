@@ -147,52 +147,56 @@ def sync_config_records(config):
 
 
 def clean_all_staging():
-    """Remove staging leftovers on every reachable local store, keeping the
-    directories issued by `initiate_upload` that are still outstanding, and
-    moving back bytes whose registration a crash interrupted."""
+    """Remove staging leftovers on every reachable store, keeping the
+    folders issued by `initiate_upload` that are still outstanding, moving
+    back bytes whose registration a crash interrupted, and putting back the
+    pre-staged files that a dead process had taken (see `complete_known`).
+    What a live process took is left alone."""
     # Staging directories issued a day ago and never completed are abandoned
     # (a copy from another Librarian announces its records with
     # initiate_upload, then sends the bytes with the streamed upload).
     with models.write_transaction():
         StagingDir.delete().where(StagingDir.origin.is_null() & (
             StagingDir.created < models.utcnow() - datetime.timedelta(days=1))).execute()
-    settle_taken_files()
-    issued = [s.path for s in StagingDir.select()]
+    taken = list(StagingDir.select().where(StagingDir.origin.is_null(False)))
+    live = {t.path for t in taken if not models.process_is_gone(t.owner)}
     for row in Store.select():
         store = open_store(row)
-
-        def is_registered(store_path, row=row):
-            """Whether the path is a registered instance or inside one (a
-            marker naming a path in registered data is never acted on)."""
-            parent_dirs, name = split_store_path(store_path)
-            exact = FileInstance.select().where(
-                (FileInstance.store == row) & (FileInstance.parent_dirs == parent_dirs)
-                & (FileInstance.file == name)).exists()
-            return exact or ingest.instance_containing(row, parent_dirs) is not None
-
         if not store.is_reachable():
             log.warning("%s is not reachable: its staging area was not cleaned",
                         store.describe())
             continue
-        removed = store.clean_staging(keep=issued, is_registered=is_registered)
+        registered = functools.partial(is_registered, row)
+        for t in taken:
+            if t.store_id == row.id and t.path not in live:
+                settle_taken(store, t, registered)
+        keep = [s.path for s in StagingDir.select().where(StagingDir.store == row)]
+        removed = store.clean_staging(keep=keep, skip=live, is_registered=registered)
         if removed:
             log.info("removed %d staging leftovers on store %s", removed, row.name)
 
 
-def settle_taken_files():
-    """Put back into their operators' folders the pre-staged files that a
-    process which has died had taken out (see `complete_known`); those of a
-    live process, or of a process on another host, are left to it."""
-    for taken in StagingDir.select(StagingDir, Store).join(Store).where(
-            StagingDir.origin.is_null(False)):
-        if not models.process_is_gone(taken.owner):
-            continue
-        store = open_store(taken.store)
-        if store.give_back(taken.path, taken.origin):
-            log.warning("put %s on store %s back where it was: the process registering it "
-                        "(%s) died", taken.origin, store.name, taken.owner)
-            with models.write_transaction():
-                StagingDir.delete().where(StagingDir.id == taken.id).execute()
+def is_registered(store_row, store_path):
+    """Whether the path is a registered instance or inside one (a marker
+    naming a path in registered data is never acted on)."""
+    parent_dirs, name = split_store_path(store_path)
+    exact = FileInstance.select().where(
+        (FileInstance.store == store_row) & (FileInstance.parent_dirs == parent_dirs)
+        & (FileInstance.file == name)).exists()
+    return exact or ingest.instance_containing(store_row, parent_dirs) is not None
+
+
+def settle_taken(store, taken, registered):
+    """Put a pre-staged file that a dead process had taken back where it
+    was: first out of its final place if its registration was cut short,
+    then into the operator's folder. A file that cannot go back stays (and
+    its record with it, so that it is tried again at every start)."""
+    store.undo_interrupted_move(taken.path, registered)
+    if store.give_back(taken.path, taken.origin):
+        log.warning("put %s on store %s back where it was: the process registering it (%s) "
+                    "died", taken.origin, store.name, taken.owner)
+        with models.write_transaction():
+            StagingDir.delete().where(StagingDir.id == taken.id).execute()
 
 
 def startup(app):
@@ -601,7 +605,7 @@ def complete_known(store, folder, name, register, source):
     """Register `folder/name` from an operator's pre-staged folder: it is
     taken into a fresh staging folder of the server, whose origin and
     owning process are recorded first, checked and registered there, and
-    put back unless it was registered (by `settle_taken_files` after a
+    put back unless it was registered (by `clean_all_staging` after a
     crash). A file or folder that is registered, or inside registered
     data, is never taken (409)."""
     origin = posixpath.join(store.relative(folder), name)

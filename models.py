@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 
 import peewee as pw
@@ -358,6 +359,24 @@ class StagingDir(BaseModel):
         table_name = "staging_dir"
 
 
+class ServerSecret(BaseModel):
+    """A random secret of this server, made once per database (see
+    `server_secret`)."""
+
+    name = pw.CharField(max_length=64, primary_key=True)
+    value = pw.CharField(max_length=128)
+
+    class Meta:
+        table_name = "server_secret"
+
+    @classmethod
+    def get_value(cls, name):
+        """The secret called `name` (64 hex digits), made on first use."""
+        with db.atomic():
+            cls.insert(name=name, value=secrets.token_hex(32)).on_conflict_ignore().execute()
+        return cls.get_by_id(name).value
+
+
 class WebSession(BaseModel):
     """A logged-in browser session; only a SHA-256 of its token is kept. A
     session cookie is honoured only while its row exists and has not
@@ -373,7 +392,7 @@ class WebSession(BaseModel):
 
 
 ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEvent, Source,
-              StagingDir, WebSession]
+              StagingDir, ServerSecret, WebSession]
 
 
 # ---------------------------------------------------------------------------
@@ -432,7 +451,9 @@ def find_source(authenticator):
     """The Source whose authenticator this is, or None. Argon2 compares in
     constant time; candidates are narrowed by `lookup` first, then the
     sources created from a hash alone (empty `lookup`, few: those adopted
-    from an original Librarian's configuration) are tried."""
+    from an original Librarian's configuration) are tried; such a source
+    gets its `lookup` at its first call, so that it is tried only for its
+    own authenticator from then on."""
     from argon2 import PasswordHasher
     from argon2.exceptions import VerificationError, InvalidHashError
 
@@ -443,31 +464,48 @@ def find_source(authenticator):
     for source in candidates:
         try:
             hasher.verify(source.authenticator_hash, authenticator)
-            return source
         except (VerificationError, InvalidHashError):
             continue
+        if not source.lookup:
+            with write_transaction():
+                Source.update(lookup=authenticator_lookup(authenticator)).where(
+                    (Source.id == source.id) & (Source.lookup == "")).execute()
+        return source
     return None
 
 
+def _start_ticks(pid):
+    """When process `pid` started (clock ticks since boot, from
+    /proc/PID/stat), or None: with the pid, it names one process even when
+    pids are reused (a server that is pid 1 in its container, restarted)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def this_process():
-    """"host:pid" of this process, as leases and tasks record their owner."""
-    return "%s:%d" % (socket.gethostname(), os.getpid())
+    """"host:pid:start" of this process, as what it owns records it."""
+    return "%s:%d:%s" % (socket.gethostname(), os.getpid(), _start_ticks(os.getpid()))
 
 
 def process_is_gone(owner):
-    """Whether the process named by `owner` ("host:pid...", see
-    `this_process`) ran on this host and has ended. A process on another
-    host is never taken as gone: only it can settle what it left."""
-    host, _, rest = (owner or "").partition(":")
-    if host != socket.gethostname():
+    """Whether the process named by `owner` ("host:pid:start[:...]", see
+    `this_process`) ran on this host and has ended (its pid is free, or
+    another process started under it since). A process on another host is
+    never taken as gone: only it can settle what it left."""
+    host, pid, start = ((owner or "").split(":") + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
-        os.kill(int(rest.split(":")[0]), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except (ValueError, PermissionError):
-        return False
-    return False
+    except PermissionError:
+        pass
+    started = _start_ticks(int(pid))
+    return bool(start) and start != "None" and started is not None and started != start
 
 
 def write_transaction():

@@ -21,6 +21,7 @@ import os
 import posixpath
 import pwd
 import re
+import signal
 import stat
 import subprocess
 import threading
@@ -222,7 +223,7 @@ def stage_task(task, args):
             except (OSError, LibrarianError, RecursionError) as e:
                 errors.append("%s: %s" % (f.name, e))
         if not errors:
-            errors += hand_over(dest, args["user"])
+            errors += hand_over(dest, fd, args["user"])
     finally:
         finish(fd, errors)
         os.close(fd)
@@ -247,17 +248,27 @@ def stage_one(dest_fd, file):
     return file.size
 
 
-def hand_over(dest, user):
+def hand_over(dest, dest_fd, user):
     """Run `[staging] chown_command -u USER -R -d DEST` (as the original
-    did), if configured, for at most `chown_timeout` seconds; returns error
-    lines (with the head of what it printed)."""
+    did), if configured, for at most `chown_timeout` seconds (it and what
+    it started); returns error lines (with the head of what it printed).
+    DEST must still be the folder staged into (`dest_fd`), reached without
+    links: the command acts on the path."""
     command = _settings.staging["chown_command"] if _settings else None
     if not command:
         return []
+    try:
+        fd = open_folder(dest)
+        same = os.path.samestat(os.fstat(fd), os.fstat(dest_fd))
+        os.close(fd)
+    except OSError:
+        same = False
+    if not same:
+        return ["%s is no longer the folder staged into: not handed over" % dest]
     argv = command + ["-u", user, "-R", "-d", dest]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         return ["cannot run %s: %s" % (argv[0], e)]
     head = []
@@ -266,7 +277,8 @@ def hand_over(dest, user):
     try:
         code = proc.wait(_settings.staging["chown_timeout"])
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # and whatever it started
+        proc.wait()
         code = None
     reader.join(10)
     said = b"".join(head).decode("utf-8", "replace").strip()

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import uvmeta
 from settings import names_this_host
 from librarian_client import directory_digest, path_md5
-from models import LibrarianError, check_file_name
+from models import LibrarianError, ServerSecret, check_file_name
 from sshfs import (SSHFS, DiskUsage, SSHConnection, SSHTarget, StoreUnreachable,
                    stream_started)
 
@@ -115,12 +115,14 @@ def check_name_lengths(parts, path):
 
 def marker_text(staging_dir, store_path):
     """The text of a DESTINATION marker: the store path and an HMAC of it
-    and of its staging folder under the server's secret key."""
+    and of its staging folder under a secret key of the server's database
+    (clients may write in staging folders, but cannot forge a marker)."""
     return "%s\n%s" % (store_path, _marker_mac(staging_dir, store_path))
 
 
 def _marker_mac(staging_dir, store_path):
-    return hmac.new(_marker_key[0], ("%s\0%s" % (posixpath.normpath(staging_dir), store_path))
+    key = ServerSecret.get_value("staging-marker").encode("ascii")
+    return hmac.new(key, ("%s\0%s" % (posixpath.normpath(staging_dir), store_path))
                     .encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
@@ -533,7 +535,7 @@ def _copy_file(src_fs, src, dst_fs, dst, progress=None):
 # ---------------------------------------------------------------------------
 
 _ssh_settings = {}   # store name -> its [store:NAME] section
-_marker_key = [b""]  # signs the markers in staging folders: [server] secret_key
+
 _connections = {}    # (store name, SSHTarget) -> SSHConnection
 _connections_lock = threading.Lock()
 
@@ -543,7 +545,6 @@ def configure(config):
     connections made under the previous settings are closed."""
     _ssh_settings.clear()
     _ssh_settings.update(config.stores)
-    _marker_key[0] = config.server["secret_key"].encode("utf-8")
     with _connections_lock:
         for conn in _connections.values():
             conn.retired = True
@@ -785,25 +786,28 @@ class StoreAccess:
     def ensure_prefix(self):
         self.fs.makedirs(self.prefix)
 
-    def clean_staging(self, keep=(), is_registered=lambda store_path: True):
+    def clean_staging(self, keep=(), skip=(), is_registered=lambda store_path: True):
         """Start-up cleaning of the staging area. First undo moves that a
         crash interrupted: a staging directory whose DESTINATION marker
         names a store path that `is_registered(store_path)` denies had its
         bytes moved but never recorded, so they are moved back. Then remove
-        everything except the directories in `keep` (absolute paths).
+        everything except the directories in `keep` (absolute paths). The
+        directories in `skip` (a live process's) are not touched at all.
         Returns how many entries were removed."""
         root = self.staging_root()
         try:
             entries = self.fs.scandir(root)
         except FileNotFoundError:
             return 0
-        keep = set(keep)
+        keep, skip = set(keep), set(skip)
         removed = 0
         for entry, st in entries:
             path = posixpath.join(root, entry)
+            if path in skip:
+                continue
             try:
                 if stat.S_ISDIR(st.st_mode):
-                    self._undo_interrupted_move(path, is_registered)
+                    self.undo_interrupted_move(path, is_registered)
                 if path not in keep:
                     self.fs.remove_tree(path)
                     removed += 1
@@ -811,7 +815,12 @@ class StoreAccess:
                 log.error("could not clean %s on store %s: %s", path, self.name, e)
         return removed
 
-    def _undo_interrupted_move(self, staging_dir, is_registered):
+    def undo_interrupted_move(self, staging_dir, is_registered):
+        """If the DESTINATION marker of `staging_dir` (signed by this
+        server) names a store path whose bytes are there but which
+        `is_registered(store_path)` denies, move them back into the folder
+        (a crash came between the move and the commit); forget the
+        marker."""
         marker = posixpath.join(staging_dir, DESTINATION_MARKER)
         try:
             if not stat.S_ISREG(self.fs.lstat(marker).st_mode):

@@ -19,7 +19,6 @@ records progress. Raising `Permanent` fails a task without retrying.
 import datetime
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -27,7 +26,8 @@ import traceback
 
 import peewee as pw
 
-from models import BaseModel, db, is_postgres, process_is_gone, utcnow, write_transaction
+from models import (BaseModel, db, is_postgres, process_is_gone, this_process, utcnow,
+                    write_transaction)
 
 log = logging.getLogger("librarian")
 
@@ -219,7 +219,7 @@ def run_one(task, now=None):
 
 
 def worker_name(index):
-    return "%s:%d:%d" % (socket.gethostname(), os.getpid(), index)
+    return "%s:%d" % (this_process(), index)
 
 
 def work(name, stop, idle=IDLE_SECONDS):

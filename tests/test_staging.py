@@ -2,6 +2,7 @@
 
 import os
 import stat
+import subprocess
 import time
 
 import getpass
@@ -248,7 +249,7 @@ def test_a_chown_command_that_floods_or_hangs_is_bounded(staged, app, web, tmp_p
     tasks.run_until_empty()
     errors = (staged / USER / "flood" / "STAGING-ERRORS").read_text()
     assert "exited with 2" in errors and len(errors) < 1000
-    script.write_text("#!/bin/sh\nsleep 30\n")
+    script.write_text("#!/bin/sh\nsleep 30 &\nyes\n")  # and a child that outlives it
     settings.staging["chown_timeout"] = 0.5
     started = time.monotonic()
     api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
@@ -256,3 +257,33 @@ def test_a_chown_command_that_floods_or_hangs_is_bounded(staged, app, web, tmp_p
     tasks.run_until_empty()
     assert time.monotonic() - started < 15
     assert "did not finish within 0.5 s" in (staged / USER / "hang" / "STAGING-ERRORS").read_text()
+    time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1
+
+
+def test_the_hand_over_never_follows_a_folder_swapped_after_the_copies(staged, app, web,
+                                                                       tmp_path, monkeypatch):
+    import staging
+
+    log = tmp_path / "chown.log"
+    script = tmp_path / "fake-chown"
+    script.write_text('#!/bin/sh\necho "$@" > %s\n' % log)
+    script.chmod(0o755)
+    app.config["librarian.settings"].staging["chown_command"] = [str(script)]
+    victim = tmp_path / "victim"
+    (victim / "b").mkdir(parents=True)
+    api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
+        stage_user=USER, stage_dest="a/b")
+    real_stage_one = staging.stage_one
+
+    def stage_then_swap(dest_fd, file):
+        size = real_stage_one(dest_fd, file)
+        os.rename(staged / USER / "a", staged / USER / "a.moved")
+        os.symlink(victim, staged / USER / "a")
+        return size
+
+    monkeypatch.setattr(staging, "stage_one", stage_then_swap)
+    tasks.run_until_empty()
+    assert not log.exists()
+    errors = (staged / USER / "a.moved" / "b" / "STAGING-ERRORS").read_text()
+    assert "no longer the folder staged into" in errors

@@ -118,6 +118,42 @@ def test_a_prestaged_file_taken_by_a_process_that_died_is_put_back_at_start(app,
     assert models.StagingDir.select().where(models.StagingDir.origin.is_null(False)).count() == 1
 
 
+def test_a_crash_between_the_move_and_the_commit_of_a_prestaged_file_puts_it_back(
+        app, web, store_dir):
+    import librarian
+    from stores import open_store
+
+    folder = prestage(store_dir, "pre", {"a.flag": b"aaa", "b.flag": b"bbb"})
+    store = open_store(models.Store.get())
+    # Killed after the move into place, before the commit:
+    store.move_into_place(take_as(store, "pre", "a.flag", dead_process()), "2458043/a.flag")
+    # ... and after the move's link was made, before its unlink:
+    staged = take_as(store, "pre", "b.flag", dead_process())
+    store.move_into_place(staged, "2458043/b.flag")
+    os.link(os.path.join(store_dir, "2458043", "b.flag"), staged)
+    librarian.startup(app)
+    assert {n: v[0] for n, v in snapshot(folder).items()} == {"a.flag": b"aaa", "b.flag": b"bbb"}
+    assert os.listdir(os.path.join(store_dir, "2458043")) == []
+    assert models.StagingDir.select().count() == 0
+
+
+def test_a_live_process_keeps_what_it_took_while_another_starts(app, web, store_dir):
+    import librarian
+    from stores import open_store
+
+    prestage(store_dir, "pre", {"a.flag": b"aaa"})
+    store = open_store(models.Store.get())
+    final = store.move_into_place(take_as(store, "pre", "a.flag", models.this_process()),
+                                  "2458043/a.flag")
+    librarian.startup(app)  # a second server or worker: its owner is alive (this process)
+    with open(final, "rb") as f:
+        assert f.read() == b"aaa"
+    # A process that reused the pid is not the owner.
+    pid_reused = models.this_process().rsplit(":", 1)[0] + ":1"
+    assert models.process_is_gone(pid_reused) and not models.process_is_gone(
+        models.this_process()) and not models.process_is_gone("another-host:1:1")
+
+
 def test_a_taken_file_that_cannot_go_back_is_kept_never_deleted(app, web, store_dir, caplog):
     import librarian
     from stores import open_store
