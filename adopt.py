@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import re
 import sqlite3
 import sys
 import time
@@ -40,12 +39,15 @@ import peewee as pw
 
 import models
 from models import LibrarianError, Store, db
+from settings import redact_url
+from stores import split_store_path
 
 log = logging.getLogger("librarian")
 
 V1_REVISION = "464899566429"
 LIST_CAP = 100          # refused / converted rows listed per table (all are counted)
 BATCH_ROWS = 20_000
+ADOPT_LOCK = 0x4C6942  # PostgreSQL advisory lock: one adoption at a time
 
 
 class AdoptError(Exception):
@@ -68,12 +70,7 @@ def database_url(url, what="database URL"):
     if sep and kind == "sqlite" and len(rest) > 1 and rest.startswith("/"):
         return "sqlite://" + rest
     raise AdoptError("%s %r: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
-                     % (what, redact(url)))
-
-
-def redact(url):
-    """`url` without the password it may hold."""
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+                     % (what, redact_url(url)))
 
 
 # ---------------------------------------------------------------------------
@@ -94,6 +91,11 @@ class V1Database:
 
                 self.conn = psycopg2.connect(self.url, connect_timeout=10)
                 self.conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+                # A database in SQL_ASCII holds bytes of any kind: read them one
+                # character per byte, then as UTF-8 where they are (`batches`).
+                self.latin1 = self.scalar("SHOW server_encoding") == "SQL_ASCII"
+                if self.latin1:
+                    self.conn.set_client_encoding("LATIN1")
             else:
                 path = self.url[len("sqlite:///"):]
                 if not os.path.isfile(path):
@@ -101,15 +103,17 @@ class V1Database:
                 # Read by the reader thread, never two threads at once.
                 self.conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path),
                                             uri=True, check_same_thread=False)
+                # Text that is not UTF-8 is refused row by row (see `_text`).
+                self.conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
         except AdoptError:
             raise
         except Exception as e:  # psycopg2.Error, sqlite3.Error: the driver says why
             raise AdoptError("cannot open the v1 database %s: %s"
-                             % (redact(self.url), str(e).strip())) from None
+                             % (redact_url(self.url), str(e).strip())) from None
         if self.has_table("migratehistory"):
             self.close()
             raise AdoptError("%s is a database of this server (it has migratehistory), not an "
-                             "original Librarian's" % redact(self.url))
+                             "original Librarian's" % redact_url(self.url))
 
     def scalar(self, sql):
         """The first column of the first row of `sql`, or None."""
@@ -137,7 +141,7 @@ class V1Database:
         except Exception as e:
             raise AdoptError("the v1 database %s does not have the table %s with columns %s "
                              "(is it an original Librarian's?): %s"
-                             % (redact(self.url), table, ", ".join(columns),
+                             % (redact_url(self.url), table, ", ".join(columns),
                                 str(e).strip().splitlines()[0])) from None
 
     def batches(self, table, select, size):
@@ -151,6 +155,9 @@ class V1Database:
             rows = cur.fetchmany(size)
             if not rows:
                 break
+            if getattr(self, "latin1", False):
+                rows = [tuple(v.encode("latin-1").decode("utf-8", "surrogateescape")
+                              if isinstance(v, str) else v for v in r) for r in rows]
             yield rows
         cur.close()
 
@@ -168,10 +175,22 @@ def _text(value, column, max_chars):
                                               else type(value).__name__))
     if "\0" in value:
         raise Refused("%s contains a NUL character" % column)
+    if not _is_utf8(value):
+        raise Refused("%s is not valid UTF-8" % column)
     if len(value) > max_chars:
         raise Refused("%s is %d characters long; at most %d are allowed here"
                       % (column, len(value), max_chars))
     return value
+
+
+def _is_utf8(text):
+    """False for text holding bytes that were not UTF-8 in v1 (read with
+    `surrogateescape`)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _int(value, column, nullable=False):
@@ -247,27 +266,45 @@ def convert_file(row, note):
     return out + tuple(row[7:])  # PostgreSQL: the count of v1 instances
 
 
-def convert_instance(row, note, store_ids):
+def convert_instance(row, note, store_ids, refused_files):
     store, parent_dirs, name, policy = row
     if store not in store_ids:
         raise Refused("its store (v1 id %r) was not taken" % (store,))
     if policy not in (models.DELETION_DISALLOWED, models.DELETION_ALLOWED):
         raise Refused("deletion_policy %r is neither 0 (disallowed) nor 1 (allowed)" % (policy,))
-    return store_ids[store], _text(parent_dirs, "parent_dirs", 1024), _text(name, "name", 256), \
-        policy
+    parent_dirs, name = _text(parent_dirs, "parent_dirs", 1024), _text(name, "name", 256)
+    store_path = "/".join(p for p in (parent_dirs, name) if p)
+    if _checked(split_store_path, store_path) != (parent_dirs, name) \
+            or models.CONTROL_RE.search(parent_dirs):
+        raise Refused("its path %r is not one this server would store (no '..', no "
+                      "absolute or empty folders, no control characters)" % store_path)
+    _not_refused(name, refused_files)
+    return store_ids[store], parent_dirs, name, policy
 
 
-def convert_event(row, note):
+def _not_refused(name, refused_files):
+    if name in refused_files:
+        raise Refused("its file %r was not taken" % name)
+
+
+def convert_event(row, note, refused_files):
     eid, name, when, type_, payload = row
     out = (_int(eid, "id"), _text(name, "name", 256), _time(when, "time"),
            _text(type_, "type", 64))
+    _not_refused(name, refused_files)
     if payload is None:
         note("payload was NULL; kept as JSON null")
         return out + ("null",)
+    if not _is_utf8(str(payload)):
+        note("payload is not valid UTF-8; kept as a JSON string of its text, bad bytes "
+             "replaced")
+        return out + (json.dumps(str(payload).encode("utf-8", "replace").decode(),
+                                 ensure_ascii=False),)
     try:
         json.loads(payload)
-    except (ValueError, TypeError):
-        note("payload is not JSON; kept as a JSON string holding its text")
+    except (ValueError, TypeError, RecursionError) as e:
+        note("payload is %s; kept as a JSON string holding its text" % (
+            "nested too deeply to read" if isinstance(e, RecursionError) else "not JSON"))
         return out + (json.dumps(str(payload), ensure_ascii=False),)
     return out + (payload,)
 
@@ -337,6 +374,7 @@ class Tally:
         self.read = self.new = self.present = self.seconds = 0
         self.rows = {"refused": [], "converted": []}
         self.counts = {"refused": 0, "converted": 0}
+        self.refused_keys = set()  # all of them: the rows that depend on them are refused too
 
     @property
     def refused(self):
@@ -345,6 +383,8 @@ class Tally:
     def add(self, kind, row, reason):
         """Count a "refused" or "converted" row (its key columns) and why."""
         self.counts[kind] += 1
+        if kind == "refused":
+            self.refused_keys.add(tuple(row.values()))
         if len(self.rows[kind]) < LIST_CAP:
             self.rows[kind].append({"row": row, "reason": reason})
 
@@ -560,10 +600,14 @@ class Writer:
 
 def fix_num_instances():
     """Set `file.num_instances` to the true count where it is not; returns
-    how many files were corrected (one statement)."""
-    return _sql("UPDATE file SET num_instances = c.n FROM (SELECT f.name, count(i.name) AS n "
-                "FROM file f LEFT JOIN file_instance i ON i.name = f.name GROUP BY f.name) c "
-                "WHERE c.name = file.name AND file.num_instances <> c.n").rowcount
+    how many files were corrected (one statement, with instances locked
+    against writers meanwhile, whose counts it would otherwise overwrite)."""
+    with models.write_transaction():
+        if models.is_postgres():
+            _sql("LOCK TABLE file_instance IN SHARE MODE")
+        return _sql("UPDATE file SET num_instances = c.n FROM (SELECT f.name, count(i.name) "
+                    "AS n FROM file f LEFT JOIN file_instance i ON i.name = f.name GROUP BY "
+                    "f.name) c WHERE c.name = file.name AND file.num_instances <> c.n").rowcount
 
 
 def align_event_ids(v1):
@@ -618,12 +662,15 @@ class Adoption:
                             "http_prefix": http if http is None else _text(http, "http_prefix",
                                                                            1024),
                             "available": bool(available)}
+                    if not spec["path_prefix"].startswith("/"):
+                        raise Refused("path_prefix %r is not an absolute path" % prefix)
                 except Refused as e:
                     tally.add("refused", {"name": name}, str(e))
                     continue
                 row = Store.get_or_none(Store.name == name)
-                if row is None:
-                    row = Store.create(**spec)
+                if row is None:  # (another run may make it meanwhile: no error then)
+                    Store.insert(**spec).on_conflict_ignore().execute()
+                    row = Store.get(Store.name == name)
                     tally.new += 1
                 else:
                     tally.present += 1
@@ -644,9 +691,13 @@ class Adoption:
         if spec.table == "file_event" and self.postgres:
             align_event_ids(self.v1)
         convert = spec.convert
+        refused_files = {key[0] for key in self.tallies["file"].refused_keys}
         if spec.table == "file_instance":
             def convert(row, note):
-                return convert_instance(row, note, self.store_ids)
+                return convert_instance(row, note, self.store_ids, refused_files)
+        elif spec.table == "file_event":
+            def convert(row, note):
+                return convert_event(row, note, refused_files)
         writer = Writer(spec, tally, self.label(spec, "ours"))
         batches = self.v1.batches(spec.table, ", ".join(spec.v1_columns), self.batch)
         with tqdm(total=self.counts[spec.table], desc=spec.table, unit=" rows",
@@ -670,6 +721,9 @@ def adopt(v1_url, batch=BATCH_ROWS, progress=True):
     "complete": whether every row was taken, "seconds"}. Raises
     `AdoptError` when the v1 database cannot be opened or lacks a table."""
     started = time.monotonic()
+    if models.is_postgres() and not _sql("SELECT pg_try_advisory_lock(%s)" % db.param,
+                                         (ADOPT_LOCK,)).fetchone()[0]:
+        raise AdoptError("another adopt-v1 into this database is running; let it finish")
     v1 = V1Database(v1_url)
     try:
         run = Adoption(v1, batch, progress)
@@ -687,7 +741,7 @@ def adopt(v1_url, batch=BATCH_ROWS, progress=True):
         corrected = fix_num_instances()
     finally:
         v1.close()
-    return {"from": redact(v1.url), "revision": revision, "warnings": warnings,
+    return {"from": redact_url(v1.url), "revision": revision, "warnings": warnings,
             "tables": {name: t.to_dict() for name, t in run.tallies.items()},
             "num_instances_corrected": corrected,
             "complete": not any(t.refused for t in run.tallies.values()),

@@ -17,6 +17,7 @@ streamed upload and download (section 2), then the command line.
 """
 
 import argparse
+import contextlib
 import datetime
 import errno
 import functools
@@ -108,6 +109,23 @@ def setup(config):
     tasks.BASE_DELAY = config.server["task_retry_seconds"]
     tasks.MAX_ATTEMPTS = config.server["task_max_attempts"]
     return app
+
+
+@contextlib.contextmanager
+def database_of(config):
+    """A connection to the configured database for the block; one that
+    cannot be reached ends the command (status 2) saying so, without the
+    URL's password."""
+    try:
+        db.connect(reuse_if_open=True)
+    except models.pw.OperationalError as e:
+        print("librarian.py: cannot reach the database %s: %s"
+              % (config.database_shown, str(e).strip().splitlines()[0]), file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        yield
+    finally:
+        db.close()
 
 
 def migration_router():
@@ -204,12 +222,12 @@ def startup(app):
     unmigrated database (`SystemExit` with a message), add configured
     stores and sources, clean staging areas."""
     config = app.config["librarian.settings"]
-    with db.connection_context():
+    with database_of(config):
         pending = pending_migrations()
         if pending:
             raise SystemExit("the database %s is not migrated (pending: %s); run: python "
                              "librarian.py migrate --config %s"
-                             % (config.database["url"], ", ".join(pending),
+                             % (config.database_shown, ", ".join(pending),
                                 config.path or "PATH"))
         sync_config_records(config)
         for row in Store.select():
@@ -1010,13 +1028,13 @@ def cmd_migrate(args):
     configure_logging(config.server["log_level"])
     logging.getLogger("peewee_migrate").setLevel(logging.WARNING)  # one line per step is noise
     setup(config)
-    with db.connection_context():
+    with database_of(config):
         if db.table_exists("alembic_version"):
             raise SystemExit(
                 "the database %s is an original Librarian's (it has alembic_version); it is "
                 "never changed: put this server's catalogue in a new, empty database ([database] "
                 "url in %s), migrate that, and copy the original's with adopt-v1 --from URL"
-                % (config.database["url"], config.path))
+                % (config.database_shown, config.path))
         done = migration_router().run()
     print("applied %d migration(s)%s" % (len(done), (": " + ", ".join(done)) if done else ""))
     return 0
@@ -1075,7 +1093,7 @@ def cmd_worker(args):
     for module in args.handlers or []:
         importlib.import_module(module)
     if args.once:
-        with db.connection_context():
+        with database_of(config):
             count = tasks.run_until_empty(tasks.worker_name(0))
         log.info("ran %d task(s)", count)
         return 0
@@ -1100,7 +1118,7 @@ def cmd_add_store(args):
     setup(config)
     try:
         models.check_store_name(args.name)
-        with db.connection_context():
+        with database_of(config):
             Store.create(name=args.name, path_prefix=os.path.abspath(args.path_prefix),
                          ssh_host=args.ssh_host or socket.gethostname(), available=True)
     except LibrarianError as e:
@@ -1121,7 +1139,7 @@ def cmd_add_user(args):
     config = load_config(args.config)
     setup(config)
     authenticator = args.authenticator or secrets.token_urlsafe(24)
-    with db.connection_context():
+    with database_of(config):
         try:
             models.create_source(args.name, authenticator, args.level)
         except LibrarianError as e:
@@ -1192,16 +1210,16 @@ def cmd_adopt_v1(args):
     config = load_config(args.config)
     configure_logging(config.server["log_level"])
     setup(config)
-    with db.connection_context():
+    with database_of(config):
         pending = pending_migrations()
         if pending and db.table_exists("alembic_version"):
             print("adopt-v1: the database %s holds an original Librarian's tables; adopt-v1 "
                   "copies them into a fresh one: point [database] url in %s at a new database"
-                  % (config.database["url"], config.path), file=sys.stderr)
+                  % (config.database_shown, config.path), file=sys.stderr)
             return 2
         if pending:
             print("adopt-v1: the database %s is not migrated (pending: %s); run: python "
-                  "librarian.py migrate --config %s" % (config.database["url"],
+                  "librarian.py migrate --config %s" % (config.database_shown,
                                                          ", ".join(pending), config.path),
                   file=sys.stderr)
             return 2

@@ -8,6 +8,7 @@ documented in `config.example.ini`, which a test checks against `SCHEMA`.
 
 import configparser
 import os
+import re
 import shlex
 import socket
 
@@ -177,7 +178,8 @@ class Settings:
     """Validated configuration. Attributes: `server`, `database`,
     `librarian` (dicts of cast values), `stores`, `sources` and
     `connections` (dicts from NAME to dicts), `path` (the file it came
-    from, or None)."""
+    from, or None), `database_shown` (the database URL without its
+    password, for messages)."""
 
     def __init__(self, sections, path=None):
         self.path = path
@@ -188,6 +190,7 @@ class Settings:
         self.sources = sections["source:*"]
         self.connections = sections["connection:*"]
         self.staging = sections["staging"]
+        self.database_shown = redact_url(self.database["url"])  # for messages: no password
 
 
 def _cast_section(label, schema, items):
@@ -249,6 +252,13 @@ def parse(text, path=None):
             raise ConfigError("[store:%s] path_prefix must be an absolute path on %s when "
                               "transport = ssh" % (name, store["ssh_host"]))
     return Settings(sections, path)
+
+
+def redact_url(url):
+    """`url` without the password it may hold (`user:PASSWORD@`, or a
+    `password=` argument), for messages and logs."""
+    url = re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 
 
 def names_this_host(host):

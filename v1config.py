@@ -12,8 +12,8 @@ import re
 import shlex
 
 import models
-from adopt import AdoptError, database_url, redact
-from settings import choice
+from adopt import AdoptError, database_url
+from settings import choice, redact_url
 
 
 def load_commented_json(text, path):
@@ -77,6 +77,22 @@ def _v1_text(value):
     return value.strip()
 
 
+def _v1_secret(value):
+    """An authenticator exactly as the original compared it (to be hashed:
+    spaces at its ends are part of it)."""
+    if not isinstance(value, str) or not value or "\n" in value or "\r" in value:
+        raise ValueError("expected one line of text")
+    return value
+
+
+def _v1_ini_secret(value):
+    """An authenticator written as an INI value, which cannot keep spaces
+    at its ends."""
+    if _v1_secret(value) != value.strip():
+        raise ValueError("has spaces at its ends, which an INI value cannot keep")
+    return value
+
+
 def _v1_int(low, high, why=""):
     def cast(value):
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -128,7 +144,7 @@ STAGING_KEYS = {"dest_prefix": ("staging.dest_prefix", _v1_text),
                 "chown_command": ("staging.chown_command", _v1_words)}
 STORE_KEYS = {"path_prefix": ("path_prefix", _v1_text), "ssh_host": ("ssh_host", _v1_text),
               "available": ("available", _v1_bool)}
-CONNECTION_KEYS = {"url": ("url", _v1_url), "authenticator": ("authenticator", _v1_text)}
+CONNECTION_KEYS = {"url": ("url", _v1_url), "authenticator": ("authenticator", _v1_ini_secret)}
 
 
 class _Ini:
@@ -237,17 +253,17 @@ def convert_config(v1, level, connections=None, names=("server-config.json", Non
         ini.note("server", "The original had no usable SECRET_KEY: a new random one.")
     ini.set("database.url", database_url(database) if database else v1_url)
     ini.note("database", "A fresh database for `librarian.py migrate`, then `librarian.py "
-             "adopt-v1 --from %s`." % redact(v1_url) if database else
+             "adopt-v1 --from %s`." % redact_url(v1_url) if database else
              "The original's own database (SQLALCHEMY_DATABASE_URI). adopt-v1 copies it into "
              "a fresh,\nmigrated database: create one, put its URL here (or use "
              "--database-url), then\n  librarian.py migrate --config THIS\n"
-             "  librarian.py adopt-v1 --from %s --config THIS" % redact(v1_url))
+             "  librarian.py adopt-v1 --from %s --config THIS" % redact_url(v1_url))
     if "local_disk_staging" in v1:
         ini.carry("local_disk_staging.", v1["local_disk_staging"], STAGING_KEYS)
     ini.entries("add-stores.", v1.get("add-stores"), models.STORE_NAME_RE, "store",
                 ("path_prefix",), STORE_KEYS, show=True)
     hasher = PasswordHasher()
-    source_keys = {"authenticator": ("authenticator_hash", lambda v: hasher.hash(_v1_text(v)))}
+    source_keys = {"authenticator": ("authenticator_hash", lambda v: hasher.hash(_v1_secret(v)))}
     for name in ini.entries("sources.", v1.get("sources"), SECTION_NAME_RE, "source",
                             ("authenticator",), source_keys):
         ini.set("source:%s.level" % name, "admin" if name in admins else level)

@@ -584,3 +584,119 @@ def test_v1_entries_that_cannot_be_taken_become_comments_and_the_rest_loads():
     with pytest.raises(adopt.AdoptError, match="SQLALCHEMY_DATABASE_URI 'mysql://x/y': expected "
                        "sqlite:///PATH or postgresql://"):
         v1config.convert_config({"SQLALCHEMY_DATABASE_URI": "mysql://x/y"}, "admin")
+
+
+# ---------------------------------------------------------------------------
+# What an adversarial pass found
+# ---------------------------------------------------------------------------
+
+def test_rows_this_server_would_not_store_are_refused_with_their_dependents(
+        v1, app, web, config_path, capsys):
+    t = lambda dt: v1_time(dt, v1.kind)  # noqa: E731
+    # A file already here with other bytes: v1's own is refused, and so are
+    # its instances and events, which would otherwise be taken as ours.
+    api(web, "initiate_upload", upload_size=1, files={"zen.1.uv": {
+        "name": "zen.1.uv", "type": "uv", "create_time": 1500000000, "obsid": None,
+        "size": 5, "md5": "9" * 32}})
+    deep = "[" * 100000 + "]" * 100000
+    v1.fill({"store": [(1, "pot1", "pot1.karoo", "/data/pot1", None, True),
+                       (2, "rel", "x", "relative/prefix", None, True)],
+             "file": [("zen.1.uv", "uv", t(T0), None, 5, MD5, "RTP"),
+                      ("ok.uv", "uv", t(T0), None, 5, MD5, "RTP")],
+             "file_instance": [(1, "2458043", "zen.1.uv", 0), (1, "../../etc", "ok.uv", 0),
+                               (1, "/etc", "ok.uv", 0), (1, ".staging/abc", "ok.uv", 0),
+                               (1, "line\nbreak", "ok.uv", 0), (1, "a", "ok.uv", 0),
+                               (2, "", "ok.uv", 0)],
+             "file_event": [(1, "zen.1.uv", t(T0), "v1_event", "{}"),
+                            (2, "ok.uv", t(T0), "deep", deep)]})
+    status, report = run_adoption(v1.url, config_path, capsys)
+    assert status == 1
+    assert "md5" in reasons(report, "file")['{"name": "zen.1.uv"}']
+    assert reasons(report, "file_instance")[
+        '{"name": "zen.1.uv", "parent_dirs": "2458043", "store": "pot1"}'] \
+        == "its file 'zen.1.uv' was not taken"
+    refused = {json.loads(k)["parent_dirs"] for k in reasons(report, "file_instance")}
+    assert refused == {"2458043", "../../etc", "/etc", ".staging/abc", "line\nbreak", ""}
+    assert reasons(report, "store") == {
+        '{"name": "rel"}': "path_prefix 'relative/prefix' is not an absolute path"}
+    assert reasons(report, "file_event") == {'{"id": 1}': "its file 'zen.1.uv' was not taken"}
+    assert "nested too deeply" in reasons(report, "file_event", "converted")['{"id": 2}']
+    assert [i.store_path for i in models.FileInstance.select()] == ["a/ok.uv"]
+    assert models.File.get_by_id("zen.1.uv").md5 == "9" * 32
+    assert all(t["read"] == t["written"] + t["refused"] for t in report["tables"].values())
+
+
+def test_text_that_is_not_utf8_is_refused_not_a_crash(tmp_path, app, config_path, capsys):
+    site = V1Site("sqlite", tmp_path, None)
+    site.fill({"file": [("ok.uv", "uv", v1_time(T0, "sqlite"), None, 1, MD5, "RTP")]})
+    site.execute("INSERT INTO file VALUES (CAST(X'6261645FFF2E7576' AS TEXT), 'uv', "
+                 "'2017-10-23 05:14:32.000000', NULL, 1, '%s', 'RTP')" % MD5)
+    site.execute("INSERT INTO file_event VALUES (1, 'ok.uv', '2017-10-23 05:14:32.000000', 't', "
+                 "CAST(X'7B2278223A2022FF227D' AS TEXT))")
+    status, report = run_adoption(site.url, config_path, capsys)
+    assert status == 1
+    assert list(reasons(report, "file").values()) == [
+        "file name 'bad_\\udcff.uv' is not valid UTF-8"]
+    assert "not valid UTF-8" in reasons(report, "file_event", "converted")['{"id": 1}']
+    assert models.File.select().count() == 1
+
+
+def test_a_password_in_a_database_url_is_never_shown(tmp_path, capsys):
+    import settings as settings_mod
+
+    for url in ("postgresql://u:s3cret@127.0.0.1:1/x",
+                "postgresql://u@127.0.0.1:1/x?password=s3cret"):
+        assert "s3cret" not in settings_mod.redact_url(url)
+        ini = tmp_path / "p.ini"
+        ini.write_text(config_text(url, str(tmp_path / "s"), port=free_port()))
+        with pytest.raises(SystemExit) as end:  # our own database cannot be reached
+            librarian.main(["adopt-v1", "--from", url, "--config", str(ini), "--no-progress"])
+        err = capsys.readouterr().err
+        assert end.value.code == 2 and "s3cret" not in err and "***" in err
+        assert "cannot reach the database" in err
+
+
+def test_authenticators_are_hashed_exactly_as_the_original_compared_them(tmp_path, capsys):
+    from argon2 import PasswordHasher
+
+    import v1config
+
+    text = v1config.convert_config({
+        "SQLALCHEMY_DATABASE_URI": "sqlite:///v1.db",
+        "sources": {"Spacey": {"authenticator": "  two spaces  "}}}, "read-only",
+        connections={"edge": {"url": "https://x.example.org/", "authenticator": " lead"}})
+    config = settings.parse(text)
+    assert PasswordHasher().verify(config.sources["Spacey"]["authenticator_hash"],
+                                   "  two spaces  ")
+    assert "edge" not in config.connections and "spaces at its ends" in text
+
+
+def test_a_v1_postgresql_database_in_sql_ascii_is_read_as_utf8_where_it_is(
+        app, config_path, capsys, pg_database):  # (pg_database: skipped without PostgreSQL)
+    import psycopg2
+
+    from conftest import _pg_admin
+
+    name = "v1_ascii_%s" % uuid.uuid4().hex[:8]
+    admin = _pg_admin()
+    with admin.cursor() as cur:
+        cur.execute("CREATE DATABASE %s ENCODING 'SQL_ASCII' TEMPLATE template0 "
+                    "LC_COLLATE 'C' LC_CTYPE 'C'" % name)
+    try:
+        conn = psycopg2.connect("%s/%s" % (PG_BASE, name))
+        conn.set_client_encoding("SQL_ASCII")
+        with conn, conn.cursor() as cur:
+            v1site.create(cur)
+            for file_name in (b"caf\xc3\xa9.uv", b"bad\xff.uv"):
+                cur.execute(b"INSERT INTO file VALUES ('" + file_name + b"', 'uv', "
+                            b"'2017-10-23 05:14:32', NULL, 1, '" + MD5.encode() + b"', 'RTP')")
+        conn.close()
+        status, report = run_adoption("%s/%s" % (PG_BASE, name), config_path, capsys)
+        assert status == 1
+        assert [f.name for f in models.File.select()] == ["caf\u00e9.uv"]
+        assert list(reasons(report, "file").values()) == [
+            "file name 'bad\\udcff.uv' is not valid UTF-8"]
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+        admin.close()
