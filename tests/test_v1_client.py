@@ -435,3 +435,42 @@ def test_stage_files_waits_and_finds_the_copies(site, tmp_path):
     os.makedirs(outside)
     proc = site.run("librarian_stage_files.py", "site", outside, "{}", check=False)
     assert proc.returncode == 1 and "not a folder inside the staging area" in proc.stderr
+
+
+SEARCH_SCRIPT = """
+import json, sys
+import hera_librarian
+client = hera_librarian.LibrarianClient("reader")
+out = {}
+out["files"] = client.search_files('{"name-like": "zen.%.uvh5"}')["results"]
+out["obs"] = client.search_observations('{"obsid-is-exactly": 1225829886}')["results"]
+out["instances"] = client.search_instances('{"name-is-exactly": "zen.2458432.34569.uvh5"}')[
+    "results"]
+out["sessions"] = client.search_sessions('{"session-id-is-exactly": 1225829886}')["results"]
+out["describe"] = client.describe_session_without_event("admin", "never_done")
+try:
+    client.search_files('{"colour-is": "blue"}')
+except hera_librarian.RPCError as e:
+    out["error"] = e.message
+json.dump(out, sys.stdout)
+"""
+
+
+def test_the_client_library_searches_as_pipelines_do(site, tmp_path):
+    need_data()
+    if not site.files({"name-is-exactly": "zen.2458432.34569.uvh5"}):
+        site.run("upload_to_librarian.py", "site", UVH5, "2458432/zen.2458432.34569.uvh5")
+    site.call("assign_observing_sessions")
+    script = tmp_path / "search.py"
+    script.write_text(SEARCH_SCRIPT)
+    out = json.loads(site.run(str(script)).stdout)
+    assert [f["name"] for f in out["files"]] == ["zen.2458432.34569.uvh5"]
+    assert out["files"][0]["md5"] == shell_md5(UVH5)
+    assert out["obs"][0]["start_time_jd"] == pytest.approx(
+        uvh5_reference(UVH5)["start_time_jd"], abs=1e-9)
+    assert out["instances"][0]["full_path_on_store"] == os.path.join(
+        site.pot1, "2458432", "zen.2458432.34569.uvh5")
+    assert out["sessions"][0]["id"] == 1225829886
+    assert out["describe"]["any_matching"] is True
+    assert out["describe"]["session_id"] in (1192201262, 1225829886)
+    assert "unknown clause 'colour-is'" in out["error"]
