@@ -230,6 +230,7 @@ def startup(app):
                              % (config.database_shown, ", ".join(pending),
                                 config.path or "PATH"))
         sync_config_records(config)
+        stores.set_marker_key(models.ServerSecret.get_value("staging-marker"))
         for row in Store.select():
             try:
                 open_store(row).ensure_prefix()

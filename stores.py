@@ -26,6 +26,7 @@ import hmac
 import logging
 import os
 import posixpath
+import secrets
 import shutil
 import stat
 import tarfile
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import uvmeta
 from settings import names_this_host
 from librarian_client import directory_digest, path_md5
-from models import LibrarianError, ServerSecret, check_file_name
+from models import LibrarianError, check_file_name
 from sshfs import (SSHFS, DiskUsage, SSHConnection, SSHTarget, StoreUnreachable,
                    stream_started)
 
@@ -120,9 +121,15 @@ def marker_text(staging_dir, store_path):
     return "%s\n%s" % (store_path, _marker_mac(staging_dir, store_path))
 
 
+def set_marker_key(key):
+    """The key that signs markers: a secret kept in the server's database,
+    so that it outlives restarts and configuration changes (start-up sets
+    it; until then a key of this process alone is used)."""
+    _marker_key[0] = key.encode("ascii")
+
+
 def _marker_mac(staging_dir, store_path):
-    key = ServerSecret.get_value("staging-marker").encode("ascii")
-    return hmac.new(key, ("%s\0%s" % (posixpath.normpath(staging_dir), store_path))
+    return hmac.new(_marker_key[0], ("%s\0%s" % (posixpath.normpath(staging_dir), store_path))
                     .encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
@@ -535,6 +542,7 @@ def _copy_file(src_fs, src, dst_fs, dst, progress=None):
 # ---------------------------------------------------------------------------
 
 _ssh_settings = {}   # store name -> its [store:NAME] section
+_marker_key = [secrets.token_bytes(32)]  # see set_marker_key
 
 _connections = {}    # (store name, SSHTarget) -> SSHConnection
 _connections_lock = threading.Lock()
