@@ -442,7 +442,7 @@ import json, sys
 import hera_librarian
 client = hera_librarian.LibrarianClient("reader")
 out = {}
-out["files"] = client.search_files('{"name-like": "zen.%.uvh5"}')["results"]
+out["files"] = client.search_files('{"name-like": "zen.%.34569.uvh5"}')["results"]
 out["obs"] = client.search_observations('{"obsid-is-exactly": 1225829886}')["results"]
 out["instances"] = client.search_instances('{"name-is-exactly": "zen.2458432.34569.uvh5"}')[
     "results"]
