@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import posixpath
-import threading
 import time
 import urllib.parse
 
@@ -38,27 +37,20 @@ import librarian_client
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
-from sshfs import SSHFS, SSHConnection, SSHTarget
-from stores import (check_relative_folder, copy_tree, iter_file, iter_tar, present_instance,
-                    tar_size)
+import stores
+from errors import from_peer
+from stores import SSHTarget, check_relative_folder, present_instance
 
 log = logging.getLogger("librarian")
 
 REPORT_EVERY = 64 << 20  # bytes between progress reports
 _settings = None
-_peer_hosts = {}  # SSHTarget -> SSHConnection: store hosts of Librarians of the original kind
-_peer_hosts_lock = threading.Lock()
 
 
 def configure(settings):
     """Give the copy tasks the configuration (for its connections)."""
     global _settings
     _settings = settings
-    with _peer_hosts_lock:
-        for conn in _peer_hosts.values():
-            conn.retired = True
-            conn.drop()
-        _peer_hosts.clear()
 
 
 def client_for(connection_name):
@@ -173,11 +165,7 @@ def send_instance(client, store, path, file, remote_store_path, progress):
     """Stream the bytes of `file` at `path` on `store` (a directory as a
     tar) to the receiver, with the MD5 of the record: the receiver refuses
     bytes that do not match it."""
-    if store.is_dir(path):
-        chunks = iter_tar(store.fs, path, file.name, size=file.size)
-        length = tar_size(store.fs, path, file.name)
-    else:
-        chunks, length = iter_file(store.fs, path), file.size
+    chunks, length = store.stream(path, file.name, file.size)
     client.upload_stream(chunks, length, file.md5, remote_store_path, is_dir=store.is_dir(path),
                          null_obsid=file.obsid is None, progress=progress)
 
@@ -198,11 +186,7 @@ def peer_host(connection_name, store_name, host):
     target = SSHTarget(host, spec.get("ssh_port") or 22, spec.get("ssh_user"),
                        spec.get("ssh_key"), spec.get("known_hosts"),
                        spec.get("ssh_timeout") or 15.0)
-    with _peer_hosts_lock:
-        if target not in _peer_hosts:
-            _peer_hosts[target] = SSHConnection("%s of %s" % (store_name, connection_name),
-                                                target)
-        return SSHFS(_peer_hosts[target])
+    return stores.peer_host("%s of %s" % (store_name, connection_name), target)
 
 
 def send_by_ssh(client, connection_name, store, path, file, remote_store_path, progress):
@@ -219,7 +203,7 @@ def send_by_ssh(client, connection_name, store, path, file, remote_store_path, p
     folder = check_relative_folder(info["staging_dir"], "the staging_dir %s names"
                                    % connection_name)
     staged = posixpath.join(prefix, *folder, file.name)
-    copy_tree(store.fs, path, remote, staged, progress=progress)
+    store.copy_to(path, remote, staged, progress=progress)
     client.complete_upload(info["name"], info["staging_dir"], remote_store_path, "direct")
 
 
@@ -254,14 +238,6 @@ def copy_to_librarian(task, args):
     file = File.get_or_none(File.name == args["file_name"])
     if file is None:
         raise tasks.Permanent("no file named %r" % args["file_name"])
-    try:
-        inst, store, path = local_copy(file.name)
-        client = client_for(args["connection_name"])
-    except LibrarianError as e:
-        if e.status >= 500:  # our store cannot be reached now: retried after the back-off
-            raise
-        _finished(file.name, args, 1, e.message, 0.0, 0)
-        raise tasks.Permanent(e.message) from None
     started = time.monotonic()
     sent = [0]
 
@@ -271,17 +247,18 @@ def copy_to_librarian(task, args):
             task.report(sent[0])
 
     try:
+        inst, store, path = local_copy(file.name)
+        client = client_for(args["connection_name"])
         size = send(client, store, path, file, args, progress)
     except librarian_client.RPCError as e:
-        if e.status in (400, 403, 409):  # refused: sending again will not help
+        error = from_peer(e.status, e.message)
+        if not error.retryable:  # refused: sending again will not help
             _finished(file.name, args, e.status, e.message, time.monotonic() - started, 0)
-            raise tasks.Permanent(e.message) from None
-        raise  # unreachable or broken: retried after the back-off
+        raise error from None
     except LibrarianError as e:
-        if e.status >= 500:  # the receiver's store host cannot be reached now
-            raise
-        _finished(file.name, args, 1, e.message, time.monotonic() - started, 0)
-        raise tasks.Permanent(e.message) from None
+        if not e.retryable:
+            _finished(file.name, args, 1, e.message, time.monotonic() - started, 0)
+        raise
     with write_transaction():
         _finished(file.name, args, 0, "", time.monotonic() - started, size)
         if args.get("standing_order") and _order_exists(args["standing_order"]):

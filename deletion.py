@@ -3,11 +3,13 @@ allows it.
 
 Every FileInstance carries a `deletion_policy`, `disallowed` unless someone
 with read-write level changed it. `delete_instances` removes only `allowed`
-instances (optionally only those on one store), bytes first and record
-second, with the policy re-checked under a lock held throughout: if the
-bytes cannot be removed, the record stays and the failure is counted in
-`n_error`, so the catalogue never claims less than the disks hold. `noop` mode reports what would happen and changes nothing. Every
-change writes a FileEvent.
+instances (optionally only those on one store): the policy is re-checked
+under a lock in the transaction that takes the instance out of the
+catalogue and records a delete intent; the bytes go after it, and a crash
+or a store gone quiet meanwhile leaves the intent, which a settle finishes
+(`stores.StoreAccess.delete`). So the catalogue never names bytes that are
+gone, and no bytes stay unaccounted for. `noop` mode reports what would
+happen and changes nothing. Every change writes a FileEvent.
 """
 
 import logging
@@ -86,33 +88,44 @@ def _delete_one(inst, mode):
 
     The interlock. Be very careful changing this: it is what stands between
     a typo and the loss of the archive. The policy is read again under a
-    lock that is held while the bytes go (row lock on PostgreSQL, the write
-    lock on SQLite), so a concurrent change to `disallowed` either happens
-    before (and is obeyed) or waits until the instance is gone. Returns the
-    name of the counter to increment."""
-    with write_transaction():
-        current = FileInstance.select().where(
-            (FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
-            & (FileInstance.file == inst.name))
+    lock (row lock on PostgreSQL, the write lock on SQLite) in the
+    transaction that removes the record, so a concurrent change to
+    `disallowed` either happens before (and is obeyed) or after the
+    instance is out of the catalogue. Returns the name of the counter to
+    increment."""
+    store = open_store(inst.store)
+    where = ((FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
+             & (FileInstance.file == inst.name))
+    current = FileInstance.get_or_none(where)
+    if current is None:
+        return "n_deleted"  # removed meanwhile by someone else: it is gone either way
+    if current.deletion_policy != DELETION_ALLOWED:
+        return "n_kept"
+    if mode == "noop":
+        log.info("noop deletion would remove %s on store %s", inst.store_path, inst.store.name)
+        return "n_deleted"
+    outcome = []
+
+    def unrecord():
+        current = FileInstance.select().where(where)
         if is_postgres():
             current = current.for_update()
         current = current.first()
-        if current is None:
-            return "n_deleted"  # removed meanwhile by someone else: it is gone either way
+        if current is None:  # removed meanwhile by someone else: it is gone either way
+            outcome.append("n_deleted")
+            return False
         if current.deletion_policy != DELETION_ALLOWED:
-            return "n_kept"
-        if mode == "noop":
-            log.info("noop deletion would remove %s on store %s", inst.store_path,
-                     inst.store.name)
-            return "n_deleted"
-        try:
-            open_store(inst.store).delete(inst.store_path)
-        except (OSError, LibrarianError) as e:
-            log.warning("cannot delete %s on store %s: %s", inst.store_path, inst.store.name, e)
-            return "n_error"
-        (FileInstance.delete()
-         .where((FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
-                & (FileInstance.file == inst.name)).execute())
+            outcome.append("n_kept")
+            return False
+        FileInstance.delete().where(where).execute()
         FileEvent.record(inst.name, "delete_instance",
                          {"store_name": inst.store.name, "parent_dirs": inst.parent_dirs})
-        return "n_deleted"
+        outcome.append("n_deleted")
+        return True
+
+    try:
+        store.delete(inst.store_path, unrecord)
+    except (OSError, LibrarianError) as e:
+        log.warning("cannot delete %s on store %s: %s", inst.store_path, inst.store.name, e)
+        return "n_error"
+    return outcome[0]

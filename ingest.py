@@ -7,8 +7,9 @@ already in place: metadata is gathered first, with no lock held (records
 sent along, or read from the data, or inferred from similar names), then the
 File, its Observation if new, the FileInstance and a `create_instance` event
 are written in one transaction, and the bytes are moved into place inside
-that transaction. If the commit fails after the move, the bytes are removed
-again: the database and the disks never disagree.
+that transaction (`stores.StoreAccess.commit`, under an intent that a
+settle undoes if the process dies). The database and the disks never
+disagree.
 
 Imports nothing from Bottle; errors are `models.LibrarianError`.
 """
@@ -23,8 +24,8 @@ import peewee as pw
 import uvmeta
 from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, LibrarianError,
                     Observation, ObservingSession, check_file_name, check_md5, from_unix,
-                    utcnow, write_transaction)
-from stores import is_inside, split_store_path
+                    utcnow)
+from stores import split_store_path
 
 log = logging.getLogger("librarian")
 
@@ -63,13 +64,13 @@ def infer_obsid_from_name(name, mode):
     return candidates[0]
 
 
-def gather_observation(fs, abs_path, name, *, null_obsid, inference_mode):
+def gather_observation(store, abs_path, name, *, null_obsid, inference_mode):
     """(obsid or None, observation metadata dict or None) for new bytes at
-    `abs_path` on the file system `fs` (see `stores`) that will be called
+    `abs_path` on `store` (a `stores.StoreAccess`) that will be called
     `name`. Raises `LibrarianError(400)` when the data cannot be read, or
     the obsid is missing without `null_obsid`, or present with it."""
     try:
-        meta = fs.read_observation(abs_path)
+        meta = store.read_observation(abs_path)
     except uvmeta.MetadataError as e:
         if null_obsid:  # as the original: data that cannot be read carry no obsid
             return None, None
@@ -85,12 +86,12 @@ def gather_observation(fs, abs_path, name, *, null_obsid, inference_mode):
     return infer_obsid_from_name(name, inference_mode), None
 
 
-def stated_observation(fs, abs_path, name, obsid):
+def stated_observation(store, abs_path, name, obsid):
     """(obsid, metadata or None) for a file whose caller stated its obsid:
     the Observation must be known already or readable from the data, and
     the data may not contradict the caller. Raises `LibrarianError(400)`."""
     try:
-        meta = fs.read_observation(abs_path)
+        meta = store.read_observation(abs_path)
     except uvmeta.MetadataError:
         meta = None
     if meta is not None and meta["obsid"] != obsid:
@@ -262,16 +263,6 @@ def ingest_record_sets(files, observations, sessions, source):
 # Registration
 # ---------------------------------------------------------------------------
 
-def check_tree(fs, abs_path):
-    """Refuse (400) a file or tree on `fs` that holds anything but regular
-    files and directories: symbolic links (which would lead out of the
-    store), devices, FIFOs, sockets."""
-    bad = fs.find_special(abs_path)
-    if bad is not None:
-        raise LibrarianError(400, "%s is a link or special file; only regular files and "
-                             "directories can be stored" % bad)
-
-
 def policy_code(deletion_policy):
     """The stored code of a deletion policy name; 400 on anything else."""
     if deletion_policy is None:
@@ -321,7 +312,7 @@ def check_not_inside_instance(store, parent_dirs):
                              % (parent_dirs, inside.store_path, store.name))
 
 
-def observation_of(fs, abs_data, name, *, meta_mode, null_obsid, inference_mode,
+def observation_of(store, abs_data, name, *, meta_mode, null_obsid, inference_mode,
                    stated_obsid=None):
     """(obsid, observation metadata or None) for new bytes, read before the
     registration transaction so that no lock is held while data are read.
@@ -329,17 +320,20 @@ def observation_of(fs, abs_data, name, *, meta_mode, null_obsid, inference_mode,
     if meta_mode == "direct":
         return None, None
     if stated_obsid is not None:
-        return stated_observation(fs, abs_data, name, stated_obsid)
-    return gather_observation(fs, abs_data, name, null_obsid=null_obsid,
+        return stated_observation(store, abs_data, name, stated_obsid)
+    return gather_observation(store, abs_data, name, null_obsid=null_obsid,
                               inference_mode=inference_mode)
 
 
 def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mode, obsid,
-              meta, move=None, claim=None, another_copy=False):
-    """Write the records of one arriving file in one transaction and call
-    `move` inside it; see `register_staged`. A known, identical file with
-    an instance anywhere is a no-op, unless `another_copy` (bytes already
-    in place elsewhere become a second instance)."""
+              meta, claim=None, another_copy=False, present=True):
+    """Write the records of one arriving file (call inside a transaction);
+    see `register_staged`. Returns the result dict, with `move` saying
+    whether its bytes go to `store_path`. A known, identical file is a
+    no-op when the instance at `store_path` is there already, or, unless
+    `another_copy` (bytes already in place elsewhere become a further
+    instance), when an instance elsewhere is `present`; an instance at
+    `store_path` whose bytes are lost is healed."""
     parent_dirs, name = split_store_path(store_path)
     policy = policy_code(deletion_policy)
     if len(uvmeta.file_type(name)) > MAX_TYPE_CHARS:
@@ -348,91 +342,103 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
     if len(parent_dirs) > MAX_PARENT_DIRS_CHARS:
         raise LibrarianError(400, "the folders of %r are longer than %d characters"
                              % (store_path, MAX_PARENT_DIRS_CHARS))
-    with write_transaction():
-        if claim is not None:
-            claim()
-        check_not_inside_instance(store, parent_dirs)
-        if meta_mode == "direct":
-            existing = File.get_or_none(File.name == name)
-            if existing is None:
-                raise LibrarianError(400, "meta_mode is direct but no record of %r was sent"
-                                     % name)
-            if existing.size != size or existing.md5 != md5:
-                raise LibrarianError(400, "the bytes of %r (size %d, md5 %s) do not match its "
-                                     "record (size %d, md5 %s)" % (name, size, md5,
-                                                                   existing.size, existing.md5))
-            new_file, obsid = False, existing.obsid
-        else:
-            if meta is not None:
-                ensure_observation(meta)
-            new_file = insert_file({"name": name, "type": uvmeta.file_type(name),
-                                    "create_time": utcnow(), "obsid": obsid, "size": size,
-                                    "md5": md5}, source)
-            if not new_file:
-                obsid = File.get(File.name == name).obsid
+    if claim is not None:
+        claim()
+    check_not_inside_instance(store, parent_dirs)
+    if meta_mode == "direct":
+        existing = File.get_or_none(File.name == name)
+        if existing is None:
+            raise LibrarianError(400, "meta_mode is direct but no record of %r was sent"
+                                 % name)
+        if existing.size != size or existing.md5 != md5:
+            raise LibrarianError(400, "the bytes of %r (size %d, md5 %s) do not match its "
+                                 "record (size %d, md5 %s)" % (name, size, md5,
+                                                               existing.size, existing.md5))
+        new_file, obsid = False, existing.obsid
+    else:
+        if meta is not None:
+            ensure_observation(meta)
+        new_file = insert_file({"name": name, "type": uvmeta.file_type(name),
+                                "create_time": utcnow(), "obsid": obsid, "size": size,
+                                "md5": md5}, source)
         if not new_file:
-            known = FileInstance.select().where(FileInstance.file == name)
-            if another_copy:  # bytes already in place: only this exact instance is a repeat
-                known = known.where((FileInstance.store == store.row)
-                                    & (FileInstance.parent_dirs == parent_dirs))
-            if known.exists():
-                return {"created": False, "name": name, "obsid": obsid}
-        FileInstance.create(store=store.row, parent_dirs=parent_dirs, file=name,
-                            deletion_policy=policy)
-        FileEvent.record(name, "create_instance",
-                         {"store_name": store.name, "parent_dirs": parent_dirs})
-        if move is not None:
-            move()
-    return {"created": True, "name": name, "obsid": obsid,
+            obsid = File.get(File.name == name).obsid
+    done = {"created": True, "move": True, "name": name, "obsid": obsid,
             "store_path": "/".join(p for p in (parent_dirs, name) if p)}
+    if not new_file:
+        exact = FileInstance.select().where(
+            (FileInstance.file == name) & (FileInstance.store == store.row)
+            & (FileInstance.parent_dirs == parent_dirs)).exists()
+        if exact and not store.exists(store_path):
+            FileEvent.record(name, "heal_instance",
+                             {"store_name": store.name, "parent_dirs": parent_dirs})
+            return dict(done, healed=True)
+        if exact or (present and not another_copy):
+            return {"created": False, "move": False, "name": name, "obsid": obsid}
+    FileInstance.create(store=store.row, parent_dirs=parent_dirs, file=name,
+                        deletion_policy=policy)
+    FileEvent.record(name, "create_instance",
+                     {"store_name": store.name, "parent_dirs": parent_dirs})
+    return done
 
 
 def register_staged(store, abs_staged, store_path, *, source, deletion_policy=None,
                     meta_mode="infer", null_obsid=False, inference_mode="none",
                     readonly=True, expected_md5=None, size=None, md5=None, claim=None,
                     another_copy=False):
-    """Register the file or directory staged at `abs_staged` as
-    `store_path` on `store` (a `stores.StoreAccess`) and move it there.
+    """Register the file or directory staged at `abs_staged` (out of any
+    client's reach: in a staging folder of this process) as `store_path`
+    on `store` (a `stores.StoreAccess`) and move it there, in one commit.
 
     `size`/`md5` are those computed while receiving (computed here when
     None); `expected_md5` is what the sender claimed (400 on mismatch).
     `meta_mode` is `infer` (read the data, or infer from the name) or
-    `direct` (a File record was sent before and must match). Returns a dict
-    `{created, name, obsid, size, md5}`; `created` is False when an
-    identical file already had an instance (the staged bytes are then left
-    for the caller to clean up). `claim`, if given, runs first inside the
-    transaction (used to consume an issued staging directory exactly once).
-    `another_copy`: add this instance even if the file has others (offload).
-    Raises `LibrarianError` (400, 409)."""
+    `direct` (a File record was sent before and must match). Bytes
+    identical to a known file are never read for metadata (no flag the
+    first upload needed is needed again) and heal its instance at
+    `store_path` if that one's bytes are lost. Returns a dict `{created,
+    name, obsid, size, md5}`; `created` is False when an identical file
+    already had an instance (the staged bytes are then left for the
+    caller to clean up). `claim`, if given, runs first inside the
+    transaction (used to consume an issued staging directory exactly
+    once). `another_copy`: add this instance even if the file has others
+    (offload). Raises `LibrarianError` (400, 409: also when the bytes
+    changed while they were checked)."""
     _, name = split_store_path(store_path)
-    check_tree(store.fs, abs_staged)
+    store.check_tree(abs_staged)
+    before = store.signature(abs_staged)
     if size is None or md5 is None:
-        size, md5 = store.fs.path_info(abs_staged)
+        size, md5 = store.checksum(abs_staged)
     if expected_md5 is not None and check_md5(expected_md5) != md5:
         raise LibrarianError(400, "md5 mismatch: the sender said %s but the received bytes "
                              "have %s" % (expected_md5.lower(), md5))
-    obsid, meta = observation_of(store.fs, abs_staged, name, meta_mode=meta_mode,
-                                 null_obsid=null_obsid,
-                                 inference_mode=inference_mode)
-    moved = []
-
-    def move():
-        moved.append(store.move_into_place(abs_staged, store_path, readonly=readonly))
-
-    try:
-        result = _register(store, store_path, size, md5, source=source,
-                           deletion_policy=deletion_policy, meta_mode=meta_mode, obsid=obsid,
-                           meta=meta, move=move, claim=claim, another_copy=another_copy)
-    except BaseException:
-        # The transaction was rolled back: bytes already moved go back.
-        for path in moved:
-            log.warning("moving %s back to staging: its registration was rolled back", path)
-            store.undo_move(path, abs_staged)
-        raise
-    if moved:
-        store.forget_marker(posixpath.dirname(abs_staged))  # the record is committed
+    known = File.get_or_none(File.name == name)
+    if known is not None and (known.size, known.md5) == (size, md5):
+        obsid, meta = known.obsid, None
+    else:
+        obsid, meta = observation_of(store, abs_staged, name, meta_mode=meta_mode,
+                                     null_obsid=null_obsid, inference_mode=inference_mode)
+    present = known is not None and _has_present_instance(name)
+    if store.signature(abs_staged) != before:
+        raise LibrarianError(409, "%s changed while it was being checked; complete it once it "
+                             "is written" % name)
+    result = store.commit(abs_staged, store_path, lambda: _register(
+        store, store_path, size, md5, source=source, deletion_policy=deletion_policy,
+        meta_mode=meta_mode, obsid=obsid, meta=meta, claim=claim, another_copy=another_copy,
+        present=present), readonly=readonly)
     result.update(size=size, md5=md5)
     return result
+
+
+def _has_present_instance(name):
+    """Whether some instance of the file has its bytes (a store that cannot
+    be reached counts as having them: never a needless second copy)."""
+    from stores import StoreUnreachable, present_instance
+
+    try:
+        return present_instance(name)[0] is not None
+    except StoreUnreachable:
+        return True
 
 
 def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_mode="none",
@@ -441,33 +447,34 @@ def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_
     caller stated (size first, from `stat`, then md5) and read their
     metadata. No database lock is held. Returns the keyword arguments of
     `register_prepared`. Raises `LibrarianError(400)`."""
-    fs = store.fs
-    root = fs.realpath(store.prefix)
-    real = fs.realpath(abs_path) if posixpath.isabs(abs_path) else abs_path
-    if not posixpath.isabs(real) or real == root or not is_inside(real, root):
+    if not posixpath.isabs(abs_path):
+        raise LibrarianError(400, "%s is not an absolute path on store %r" % (abs_path,
+                                                                              store.name))
+    store_path = store.relative(posixpath.normpath(abs_path))
+    if store_path == "." or store_path.startswith("../"):
         raise LibrarianError(400, "%s is not inside store %r (%s)" % (abs_path, store.name,
                                                                      store.prefix))
-    store_path = posixpath.relpath(real, root)
     _, name = split_store_path(store_path)
-    store.resolve(store_path)
+    real = store.resolve(store_path)
     try:
-        st = fs.lstat(real)
+        st = store.stat(real)
     except (FileNotFoundError, NotADirectoryError):
         raise LibrarianError(400, "%s does not exist on store %r" % (abs_path, store.name)) \
             from None
-    check_tree(fs, real)
+    store.check_tree(real)
     if stat.S_ISDIR(st.st_mode):
         check_no_instance_inside(store, store_path)
     md5 = check_md5(md5)
     if stat.S_ISREG(st.st_mode) and st.st_size != size:
         raise LibrarianError(400, "%s has %d bytes, not %d as stated"
                              % (abs_path, st.st_size, size))
-    actual_size, actual_md5 = fs.path_info(real)
+    actual_size, actual_md5 = store.checksum(real)
     if actual_size != size or actual_md5 != md5:
         raise LibrarianError(400, "%s has size %d and md5 %s, not %d and %s as stated"
                              % (abs_path, actual_size, actual_md5, size, md5))
-    found_obsid, meta = observation_of(fs, real, name, meta_mode="infer", null_obsid=null_obsid,
-                                       inference_mode=inference_mode, stated_obsid=obsid)
+    found_obsid, meta = observation_of(store, real, name, meta_mode="infer",
+                                       null_obsid=null_obsid, inference_mode=inference_mode,
+                                       stated_obsid=obsid)
     return {"store_path": store_path, "size": size, "md5": md5, "obsid": found_obsid,
             "meta": meta, "abs_path": real}
 
@@ -475,6 +482,8 @@ def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_
 def register_prepared(store, prepared, *, source):
     """Record bytes checked by `prepare_in_place` (call inside a
     transaction to register several at once)."""
-    return _register(store, prepared["store_path"], prepared["size"], prepared["md5"],
-                     source=source, deletion_policy=None, meta_mode="infer",
-                     obsid=prepared["obsid"], meta=prepared["meta"], another_copy=True)
+    result = _register(store, prepared["store_path"], prepared["size"], prepared["md5"],
+                       source=source, deletion_policy=None, meta_mode="infer",
+                       obsid=prepared["obsid"], meta=prepared["meta"], another_copy=True)
+    result.pop("move")
+    return result

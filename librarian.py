@@ -29,7 +29,6 @@ import re
 import secrets
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -52,11 +51,12 @@ import staging
 import standing
 import tasks
 import uvmeta
+from errors import http_status
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
 import stores
-from stores import (BodyReader, LocalFS, StoreUnreachable, iter_file, iter_tar, open_store,
-                    present_instance, split_store_path, tar_size)
+from stores import (BodyReader, StoreUnreachable, intents, open_store, present_instance,
+                    split_store_path)
 
 __version__ = "0.1.0"
 
@@ -102,6 +102,7 @@ def setup(config):
     app.add_hook("before_request", _open_db)
     app.add_hook("after_request", _close_db)
     app.default_error_handler = render_error
+    app.wsgi = strict_utf8(app.wsgi)  # Bottle.__call__ goes through it
     stores.configure(config)
     copies.configure(config)
     standing.configure(config)
@@ -109,6 +110,25 @@ def setup(config):
     tasks.BASE_DELAY = config.server["task_retry_seconds"]
     tasks.MAX_ATTEMPTS = config.server["task_max_attempts"]
     return app
+
+
+def strict_utf8(wsgi):
+    """WSGI middleware refusing (400) a request whose path or query string
+    is not valid UTF-8 once percent-decoded: Bottle would drop the bad
+    bytes silently, so that `PUT /api/upload/%ED%A0%80.dat` named a file
+    `.dat` and a stray `%ff` in a download named another file."""
+    def checked(environ, start_response):
+        try:
+            environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+            urllib.parse.unquote_to_bytes(environ.get("QUERY_STRING", "")).decode("utf-8")
+        except UnicodeError:
+            body = json.dumps({"success": False, "message": "the URL is not valid UTF-8 once "
+                               "percent-decoded; names are UTF-8 text"}).encode("utf-8")
+            start_response("400 Bad Request", [("Content-Type", "application/json"),
+                                               ("Content-Length", str(len(body)))])
+            return [body]
+        return wsgi(environ, start_response)
+    return checked
 
 
 @contextlib.contextmanager
@@ -164,39 +184,36 @@ def sync_config_records(config):
                             spec["level"], name, row.level)
 
 
-def clean_all_staging():
-    """Remove staging leftovers on every reachable store, keeping the
-    folders issued by `initiate_upload` that are still outstanding, moving
-    back bytes whose registration a crash interrupted, and putting back the
-    pre-staged files that a dead process had taken (see `complete_known`).
-    What a live process took is left alone."""
+def settle_all():
+    """Finish or undo, on every reachable store, what dead processes left
+    (their intents, see `stores.intents`) and remove staging leftovers that
+    no live process and no outstanding issued folder holds. Safe to run at
+    any time, beside live processes on any host: it runs at start-up and
+    periodically."""
     # Staging directories issued a day ago and never completed are abandoned
     # (a copy from another Librarian announces its records with
     # initiate_upload, then sends the bytes with the streamed upload).
     with models.write_transaction():
-        StagingDir.delete().where(StagingDir.origin.is_null() & (
-            StagingDir.created < models.utcnow() - datetime.timedelta(days=1))).execute()
-    taken = list(StagingDir.select().where(StagingDir.origin.is_null(False)))
-    live = {t.path for t in taken if not models.process_is_gone(t.owner)}
+        StagingDir.delete().where(
+            StagingDir.created < models.utcnow() - datetime.timedelta(days=1)).execute()
     for row in Store.select():
         store = open_store(row)
         if not store.is_reachable():
-            log.warning("%s is not reachable: its staging area was not cleaned",
+            log.warning("%s is not reachable: what dead processes left there is settled later",
                         store.describe())
             continue
-        registered = functools.partial(is_registered, row)
-        for t in taken:
-            if t.store_id == row.id and t.path not in live:
-                settle_taken(store, t, registered)
-        keep = [s.path for s in StagingDir.select().where(StagingDir.store == row)]
-        removed = store.clean_staging(keep=keep, skip=live, is_registered=registered)
+        try:
+            removed = store.settle(functools.partial(is_registered, row))
+        except (OSError, LibrarianError) as e:
+            log.warning("settling %s: %s", store.describe(), e)
+            continue
         if removed:
             log.info("removed %d staging leftovers on store %s", removed, row.name)
 
 
 def is_registered(store_row, store_path):
-    """Whether the path is a registered instance or inside one (a marker
-    naming a path in registered data is never acted on)."""
+    """Whether the path is a registered instance or inside one (a settle
+    never acts on registered data)."""
     parent_dirs, name = split_store_path(store_path)
     exact = FileInstance.select().where(
         (FileInstance.store == store_row) & (FileInstance.parent_dirs == parent_dirs)
@@ -204,23 +221,10 @@ def is_registered(store_row, store_path):
     return exact or ingest.instance_containing(store_row, parent_dirs) is not None
 
 
-def settle_taken(store, taken, registered):
-    """Put a pre-staged file that a dead process had taken back where it
-    was: first out of its final place if its registration was cut short,
-    then into the operator's folder. A file that cannot go back stays (and
-    its record with it, so that it is tried again at every start)."""
-    store.undo_interrupted_move(taken.path, registered)
-    if store.give_back(taken.path, taken.origin):
-        log.warning("put %s on store %s back where it was: the process registering it (%s) "
-                    "died", taken.origin, store.name, taken.owner)
-        with models.write_transaction():
-            StagingDir.delete().where(StagingDir.id == taken.id).execute()
-
-
 def startup(app):
     """What a serving process does before its first request: refuse an
     unmigrated database (`SystemExit` with a message), add configured
-    stores and sources, clean staging areas."""
+    stores and sources, settle what dead processes left (`settle_all`)."""
     config = app.config["librarian.settings"]
     with database_of(config):
         pending = pending_migrations()
@@ -230,13 +234,12 @@ def startup(app):
                              % (config.database_shown, ", ".join(pending),
                                 config.path or "PATH"))
         sync_config_records(config)
-        stores.set_marker_key(models.ServerSecret.get_value("staging-marker"))
         for row in Store.select():
             try:
                 open_store(row).ensure_prefix()
             except (OSError, StoreUnreachable) as e:
                 log.warning("cannot create the folder of store %s: %s", row.name, e)
-        clean_all_staging()
+        settle_all()
         standing.schedule_periodic()
         tasks.reclaim_dead_local_workers()
 
@@ -305,7 +308,7 @@ def handle_errors(func):
         except HTTPResponse:
             raise
         except LibrarianError as e:
-            raise HTTPError(e.status, e.message) from None
+            raise HTTPError(http_status(e), e.message) from None
         except OSError as e:
             if e.errno in OS_ERROR_REPLIES:
                 status, message = OS_ERROR_REPLIES[e.errno]
@@ -570,8 +573,9 @@ def op_initiate_upload(source, args):
                 update={StagingDir.created: models.utcnow()}).execute()
     except BaseException:
         if not known:
-            store.remove_quietly(staging)
+            store.release(staging)
         raise
+    store.keep(staging)  # its issued-folder record holds it now
     # ssh_port (our addition): the port this server reaches the store host on,
     # which the client's --via-ssh uses unless told otherwise.
     return dict(store.row.to_dict(), available=store.free_space() or 0,
@@ -613,50 +617,28 @@ def op_complete_upload(source, args):
     if issued:
         result = complete_issued(store, folder, name, register)
         if not args["staging_was_known"]:
-            store.remove_quietly(folder)
+            store.release(folder)
     else:
-        result = complete_known(store, folder, name, register, source)
+        result = complete_known(store, folder, name, register)
     standing.after_upload()
     return upload_outcome(result, store)
 
 
-def complete_known(store, folder, name, register, source):
-    """Register `folder/name` from an operator's pre-staged folder: it is
-    taken into a fresh staging folder of the server, whose origin and
-    owning process are recorded first, checked and registered there, and
-    put back unless it was registered (by `clean_all_staging` after a
-    crash). A file or folder that is registered, or inside registered
-    data, is never taken (409)."""
+def complete_known(store, folder, name, register):
+    """Register `folder/name` from an operator's pre-staged folder (see
+    `complete_taken`). A file or folder that is registered, or inside
+    registered data, is never taken (409)."""
     origin = posixpath.join(store.relative(folder), name)
     ingest.check_not_inside_instance(store, origin)
     ingest.check_no_instance_inside(store, origin)
-    private = store.new_staging_dir()
-    with models.write_transaction():
-        taken = StagingDir.create(store=store.row, path=private, source=source.name,
-                                  created=models.utcnow(), origin=origin,
-                                  owner=models.this_process())
-    modes = None
-    try:
-        staged, modes = store.take_from_known(folder, name, private)
-        return register(staged)
-    finally:
-        if store.give_back(private, origin, modes):
-            with models.write_transaction():
-                StagingDir.delete().where(StagingDir.id == taken.id).execute()
+    return complete_taken(store, folder, name, register)
 
 
 def complete_issued(store, folder, name, register):
     """Register `folder/name` in a staging folder issued by
     `initiate_upload`, which is consumed in the same transaction (it is
-    accepted once)."""
+    accepted once); see `complete_taken`."""
     store.check_staging_dir(folder)
-    staged = posixpath.join(folder, name)
-    try:
-        present = not stat.S_ISLNK(store.fs.lstat(staged).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        present = False
-    if not present:
-        fail(400, "nothing staged at %s on %s" % (staged, store.describe()))
 
     def claim():
         used = StagingDir.delete().where((StagingDir.store == store.row)
@@ -665,10 +647,30 @@ def complete_issued(store, folder, name, register):
             fail(400, "staging_dir %r was already used" % store.relative(folder))
 
     try:
-        return register(staged, claim=claim)
-    except FileNotFoundError:
-        # Another complete_upload of the same staging folder won the race.
-        fail(400, "staging_dir %r was already used" % store.relative(folder))
+        return complete_taken(store, folder, name, functools.partial(register, claim=claim))
+    except LibrarianError as e:
+        if e.status == 400 and not StagingDir.select().where(StagingDir.path == folder).exists():
+            fail(400, "staging_dir %r was already used" % store.relative(folder))
+        raise
+
+
+def complete_taken(store, folder, name, register):
+    """Take `folder/name` (written by a client or an operator) into a fresh
+    staging folder of this process under a take intent that records where
+    it came from, so that nothing they still do to their folder reaches the
+    bytes being checked; register it there, and put it back unless it was
+    registered (a settle does, if this process dies)."""
+    origin = posixpath.join(store.relative(folder), name)
+    private = store.new_staging_dir("take", origin=origin)
+    modes = None
+    try:
+        staged, modes = store.take(folder, name, private)
+        return register(staged)
+    finally:
+        if store.give_back(private, origin, modes):
+            store.release(private)
+        else:
+            store.keep(private)  # kept for an operator; tried again at each settle
 
 
 @operation("register_instances", "read-append", store_name=str, file_info=dict,
@@ -693,8 +695,7 @@ def op_register_instances(source, args):
     standing.after_upload()
     if cfg().librarian["permissions_mode"] == "readonly":
         for item in prepared:
-            store.fs.make_readonly(item["abs_path"])
-            store.close_directory(item["abs_path"])
+            store.make_readonly(item["abs_path"])
     return {}
 
 
@@ -898,8 +899,7 @@ def upload(dest_store_path):
         fail(400, "no request body: send the file's bytes, with a Content-Length")
     store = choose_store(max(length, 0))
     store.resolve(dest_store_path)  # refuse paths leaving the store before any byte moves
-    staging = store.new_staging_dir()
-    try:
+    with store.staging_dir() as staging:
         reader = BodyReader(request.environ["wsgi.input"], length if length >= 0 else None)
         staged = posixpath.join(staging, name)
         size, got_md5 = store.receive(reader, staged, name, is_tar)
@@ -908,8 +908,6 @@ def upload(dest_store_path):
             null_obsid=null_obsid, expected_md5=md5, size=size, md5=got_md5,
             inference_mode=cfg().librarian["obsid_inference_mode"],
             readonly=cfg().librarian["permissions_mode"] == "readonly")
-    finally:
-        store.remove_quietly(staging)
     if result["created"]:
         standing.after_upload()
     return json_reply(201 if result["created"] else 200, **upload_outcome(result, store))
@@ -946,13 +944,13 @@ def download(name):
     md5 = inst.file.md5
     db.close()  # the stream may take long; it needs no database connection
     if store.is_dir(path):
+        chunks, length = store.stream(path, name, inst.file.size)
         headers = {"Content-Type": "application/x-tar",
-                   "Content-Length": str(tar_size(store.fs, path, name)), "X-Librarian-MD5": md5,
+                   "Content-Length": str(length), "X-Librarian-MD5": md5,
                    "Content-Disposition": "attachment; filename*=UTF-8''%s.tar"
                    % urllib.parse.quote(name, safe="")}
-        return HTTPResponse(primed(iter_tar(store.fs, path, name, size=inst.file.size)),
-                            **headers)
-    if isinstance(store.fs, LocalFS):
+        return HTTPResponse(primed(chunks), **headers)
+    if store.is_local():
         resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
                                   mimetype="application/octet-stream")
     else:
@@ -972,12 +970,12 @@ def remote_file_response(store, path, size):
         start, end = ranges[0]  # end is exclusive
         headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, size)
         headers["Content-Length"] = str(end - start)
-        body = primed(iter_file(store.fs, path, start, end - start))
+        body = primed(store.read_range(path, start, end - start))
         return HTTPResponse(body, status=206, **headers)
     headers["Content-Length"] = str(size)
     if request.method == "HEAD":
         return HTTPResponse("", **headers)
-    return HTTPResponse(primed(iter_file(store.fs, path, 0, size)), **headers)
+    return HTTPResponse(primed(store.read_range(path, 0, size)), **headers)
 
 
 def primed(chunks):
@@ -1055,6 +1053,7 @@ def cmd_serve(args):
     config, app = make_server_app(args)
     stop = threading.Event()
     exit_on_sigterm()
+    intents.start_heartbeat(stop, settle_all)
     tasks.start_workers(config.server["workers"], stop)
     host, port = config.server["host"], config.server["port"]
     log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
@@ -1101,6 +1100,7 @@ def cmd_worker(args):
     n = args.threads or max(config.server["workers"], 1)
     stop = threading.Event()
     exit_on_sigterm()
+    intents.start_heartbeat(stop, settle_all)
     log.info("running %d worker thread(s)", n)
     try:
         for t in tasks.start_workers(n, stop):

@@ -358,7 +358,7 @@ class LibrarianClient:
         headers = self._auth_header()
         if is_dir:
             headers["X-Librarian-Directory"] = "tar"
-        url = self.url + "api/upload/" + quote(dest_store_path.lstrip("/"))
+        url = self.url + "api/upload/" + quote(dest_store_path)  # an absolute one is refused
         resp = self._send("upload", "PUT", url, params=params, headers=headers, data=body)
         reply = self._reply("upload", resp)
         reply["created"] = resp.status_code == 201

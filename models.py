@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import re
-import secrets
 import socket
 
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
+
+from errors import LibrarianError  # noqa: F401 (where most callers import it from)
 
 log = logging.getLogger("librarian")
 
@@ -42,16 +43,6 @@ DELETION_DISALLOWED = 0
 DELETION_ALLOWED = 1
 DELETION_POLICIES = {"disallowed": DELETION_DISALLOWED, "allowed": DELETION_ALLOWED}
 DELETION_POLICY_NAMES = {v: k for k, v in DELETION_POLICIES.items()}
-
-
-class LibrarianError(Exception):
-    """A refused operation: `status` is the HTTP status to answer with and
-    the message says what was wrong, for the caller to read."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # ---------------------------------------------------------------------------
@@ -344,37 +335,35 @@ class Source(BaseModel):
 class StagingDir(BaseModel):
     """A staging directory issued by `initiate_upload` and not yet used by
     `complete_upload` (each is accepted once), or an operator's pre-staged
-    folder named there; or, with `origin`, a server's staging folder holding
-    a file taken out of such a folder (at the store path `origin`) by the
-    process `owner` ("host:pid") while it is checked and registered."""
+    folder named there."""
 
     store = pw.ForeignKeyField(Store, column_name="store", on_delete="CASCADE")
     path = pw.CharField(max_length=1024, unique=True)
     source = pw.CharField(max_length=64)
     created = pw.DateTimeField()
-    origin = pw.CharField(max_length=1024, null=True)
-    owner = pw.CharField(max_length=128, null=True)
 
     class Meta:
         table_name = "staging_dir"
 
 
-class ServerSecret(BaseModel):
-    """A random secret of this server, made once per database (see
-    `server_secret`)."""
+class StoreIntent(BaseModel):
+    """What the process `owner` is doing to a store's bytes, recorded before
+    the first byte moves: `kind` receive (into the staging folder
+    `staging`), take (a pre-staged file from the store path `store_path`
+    into `staging`), commit (the staged item `staging` to `store_path`) or
+    delete (the instance at `store_path`, by way of the folder `staging`).
+    See `stores.intents`."""
 
-    name = pw.CharField(max_length=64, primary_key=True)
-    value = pw.CharField(max_length=128)
+    kind = pw.CharField(max_length=16)
+    store = pw.ForeignKeyField(Store, column_name="store", on_delete="CASCADE")
+    staging = pw.CharField(max_length=1024, null=True)
+    store_path = pw.CharField(max_length=1024, null=True)
+    owner = pw.CharField(max_length=128, index=True)
+    heartbeat = pw.DateTimeField()
+    created = pw.DateTimeField()
 
     class Meta:
-        table_name = "server_secret"
-
-    @classmethod
-    def get_value(cls, name):
-        """The secret called `name` (64 hex digits), made on first use."""
-        with db.atomic():
-            cls.insert(name=name, value=secrets.token_hex(32)).on_conflict_ignore().execute()
-        return cls.get_by_id(name).value
+        table_name = "store_intent"
 
 
 class WebSession(BaseModel):
@@ -392,7 +381,7 @@ class WebSession(BaseModel):
 
 
 ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEvent, Source,
-              StagingDir, ServerSecret, WebSession]
+              StagingDir, StoreIntent, WebSession]
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import ingest
 import tasks
 from models import (DELETION_ALLOWED, File, FileEvent, FileInstance, LibrarianError, Store,
                     write_transaction)
-from stores import copy_tree, open_store
+from errors import Corrupt, NotFound, is_retryable
+from stores import open_store
 
 BATCH = 1000
 
@@ -60,9 +61,9 @@ def copy_into_staging(src_store, src_path, dest_store, name):
     staging = dest_store.new_staging_dir()
     staged = posixpath.join(staging, name)
     try:
-        copy_tree(src_store.fs, src_path, dest_store.fs, staged)
+        src_store.copy_to(src_path, dest_store, staged)
     except BaseException:
-        dest_store.remove_quietly(staging)
+        dest_store.release(staging)
         raise
     return staging, staged
 
@@ -79,7 +80,7 @@ def offload_task(task, args):
             task.report(done)
         except (OSError, LibrarianError) as e:  # one bad instance must not stop the rest
             errors.append("%s: %s" % (inst.name, e))
-            if isinstance(e, LibrarianError) and e.status >= 500:
+            if is_retryable(e):
                 transient = e
     if transient is not None:
         # A store could not be reached: the task is retried after its back-off
@@ -95,16 +96,20 @@ def offload_one(source, dest, inst):
     instance deletable."""
     src_store = open_store(source)
     src_path = src_store.resolve(inst.store_path)
+    if not src_store.exists_at(src_path):
+        raise NotFound("the bytes of %s are missing on store %s" % (inst.store_path,
+                                                                    source.name))
     staging, staged = copy_into_staging(src_store, src_path, dest, inst.name)
     try:
-        size, md5 = dest.fs.path_info(staged)
+        size, md5 = dest.checksum(staged)
         if (size, md5) != (inst.file.size, inst.file.md5):
-            raise LibrarianError(500, "copy of %s has size %d md5 %s, not %d %s"
-                                 % (inst.name, size, md5, inst.file.size, inst.file.md5))
+            raise Corrupt("the copy of %s from store %s has size %d md5 %s, not %d %s as "
+                          "recorded" % (inst.name, source.name, size, md5, inst.file.size,
+                                        inst.file.md5))
         ingest.register_staged(dest, staged, inst.store_path, source=inst.file.source,
                                meta_mode="direct", size=size, md5=md5, another_copy=True)
     finally:
-        dest.remove_quietly(staging)
+        dest.release(staging)
     with write_transaction():
         (FileInstance.update(deletion_policy=DELETION_ALLOWED)
          .where((FileInstance.store == source) & (FileInstance.parent_dirs == inst.parent_dirs)

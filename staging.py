@@ -109,30 +109,47 @@ def share(fd, bits):
     os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | bits)
 
 
-def copy_into(src_fs, src, folder_fd, name):
-    """Copy the file or tree `src` of a store's file system as the new
-    entry `name` of the folder open as `folder_fd`, group-writable, never
-    through a link. Raises OSError (FileExistsError when `name` exists) or
-    LibrarianError (400) for a link or special file in the tree."""
-    st = src_fs.lstat(src)
-    if stat.S_ISDIR(st.st_mode):
-        os.mkdir(name, 0o777, dir_fd=folder_fd)
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder_fd)
-        try:
+def copy_into(store, src, folder_fd, name):
+    """Copy the file or tree `src` of `store` (a `stores.StoreAccess`) as
+    the new entry `name` of the folder open as `folder_fd`, group-writable,
+    never through a link; iteratively (one open folder per level). Raises
+    OSError (FileExistsError when `name` exists) or LibrarianError (400)
+    for a link or special file in the tree."""
+    stack = []  # (source folder, its copy's fd, its remaining entries)
+
+    def enter_copy(path, st, parent, entry):
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(entry, 0o777, dir_fd=parent)
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+            stack.append((path, fd, iter(store.listdir(path))))
             share(fd, GROUP_FOLDER)
-            for entry, _ in src_fs.scandir(src):
-                copy_into(src_fs, posixpath.join(src, entry), fd, entry)
-        finally:
+        elif stat.S_ISREG(st.st_mode):
+            _copy_file(store, path, parent, entry)
+        else:
+            raise LibrarianError(400, "%s is a link or special file" % path)
+
+    try:
+        enter_copy(src, store.stat(src), folder_fd, name)
+        while stack:
+            path, fd, entries = stack[-1]
+            child = next(entries, None)
+            if child is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            enter_copy(posixpath.join(path, child[0]), child[1], fd, child[0])
+    finally:
+        for _, fd, _ in stack:
             os.close(fd)
-    elif stat.S_ISREG(st.st_mode):
-        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666,
-                      dir_fd=folder_fd)
-        with os.fdopen(out, "wb") as f, src_fs.open(src, "rb") as data:
-            share(out, GROUP_WRITABLE)
-            for chunk in iter(lambda: data.read(CHUNK), b""):
-                f.write(chunk)
-    else:
-        raise LibrarianError(400, "%s is a link or special file" % src)
+
+
+def _copy_file(store, path, folder_fd, name):
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666,
+                  dir_fd=folder_fd)
+    with os.fdopen(out, "wb") as f, store.open_read(path) as data:
+        share(out, GROUP_WRITABLE)
+        for chunk in iter(lambda: data.read(CHUNK), b""):
+            f.write(chunk)
 
 
 def totals(search_text):
@@ -239,7 +256,7 @@ def stage_one(dest_fd, file):
     for name in filter(None, inst.parent_dirs.split("/")):
         fd = enter(fd, name, create=True)
     try:
-        copy_into(store.fs, present, fd, file.name)
+        copy_into(store, present, fd, file.name)
     except FileExistsError:
         raise FileExistsError("%s exists already in the destination" % inst.store_path) \
             from None

@@ -13,7 +13,9 @@ pending. A failure is retried after an exponential back-off (`BASE_DELAY *
 the task is failed with its last error.
 
 Handlers: `@handler("kind")` on `func(task, args)`; `task.report(bytes)`
-records progress. Raising `Permanent` fails a task without retrying.
+records progress. Whether a failure is retried is `errors.is_retryable`'s
+decision: `Permanent` and the other kinds that retrying cannot fix fail
+the task at once. Each attempt's error is kept (`errors`).
 """
 
 import datetime
@@ -26,6 +28,7 @@ import traceback
 
 import peewee as pw
 
+from errors import LibrarianError, is_retryable
 from models import (BaseModel, db, is_postgres, process_is_gone, this_process, utcnow,
                     write_transaction)
 
@@ -65,8 +68,9 @@ def cancel(task_id, by):
     return True
 
 
-class Permanent(Exception):
+class Permanent(LibrarianError):
     """A failure that retrying cannot fix (bad arguments, unknown file)."""
+    status = 400
 
 
 def handler(kind):
@@ -92,6 +96,7 @@ class Task(BaseModel):
     heartbeat = pw.DateTimeField(null=True)
     worker = pw.CharField(max_length=128, null=True)
     last_error = pw.TextField(null=True)
+    errors = pw.TextField(null=True)  # every attempt's error, one per line
     progress_bytes = pw.BigIntegerField(default=0)
     # For copies: which file, and for which standing order (if any).
     file_name = pw.CharField(max_length=256, null=True)
@@ -177,7 +182,7 @@ def claim(worker_name, now=None):
 def finish(task, error=None, permanent=False, now=None):
     """Record the outcome of a claimed task: done, or a retry after the
     back-off (counted from `now`), or failed once attempts are exhausted or
-    the error is permanent."""
+    the error is permanent. Every attempt's error is kept in `errors`."""
     now = now or utcnow()
     if error is None:
         fields = {"state": "done", "finished": now, "last_error": None}
@@ -186,6 +191,11 @@ def finish(task, error=None, permanent=False, now=None):
     else:
         fields = {"state": "pending", "last_error": error, "worker": None,
                   "next_attempt": now + datetime.timedelta(seconds=backoff(task.attempts))}
+    if error is not None:
+        line = "attempt %d at %s: %s" % (task.attempts, now.strftime("%Y-%m-%d %H:%M:%S"),
+                                         " ".join(error.split())[:2000])
+        earlier = Task.get_by_id(task.id).errors
+        fields["errors"] = earlier + "\n" + line if earlier else line
     with write_transaction():
         (Task.update(**fields)
          .where((Task.id == task.id) & (Task.state == "running")).execute())
@@ -205,12 +215,13 @@ def run_one(task, now=None):
     beater.start()
     try:
         HANDLERS[task.kind](task, json.loads(task.args))
-    except Permanent as e:
-        finish(task, str(e), permanent=True, now=now)
     except Exception as e:
-        log.warning("task %d (%s) failed: %s\n%s", task.id, task.kind, e,
-                    traceback.format_exc())
-        finish(task, "%s: %s" % (type(e).__name__, e), now=now)
+        if is_retryable(e):  # the one place that decides whether a task tries again
+            log.warning("task %d (%s) failed: %s\n%s", task.id, task.kind, e,
+                        traceback.format_exc())
+            finish(task, "%s: %s" % (type(e).__name__, e), now=now)
+        else:
+            finish(task, str(e), permanent=True, now=now)
     else:
         finish(task, now=now)
     finally:

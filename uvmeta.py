@@ -24,7 +24,11 @@ them costs that process, never the server, and is reported as a
 import math
 import multiprocessing
 import os
+import posixpath
+import stat
+import tempfile
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -114,14 +118,56 @@ def read_uvh5(path):
             "start_lst_hr": lst}
 
 
-def data_kind(path):
+class LocalFiles:
+    """The bytes of this host's files, as `data_kind` and `read_via` ask
+    for them (a transport of another host offers the same three calls)."""
+
+    lstat = staticmethod(os.lstat)
+    listdir = staticmethod(os.listdir)
+
+    @staticmethod
+    def open(path):
+        return open(path, "rb")
+
+
+# What a MIRIAD data set's header needs: its items, and of `visdata` only the
+# first record, which is what aipy reads on opening (bytes; None: whole).
+MIRIAD_HEAD_ITEMS = {"header": None, "vartable": None, "visdata": 16 << 20}
+
+
+def data_kind(path, files=LocalFiles):
     """'miriad' for a directory holding `visdata`, 'uvh5' for a `.uvh5`
-    file, else None."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "visdata")):
-        return "miriad"
-    if os.path.isfile(path) and path.endswith(".uvh5"):
+    file, else None; `files` fetches the bytes (see `LocalFiles`)."""
+    st = files.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return "miriad" if "visdata" in files.listdir(path) else None
+    if stat.S_ISREG(st.st_mode) and path.endswith(".uvh5"):
         return "uvh5"
     return None
+
+
+def read_via(files, path):
+    """Observation metadata of the data set at `path`, whose bytes `files`
+    fetches (a transport of another host): only what the reader needs is
+    asked for, a UVH5 header read through the open file, a MIRIAD data
+    set's header items (`MIRIAD_HEAD_ITEMS`) copied to a temporary folder.
+    None for other kinds; raises `MetadataError`."""
+    kind = data_kind(path, files)
+    if kind == "uvh5":
+        with files.open(path) as f:
+            return read_uvh5(f)
+    if kind != "miriad":
+        return None
+    names = set(files.listdir(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, posixpath.basename(path))
+        os.mkdir(local)
+        for item, limit in MIRIAD_HEAD_ITEMS.items():
+            if item in names:
+                with files.open(posixpath.join(path, item)) as src, \
+                        open(os.path.join(local, item), "wb") as out:
+                    out.write(src.read(limit) if limit else src.read())
+        return read_miriad(local)
 
 
 READERS = {"miriad": read_miriad, "uvh5": read_uvh5}
@@ -135,8 +181,25 @@ def _reader_pool():
     with _pool_lock:
         if _pool is None:
             _pool = ProcessPoolExecutor(max_workers=2,
-                                        mp_context=multiprocessing.get_context("spawn"))
+                                        mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_die_with_parent, initargs=(os.getpid(),))
         return _pool
+
+
+PARENT_POLL_SECONDS = 1.0
+
+
+def _die_with_parent(parent):
+    """In a reader process: exit as soon as the server that started it is
+    gone (a server killed with SIGKILL cannot stop it; without this, every
+    crash left one more reader behind). Polls the parent pid from a daemon
+    thread: the process is reparented when its parent dies."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _discard_pool(pool):
@@ -179,7 +242,10 @@ def read_observation(path):
     shape (see `data_kind`), read in a worker process. Returns None for
     anything else; raises `MetadataError` for a data set whose header cannot
     be read, including one that crashes the reader."""
-    kind = data_kind(path)
+    try:
+        kind = data_kind(path)
+    except FileNotFoundError:
+        return None
     if kind is None:
         return None
     return run_reader("MIRIAD" if kind == "miriad" else "UVH5", _read, kind,

@@ -26,7 +26,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from librarian_client import CHUNK, _ReportingFile  # noqa: E402
 from ssh_upload import ssh_store_server  # noqa: E402
-from sshfs import READ_WINDOW_BYTES  # noqa: E402
+from stores.ssh import READ_WINDOW_BYTES  # noqa: E402
 from upload import arguments, make_file, memory_kb, work_dir  # noqa: E402
 
 AUTH = {"Authorization": "Bearer bench-secret"}

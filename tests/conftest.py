@@ -195,8 +195,9 @@ def free_port():
 class Server:
     """A `librarian.py serve` child process on a free loopback port."""
 
-    def __init__(self, config_path):
+    def __init__(self, config_path, env=None):
         self.config_path = config_path
+        self.env = dict(os.environ, **(env or {}))
         self.port = settings.load(config_path).server["port"]
         self.url = "http://127.0.0.1:%d/" % self.port
         self.proc = None
@@ -205,7 +206,7 @@ class Server:
         self.log = open(self.config_path + ".log", "ab")
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "librarian.py"),
                                       "serve", "--config", self.config_path],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

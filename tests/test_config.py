@@ -6,7 +6,7 @@ import os
 import pytest
 
 import settings
-import sshfs
+from stores import ssh as sshfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "[server]\nsecret_key = s\n[database]\nurl = sqlite:///x.db\n"

@@ -120,7 +120,7 @@ def test_store_path_through_a_link_into_staging_is_refused(web, store_dir):
     os.makedirs(os.path.join(store_dir, ".staging"), exist_ok=True)
     os.symlink(".staging", os.path.join(store_dir, "stlink"))
     reply = put(web, "stlink/st1.txt", status=400)
-    assert "resolves into the staging area" in reply["message"]
+    assert "passes through a link" in reply["message"]
     assert models.File.select().count() == 0
 
 
@@ -260,14 +260,15 @@ def test_directory_upload_works_for_a_server_that_is_not_root(public_dir):
     script = (
         "import io, os, sys, tarfile; sys.path.insert(0, %r)\n"
         "import models, stores\n"
-        "row = models.Store(name='s', ssh_host='localhost', path_prefix=%r)\n"
+        "models.bind_database('sqlite:///:memory:'); models.db.create_tables(models.ALL_MODELS)\n"
+        "row = models.Store.create(name='s', ssh_host='localhost', path_prefix=%r)\n"
         "st = stores.open_store(row)\n"
         "staging = st.new_staging_dir()\n"
         "os.makedirs(os.path.join(staging, 'd.uv', 'sub'))\n"
         "open(os.path.join(staging, 'd.uv', 'sub', 'f'), 'w').write('x')\n"
         "final = st.move_into_place(os.path.join(staging, 'd.uv'), 'a/b/d.uv', readonly=True)\n"
         "print(oct(os.stat(final).st_mode & 0o777), oct(os.stat(final + '/sub/f').st_mode & 0o777))\n"
-        "st.delete('a/b/d.uv'); print(os.path.exists(final))\n" % (ROOT, store))
+        "st.delete('a/b/d.uv', lambda: True); print(os.path.exists(final))\n" % (ROOT, store))
     out = subprocess.run(UNPRIVILEGED + [sys.executable, "-c", script],
                          capture_output=True, text=True, cwd=public_dir)
     assert out.returncode == 0, out.stderr
@@ -276,9 +277,11 @@ def test_directory_upload_works_for_a_server_that_is_not_root(public_dir):
 
 def test_a_move_interrupted_before_commit_is_undone_at_start(app, web, store_dir):
     """A crash between moving bytes into place and committing their record
-    leaves a marker; start-up moves the bytes back out of the final path."""
+    leaves an intent; start-up moves the bytes back out of the final path,
+    and a client's file back into its issued folder."""
     import librarian
-    from stores import open_store
+    from stores import intents, open_store
+    from test_v1_compat import dead_process
 
     store = open_store(models.Store.get())
     # An issued staging directory (two-step protocol) and a request's own.
@@ -289,14 +292,16 @@ def test_a_move_interrupted_before_commit_is_undone_at_start(app, web, store_dir
     own = store.new_staging_dir()
     with open(os.path.join(own, "one.txt"), "wb") as f:
         f.write(b"one")
-    # What the registration would do just before its commit, then "crash".
-    store.move_into_place(os.path.join(issued, "two.txt"), "x/two.txt")
-    store.move_into_place(os.path.join(own, "one.txt"), "x/one.txt")
+    # What the registrations would do just before their commit, then "crash".
+    dead = dead_process()
+    private = store.new_staging_dir("take", origin=issued_rel + "/two.txt")
+    two = store.take(issued, "two.txt", private)[0]
+    for staged, path in ((two, "x/two.txt"), (os.path.join(own, "one.txt"), "x/one.txt")):
+        intents.begin("commit", store.row, staging=staged, store_path=path)
+        store.move_into_place(staged, path)
+    models.StoreIntent.update(owner=dead).execute()
     assert store_contents(store_dir)[0] == {"x/one.txt", "x/two.txt"}
 
-    # (A new secret_key in the configuration changes nothing: the markers are
-    # signed with a key kept in the database.)
-    app.config["librarian.settings"].server["secret_key"] = "changed after the crash"
     librarian.startup(app)
     files, staging = store_contents(store_dir)
     assert files == set()

@@ -61,7 +61,7 @@ def test_a_prestaged_folder_is_ingested_one_file_per_call_and_keeps_the_others(
         assert f.read() == b"f007.flag"
     # Start-up housekeeping never sweeps an operator's folder.
     before = snapshot(folder)
-    librarian.clean_all_staging()
+    librarian.settle_all()
     assert snapshot(folder) == before
     assert os.listdir(os.path.join(store_dir, ".staging")) == []
 
@@ -85,11 +85,24 @@ def test_a_prestaged_file_that_cannot_be_registered_stays_where_it_was(web, stor
 def take_as(store, folder, name, owner):
     """Do what complete_upload does before registering a pre-staged file,
     as the process `owner` ("host:pid")."""
-    private = store.new_staging_dir()
-    models.StagingDir.create(store=store.row, path=private, source="admin",
-                             created=models.utcnow(), origin=os.path.join(folder, name),
-                             owner=owner)
-    return store.take_from_known(store.known_staging_dir(folder), name, private)[0]
+    private = store.new_staging_dir("take", origin=os.path.join(folder, name))
+    as_owner(private, owner)
+    return store.take(store.known_staging_dir(folder), name, private)[0]
+
+
+def as_owner(staging, owner):
+    """Make the intents on `staging` (a folder, or an item in one) `owner`'s."""
+    models.StoreIntent.update(owner=owner).where(models.StoreIntent.staging == staging).execute()
+
+
+def commit_as(store, staged, store_path, owner):
+    """Do what a commit does before its transaction ends: the intent, then
+    the move (a crash then leaves the bytes in place without a record)."""
+    from stores import intents
+
+    intents.begin("commit", store.row, staging=staged, store_path=store_path)
+    as_owner(staged, owner)
+    return store.move_into_place(staged, store_path)
 
 
 def dead_process():
@@ -115,7 +128,7 @@ def test_a_prestaged_file_taken_by_a_process_that_died_is_put_back_at_start(app,
     assert not os.path.exists(os.path.dirname(dead))
     with open(live, "rb") as f:
         assert f.read() == b"bbb"
-    assert models.StagingDir.select().where(models.StagingDir.origin.is_null(False)).count() == 1
+    assert [i.kind for i in models.StoreIntent.select()] == ["take"]
 
 
 def test_a_crash_between_the_move_and_the_commit_of_a_prestaged_file_puts_it_back(
@@ -126,15 +139,16 @@ def test_a_crash_between_the_move_and_the_commit_of_a_prestaged_file_puts_it_bac
     folder = prestage(store_dir, "pre", {"a.flag": b"aaa", "b.flag": b"bbb"})
     store = open_store(models.Store.get())
     # Killed after the move into place, before the commit:
-    store.move_into_place(take_as(store, "pre", "a.flag", dead_process()), "2458043/a.flag")
+    dead = dead_process()
+    commit_as(store, take_as(store, "pre", "a.flag", dead), "2458043/a.flag", dead)
     # ... and after the move's link was made, before its unlink:
-    staged = take_as(store, "pre", "b.flag", dead_process())
-    store.move_into_place(staged, "2458043/b.flag")
+    staged = take_as(store, "pre", "b.flag", dead)
+    commit_as(store, staged, "2458043/b.flag", dead)
     os.link(os.path.join(store_dir, "2458043", "b.flag"), staged)
     librarian.startup(app)
     assert {n: v[0] for n, v in snapshot(folder).items()} == {"a.flag": b"aaa", "b.flag": b"bbb"}
     assert os.listdir(os.path.join(store_dir, "2458043")) == []
-    assert models.StagingDir.select().count() == 0
+    assert models.StoreIntent.select().count() == 0
 
 
 def test_a_live_process_keeps_what_it_took_while_another_starts(app, web, store_dir):
@@ -143,8 +157,8 @@ def test_a_live_process_keeps_what_it_took_while_another_starts(app, web, store_
 
     prestage(store_dir, "pre", {"a.flag": b"aaa"})
     store = open_store(models.Store.get())
-    final = store.move_into_place(take_as(store, "pre", "a.flag", models.this_process()),
-                                  "2458043/a.flag")
+    final = commit_as(store, take_as(store, "pre", "a.flag", models.this_process()),
+                      "2458043/a.flag", models.this_process())
     librarian.startup(app)  # a second server or worker: its owner is alive (this process)
     with open(final, "rb") as f:
         assert f.read() == b"aaa"

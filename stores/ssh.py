@@ -19,21 +19,19 @@ import posixpath
 import shlex
 import socket
 import stat
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 
 import uvmeta
 from librarian_client import CHUNK, directory_digest, ssh_failure_reason
-from models import LibrarianError
+from errors import LibrarianError, Unavailable
 
 log = logging.getLogger("librarian")
 # paramiko logs a traceback of its own for every failed connection; ours
 # name the store, the host and the reason once.
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
-MIRIAD_HEAD_BYTES = 16 << 20  # of `visdata`: enough for the first record aipy reads
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
 SSHTarget = collections.namedtuple(
@@ -75,11 +73,11 @@ def _session_wait(timeout):
     return max(timeout, STREAM_WAIT_SECONDS) if getattr(_streaming, "depth", 0) else timeout
 
 
-class StoreUnreachable(LibrarianError):
-    """A store's host cannot be reached or refused us (HTTP 503)."""
+class StoreUnreachable(Unavailable):
+    """A store's host cannot be reached or refused us (HTTP 503; retried)."""
 
     def __init__(self, store_name, target, reason):
-        super().__init__(503, "store %r on host %s port %d is unreachable: %s"
+        super().__init__("store %r on host %s port %d is unreachable: %s"
                          % (store_name, target.host, target.port, reason))
 
 
@@ -838,16 +836,31 @@ class SSHFS:
         """Observation metadata read over SFTP by the isolated reader
         process (see `read_remote_observation`); None, without asking it,
         for what is not shaped like a data set (`uvmeta.data_kind`)."""
-        if stat.S_ISDIR(self.lstat(path).st_mode):
-            if not self.lexists(posixpath.join(path, "visdata")):
+        with self.conn.sftp() as sftp:
+            if uvmeta.data_kind(path, _SFTPFiles(sftp)) is None:
                 return None
-        elif not path.endswith(".uvh5"):
-            return None
         try:
             return uvmeta.run_reader("data set", read_remote_observation, self.conn.target, path)
         except OSError as e:
             raise LibrarianError(503, "cannot read the header of %s on %s: %s"
                                  % (path, self.where, e)) from None
+
+
+class _SFTPFiles:
+    """The bytes of a store host's files through an SFTP session, as
+    `uvmeta.read_via` fetches them: the readers decide what to read."""
+
+    def __init__(self, sftp):
+        self.sftp = sftp
+
+    def lstat(self, path):
+        return self.sftp.lstat(path)
+
+    def listdir(self, path):
+        return self.sftp.listdir(path)
+
+    def open(self, path):
+        return self.sftp.open(path, "rb", bufsize=CHUNK)
 
 
 _reader_clients = {}  # in the reader process: SSHTarget -> SSHClient
@@ -872,22 +885,4 @@ def _read_remote(target, path):
     if client is None or not client.get_transport() or not client.get_transport().is_active():
         client = _reader_clients[target] = ssh_connect(target)
     with client.open_sftp() as sftp:
-        st = sftp.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            names = set(sftp.listdir(path))
-            if "visdata" not in names:
-                return None
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, posixpath.basename(path))
-                os.mkdir(local)
-                for item in ("header", "vartable", "visdata"):
-                    if item in names:
-                        limit = MIRIAD_HEAD_BYTES if item == "visdata" else None
-                        with sftp.open(posixpath.join(path, item), "rb") as src, \
-                                open(os.path.join(local, item), "wb") as out:
-                            out.write(src.read(limit) if limit else src.read())
-                return uvmeta.read_miriad(local)
-        if stat.S_ISREG(st.st_mode) and path.endswith(".uvh5"):
-            with sftp.open(path, "rb", bufsize=CHUNK) as f:
-                return uvmeta.read_uvh5(f)
-    return None
+        return uvmeta.read_via(_SFTPFiles(sftp), path)

@@ -1,0 +1,310 @@
+"""Byte streams and trees on any store file system (`LocalFS`, `SSHFS`):
+request bodies, tar streams in and out, walks and copies. Every walk is
+iterative (a stack, not recursion), so a tree of any depth is handled in
+bounded memory.
+"""
+
+import hashlib
+import posixpath
+import stat
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+
+from errors import LibrarianError
+from librarian_client import CHUNK, directory_digest
+from stores.paths import check_name_lengths
+from stores.ssh import stream_started
+
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK
+
+
+class BodyReader:
+    """A file-like reader over a request body that stops at `length` bytes
+    (None: at EOF) and raises `LibrarianError(400)` when the body ends early."""
+
+    def __init__(self, stream, length):
+        self.stream = stream
+        self.remaining = length
+
+    def read(self, n=-1):
+        if self.remaining is None:
+            return self.stream.read(n if n and n > 0 else CHUNK)
+        if self.remaining <= 0:
+            return b""
+        want = self.remaining if n is None or n < 0 else min(n, self.remaining)
+        data = self.stream.read(want)
+        if not data:
+            raise LibrarianError(400, "request body ended %d bytes before its declared "
+                                 "Content-Length" % self.remaining)
+        self.remaining -= len(data)
+        return data
+
+
+def copy_hashing(reader, out):
+    """Copy `reader` to the open file `out`; returns (size, md5 hex).
+
+    MD5 runs in a second thread, one chunk behind the writes (hashlib
+    releases the GIL on large buffers), so that hashing and writes overlap
+    instead of adding up. At most two chunks are in flight."""
+    digest = hashlib.md5()
+    size = 0
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        while True:
+            chunk = reader.read(CHUNK)
+            if not chunk:
+                break
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(digest.update, chunk)
+            out.write(chunk)
+            size += len(chunk)
+        if pending is not None:
+            pending.result()
+    return size, digest.hexdigest()
+
+
+def _read_exactly(f, size, label):
+    """Yield the `size` bytes of the open file `f` in chunks; IOError if it
+    is shorter."""
+    sent = 0
+    while sent < size:
+        chunk = f.read(min(CHUNK, size - sent))
+        if not chunk:
+            raise IOError("%s shrank while being read" % label)
+        sent += len(chunk)
+        yield chunk
+
+
+def _tar_member_path(member):
+    """The relative path parts a tar member is unpacked to, or a 400
+    naming the member: absolute paths, `..`, links, devices and FIFOs are
+    refused."""
+    path = member.name
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LibrarianError(400, "tar member %r has a name that is not valid UTF-8"
+                             % path[:200]) from None
+    if path.startswith("/") or "\0" in path:
+        raise LibrarianError(400, "tar member %r has an absolute path" % path)
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LibrarianError(400, "tar member %r contains '..'" % path)
+    if not (member.isfile() or member.isdir()):
+        raise LibrarianError(400, "tar member %r is a link or special file; only regular "
+                             "files and directories are accepted" % path)
+    if member.issparse():
+        raise LibrarianError(400, "tar member %r is a sparse file; send it as a regular file"
+                             % path)
+    return parts
+
+
+def receive_tar(fs, reader, dest, name, max_depth):
+    """Unpack a tar stream into the new directory `dest` on `fs`, computing
+    each file's MD5 as it is written; returns (size, md5) by the directory
+    definition. The members sit either all under one top folder called
+    `name` (as `tar -C PARENT -c NAME` and our downloads make them), or at
+    the top level (`tar -C DIR -c .`, whose members start with `./`); the
+    first member decides. Raises `LibrarianError(400)` on unsafe or
+    malformed input and on folders nested more than `max_depth` deep."""
+    fs.mkdir(dest)
+    made = {""}  # folders created, relative to dest
+    entries = {}
+    total = 0
+    under_top = None
+
+    def make_parents(rel_dir):
+        parts = rel_dir.split("/") if rel_dir else []
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub not in made:
+                if sub in entries:
+                    raise FileExistsError(sub)
+                fs.mkdir(posixpath.join(dest, sub))
+                made.add(sub)
+
+    try:
+        with tarfile.open(fileobj=reader, mode="r|*") as tar:
+            for member in tar:
+                parts = _tar_member_path(member)
+                if under_top is None:  # `./name/...` is a folder `name` inside the directory
+                    under_top = bool(parts) and parts[0] == name and not (
+                        member.name == "." or member.name.startswith("./"))
+                if not parts:
+                    continue
+                if under_top:
+                    if parts[0] != name:
+                        raise LibrarianError(400, "tar member %r is not under the top folder "
+                                             "%r" % (member.name, name))
+                    parts = parts[1:]
+                    if not parts:
+                        if not member.isdir():
+                            raise LibrarianError(400, "tar member %r is a file, but a directory "
+                                                 "upload needs a folder %r" % (member.name, name))
+                        continue
+                rel = "/".join(parts)
+                check_name_lengths(parts, member.name)
+                if len(parts) - (0 if member.isdir() else 1) > max_depth:
+                    raise LibrarianError(400, "tar member %r nests folders more than %d deep"
+                                         % (member.name[:200], max_depth))
+                if member.isdir():
+                    if rel in entries:
+                        raise FileExistsError(rel)
+                    make_parents(rel)
+                    continue
+                if rel in entries or rel in made:
+                    raise LibrarianError(400, "tar member %r appears twice, or as a file and "
+                                         "a folder" % member.name)
+                make_parents(posixpath.dirname(rel))
+                with fs.open(posixpath.join(dest, rel), "xb") as out:
+                    size, md5 = copy_hashing(tar.extractfile(member), out)
+                if size != member.size:
+                    raise LibrarianError(400, "tar member %r is truncated" % member.name)
+                entries[rel] = md5
+                total += size
+    except tarfile.TarError as e:
+        raise LibrarianError(400, "body is not a valid tar stream: %s" % e) from None
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise LibrarianError(400, "tar stream has a file and a folder of the same "
+                             "name") from None
+    return total, directory_digest(entries.items())
+
+
+def walk(fs, path):
+    """Yield (relative path, lstat) of everything under the directory
+    `path` on `fs`, folders before their contents, sorted by name; by a
+    stack of listings, so any depth costs no recursion."""
+    stack = [iter(fs.scandir(path))]
+    rels = [""]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            rels.pop()
+            continue
+        name, st = entry
+        sub = posixpath.join(rels[-1], name) if rels[-1] else name
+        yield sub, st
+        if stat.S_ISDIR(st.st_mode):
+            stack.append(iter(fs.scandir(posixpath.join(path, sub))))
+            rels.append(sub)
+
+
+def tree_depth(fs, path):
+    """How deep folders nest in the tree at `path` (0 for a file or an
+    empty folder; 1 for a folder of files)."""
+    if not stat.S_ISDIR(fs.lstat(path).st_mode):
+        return 0
+    return max([rel.count("/") + 1 for rel, _ in walk(fs, path)] or [0])
+
+
+def _tar_entries(fs, path, name):
+    """(TarInfo, absolute path or None) for a directory, sorted, under the
+    top folder `name`; deterministic owner and mode bits. Links and special
+    files are not sent."""
+    def info(st, arcname):
+        ti = tarfile.TarInfo(arcname)
+        ti.mtime = int(st.st_mtime)
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        if stat.S_ISDIR(st.st_mode):
+            ti.type, ti.mode, ti.size = tarfile.DIRTYPE, 0o755, 0
+        else:
+            ti.type, ti.mode, ti.size = tarfile.REGTYPE, 0o644, st.st_size
+        return ti
+
+    yield info(fs.lstat(path), name), None
+    for rel, st in walk(fs, path):
+        if stat.S_ISDIR(st.st_mode):
+            yield info(st, posixpath.join(name, rel)), None
+        elif stat.S_ISREG(st.st_mode):
+            yield info(st, posixpath.join(name, rel)), posixpath.join(path, rel)
+
+
+def _padding(n):
+    return (-n) % TAR_BLOCK
+
+
+def tar_size(fs, path, name):
+    """Exact byte length of the tar stream `iter_tar(fs, path, name)` yields."""
+    total = 0
+    for ti, abs_path in _tar_entries(fs, path, name):
+        total += len(ti.tobuf(tarfile.PAX_FORMAT)) + ti.size + _padding(ti.size)
+    total += 2 * TAR_BLOCK
+    return total + (-total) % TAR_RECORD
+
+
+def iter_tar(fs, path, name, size=None):
+    """Yield a tar stream of the directory `path` on `fs` with members under
+    the top folder `name`, built on the fly in chunks (no temporary copy).
+    The directory is listed before the first chunk, and an IOError raised
+    then if its files hold other than `size` bytes (their record's, when
+    given); once a chunk is sent, a store host's sessions are waited for
+    longer (`sshfs.stream_started`)."""
+    (top, _), *members = _tar_entries(fs, path, name)
+    found = sum(ti.size for ti, abs_path in members if abs_path is not None)
+    if size is not None and found != size:
+        raise IOError("%s holds %d bytes, not the %d of its record" % (path, found, size))
+    header = top.tobuf(tarfile.PAX_FORMAT)
+    yield header
+    total = len(header)
+    with stream_started():
+        for ti, abs_path in members:
+            header = ti.tobuf(tarfile.PAX_FORMAT)
+            total += len(header)
+            yield header
+            if abs_path is None:
+                continue
+            with fs.open(abs_path, "rb") as f:
+                yield from _read_exactly(f, ti.size, abs_path)
+            pad = _padding(ti.size)
+            total += ti.size + pad
+            if pad:
+                yield b"\0" * pad
+        end = 2 * TAR_BLOCK
+        end += (-(total + end)) % TAR_RECORD
+        yield b"\0" * end
+
+
+def iter_file(fs, path, start=0, length=None):
+    """Yield `length` bytes (None: to the end) of the file `path` on `fs`
+    from byte `start`, in chunks."""
+    with fs.open(path, "rb") as f:
+        if start:
+            f.seek(start)
+        if length is None:
+            yield from iter(lambda: f.read(CHUNK), b"")
+        else:
+            yield from _read_exactly(f, length, path)
+
+
+def copy_tree(src_fs, src, dst_fs, dst, progress=None):
+    """Copy the file or directory `src` on `src_fs` to the new path `dst` on
+    `dst_fs`, streaming (either may be local or remote); `progress(n)` is
+    called with each chunk's bytes. Links and special files are refused
+    with `LibrarianError(400)`."""
+    bad = src_fs.find_special(src)
+    if bad is not None:
+        raise LibrarianError(400, "%s is a link or special file" % bad)
+    if not stat.S_ISDIR(src_fs.lstat(src).st_mode):
+        _copy_file(src_fs, src, dst_fs, dst, progress)
+        return
+    dst_fs.mkdir(dst)
+    for rel, st in walk(src_fs, src):
+        if stat.S_ISDIR(st.st_mode):
+            dst_fs.mkdir(posixpath.join(dst, rel))
+        else:
+            _copy_file(src_fs, posixpath.join(src, rel), dst_fs, posixpath.join(dst, rel),
+                       progress)
+
+
+def _copy_file(src_fs, src, dst_fs, dst, progress=None):
+    with src_fs.open(src, "rb") as f, dst_fs.open(dst, "xb") as out:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            out.write(chunk)
+            if progress:
+                progress(len(chunk))
+
+
