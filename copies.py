@@ -37,25 +37,18 @@ import librarian_client
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
-import stores
 from errors import from_peer
-from stores import SSHTarget, check_relative_folder, present_instance
+from stores import SSHTarget, check_relative_folder
 
 log = logging.getLogger("librarian")
 
 REPORT_EVERY = 64 << 20  # bytes between progress reports
-_settings = None
 
 
-def configure(settings):
-    """Give the copy tasks the configuration (for its connections)."""
-    global _settings
-    _settings = settings
-
-
-def client_for(connection_name):
-    """A LibrarianClient for a named connection; 400 if there is none."""
-    conns = _settings.connections if _settings is not None else {}
+def client_for(ctx, connection_name):
+    """A LibrarianClient for a named connection (of the context's settings,
+    else of ~/.hl_client.cfg); 400 if there is none."""
+    conns = ctx.settings.connections
     if connection_name in conns:
         return librarian_client.LibrarianClient(conn_config=conns[connection_name])
     try:
@@ -65,9 +58,9 @@ def client_for(connection_name):
                              % (connection_name, e.message)) from None
 
 
-def connection_names():
+def connection_names(ctx):
     """Names of the configured connections, then those of ~/.hl_client.cfg."""
-    names = list(_settings.connections) if _settings is not None else []
+    names = list(ctx.settings.connections)
     try:
         path = os.path.expanduser(os.environ.get("HL_CLIENT_CFG") or
                                   librarian_client.CONFIG_PATH)
@@ -78,12 +71,12 @@ def connection_names():
     return names
 
 
-def check_connection(name):
+def check_connection(ctx, name):
     """`{name, url, ok, message, stores}` for a connection: ping it and
     list its stores."""
     result = {"name": name, "url": None, "ok": False, "message": "", "stores": []}
     try:
-        client = client_for(name)
+        client = client_for(ctx, name)
         result["url"] = client.url
         client.ping()
         result["stores"] = client.probe_stores()
@@ -93,10 +86,10 @@ def check_connection(name):
     return result
 
 
-def local_copy(file_name):
+def local_copy(ctx, file_name):
     """(FileInstance, StoreAccess, absolute path) of a present instance of
     a file on one of our stores, or raise `LibrarianError(400)`."""
-    inst, store, path = present_instance(file_name)
+    inst, store, path = ctx.stores.present_instance(file_name)
     if inst is None:
         raise LibrarianError(400, "file %r has no instance here to copy" % file_name)
     return inst, store, path
@@ -115,7 +108,7 @@ def record_set(file):
     return sets
 
 
-def launch(file_name, connection_name, remote_store_path=None, standing_order=None,
+def launch(ctx, file_name, connection_name, remote_store_path=None, standing_order=None,
            known_staging_store=None, known_staging_subdir=None):
     """Queue a copy (for `standing_order`, if given; from the receiver's
     pre-staged folder with `known_staging_*`); returns the task. 400 for an
@@ -125,8 +118,8 @@ def launch(file_name, connection_name, remote_store_path=None, standing_order=No
                              "or neither")
     if File.get_or_none(File.name == file_name) is None:
         raise LibrarianError(400, "no file named %r" % file_name)
-    client_for(connection_name)
-    inst, _, _ = local_copy(file_name)
+    client_for(ctx, connection_name)
+    inst, _, _ = local_copy(ctx, file_name)
     remote = remote_store_path or inst.store_path
     if remote.rstrip("/").rsplit("/", 1)[-1] != file_name:
         raise LibrarianError(400, "remote_store_path %r must end in the file's name %r"
@@ -135,7 +128,7 @@ def launch(file_name, connection_name, remote_store_path=None, standing_order=No
         FileEvent.record(file_name, "launch_copy", {"connection_name": connection_name,
                                                    "remote_store_path": remote,
                                                    "standing_order": standing_order})
-        return tasks.enqueue("copy_to_librarian", {"file_name": file_name,
+        return tasks.enqueue(ctx, "copy_to_librarian", {"file_name": file_name,
                                                    "connection_name": connection_name,
                                                    "remote_store_path": remote,
                                                    "standing_order": standing_order,
@@ -170,13 +163,13 @@ def send_instance(client, store, path, file, remote_store_path, progress):
                          null_obsid=file.obsid is None, progress=progress)
 
 
-def peer_host(connection_name, store_name, host):
+def peer_host(ctx, connection_name, store_name, host):
     """The file system of a receiver's store host over SSH, reached with
     the `[connection:NAME]` SSH settings (one shared connection per host).
     The host must be one the connection's `ssh_hosts` lists (by default the
     host of its URL): the receiver's word alone never sends our key and
     bytes to a host. 400 otherwise."""
-    spec = _settings.connections.get(connection_name, {}) if _settings else {}
+    spec = ctx.settings.connections.get(connection_name, {})
     allowed = spec.get("ssh_hosts") or [urllib.parse.urlsplit(spec.get("url", "")).hostname]
     if host not in allowed:
         raise LibrarianError(400, "%s names the store host %r, which is not among the hosts "
@@ -186,16 +179,16 @@ def peer_host(connection_name, store_name, host):
     target = SSHTarget(host, spec.get("ssh_port") or 22, spec.get("ssh_user"),
                        spec.get("ssh_key"), spec.get("known_hosts"),
                        spec.get("ssh_timeout") or 15.0)
-    return stores.peer_host("%s of %s" % (store_name, connection_name), target)
+    return ctx.stores.peer_host("%s of %s" % (store_name, connection_name), target)
 
 
-def send_by_ssh(client, connection_name, store, path, file, remote_store_path, progress):
+def send_by_ssh(ctx, client, connection_name, store, path, file, remote_store_path, progress):
     """The original protocol: records with `initiate_upload`, which names a
     store and a staging folder (relative to its prefix); the bytes over
     SSH into that folder; `complete_upload` in `direct` mode, where the
     receiver checks them against the records."""
     info = client.initiate_upload(file.size, **record_set(file))
-    remote = peer_host(connection_name, info["name"], info["ssh_host"])
+    remote = peer_host(ctx, connection_name, info["name"], info["ssh_host"])
     prefix = info["path_prefix"]
     if not (isinstance(prefix, str) and prefix.startswith("/") and ".." not in prefix.split("/")):
         raise LibrarianError(400, "%s names the store prefix %r, not an absolute path"
@@ -217,7 +210,7 @@ def complete_prestaged(client, file, args):
                            "direct", staging_was_known=True)
 
 
-def send(client, store, path, file, args, progress):
+def send(ctx, client, store, path, file, args, progress):
     """Send `file` (at `path` on `store`) by the way the receiver takes it;
     see the module docstring. Returns the bytes sent."""
     if args.get("known_staging_store"):
@@ -227,13 +220,13 @@ def send(client, store, path, file, args, progress):
         client.initiate_upload(file.size, **record_set(file))
         send_instance(client, store, path, file, args["remote_store_path"], progress)
     else:
-        send_by_ssh(client, args["connection_name"], store, path, file,
+        send_by_ssh(ctx, client, args["connection_name"], store, path, file,
                     args["remote_store_path"], progress)
     return file.size
 
 
 @tasks.handler("copy_to_librarian")
-def copy_to_librarian(task, args):
+def copy_to_librarian(ctx, task, args):
     """The task: send records, then bytes; see the module docstring."""
     file = File.get_or_none(File.name == args["file_name"])
     if file is None:
@@ -247,9 +240,9 @@ def copy_to_librarian(task, args):
             task.report(sent[0])
 
     try:
-        inst, store, path = local_copy(file.name)
-        client = client_for(args["connection_name"])
-        size = send(client, store, path, file, args, progress)
+        inst, store, path = local_copy(ctx, file.name)
+        client = client_for(ctx, args["connection_name"])
+        size = send(ctx, client, store, path, file, args, progress)
     except librarian_client.RPCError as e:
         error = from_peer(e.status, e.message)
         if not error.retryable:  # refused: sending again will not help

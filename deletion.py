@@ -17,7 +17,6 @@ import logging
 from models import (DELETION_ALLOWED, DELETION_POLICY_NAMES, File, FileEvent, FileInstance,
                     LibrarianError, Store, is_postgres, write_transaction)
 from ingest import policy_code
-from stores import open_store
 
 log = logging.getLogger("librarian")
 
@@ -68,7 +67,7 @@ def set_one_policy(file_name, deletion_policy, restrict_to_store=None):
                           "new_policy": deletion_policy})
 
 
-def delete_instances(file_name, mode="standard", restrict_to_store=None):
+def delete_instances(ctx, file_name, mode="standard", restrict_to_store=None):
     """Delete the instances of `file_name` whose policy is `allowed` (only
     on `restrict_to_store` if given). Returns `{n_deleted, n_kept,
     n_error}`. Raises `LibrarianError(400)` on a bad mode or unknown
@@ -79,11 +78,11 @@ def delete_instances(file_name, mode="standard", restrict_to_store=None):
         if restrict_to_store is not None and inst.store.name != restrict_to_store:
             stats["n_kept"] += 1
             continue
-        stats[_delete_one(inst, mode)] += 1
+        stats[_delete_one(ctx, inst, mode)] += 1
     return stats
 
 
-def _delete_one(inst, mode):
+def _delete_one(ctx, inst, mode):
     """Delete one instance if, at this moment, its policy allows it.
 
     The interlock. Be very careful changing this: it is what stands between
@@ -93,7 +92,7 @@ def _delete_one(inst, mode):
     `disallowed` either happens before (and is obeyed) or after the
     instance is out of the catalogue. Returns the name of the counter to
     increment."""
-    store = open_store(inst.store)
+    store = ctx.open_store(inst.store)
     where = ((FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
              & (FileInstance.file == inst.name))
     current = FileInstance.get_or_none(where)

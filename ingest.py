@@ -418,7 +418,7 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     else:
         obsid, meta = observation_of(store, abs_staged, name, meta_mode=meta_mode,
                                      null_obsid=null_obsid, inference_mode=inference_mode)
-    present = known is not None and _has_present_instance(name)
+    present = known is not None and _has_present_instance(store.registry, name)
     if store.signature(abs_staged) != before:
         raise LibrarianError(409, "%s changed while it was being checked; complete it once it "
                              "is written" % name)
@@ -430,13 +430,13 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     return result
 
 
-def _has_present_instance(name):
+def _has_present_instance(registry, name):
     """Whether some instance of the file has its bytes (a store that cannot
     be reached counts as having them: never a needless second copy)."""
-    from stores import StoreUnreachable, present_instance
+    from stores import StoreUnreachable
 
     try:
-        return present_instance(name)[0] is not None
+        return registry.present_instance(name)[0] is not None
     except StoreUnreachable:
         return True
 

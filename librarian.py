@@ -54,9 +54,8 @@ import uvmeta
 from errors import http_status
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
-import stores
-from stores import (BodyReader, StoreUnreachable, intents, open_store, present_instance,
-                    split_store_path)
+from context import Context
+from stores import BodyReader, StoreUnreachable, intents, split_store_path
 
 __version__ = "0.1.0"
 
@@ -97,18 +96,13 @@ def setup(config):
     bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, "views")]
     app = Bottle()
     app.config["librarian.settings"] = config
+    app.config["librarian.context"] = Context(config)
     app.config["librarian.auth_cache"] = {}
     install_routes(app)
     app.add_hook("before_request", _open_db)
     app.add_hook("after_request", _close_db)
     app.default_error_handler = render_error
     app.wsgi = strict_utf8(app.wsgi)  # Bottle.__call__ goes through it
-    stores.configure(config)
-    copies.configure(config)
-    standing.configure(config)
-    staging.configure(config)
-    tasks.BASE_DELAY = config.server["task_retry_seconds"]
-    tasks.MAX_ATTEMPTS = config.server["task_max_attempts"]
     return app
 
 
@@ -184,7 +178,7 @@ def sync_config_records(config):
                             spec["level"], name, row.level)
 
 
-def settle_all():
+def settle_all(context):
     """Finish or undo, on every reachable store, what dead processes left
     (their intents, see `stores.intents`) and remove staging leftovers that
     no live process and no outstanding issued folder holds. Safe to run at
@@ -197,7 +191,7 @@ def settle_all():
         StagingDir.delete().where(
             StagingDir.created < models.utcnow() - datetime.timedelta(days=1)).execute()
     for row in Store.select():
-        store = open_store(row)
+        store = context.open_store(row)
         if not store.is_reachable():
             log.warning("%s is not reachable: what dead processes left there is settled later",
                         store.describe())
@@ -225,7 +219,7 @@ def startup(app):
     """What a serving process does before its first request: refuse an
     unmigrated database (`SystemExit` with a message), add configured
     stores and sources, settle what dead processes left (`settle_all`)."""
-    config = app.config["librarian.settings"]
+    config, context = app.config["librarian.settings"], app.config["librarian.context"]
     with database_of(config):
         pending = pending_migrations()
         if pending:
@@ -236,11 +230,11 @@ def startup(app):
         sync_config_records(config)
         for row in Store.select():
             try:
-                open_store(row).ensure_prefix()
+                context.open_store(row).ensure_prefix()
             except (OSError, StoreUnreachable) as e:
                 log.warning("cannot create the folder of store %s: %s", row.name, e)
-        settle_all()
-        standing.schedule_periodic()
+        settle_all(context)
+        standing.schedule_periodic(context)
         tasks.reclaim_dead_local_workers()
 
 
@@ -470,14 +464,19 @@ def api_dispatch(name):
     return json_reply(**(func(source, args) or {}))
 
 
+def ctx():
+    """The context (settings, stores) of the app serving this request."""
+    return request.app.config["librarian.context"]
+
+
 def cfg():
-    return request.app.config["librarian.settings"]
+    return ctx().settings
 
 
 def local_instance(file_name):
     """The FileInstance of `file_name` on an available store whose bytes are
     present here; 400 when the file is unknown or has none."""
-    inst, _, _ = present_instance(file_name, available_only=True)
+    inst, _, _ = ctx().stores.present_instance(file_name, available_only=True)
     if inst is not None:
         return inst
     if File.get_or_none(File.name == file_name) is None:
@@ -492,7 +491,7 @@ def choose_store(upload_size):
     naming the stores and why when the only candidates are unreachable."""
     best, best_free, problems = None, -1, []
     for row in Store.select().where(Store.available == True).order_by(Store.name):  # noqa: E712
-        store = open_store(row)
+        store = ctx().open_store(row)
         problem = store.problem()
         if problem is not None:
             problems.append(problem)
@@ -557,7 +556,7 @@ def op_initiate_upload(source, args):
     if known != (args["known_staging_subdir"] is not None):
         fail(400, "give both known_staging_store and known_staging_subdir, or neither")
     if known:
-        store = open_store(Store.by_name(args["known_staging_store"]))
+        store = ctx().open_store(Store.by_name(args["known_staging_store"]))
         staging = store.known_staging_dir(args["known_staging_subdir"])
         ingest.check_not_inside_instance(store, store.relative(staging))
     else:
@@ -580,7 +579,7 @@ def op_initiate_upload(source, args):
     # which the client's --via-ssh uses unless told otherwise.
     return dict(store.row.to_dict(), available=store.free_space() or 0,
                 staging_dir=args["known_staging_subdir"] if known else store.relative(staging),
-                ssh_port=stores.ssh_target(store.row).port)
+                ssh_port=ctx().stores.ssh_target(store.row).port)
 
 
 @operation("complete_upload", "read-append", store_name=str, staging_dir=str,
@@ -595,7 +594,7 @@ def op_complete_upload(source, args):
     of it, and put back if it is not registered."""
     if args["meta_mode"] not in ("direct", "infer"):
         fail(400, "meta_mode must be 'direct' or 'infer', got %r" % args["meta_mode"])
-    store = open_store(Store.by_name(args["store_name"]))
+    store = ctx().open_store(Store.by_name(args["store_name"]))
     _, name = split_store_path(args["dest_store_path"])
     folder = store.issued_staging_dir(args["staging_dir"])
     issued = store.is_staging_dir(folder)
@@ -620,7 +619,7 @@ def op_complete_upload(source, args):
             store.release(folder)
     else:
         result = complete_known(store, folder, name, register)
-    standing.after_upload()
+    standing.after_upload(ctx())
     return upload_outcome(result, store)
 
 
@@ -677,7 +676,7 @@ def complete_taken(store, folder, name, register):
            null_obsid_Q=bool)
 def op_register_instances(source, args):
     """Register files that appeared on a store by other means."""
-    store = open_store(Store.by_name(args["store_name"]))
+    store = ctx().open_store(Store.by_name(args["store_name"]))
     prepared = []
     for full_path, info in args["file_info"].items():
         if not isinstance(info, dict):
@@ -692,7 +691,7 @@ def op_register_instances(source, args):
     with models.write_transaction():
         for item in prepared:
             ingest.register_prepared(store, item, source=source.name)
-    standing.after_upload()
+    standing.after_upload(ctx())
     if cfg().librarian["permissions_mode"] == "readonly":
         for item in prepared:
             store.make_readonly(item["abs_path"])
@@ -733,7 +732,7 @@ def op_search(source, args):
     fmt = args["output_format"]
     if fmt == "stage-the-files-json":
         require_level(source, "read-write")
-        return staging.launch(args["search"], args["stage_user"] or source.name,
+        return staging.launch(ctx(), args["search"], args["stage_user"] or source.name,
                               args["stage_dest"] or "")
     if fmt not in SEARCH_OUTPUTS:
         fail(400, "output_format must be one of %s, got %r"
@@ -776,7 +775,7 @@ def op_delete_file_instances(source, args):
     """Delete the instances of a file that its policy allows to delete."""
     if File.get_or_none(File.name == args["file_name"]) is None:
         fail(400, "no file named %r" % args["file_name"])
-    return deletion.delete_instances(args["file_name"], deletion_mode(args),
+    return deletion.delete_instances(ctx(), args["file_name"], deletion_mode(args),
                                      args["restrict_to_store"])
 
 
@@ -790,7 +789,7 @@ def op_delete_file_instances_matching_query(source, args):
         fail(400, "the query is empty, which matches every file; to mean every file, say "
              "so: {\"always-true\": []}")
     names = [f.name for f in search.file_query(args["query"]).select(File.name)]
-    return {"stats": {name: deletion.delete_instances(name, mode, args["restrict_to_store"])
+    return {"stats": {name: deletion.delete_instances(ctx(), name, mode, args["restrict_to_store"])
                       for name in names}}
 
 
@@ -800,7 +799,7 @@ def op_launch_file_copy(source, args):
     """Queue a copy of a file to another Librarian (a background task)."""
     if args["remote_store_path"] is not None:
         split_store_path(args["remote_store_path"])
-    copies.launch(args["file_name"], args["connection_name"], args["remote_store_path"],
+    copies.launch(ctx(), args["file_name"], args["connection_name"], args["remote_store_path"],
                   known_staging_store=args["known_staging_store"],
                   known_staging_subdir=args["known_staging_subdir"])
     return {}
@@ -810,15 +809,15 @@ def op_launch_file_copy(source, args):
 def op_create_standing_order(source, args):
     """Save a standing order: copy every file matching `search` to
     `conn_name`, once."""
-    standing.create(args["name"], args["search"], args["conn_name"])
-    standing.schedule_periodic()
+    standing.create(ctx(), args["name"], args["search"], args["conn_name"])
+    standing.schedule_periodic(ctx())
     return {}
 
 
 @operation("update_standing_order", "admin", name=str, search_Q=str, conn_name_Q=str)
 def op_update_standing_order(source, args):
     """Change a standing order's search and/or connection."""
-    standing.update(args["name"], args["search"], args["conn_name"])
+    standing.update(ctx(), args["name"], args["search"], args["conn_name"])
     return {}
 
 
@@ -839,7 +838,7 @@ def op_list_standing_orders(source, args):
 @operation("initiate_offload", "read-write", source_store_name=str, dest_store_name=str)
 def op_initiate_offload(source, args):
     """Move the sole copies on one store to another store of this Librarian."""
-    return offload.launch(args["source_store_name"], args["dest_store_name"])
+    return offload.launch(ctx(), args["source_store_name"], args["dest_store_name"])
 
 
 def deletion_mode(args):
@@ -909,7 +908,7 @@ def upload(dest_store_path):
             inference_mode=cfg().librarian["obsid_inference_mode"],
             readonly=cfg().librarian["permissions_mode"] == "readonly")
     if result["created"]:
-        standing.after_upload()
+        standing.after_upload(ctx())
     return json_reply(201 if result["created"] else 200, **upload_outcome(result, store))
 
 
@@ -939,7 +938,7 @@ def download(name):
     caller("read-only", allow_session=True)
     models.check_file_name(name)
     inst = local_instance(name)
-    store = open_store(inst.store)
+    store = ctx().open_store(inst.store)
     path = store.resolve(inst.store_path)
     md5 = inst.file.md5
     db.close()  # the stream may take long; it needs no database connection
@@ -1053,8 +1052,9 @@ def cmd_serve(args):
     config, app = make_server_app(args)
     stop = threading.Event()
     exit_on_sigterm()
-    intents.start_heartbeat(stop, settle_all)
-    tasks.start_workers(config.server["workers"], stop)
+    context = app.config["librarian.context"]
+    intents.start_heartbeat(stop, functools.partial(settle_all, context))
+    tasks.start_workers(context, config.server["workers"], stop)
     host, port = config.server["host"], config.server["port"]
     log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
              config.server["threads"])
@@ -1094,16 +1094,17 @@ def cmd_worker(args):
         importlib.import_module(module)
     if args.once:
         with database_of(config):
-            count = tasks.run_until_empty(tasks.worker_name(0))
+            count = tasks.run_until_empty(app.config["librarian.context"], tasks.worker_name(0))
         log.info("ran %d task(s)", count)
         return 0
     n = args.threads or max(config.server["workers"], 1)
     stop = threading.Event()
     exit_on_sigterm()
-    intents.start_heartbeat(stop, settle_all)
+    context = app.config["librarian.context"]
+    intents.start_heartbeat(stop, functools.partial(settle_all, context))
     log.info("running %d worker thread(s)", n)
     try:
-        for t in tasks.start_workers(n, stop):
+        for t in tasks.start_workers(context, n, stop):
             while t.is_alive():
                 t.join(1.0)
     except KeyboardInterrupt:
@@ -1126,8 +1127,9 @@ def cmd_add_store(args):
         raise SystemExit(e.message) from None
     except models.pw.IntegrityError:
         raise SystemExit("a store named %r exists already" % args.name) from None
-    store = open_store(Store(name=args.name, path_prefix=os.path.abspath(args.path_prefix),
-                             ssh_host=args.ssh_host or socket.gethostname()))
+    store = Context(config).open_store(Store(
+        name=args.name, path_prefix=os.path.abspath(args.path_prefix),
+        ssh_host=args.ssh_host or socket.gethostname()))
     try:
         store.ensure_prefix()
     except (OSError, LibrarianError) as e:

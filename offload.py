@@ -20,7 +20,6 @@ import tasks
 from models import (DELETION_ALLOWED, File, FileEvent, FileInstance, LibrarianError, Store,
                     write_transaction)
 from errors import Corrupt, NotFound, is_retryable
-from stores import open_store
 
 BATCH = 1000
 
@@ -32,12 +31,12 @@ def sole_instances(source):
             .order_by(FileInstance.file))
 
 
-def launch(source_name, dest_name):
+def launch(ctx, source_name, dest_name):
     """See the module docstring; returns the reply fields."""
     if source_name == dest_name:
         raise LibrarianError(400, "source and destination are the same store")
     source, dest = Store.by_name(source_name), Store.by_name(dest_name)
-    if not open_store(dest).is_reachable():
+    if not ctx.open_store(dest).is_reachable():
         raise LibrarianError(400, "destination store %r is not reachable" % dest_name)
     running = tasks.Task.select().where(
         (tasks.Task.kind == "offload") & tasks.Task.state.in_(("pending", "running"))
@@ -50,7 +49,7 @@ def launch(source_name, dest_name):
         with write_transaction():
             Store.update(available=False).where(Store.id == source.id).execute()
         return {"outcome": "store-shut-down"}
-    tasks.enqueue("offload", {"source": source_name, "dest": dest_name, "batch": BATCH})
+    tasks.enqueue(ctx, "offload", {"source": source_name, "dest": dest_name, "batch": BATCH})
     return {"outcome": "task-launched", "instance-count": count}
 
 
@@ -69,13 +68,13 @@ def copy_into_staging(src_store, src_path, dest_store, name):
 
 
 @tasks.handler("offload")
-def offload_task(task, args):
+def offload_task(ctx, task, args):
     """Copy, verify, register, mark deletable; one instance at a time."""
-    source, dest = Store.by_name(args["source"]), open_store(Store.by_name(args["dest"]))
+    source, dest = Store.by_name(args["source"]), ctx.open_store(Store.by_name(args["dest"]))
     done, errors, transient = 0, [], None
     for inst in list(sole_instances(source).limit(args["batch"])):
         try:
-            offload_one(source, dest, inst)
+            offload_one(ctx, source, dest, inst)
             done += 1
             task.report(done)
         except (OSError, LibrarianError) as e:  # one bad instance must not stop the rest
@@ -91,10 +90,10 @@ def offload_task(task, args):
                                                                    "; ".join(errors[:20])))
 
 
-def offload_one(source, dest, inst):
+def offload_one(ctx, source, dest, inst):
     """Copy one instance to `dest`, verify, register, mark the source
     instance deletable."""
-    src_store = open_store(source)
+    src_store = ctx.open_store(source)
     src_path = src_store.resolve(inst.store_path)
     if not src_store.exists_at(src_path):
         raise NotFound("the bytes of %s are missing on store %s" % (inst.store_path,

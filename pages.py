@@ -27,7 +27,7 @@ import tasks
 import webauth
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
                     ObservingSession, Store)
-from stores import describe_access, open_store
+from context import of_request
 
 PAGE_SIZE = 50
 RECENT = 10
@@ -185,7 +185,7 @@ def in_int64(n):
 def store_usage(row):
     """(capacity, used, free) bytes of a store's file system, or Nones."""
     try:
-        usage = open_store(row).disk_usage()
+        usage = of_request().open_store(row).disk_usage()
     except (OSError, LibrarianError):
         return None, None, None
     return usage.total, usage.used, usage.free
@@ -331,8 +331,8 @@ def store_page(name):
                                        pw.fn.COALESCE(pw.fn.SUM(File.size), 0))
                    .join(File).where(FileInstance.store == row).tuples().get())
     return render("store", "Store " + name, store=row, usage=store_usage(row), n_instances=count,
-                  instance_bytes=size, access=describe_access(row),
-                  problem=open_store(row).problem())
+                  instance_bytes=size, access=of_request().stores.describe_access(row),
+                  problem=of_request().open_store(row).problem())
 
 
 def set_store_availability(name, available):
@@ -455,7 +455,7 @@ def task_action(task_id, action):
         else:
             changed = None
     if action == "cancel":
-        changed = tasks.cancel(task_id, source.name)
+        changed = tasks.cancel(of_request(), task_id, source.name)
     if not changed:
         raise HTTPError(409, "Task %d is not in a state that allows %s." % (task_id, action))
     redirect("/tasks")
@@ -484,11 +484,12 @@ def standing_order_form(name=None):
     fields = {k: request.forms.getunicode(k) or "" for k in ("name", "search", "conn_name")}
     try:
         if name is None:
-            standing.create(fields["name"], fields["search"], fields["conn_name"])
-            standing.schedule_periodic()
+            standing.create(of_request(), fields["name"], fields["search"],
+                            fields["conn_name"])
+            standing.schedule_periodic(of_request())
             name = fields["name"]
         else:
-            standing.update(name, fields["search"] or None, fields["conn_name"] or None)
+            standing.update(of_request(), name, fields["search"] or None, fields["conn_name"] or None)
     except LibrarianError as e:
         if name is None or standing.StandingOrder.get_or_none(
                 standing.StandingOrder.name == name) is None:
@@ -506,8 +507,9 @@ def connectivity_page():
     """Each connection pinged (with its stores), and each store's
     reachability and free space."""
     person()
-    connections = [copies.check_connection(n) for n in copies.connection_names()]
-    stores = [(s, open_store(s).problem(), store_usage(s))
+    connections = [copies.check_connection(of_request(), n)
+                   for n in copies.connection_names(of_request())]
+    stores = [(s, of_request().open_store(s).problem(), store_usage(s))
               for s in Store.select().order_by(Store.name)]
     return render("connectivity", "Connectivity", connections=connections, stores=stores)
 
@@ -518,7 +520,8 @@ def stage_form():
     source = person("read-write")
     check_form_csrf()
     try:
-        reply = staging.launch(request.forms.getunicode("search") or "", source.name,
+        reply = staging.launch(of_request(), request.forms.getunicode("search") or "",
+                               source.name,
                                request.forms.getunicode("dest") or "")
     except LibrarianError as e:
         raise HTTPError(e.status, e.message)

@@ -32,25 +32,17 @@ import peewee as pw
 import search
 import tasks
 from models import File, LibrarianError
-from stores import CHUNK, is_inside, present_instance
+from stores import CHUNK, is_inside
 
 IN_PROGRESS, SUCCEEDED, ERRORS = "STAGING-IN-PROGRESS", "STAGING-SUCCEEDED", "STAGING-ERRORS"
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 GROUP_WRITABLE = stat.S_IWUSR | stat.S_IWGRP
 GROUP_FOLDER = GROUP_WRITABLE | stat.S_IXUSR | stat.S_IXGRP | stat.S_ISGID
-_settings = None
-
-
-def configure(settings):
-    global _settings
-    _settings = settings
-
-
-def destination(user, stage_dest):
+def destination(ctx, user, stage_dest):
     """The resolved absolute destination for `user` and `stage_dest`; 400
     when staging is not configured, the user name is not a plain name, or
     the destination is not below `dest_prefix`."""
-    prefix = _settings.staging["dest_prefix"] if _settings else None
+    prefix = ctx.settings.staging["dest_prefix"]
     if not prefix:
         raise LibrarianError(400, "staging is not configured on this Librarian ([staging] "
                              "dest_prefix)")
@@ -70,14 +62,14 @@ def destination(user, stage_dest):
     return dest
 
 
-def open_folder(path, create=False):
+def open_folder(ctx, path, create=False):
     """A descriptor of the folder `path` (absolute, inside the staging
     prefix), reached one name at a time from the prefix without following
     any link, so that a link planted in a shared folder never leads a copy
     elsewhere; with `create`, missing folders are made, group-writable and
     setgid (the people staging share them). Raises OSError (ELOOP or
     ENOTDIR where a link or a file is met)."""
-    root = os.path.realpath(_settings.staging["dest_prefix"])
+    root = os.path.realpath(ctx.settings.staging["dest_prefix"])
     os.makedirs(root, exist_ok=True)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     for name in ([] if path == root else os.path.relpath(path, root).split(os.sep)):
@@ -160,14 +152,14 @@ def totals(search_text):
     return int(n), int(size)
 
 
-def launch(search_text, user, stage_dest):
+def launch(ctx, search_text, user, stage_dest):
     """Check, lock and queue a staging; returns `{destination, n_instances,
     n_bytes}`. 400 on bad input, 409 when a staging into it is running."""
-    dest = destination(user, stage_dest)
-    if _settings.staging["chown_command"]:
+    dest = destination(ctx, user, stage_dest)
+    if ctx.settings.staging["chown_command"]:
         check_user_may_have(dest, user)
     n, size = totals(search_text)
-    fd = open_folder(dest, create=True)
+    fd = open_folder(ctx, dest, create=True)
     try:
         try:
             _write_marker(fd, IN_PROGRESS, "%r\n" % time.time())
@@ -176,8 +168,8 @@ def launch(search_text, user, stage_dest):
         _remove_markers(fd, (SUCCEEDED, ERRORS))
     finally:
         os.close(fd)
-    tasks.enqueue("stage", {"search": search_text, "destination": dest, "user": user,
-                            "subdir": stage_dest}, max_attempts=1)
+    tasks.enqueue(ctx, "stage", {"search": search_text, "destination": dest, "user": user,
+                                 "subdir": stage_dest}, max_attempts=1)
     return {"destination": dest, "n_instances": n, "n_bytes": size}
 
 
@@ -218,15 +210,15 @@ def _remove_markers(dest_fd, names):
 
 
 @tasks.handler("stage")
-def stage_task(task, args):
+def stage_task(ctx, task, args):
     """Copy each matching file's first present instance to
     `DEST/<parent_dirs>/<name>`; hand the result to the user; finish with
     the marker files."""
     dest = args["destination"]
     try:
-        if destination(args["user"], args["subdir"]) != dest:
+        if destination(ctx, args["user"], args["subdir"]) != dest:
             raise OSError("it resolves elsewhere now")
-        fd = open_folder(dest)
+        fd = open_folder(ctx, dest)
     except (OSError, LibrarianError) as e:
         # The folder was swapped (for a link) since the launch: stage nothing.
         raise tasks.Permanent("%s is no longer a folder inside the staging area: %s"
@@ -235,21 +227,21 @@ def stage_task(task, args):
     try:
         for f in search.file_query(args["search"]).where(File.num_instances > 0):
             try:
-                copied += stage_one(fd, f)
+                copied += stage_one(ctx, fd, f)
                 task.report(copied)
             except (OSError, LibrarianError, RecursionError) as e:
                 errors.append("%s: %s" % (f.name, e))
         if not errors:
-            errors += hand_over(dest, fd, args["user"])
+            errors += hand_over(ctx, dest, fd, args["user"])
     finally:
         finish(fd, errors)
         os.close(fd)
 
 
-def stage_one(dest_fd, file):
+def stage_one(ctx, dest_fd, file):
     """Copy a present instance of `file` into the folder `dest_fd`, at its
     store path; returns its size. Raises OSError or LibrarianError."""
-    inst, store, present = present_instance(file.name)
+    inst, store, present = ctx.stores.present_instance(file.name)
     if present is None:
         raise FileNotFoundError("no instance of %s is present here" % file.name)
     fd = os.dup(dest_fd)
@@ -265,17 +257,17 @@ def stage_one(dest_fd, file):
     return file.size
 
 
-def hand_over(dest, dest_fd, user):
+def hand_over(ctx, dest, dest_fd, user):
     """Run `[staging] chown_command -u USER -R -d DEST` (as the original
     did), if configured, for at most `chown_timeout` seconds (it and what
     it started); returns error lines (with the head of what it printed).
     DEST must still be the folder staged into (`dest_fd`), reached without
     links: the command acts on the path."""
-    command = _settings.staging["chown_command"] if _settings else None
+    command = ctx.settings.staging["chown_command"]
     if not command:
         return []
     try:
-        fd = open_folder(dest)
+        fd = open_folder(ctx, dest)
         same = os.path.samestat(os.fstat(fd), os.fstat(dest_fd))
         os.close(fd)
     except OSError:
@@ -292,7 +284,7 @@ def hand_over(dest, dest_fd, user):
     reader = threading.Thread(target=_keep_head, args=(proc.stdout, head), daemon=True)
     reader.start()
     try:
-        code = proc.wait(_settings.staging["chown_timeout"])
+        code = proc.wait(ctx.settings.staging["chown_timeout"])
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # and whatever it started
         proc.wait()
@@ -301,7 +293,7 @@ def hand_over(dest, dest_fd, user):
     said = b"".join(head).decode("utf-8", "replace").strip()
     if code is None:
         return ["%s did not finish within %g s" % (posixpath.basename(argv[0]),
-                                                   _settings.staging["chown_timeout"])]
+                                                   ctx.settings.staging["chown_timeout"])]
     if code != 0:
         return ["%s exited with %d: %s" % (posixpath.basename(argv[0]), code, said)]
     return []
@@ -330,10 +322,10 @@ def finish(dest_fd, errors):
 
 
 @tasks.on_cancel("stage")
-def stage_cancelled(args):
+def stage_cancelled(ctx, args):
     """A cancelled staging releases its folder, saying so."""
     try:
-        fd = open_folder(args["destination"])
+        fd = open_folder(ctx, args["destination"])
     except OSError:
         return  # gone, or swapped for a link: nothing of ours to release
     try:

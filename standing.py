@@ -27,12 +27,6 @@ log = logging.getLogger("librarian")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,38}$")  # event types hold 64 characters
 SUCCEEDED = "standing_order_succeeded:"
 DAY_HOURS = (8, 20)
-_settings = None
-
-
-def configure(settings):
-    global _settings
-    _settings = settings
 
 
 class StandingOrder(BaseModel):
@@ -50,20 +44,20 @@ class StandingOrder(BaseModel):
         return {"name": self.name, "search": self.search, "conn_name": self.conn_name}
 
 
-def _check(name, search_text, conn_name):
+def _check(ctx, name, search_text, conn_name):
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise LibrarianError(400, "standing order name %r must be 1 to 39 letters, digits, "
                              "'.', '_' or '-'" % (name,))
     if search_text is not None:
         search.file_query(search_text)  # a SearchError names what is wrong
     if conn_name is not None:
-        copies.client_for(conn_name)
+        copies.client_for(ctx, conn_name)
 
 
-def create(name, search_text, conn_name):
+def create(ctx, name, search_text, conn_name):
     """Save a new order; 400 on a bad name, search or connection, 409 on a
     taken name."""
-    _check(name, search_text, conn_name)
+    _check(ctx, name, search_text, conn_name)
     try:
         with write_transaction():
             return StandingOrder.create(name=name, search=search_text, conn_name=conn_name,
@@ -79,10 +73,10 @@ def get(name):
     return order
 
 
-def update(name, search_text=None, conn_name=None):
+def update(ctx, name, search_text=None, conn_name=None):
     """Change an order's search and/or connection."""
     order = get(name)
-    _check(name, search_text, conn_name)
+    _check(ctx, name, search_text, conn_name)
     fields = {k: v for k, v in (("search", search_text), ("conn_name", conn_name))
               if v is not None}
     if fields:
@@ -96,13 +90,13 @@ def delete(name):
         StandingOrder.delete().where(StandingOrder.name == name).execute()
 
 
-def launches_allowed(now_utc=None):
+def launches_allowed(ctx, now_utc=None):
     """Whether the configured mode lets sweeps launch copies now."""
-    mode = _settings.librarian["standing_order_mode"] if _settings else "normal"
+    mode = ctx.settings.librarian["standing_order_mode"]
     if mode == "disabled":
         return False
     if mode == "nighttime":
-        zone = zoneinfo.ZoneInfo(_settings.server["telescope_timezone"])
+        zone = zoneinfo.ZoneInfo(ctx.settings.server["telescope_timezone"])
         now = (now_utc or datetime.datetime.now(datetime.timezone.utc)).astimezone(zone)
         return not DAY_HOURS[0] <= now.hour < DAY_HOURS[1]
     return True
@@ -121,16 +115,16 @@ def pending_for(order):
             .where((File.num_instances > 0) & ~pw.fn.EXISTS(done) & ~pw.fn.EXISTS(queued)))
 
 
-def sweep():
+def sweep(ctx):
     """Queue the copies every order is owed; returns `{order: count}`."""
-    if not launches_allowed():
+    if not launches_allowed(ctx):
         return {}
     queued = {}
     for order in StandingOrder.select().order_by(StandingOrder.name):
         queued[order.name] = 0
         for f in pending_for(order):
             try:
-                copies.launch(f.name, order.conn_name, standing_order=order.name)
+                copies.launch(ctx, f.name, order.conn_name, standing_order=order.name)
                 queued[order.name] += 1
             except LibrarianError as e:  # one bad file must not stop the others
                 log.warning("standing order %s: cannot copy %s: %s", order.name, f.name,
@@ -138,7 +132,7 @@ def sweep():
     return queued
 
 
-def schedule_sweep(delay):
+def schedule_sweep(ctx, delay):
     """Make sure a sweep runs within `delay` seconds: queue one unless a
     pending sweep is already due by then (a burst of uploads makes one)."""
     due_by = utcnow() + datetime.timedelta(seconds=delay)
@@ -147,27 +141,27 @@ def schedule_sweep(delay):
                                            & (tasks.Task.state == "pending")
                                            & (tasks.Task.next_attempt <= due_by)).exists()
         if not exists:
-            tasks.enqueue("standing_order_sweep", {}, delay=delay)
+            tasks.enqueue(ctx, "standing_order_sweep", {}, delay=delay)
 
 
-def after_upload():
+def after_upload(ctx):
     """Called when a file arrived: schedule a sweep after the batching delay,
     if there are orders at all."""
-    if _settings is not None and StandingOrder.select().exists():
-        schedule_sweep(_settings.librarian["standing_order_delay"])
+    if StandingOrder.select().exists():
+        schedule_sweep(ctx, ctx.settings.librarian["standing_order_delay"])
 
 
-def schedule_periodic():
+def schedule_periodic(ctx):
     """Queue the next periodic sweep, if there are orders."""
-    if _settings is not None and StandingOrder.select().exists():
-        schedule_sweep(_settings.librarian["standing_order_interval"])
+    if StandingOrder.select().exists():
+        schedule_sweep(ctx, ctx.settings.librarian["standing_order_interval"])
 
 
 @tasks.handler("standing_order_sweep")
-def sweep_task(task, args):
+def sweep_task(ctx, task, args):
     """The sweep as a task; it schedules the next periodic one, whatever
     happens to this one."""
     try:
-        sweep()
+        sweep(ctx)
     finally:
-        schedule_periodic()
+        schedule_periodic(ctx)

@@ -12,7 +12,8 @@ pending. A failure is retried after an exponential back-off (`BASE_DELAY *
 2**(attempts-1)`, capped at `MAX_DELAY` seconds) until `max_attempts`, then
 the task is failed with its last error.
 
-Handlers: `@handler("kind")` on `func(task, args)`; `task.report(bytes)`
+Handlers: `@handler("kind")` on `func(ctx, task, args)` (ctx: the
+process's `context.Context`); `task.report(bytes)`
 records progress. Whether a failure is retried is `errors.is_retryable`'s
 decision: `Permanent` and the other kinds that retrying cannot fix fail
 the task at once. Each attempt's error is kept (`errors`).
@@ -46,7 +47,7 @@ CANCEL_HOOKS = {}
 
 
 def on_cancel(kind):
-    """Register `func(args)` to run when a pending task of `kind` is
+    """Register `func(ctx, args)` to run when a pending task of `kind` is
     cancelled (to release what its launch took, e.g. a staging lock)."""
     def register(func):
         CANCEL_HOOKS[kind] = func
@@ -54,7 +55,7 @@ def on_cancel(kind):
     return register
 
 
-def cancel(task_id, by):
+def cancel(ctx, task_id, by):
     """Cancel a pending task (it becomes failed); True if it was pending."""
     with write_transaction():
         task = Task.get_or_none((Task.id == task_id) & (Task.state == "pending"))
@@ -64,7 +65,7 @@ def cancel(task_id, by):
          .where(Task.id == task_id).execute())
     hook = CANCEL_HOOKS.get(task.kind)
     if hook is not None:
-        hook(json.loads(task.args))
+        hook(ctx, json.loads(task.args))
     return True
 
 
@@ -112,25 +113,24 @@ class Task(BaseModel):
          .where(Task.id == self.id).execute())
 
 
-MAX_ATTEMPTS = 5  # set from [server] task_max_attempts by librarian.setup
-
-
-def enqueue(kind, args, max_attempts=None, delay=0.0, file_name=None, standing_order=None):
+def enqueue(ctx, kind, args, max_attempts=None, delay=0.0, file_name=None,
+            standing_order=None):
     """Add a pending task of `kind` with JSON-able `args`, due in `delay`
-    seconds, with `max_attempts` (default MAX_ATTEMPTS); returns it. Raises
-    ValueError for an unknown kind."""
+    seconds, with `max_attempts` (default: the context's `[server]
+    task_max_attempts`); returns it. Raises ValueError for an unknown kind."""
     if kind not in HANDLERS:
         raise ValueError("no handler for task kind %r" % kind)
-    max_attempts = max_attempts or MAX_ATTEMPTS
+    max_attempts = max_attempts or ctx.settings.server["task_max_attempts"]
     now = utcnow()
     return Task.create(kind=kind, args=json.dumps(args), max_attempts=max_attempts,
                        next_attempt=now + datetime.timedelta(seconds=delay), created=now,
                        file_name=file_name, standing_order=standing_order)
 
 
-def backoff(attempts):
-    """Seconds to wait before attempt `attempts + 1` (attempts >= 1)."""
-    return min(BASE_DELAY * 2 ** (attempts - 1), MAX_DELAY)
+def backoff(attempts, base=BASE_DELAY):
+    """Seconds to wait before attempt `attempts + 1` (attempts >= 1), the
+    first retry after `base` seconds."""
+    return min(base * 2 ** (attempts - 1), MAX_DELAY)
 
 
 def reclaim_stale(now=None):
@@ -179,7 +179,7 @@ def claim(worker_name, now=None):
     return Task.get_by_id(task.id)
 
 
-def finish(task, error=None, permanent=False, now=None):
+def finish(task, error=None, permanent=False, now=None, base_delay=BASE_DELAY):
     """Record the outcome of a claimed task: done, or a retry after the
     back-off (counted from `now`), or failed once attempts are exhausted or
     the error is permanent. Every attempt's error is kept in `errors`."""
@@ -190,7 +190,8 @@ def finish(task, error=None, permanent=False, now=None):
         fields = {"state": "failed", "finished": now, "last_error": error}
     else:
         fields = {"state": "pending", "last_error": error, "worker": None,
-                  "next_attempt": now + datetime.timedelta(seconds=backoff(task.attempts))}
+                  "next_attempt": now + datetime.timedelta(
+                      seconds=backoff(task.attempts, base_delay))}
     if error is not None:
         line = "attempt %d at %s: %s" % (task.attempts, now.strftime("%Y-%m-%d %H:%M:%S"),
                                          " ".join(error.split())[:2000])
@@ -201,10 +202,12 @@ def finish(task, error=None, permanent=False, now=None):
          .where((Task.id == task.id) & (Task.state == "running")).execute())
 
 
-def run_one(task, now=None):
-    """Run a claimed task's handler with a heartbeat thread beside it, and
-    record the outcome (`now`: the clock to count back-offs from)."""
+def run_one(ctx, task, now=None):
+    """Run a claimed task's handler (`handler(ctx, task, args)`) with a
+    heartbeat thread beside it, and record the outcome (`now`: the clock to
+    count back-offs from)."""
     stop = threading.Event()
+    base_delay = ctx.settings.server["task_retry_seconds"]
 
     def beat():
         while not stop.wait(HEARTBEAT_SECONDS):
@@ -214,12 +217,12 @@ def run_one(task, now=None):
     beater = threading.Thread(target=beat, daemon=True)
     beater.start()
     try:
-        HANDLERS[task.kind](task, json.loads(task.args))
+        HANDLERS[task.kind](ctx, task, json.loads(task.args))
     except Exception as e:
         if is_retryable(e):  # the one place that decides whether a task tries again
             log.warning("task %d (%s) failed: %s\n%s", task.id, task.kind, e,
                         traceback.format_exc())
-            finish(task, "%s: %s" % (type(e).__name__, e), now=now)
+            finish(task, "%s: %s" % (type(e).__name__, e), now=now, base_delay=base_delay)
         else:
             finish(task, str(e), permanent=True, now=now)
     else:
@@ -233,7 +236,7 @@ def worker_name(index):
     return "%s:%d" % (this_process(), index)
 
 
-def work(name, stop, idle=IDLE_SECONDS):
+def work(ctx, name, stop, idle=IDLE_SECONDS):
     """A worker's loop: reclaim stale tasks (now and then), claim, run;
     until `stop` (an Event) is set."""
     last_reclaim = 0.0
@@ -245,23 +248,23 @@ def work(name, stop, idle=IDLE_SECONDS):
                     last_reclaim = time.monotonic()
                 task = claim(name)
                 if task is not None:
-                    run_one(task)
+                    run_one(ctx, task)
                     continue
         except Exception:
             log.error("worker %s: %s", name, traceback.format_exc())
         stop.wait(idle)
 
 
-def start_workers(n, stop):
+def start_workers(ctx, n, stop):
     """Start `n` worker threads; returns them."""
-    threads = [threading.Thread(target=work, args=(worker_name(i), stop), daemon=True,
+    threads = [threading.Thread(target=work, args=(ctx, worker_name(i), stop), daemon=True,
                                 name="librarian-worker-%d" % i) for i in range(n)]
     for t in threads:
         t.start()
     return threads
 
 
-def run_until_empty(name="inline", now=None):
+def run_until_empty(ctx, name="inline", now=None):
     """Run due tasks in this thread until none is left (tests, and the
     `worker --once` command). Returns how many ran."""
     count = 0
@@ -269,6 +272,6 @@ def run_until_empty(name="inline", now=None):
         task = claim(name, now)
         if task is None:
             return count
-        run_one(task, now)
+        run_one(ctx, task, now)
         count += 1
 

@@ -9,6 +9,8 @@ final path.
 
 The package:
 
+- `StoreRegistry` (here): a process's stores, their settings and shared
+  SSH connections; `open(row)` gives the `StoreAccess` of a store record.
 - `StoreAccess` (here): every operation on a store, the only interface the
   rest of the server uses: staging, receiving, committing, undoing,
   reading ranges and trees, checksums, deletion, usage, reachability,
@@ -54,106 +56,99 @@ MAX_TREE_DEPTH = 64  # folders within folders in a stored directory (MIRIAD has 
 # Stores
 # ---------------------------------------------------------------------------
 
-_ssh_settings = {}   # store name -> its [store:NAME] section
+class StoreRegistry:
+    """The stores of one process: their `[store:NAME]` settings (transport,
+    SSH), and one shared SSH connection per store host, and per store host
+    of another Librarian that copies reach by SSH. Built by
+    `context.Context`; `open(row)` gives a store's `StoreAccess`."""
 
-_connections = {}    # (store name, SSHTarget) -> SSHConnection
-_connections_lock = threading.Lock()
+    def __init__(self, store_settings):
+        self.settings = dict(store_settings)  # store name -> its [store:NAME] section
+        self._connections = {}  # (store name, SSHTarget) -> SSHConnection
+        self._peer_hosts = {}   # SSHTarget -> SSHConnection
+        self._lock = threading.Lock()
 
+    def close(self):
+        """Drop every connection (settings replaced, or the process ends)."""
+        with self._lock:
+            for conn in list(self._connections.values()) + list(self._peer_hosts.values()):
+                conn.retired = True
+                conn.drop()
+            self._connections.clear()
+            self._peer_hosts.clear()
 
-def configure(config):
-    """Remember the `[store:NAME]` sections (transport and SSH settings);
-    connections made under the previous settings are closed."""
-    _ssh_settings.clear()
-    _ssh_settings.update(config.stores)
-    with _connections_lock:
-        for conn in list(_connections.values()) + list(_peer_hosts.values()):
-            conn.retired = True
-            conn.drop()
-        _connections.clear()
-        _peer_hosts.clear()
+    def transport_of(self, row):
+        """'local' or 'ssh' for a store record: `[store:NAME] transport`,
+        else local when its ssh_host names this host."""
+        spec = self.settings.get(row.name, {})
+        if spec.get("transport"):
+            return spec["transport"]
+        return "local" if names_this_host(row.ssh_host) else "ssh"
 
+    def ssh_target(self, row):
+        """The SSHTarget of a store record, from its configuration section."""
+        spec = self.settings.get(row.name, {})
+        return SSHTarget(row.ssh_host, spec.get("ssh_port") or 22, spec.get("ssh_user"),
+                         spec.get("ssh_key"), spec.get("known_hosts"),
+                         spec.get("ssh_timeout") or 15.0)
 
-def transport_of(row):
-    """'local' or 'ssh' for a store record: `[store:NAME] transport`, else
-    local when its ssh_host names this host."""
-    spec = _ssh_settings.get(row.name, {})
-    if spec.get("transport"):
-        return spec["transport"]
-    return "local" if names_this_host(row.ssh_host) else "ssh"
+    def describe_access(self, row):
+        """How the server reaches a store, in words: 'directly (this host)'
+        or 'over SSH as USER to HOST port N'."""
+        if self.transport_of(row) == "local":
+            return "directly (this host)"
+        target = self.ssh_target(row)
+        return "over SSH as %s to %s port %d" % (target.user or "the server's user",
+                                                 target.host, target.port)
 
+    def _connection(self, row):
+        key = (row.name, self.ssh_target(row))
+        with self._lock:
+            if key not in self._connections:
+                self._connections[key] = SSHConnection(row.name, key[1])
+            return self._connections[key]
 
-def ssh_target(row):
-    """The SSHTarget of a store record, from its configuration section."""
-    spec = _ssh_settings.get(row.name, {})
-    return SSHTarget(row.ssh_host, spec.get("ssh_port") or 22, spec.get("ssh_user"),
-                     spec.get("ssh_key"), spec.get("known_hosts"),
-                     spec.get("ssh_timeout") or 15.0)
+    def peer_host(self, label, target):
+        """The file system of another Librarian's store host, as a
+        destination for `StoreAccess.copy_to`."""
+        with self._lock:
+            if target not in self._peer_hosts:
+                self._peer_hosts[target] = SSHConnection(label, target)
+            return SSHFS(self._peer_hosts[target])
 
+    def open(self, row):
+        """A `StoreAccess` for the `models.Store` record `row`, on the local
+        or SSH file system as configured."""
+        if self.transport_of(row) == "local":
+            return StoreAccess(row, LocalFS(), self)
+        return StoreAccess(row, SSHFS(self._connection(row)), self)
 
-def describe_access(row):
-    """How the server reaches a store, in words: 'directly (this host)' or
-    'over SSH as USER to HOST port N'."""
-    if transport_of(row) == "local":
-        return "directly (this host)"
-    target = ssh_target(row)
-    return "over SSH as %s to %s port %d" % (target.user or "the server's user", target.host,
-                                             target.port)
+    def present_instance(self, file_name, available_only=False):
+        """(FileInstance, StoreAccess, absolute path) of the first instance
+        of `file_name` (by store name) whose bytes are present, optionally
+        only on available stores; (None, None, None) when there is none.
+        Unreachable stores are passed over. The one place that decides
+        which copy the server reads from. Raises `StoreUnreachable` when no
+        instance is present but one could be on a store that cannot be
+        reached now."""
+        from models import FileInstance, Store
 
-
-def connection(row):
-    """The shared SSHConnection of a store on another host."""
-    key = (row.name, ssh_target(row))
-    with _connections_lock:
-        if key not in _connections:
-            _connections[key] = SSHConnection(row.name, key[1])
-        return _connections[key]
-
-
-_peer_hosts = {}  # SSHTarget -> SSHConnection: store hosts of Librarians of the original kind
-
-
-def peer_host(label, target):
-    """The file system of another Librarian's store host, as a destination
-    for `StoreAccess.copy_to` (one shared connection per SSHTarget)."""
-    with _connections_lock:
-        if target not in _peer_hosts:
-            _peer_hosts[target] = SSHConnection(label, target)
-        return SSHFS(_peer_hosts[target])
-
-
-def open_store(row):
-    """A `StoreAccess` for the `models.Store` record `row`, on the local or
-    SSH file system as configured."""
-    if transport_of(row) == "local":
-        return StoreAccess(row, LocalFS())
-    return StoreAccess(row, SSHFS(connection(row)))
-
-
-def present_instance(file_name, available_only=False):
-    """(FileInstance, StoreAccess, absolute path) of the first instance of
-    `file_name` (by store name) whose bytes are present, optionally only on
-    available stores; (None, None, None) when there is none. Unreachable
-    stores are passed over. The one place that decides which copy the
-    server reads from. Raises `StoreUnreachable` when no instance is
-    present but one could be on a store that cannot be reached now."""
-    from models import FileInstance, Store
-
-    query = (FileInstance.select(FileInstance, Store).join(Store)
-             .where(FileInstance.file == file_name).order_by(Store.name))
-    if available_only:
-        query = query.where(Store.available == True)  # noqa: E712
-    unreachable = None
-    for inst in query:
-        store = open_store(inst.store)
-        try:
-            path = store.resolve(inst.store_path)
-            if store.exists_at(path):
-                return inst, store, path
-        except StoreUnreachable as e:
-            unreachable = unreachable or e
-    if unreachable is not None:
-        raise unreachable
-    return None, None, None
+        query = (FileInstance.select(FileInstance, Store).join(Store)
+                 .where(FileInstance.file == file_name).order_by(Store.name))
+        if available_only:
+            query = query.where(Store.available == True)  # noqa: E712
+        unreachable = None
+        for inst in query:
+            store = self.open(inst.store)
+            try:
+                path = store.resolve(inst.store_path)
+                if store.exists_at(path):
+                    return inst, store, path
+            except StoreUnreachable as e:
+                unreachable = unreachable or e
+        if unreachable is not None:
+            raise unreachable
+        return None, None, None
 
 
 class StoreAccess:
@@ -162,8 +157,9 @@ class StoreAccess:
     record. Paths given to methods are store paths (relative to the prefix)
     unless named `abs_...`; absolute paths are paths on the store's host."""
 
-    def __init__(self, row, fs):
+    def __init__(self, row, fs, registry=None):
         self.row, self.fs = row, fs
+        self.registry = registry  # the StoreRegistry that opened it: its sibling stores
         self.name = row.name
         self.prefix = row.path_prefix
         self._intents = {}  # staging folder made here -> its intent id

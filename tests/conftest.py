@@ -132,15 +132,26 @@ def config_path(tmp_path, db_url, store_dir):
     return str(path)
 
 
+_contexts = []
+
+
+def ctx():
+    """The context (settings, stores) of the app the running test made with
+    the `app` fixture, for calls that a route or a task handler would make."""
+    return _contexts[-1]
+
+
 @pytest.fixture
 def app(config_path):
     """The migrated, started Bottle app on a fresh database."""
     config = settings.load(config_path)
     application = librarian.setup(config)
+    _contexts.append(application.config["librarian.context"])
     with models.db.connection_context():
         librarian.migration_router().run()
     librarian.startup(application)
     yield application
+    _contexts.pop().close()
     models.close_database()
 
 

@@ -7,7 +7,7 @@ import tasks
 
 
 @tasks.handler("test_record")
-def record(task, args):
+def record(ctx, task, args):
     """Append this task's id to the file `args["log"]` (O_APPEND: one line
     per execution, whichever process runs it)."""
     fd = os.open(args["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -19,7 +19,7 @@ def record(task, args):
 
 
 @tasks.handler("test_fail")
-def fail(task, args):
+def fail(ctx, task, args):
     if args.get("permanent"):
         raise tasks.Permanent("bad arguments")
     raise RuntimeError("remote end not answering")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import models
-from conftest import api
+from conftest import ctx, api
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_policy_is_checked_again_at_the_moment_of_deletion(two_stores, web, stor
     assert stale.deletion_policy == models.DELETION_ALLOWED
     api(web, "set_one_file_deletion_policy", file_name="x.dat", deletion_policy="disallowed",
         restrict_to_store="main")
-    assert deletion._delete_one(stale, "standard") == "n_kept"
+    assert deletion._delete_one(ctx(), stale, "standard") == "n_kept"
     assert os.path.exists(os.path.join(store_dir, "keep", "x.dat"))
     assert ("main", "x.dat", 0) in instances()
 

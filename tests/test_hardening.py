@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 import models
-from conftest import MIRIAD, ROOT, UVH5, api, bearer, need_data, store_contents
+from conftest import ctx, MIRIAD, ROOT, UVH5, api, bearer, need_data, store_contents
 from reference import shell_size
 
 
@@ -262,7 +262,7 @@ def test_directory_upload_works_for_a_server_that_is_not_root(public_dir):
         "import models, stores\n"
         "models.bind_database('sqlite:///:memory:'); models.db.create_tables(models.ALL_MODELS)\n"
         "row = models.Store.create(name='s', ssh_host='localhost', path_prefix=%r)\n"
-        "st = stores.open_store(row)\n"
+        "st = stores.StoreRegistry({}).open(row)\n"
         "staging = st.new_staging_dir()\n"
         "os.makedirs(os.path.join(staging, 'd.uv', 'sub'))\n"
         "open(os.path.join(staging, 'd.uv', 'sub', 'f'), 'w').write('x')\n"
@@ -280,10 +280,10 @@ def test_a_move_interrupted_before_commit_is_undone_at_start(app, web, store_dir
     leaves an intent; start-up moves the bytes back out of the final path,
     and a client's file back into its issued folder."""
     import librarian
-    from stores import intents, open_store
+    from stores import intents
     from test_v1_compat import dead_process
 
-    store = open_store(models.Store.get())
+    store = ctx().open_store(models.Store.get())
     # An issued staging directory (two-step protocol) and a request's own.
     issued_rel = api(web, "initiate_upload", upload_size=3)["staging_dir"]
     issued = os.path.join(store_dir, issued_rel)

@@ -5,7 +5,7 @@ import os
 
 import models
 import tasks
-from conftest import api, bearer, store_contents
+from conftest import ctx, api, bearer, store_contents
 
 
 def test_offload_empties_a_store_and_then_shuts_it_down(app, web, store_dir, tmp_path):
@@ -20,7 +20,7 @@ def test_offload_empties_a_store_and_then_shuts_it_down(app, web, store_dir, tmp
     reply = api(web, "initiate_offload", auth="writer", source_store_name="main",
                 dest_store_name="other")
     assert reply == {"success": True, "outcome": "task-launched", "instance-count": 2}
-    assert tasks.run_until_empty() == 1
+    assert tasks.run_until_empty(ctx()) == 1
     assert store_contents(str(other_dir))[0] == {"a/one.dat", "b/two.dat"}
     rows = sorted((i.store.name, i.name, i.deletion_policy) for i in models.FileInstance.select())
     assert rows == [("main", "one.dat", 1), ("main", "two.dat", 1),
@@ -65,7 +65,7 @@ def test_a_missing_file_does_not_stop_the_rest_and_offloads_do_not_overlap(app, 
     assert "already queued" in api(web, "initiate_offload", status=409,
                                    source_store_name="main",
                                    dest_store_name="other")["message"]
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert store_contents(str(other_dir)) == ({"a.dat", "c.dat"}, [])
     task = tasks.Task.get()
     assert task.state == "failed" and "b.dat" in task.last_error

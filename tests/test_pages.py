@@ -7,7 +7,7 @@ import re
 import pytest
 
 import models
-from conftest import AUTH, bearer
+from conftest import ctx, AUTH, bearer
 
 
 @pytest.fixture
@@ -250,9 +250,9 @@ def test_tasks_page_lists_states_and_admins_can_retry_and_cancel(browser, web, a
     import tasks
     import task_support  # noqa: F401
 
-    failed = tasks.enqueue("test_fail", {"permanent": True})
-    tasks.run_until_empty()
-    pending = tasks.enqueue("test_fail", {}, delay=3600)
+    failed = tasks.enqueue(ctx(), "test_fail", {"permanent": True})
+    tasks.run_until_empty(ctx())
+    pending = tasks.enqueue(ctx(), "test_fail", {}, delay=3600)
     page = browser.get("/tasks")
     assert "bad arguments" in page.text and "due " in page.text
     cancel = [f for f in page.forms.values() if f.action == "/tasks/%d/cancel" % pending.id][0]
@@ -271,7 +271,7 @@ def test_tasks_page_lists_states_and_admins_can_retry_and_cancel(browser, web, a
 def test_standing_order_pages_create_edit_delete(browser, web, app, monkeypatch):
     import copies
 
-    monkeypatch.setattr(copies, "client_for", lambda name: None)
+    monkeypatch.setattr(copies, "client_for", lambda ctx, name: None)
     page = browser.get("/standing-orders")
     form = page.forms[0]
     form["name"] = "to-penn"

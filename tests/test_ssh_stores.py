@@ -21,7 +21,7 @@ import librarian_client
 import models
 from stores import ssh as sshfs
 import stores
-from conftest import (AUTH, MIRIAD, ROOT, UVH5, Server, api, bearer, config_text, free_port,
+from conftest import (ctx, AUTH, MIRIAD, ROOT, UVH5, Server, api, bearer, config_text, free_port,
                       need_data, store_contents)
 from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
 from test_upload import put, tar_of
@@ -52,7 +52,7 @@ def md5_of(data):
 
 
 def test_the_store_is_reached_over_ssh(app, web, sshd):
-    store = stores.open_store(models.Store.get())
+    store = ctx().open_store(models.Store.get())
     assert isinstance(store.fs, stores.SSHFS)
     assert store.fs.conn.target.port == sshd.port
     assert store.is_reachable()
@@ -280,11 +280,11 @@ def _app(config_path):
     return webtest.TestApp(application)
 
 
-def _run_tasks():
+def _run_tasks(web):
     import tasks
 
     models.db.connect(reuse_if_open=True)
-    tasks.run_until_empty()
+    tasks.run_until_empty(web.app.config["librarian.context"])
 
 
 def test_offload_from_a_local_store_to_the_remote_one_and_back(local_and_remote, store_dir,
@@ -305,7 +305,7 @@ def test_offload_from_a_local_store_to_the_remote_one_and_back(local_and_remote,
             reply = api(web, "initiate_offload", source_store_name=source,
                         dest_store_name=dest)
             assert reply["outcome"] == "task-launched" and reply["instance-count"] == 2
-            _run_tasks()
+            _run_tasks(web)
             assert shell_md5(os.path.join(dest_dir, "o", "one.dat")) == md5_of(b"one")
             assert shell_md5(os.path.join(dest_dir, "o", "tree.uv")) == \
                 models.File.get_by_id("tree.uv").md5
@@ -331,7 +331,7 @@ def test_staging_copies_files_from_the_remote_store(tmp_path, db_url, store_dir,
         put(web, "s/" + ODD_NAME.replace('"', "%22"), b"to stage", null_obsid="true")
         reply = api(web, "search", search='{"always-true": true}',
                     output_format="stage-the-files-json", stage_user="amy", stage_dest="run1")
-        _run_tasks()
+        _run_tasks(web)
         folder = reply["destination"]
         assert os.path.exists(os.path.join(folder, "STAGING-SUCCEEDED"))
         with open(os.path.join(folder, "s", ODD_NAME), "rb") as f:
@@ -349,8 +349,8 @@ def _with_settings(sshd, store_dir, **changes):
 
     text = config_text("sqlite:///:memory:", store_dir,
                        store_section=sshd.store_section("s", store_dir, **changes))
-    stores.configure(settings.parse(text))
-    return stores.open_store(models.Store(name="s", ssh_host="127.0.0.1", path_prefix=store_dir))
+    return stores.StoreRegistry(settings.parse(text).stores).open(
+        models.Store(name="s", ssh_host="127.0.0.1", path_prefix=store_dir))
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -731,7 +731,7 @@ def test_a_rename_whose_reply_is_lost_is_settled_at_the_next_start(app, web, sto
     monkeypatch.setattr(sshfs.SSHFS, "rename_new", real_rename)
     assert models.File.select().count() == 0
     with models.db.connection_context():
-        librarian.settle_all()  # what the next start, or the periodic settle, does
+        librarian.settle_all(ctx())  # what the next start, or the periodic settle, does
     assert store_contents(store_dir) == (set(), [])
     assert put(web, "n/lost.dat", body, null_obsid="true", headers=headers).status_int == 201
 
@@ -750,7 +750,7 @@ def test_a_forged_marker_never_moves_registered_bytes(app, web, store_dir):
     staging = os.path.join(store_dir, api(web, "initiate_upload", upload_size=1)["staging_dir"])
     with open(os.path.join(staging, ".librarian-destination"), "w") as f:
         f.write("t.uv/sub/f")
-    librarian.settle_all()
+    librarian.settle_all(ctx())
     with open(os.path.join(store_dir, "t.uv", "sub", "f"), "rb") as f:
         assert f.read() == b"registered"
 
@@ -789,7 +789,9 @@ def _store_behind(web, sshd, store_dir, port):
 
     text = config_text("sqlite:///:memory:", store_dir, store_section=sshd.store_section(
         "main", store_dir, ssh_port=port))
-    stores.configure(settings.parse(text))
+    context = web.app.config["librarian.context"]
+    context.stores.close()
+    context.stores = stores.StoreRegistry(settings.parse(text).stores)
 
 
 def test_an_unreachable_store_is_named_on_download_and_locate(web, sshd, store_dir):
@@ -812,7 +814,7 @@ def test_an_offload_from_an_unreachable_store_waits_and_retries(local_and_remote
         put(web, "o.dat", b"offload me", null_obsid="true")
         _store_behind(web, sshd, store_dir, 1)
         api(web, "initiate_offload", source_store_name="main", dest_store_name="local")
-        _run_tasks()
+        _run_tasks(web)
         task = tasks.Task.get()
         assert (task.state, task.attempts) == ("pending", 1), task.last_error
         assert "unreachable" in task.last_error
@@ -927,9 +929,8 @@ def test_a_host_that_stalls_during_a_command_is_dropped(tmp_path, db_url):
     from sshd import _descendants
 
     host, remote, config = _own_host(tmp_path, db_url, ssh_timeout="2")
-    stores.configure(settings.load(config))
-    store = stores.open_store(models.Store(name="main", ssh_host="127.0.0.1",
-                                           path_prefix=str(remote)))
+    store = stores.StoreRegistry(settings.load(config).stores).open(
+        models.Store(name="main", ssh_host="127.0.0.1", path_prefix=str(remote)))
     big = remote / "big.dat"
     with open(big, "wb") as f:
         f.truncate(4 << 30)  # md5sum takes seconds
@@ -1045,9 +1046,8 @@ def test_a_host_allowing_fewer_sessions_than_we_use_only_slows_us(tmp_path, db_u
 
     host, remote, config = _own_host(tmp_path, db_url, extra_config="MaxSessions 4\n",
                                      ssh_timeout="30")
-    stores.configure(settings.load(config))
-    store = stores.open_store(models.Store(name="main", ssh_host="127.0.0.1",
-                                           path_prefix=str(remote)))
+    store = stores.StoreRegistry(settings.load(config).stores).open(
+        models.Store(name="main", ssh_host="127.0.0.1", path_prefix=str(remote)))
     bodies = [os.urandom(sshfs.SMALL_FILE_BYTES + i) for i in range(16)]
 
     def roundtrip(i):

@@ -10,7 +10,7 @@ import getpass
 import pytest
 
 import tasks
-from conftest import api, bearer
+from conftest import ctx, api, bearer
 
 USER = getpass.getuser()  # a user of this system, as chown_command needs
 
@@ -35,7 +35,7 @@ def test_staging_copies_the_matches_and_leaves_markers(staged, web):
     assert "in progress" in api(web, "search", status=409, search="{}",
                                 output_format="stage-the-files-json", stage_user="ann",
                                 stage_dest="night1")["message"]
-    assert tasks.run_until_empty() == 1
+    assert tasks.run_until_empty(ctx()) == 1
     # Each file keeps its folders on the store, as the original's pipelines expect.
     assert sorted(os.listdir(dest)) == ["STAGING-SUCCEEDED", "a", "b"]
     assert (dest / "b" / "two.txt").read_bytes() == b"two!"
@@ -47,7 +47,7 @@ def test_staging_copies_the_matches_and_leaves_markers(staged, web):
     # Again into the same place: the copies exist, so each is an error line.
     api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
         stage_user="ann", stage_dest="night1")
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     lines = (dest / "STAGING-ERRORS").read_text().splitlines()
     assert len(lines) == 2 and lines[0].startswith("one.txt:")
     assert not (dest / "STAGING-SUCCEEDED").exists()
@@ -59,7 +59,7 @@ def test_staging_into_an_absolute_folder_as_the_deployed_client_asks(staged, web
                 output_format="stage-the-files-json", stage_user="ann",
                 stage_dest=str(target), type="instances-stores")
     assert reply["destination"] == str(target) and reply["n_instances"] == 1
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert (target / "a" / "one.txt").read_bytes() == b"one"
     assert (target / "STAGING-SUCCEEDED").exists()
     for outside in (str(tmp_path / "elsewhere"), str(staged), str(staged) + "-evil/x"):
@@ -81,14 +81,14 @@ def test_a_chown_command_hands_the_copies_to_the_user(staged, app, web, tmp_path
     assert "not a user of this system" in msg
     api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
         stage_user=USER, stage_dest="handed")
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     dest = staged / USER / "handed"
     assert log.read_text().split() == ["--as-root", "-u", USER, "-R", "-d", str(dest)]
     assert (dest / "STAGING-SUCCEEDED").exists()
     script.write_text("#!/bin/sh\necho no such user >&2\nexit 3\n")
     api(web, "search", search='{"name-matches": "%.txt"}', output_format="stage-the-files-json",
         stage_user=USER, stage_dest="handed-again")
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     errors = (staged / USER / "handed-again" / "STAGING-ERRORS").read_text()
     assert "fake-chown exited with 3: no such user" in errors
 
@@ -149,7 +149,7 @@ def test_staging_form_under_file_search_results(staged, web):
     form = [f for f in page.forms.values() if f.action == "/stage"][0]
     form["dest"] = "from-web"
     assert "into <code>%s</code>" % (staged / "writer" / "from-web") in form.submit().text
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert sorted(os.listdir(staged / "writer" / "from-web")) == ["STAGING-SUCCEEDED", "a"]
     login_as(web, "reader")
     page = web.post("/search", {"type": "files", "search": "{}", "output_format": "List of files"})
@@ -164,7 +164,7 @@ def test_markers_are_never_written_through_links(staged, web, tmp_path):
     os.symlink(outside / "PWNED", trap / "STAGING-SUCCEEDED")
     api(web, "search", search='{"name-is-exactly": "one.txt"}',
         output_format="stage-the-files-json", stage_dest="trap")
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert os.listdir(outside) == []
     assert (trap / "STAGING-SUCCEEDED").is_file() and not (trap / "STAGING-SUCCEEDED").is_symlink()
 
@@ -177,7 +177,7 @@ def test_a_destination_swapped_for_a_link_gets_nothing(staged, web, tmp_path):
     kdir = staged / "admin" / "kdir"
     os.rename(kdir, staged / "admin" / "kdir.orig")
     os.symlink(outside, kdir)
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert os.listdir(outside) == []
     task = tasks.Task.get()
     assert task.state == "failed" and "staging area" in task.last_error
@@ -186,7 +186,7 @@ def test_a_destination_swapped_for_a_link_gets_nothing(staged, web, tmp_path):
 def test_cancelling_a_staging_releases_its_folder(staged, web):
     api(web, "search", search="{}", output_format="stage-the-files-json", stage_dest="cancelme")
     task = tasks.Task.get()
-    assert tasks.cancel(task.id, "admin") is True
+    assert tasks.cancel(ctx(), task.id, "admin") is True
     dest = staged / "admin" / "cancelme"
     assert sorted(os.listdir(dest)) == ["STAGING-ERRORS"]
     assert "cancelled" in (dest / "STAGING-ERRORS").read_text()
@@ -214,7 +214,7 @@ def test_a_link_swapped_in_during_a_staging_leads_nowhere(staged, web, tmp_path,
         return real_enter(fd, name, create)
 
     monkeypatch.setattr(staging, "enter", planted_then_enter)
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert sorted(os.listdir(victim)) == ["secret.ini"]
     assert os.stat(victim / "secret.ini").st_mode & 0o777 == 0o600
     assert "two.txt" in (dest / "STAGING-ERRORS").read_text()
@@ -246,7 +246,7 @@ def test_a_chown_command_that_floods_or_hangs_is_bounded(staged, app, web, tmp_p
     settings.staging["chown_command"] = [str(script)]
     api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
         stage_user=USER, stage_dest="flood")
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     errors = (staged / USER / "flood" / "STAGING-ERRORS").read_text()
     assert "exited with 2" in errors and len(errors) < 1000
     script.write_text("#!/bin/sh\nsleep 30 &\nyes\n")  # and a child that outlives it
@@ -254,7 +254,7 @@ def test_a_chown_command_that_floods_or_hangs_is_bounded(staged, app, web, tmp_p
     started = time.monotonic()
     api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
         stage_user=USER, stage_dest="hang")
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert time.monotonic() - started < 15
     assert "did not finish within 0.5 s" in (staged / USER / "hang" / "STAGING-ERRORS").read_text()
     time.sleep(0.2)
@@ -276,14 +276,14 @@ def test_the_hand_over_never_follows_a_folder_swapped_after_the_copies(staged, a
         stage_user=USER, stage_dest="a/b")
     real_stage_one = staging.stage_one
 
-    def stage_then_swap(dest_fd, file):
-        size = real_stage_one(dest_fd, file)
+    def stage_then_swap(context, dest_fd, file):
+        size = real_stage_one(context, dest_fd, file)
         os.rename(staged / USER / "a", staged / USER / "a.moved")
         os.symlink(victim, staged / USER / "a")
         return size
 
     monkeypatch.setattr(staging, "stage_one", stage_then_swap)
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     assert not log.exists()
     errors = (staged / USER / "a.moved" / "b" / "STAGING-ERRORS").read_text()
     assert "no longer the folder staged into" in errors

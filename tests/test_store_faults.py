@@ -4,17 +4,16 @@ deep and one-level trees, names that are not UTF-8, planted links,
 bytes that change while they are checked, healing, the retry decision,
 and a second process's start-up beside a live one."""
 
-import io
 import os
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
 import models
 import tasks
-from conftest import ROOT, api, bearer, store_contents
+from conftest import ctx, ROOT, api, bearer, store_contents
+from test_hardening import tar_bytes
 from librarian_client import path_md5
 
 
@@ -28,27 +27,12 @@ def put(web, path, body=b"abc", status=201, directory=False, **query):
                    content_type="application/octet-stream").json
 
 
-def tar_members(members):
-    """A tar of (name, bytes or None for a folder)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_a_tar_a_thousand_folders_deep_is_refused_and_the_server_starts_again(app, web,
                                                                              store_dir):
     import librarian
 
     deep = "/".join(["d"] * 1000)
-    body = tar_members([("t.uv/" + deep[:2 * i + 1], None) for i in range(1000)]
+    body = tar_bytes([("t.uv/" + deep[:2 * i + 1], None) for i in range(1000)]
                        + [("t.uv/" + deep + "/f", b"x")])
     msg = put(web, "t.uv", body, status=400, directory=True)["message"]
     assert "more than 64 deep" in msg
@@ -69,12 +53,12 @@ def test_a_directory_whose_only_content_is_a_folder_of_its_name_keeps_its_tree(
     (folder / "d.uv").mkdir(parents=True)
     (folder / "d.uv" / "vis").write_bytes(b"visibilities")
     # As `tar -C d.uv -cf - .` sends it: members ./, ./d.uv/, ./d.uv/vis
-    reply = put(web, "d.uv", tar_members([("./", None), ("./d.uv/", None),
+    reply = put(web, "d.uv", tar_bytes([("./", None), ("./d.uv/", None),
                                           ("./d.uv/vis", b"visibilities")]), directory=True)
     assert os.path.exists(os.path.join(store_dir, "d.uv", "d.uv", "vis"))
     assert reply["md5"] == path_md5(str(folder))[1]
     # As `tar -C PARENT -cf - d.uv`: the top folder is the upload's own.
-    reply = put(web, "e.uv", tar_members([("e.uv/", None), ("e.uv/vis", b"v")]),
+    reply = put(web, "e.uv", tar_bytes([("e.uv/", None), ("e.uv/vis", b"v")]),
                 directory=True)
     assert os.listdir(os.path.join(store_dir, "e.uv")) == ["vis"]
 
@@ -86,7 +70,7 @@ def test_names_that_are_not_utf8_are_refused(web, store_dir):
     put(web, "ab.dat", b"ab")
     assert web.get("/api/download/a%ffb.dat", headers=bearer(), status=400)
     assert web.get("/api/download/ab.dat?x=%ff", headers=bearer(), status=400)
-    body = tar_members([("t.uv/ok", b"1"), ("t.uv/\udcff", b"2")])
+    body = tar_bytes([("t.uv/ok", b"1"), ("t.uv/\udcff", b"2")])
     assert "not valid UTF-8" in put(web, "t.uv", body, status=400, directory=True)["message"]
     assert store_contents(store_dir) == ({"ab.dat"}, [])
 
@@ -107,7 +91,7 @@ def test_an_absolute_destination_is_refused_not_made_relative(web, tmp_path, ser
 
 
 def test_planted_links_are_never_written_through(web, store_dir, tmp_path):
-    put(web, "reg/t.uv", tar_members([("t.uv/a", b"a")]), directory=True)
+    put(web, "reg/t.uv", tar_bytes([("t.uv/a", b"a")]), directory=True)
     before = path_md5(os.path.join(store_dir, "reg", "t.uv"))
     os.symlink(os.path.join(store_dir, "reg", "t.uv"), os.path.join(store_dir, "into"))
     (tmp_path / "plain").mkdir()
@@ -178,7 +162,7 @@ def test_a_checksum_mismatch_fails_an_offload_at_once_and_every_attempt_is_kept(
     with open(path, "wb") as f:
         f.write(b"flipped!!!")  # same size, other bytes
     api(web, "initiate_offload", source_store_name="main", dest_store_name="other")
-    tasks.run_until_empty()
+    tasks.run_until_empty(ctx())
     task = tasks.Task.get()
     assert (task.state, task.attempts) == ("failed", 1)
     assert "bad.dat" in task.last_error and "not 10" in task.last_error
@@ -187,7 +171,7 @@ def test_a_checksum_mismatch_fails_an_offload_at_once_and_every_attempt_is_kept(
 
 
 @tasks.handler("test_flaky")
-def flaky(task, args):
+def flaky(context, task, args):
     from errors import Transient
 
     if task.attempts < 3:
@@ -195,11 +179,10 @@ def flaky(task, args):
 
 
 def test_a_retried_task_shows_every_attempts_error(app):
-    task = tasks.enqueue("test_flaky", {})
+    task = tasks.enqueue(ctx(), "test_flaky", {})
     for _ in range(3):
-        models.Task = tasks.Task
         tasks.Task.update(next_attempt=models.utcnow()).execute()
-        tasks.run_until_empty()
+        tasks.run_until_empty(ctx())
     task = tasks.Task.get_by_id(task.id)
     assert task.state == "done"
     lines = task.errors.splitlines()
@@ -209,9 +192,8 @@ def test_a_retried_task_shows_every_attempts_error(app):
 
 def test_a_second_process_starting_settles_only_what_dead_processes_left(app, config_path,
                                                                          store_dir):
-    from stores import open_store
 
-    store = open_store(models.Store.get())
+    store = ctx().open_store(models.Store.get())
     live = store.new_staging_dir()  # this process: mid-upload
     with open(os.path.join(live, "part.dat"), "wb") as f:
         f.write(b"half of it")

@@ -12,41 +12,41 @@ import pytest
 import models
 import tasks
 import task_support  # noqa: F401  (registers the test task kinds)
-from conftest import ROOT
+from conftest import ctx, ROOT
 
 
 def test_a_task_runs_once_and_is_done(app, tmp_path):
     log = tmp_path / "log"
-    task = tasks.enqueue("test_record", {"log": str(log)})
-    assert tasks.run_until_empty() == 1
-    assert tasks.run_until_empty() == 0
+    task = tasks.enqueue(ctx(), "test_record", {"log": str(log)})
+    assert tasks.run_until_empty(ctx()) == 1
+    assert tasks.run_until_empty(ctx()) == 0
     done = tasks.Task.get_by_id(task.id)
     assert (done.state, done.attempts, done.last_error) == ("done", 1, None)
     assert log.read_text().split() == [str(task.id)]
 
 
 def test_failures_retry_with_exponential_back_off_then_fail(app):
-    task = tasks.enqueue("test_fail", {}, max_attempts=3)
+    task = tasks.enqueue(ctx(), "test_fail", {}, max_attempts=3)
     t0 = models.utcnow()
-    assert tasks.run_until_empty(now=t0) == 1
+    assert tasks.run_until_empty(ctx(), now=t0) == 1
     row = tasks.Task.get_by_id(task.id)
     assert (row.state, row.attempts) == ("pending", 1)
     assert "remote end not answering" in row.last_error
     assert row.next_attempt >= t0 + datetime.timedelta(seconds=tasks.BASE_DELAY - 1)
-    assert tasks.run_until_empty(now=t0) == 0, "not due yet"
+    assert tasks.run_until_empty(ctx(), now=t0) == 0, "not due yet"
     later = t0 + datetime.timedelta(seconds=tasks.BASE_DELAY + 1)
-    assert tasks.run_until_empty(now=later) == 1
+    assert tasks.run_until_empty(ctx(), now=later) == 1
     row = tasks.Task.get_by_id(task.id)
     assert row.next_attempt >= later + datetime.timedelta(seconds=2 * tasks.BASE_DELAY - 2)
     much_later = later + datetime.timedelta(hours=1)
-    assert tasks.run_until_empty(now=much_later) == 1
+    assert tasks.run_until_empty(ctx(), now=much_later) == 1
     row = tasks.Task.get_by_id(task.id)
     assert (row.state, row.attempts) == ("failed", 3)
 
 
 def test_permanent_failures_are_not_retried(app):
-    task = tasks.enqueue("test_fail", {"permanent": True})
-    tasks.run_until_empty()
+    task = tasks.enqueue(ctx(), "test_fail", {"permanent": True})
+    tasks.run_until_empty(ctx())
     row = tasks.Task.get_by_id(task.id)
     assert (row.state, row.attempts, row.last_error) == ("failed", 1, "bad arguments")
 
@@ -58,20 +58,20 @@ def test_back_off_is_capped():
 
 
 def test_a_task_whose_worker_died_is_reclaimed(app, tmp_path):
-    task = tasks.enqueue("test_record", {"log": str(tmp_path / "log")})
+    task = tasks.enqueue(ctx(), "test_record", {"log": str(tmp_path / "log")})
     claimed = tasks.claim("dead-worker")
     assert claimed.id == task.id and claimed.state == "running"
     assert tasks.reclaim_stale() == 0, "its heartbeat is fresh"
     later = models.utcnow() + datetime.timedelta(seconds=tasks.STALE_SECONDS + 5)
     assert tasks.reclaim_stale(now=later) == 1
-    assert tasks.run_until_empty(now=later) == 1
+    assert tasks.run_until_empty(ctx(), now=later) == 1
     row = tasks.Task.get_by_id(task.id)
     assert (row.state, row.attempts) == ("done", 2)
 
 
 def test_unknown_kinds_are_refused():
     with pytest.raises(ValueError, match="no handler"):
-        tasks.enqueue("make_coffee", {})
+        tasks.enqueue(None, "make_coffee", {})
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -79,7 +79,7 @@ def test_two_worker_processes_never_run_a_task_twice(app, config_path, tmp_path,
     log = tmp_path / "executions"
     with models.db.atomic():
         for _ in range(300):
-            tasks.enqueue("test_record", {"log": str(log)})
+            tasks.enqueue(ctx(), "test_record", {"log": str(log)})
     models.close_database()
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
     cmd = [sys.executable, os.path.join(ROOT, "librarian.py"), "worker", "--config",
@@ -104,9 +104,9 @@ def test_nighttime_mode_launches_only_at_night_at_the_telescope(app, hour_utc, a
     config = app.config["librarian.settings"]
     config.librarian["standing_order_mode"] = "nighttime"
     when = datetime.datetime(2026, 6, 1, hour_utc, 30, tzinfo=datetime.timezone.utc)
-    assert standing.launches_allowed(when) is allowed
+    assert standing.launches_allowed(ctx(), when) is allowed
     config.librarian["standing_order_mode"] = "disabled"
-    assert standing.launches_allowed(when) is False
+    assert standing.launches_allowed(ctx(), when) is False
 
 
 def test_a_sweep_is_one_query_per_order(app, monkeypatch):
@@ -114,12 +114,12 @@ def test_a_sweep_is_one_query_per_order(app, monkeypatch):
     import standing
     from conftest import QueryCounter
 
-    monkeypatch.setattr(copies, "client_for", lambda name: None)
+    monkeypatch.setattr(copies, "client_for", lambda ctx, name: None)
     for i in range(3):
-        standing.create("order-%d" % i, '{"name-matches": "zen.%%", "size-greater-than": %d}'
+        standing.create(ctx(), "order-%d" % i, '{"name-matches": "zen.%%", "size-greater-than": %d}'
                         % i, "penn")
     with QueryCounter() as counter:
-        assert standing.sweep() == {"order-0": 0, "order-1": 0, "order-2": 0}
+        assert standing.sweep(ctx()) == {"order-0": 0, "order-1": 0, "order-2": 0}
     assert counter.count == 1 + 3, "the list of orders, then one query per order"
 
 
@@ -128,14 +128,14 @@ def test_a_sweep_goes_on_past_a_file_it_cannot_copy(app, web, store_dir, monkeyp
     import standing
     from conftest import bearer
 
-    monkeypatch.setattr(copies, "client_for", lambda name: None)
+    monkeypatch.setattr(copies, "client_for", lambda ctx, name: None)
     for name in ("gone1.dat", "zok1.dat"):
         web.put("/api/upload/%s?null_obsid=true" % name, b"x", headers=bearer(), status=201,
                 content_type="application/octet-stream")
     os.chmod(store_dir, 0o755)
     os.unlink(os.path.join(store_dir, "gone1.dat"))
-    standing.create("all", '{"name-matches": "%.dat"}', "penn")
-    assert standing.sweep() == {"all": 1}
+    standing.create(ctx(), "all", '{"name-matches": "%.dat"}', "penn")
+    assert standing.sweep(ctx()) == {"all": 1}
     assert [t.file_name for t in tasks.Task.select().where(
         tasks.Task.kind == "copy_to_librarian")] == ["zok1.dat"]
 
@@ -144,7 +144,7 @@ def test_remote_path_must_end_in_the_file_name(app, web, monkeypatch):
     import copies
     from conftest import api, bearer
 
-    monkeypatch.setattr(copies, "client_for", lambda name: None)
+    monkeypatch.setattr(copies, "client_for", lambda ctx, name: None)
     web.put("/api/upload/f1.dat?null_obsid=true", b"x", headers=bearer(), status=201,
             content_type="application/octet-stream")
     msg = api(web, "launch_file_copy", status=400, file_name="f1.dat", connection_name="b",

@@ -10,7 +10,7 @@ import socket
 import subprocess
 
 import models
-from conftest import api, bearer
+from conftest import ctx, api, bearer
 from reference import shell_md5
 
 
@@ -61,7 +61,7 @@ def test_a_prestaged_folder_is_ingested_one_file_per_call_and_keeps_the_others(
         assert f.read() == b"f007.flag"
     # Start-up housekeeping never sweeps an operator's folder.
     before = snapshot(folder)
-    librarian.settle_all()
+    librarian.settle_all(ctx())
     assert snapshot(folder) == before
     assert os.listdir(os.path.join(store_dir, ".staging")) == []
 
@@ -114,10 +114,9 @@ def dead_process():
 def test_a_prestaged_file_taken_by_a_process_that_died_is_put_back_at_start(app, web,
                                                                             store_dir):
     import librarian
-    from stores import open_store
 
     folder = prestage(store_dir, "pre", {"a.flag": b"aaa", "b.flag": b"bbb"})
-    store = open_store(models.Store.get())
+    store = ctx().open_store(models.Store.get())
     dead = take_as(store, "pre", "a.flag", dead_process())
     live = take_as(store, "pre", "b.flag", models.this_process())
     assert sorted(os.listdir(folder)) == []
@@ -134,10 +133,9 @@ def test_a_prestaged_file_taken_by_a_process_that_died_is_put_back_at_start(app,
 def test_a_crash_between_the_move_and_the_commit_of_a_prestaged_file_puts_it_back(
         app, web, store_dir):
     import librarian
-    from stores import open_store
 
     folder = prestage(store_dir, "pre", {"a.flag": b"aaa", "b.flag": b"bbb"})
-    store = open_store(models.Store.get())
+    store = ctx().open_store(models.Store.get())
     # Killed after the move into place, before the commit:
     dead = dead_process()
     commit_as(store, take_as(store, "pre", "a.flag", dead), "2458043/a.flag", dead)
@@ -153,10 +151,9 @@ def test_a_crash_between_the_move_and_the_commit_of_a_prestaged_file_puts_it_bac
 
 def test_a_live_process_keeps_what_it_took_while_another_starts(app, web, store_dir):
     import librarian
-    from stores import open_store
 
     prestage(store_dir, "pre", {"a.flag": b"aaa"})
-    store = open_store(models.Store.get())
+    store = ctx().open_store(models.Store.get())
     final = commit_as(store, take_as(store, "pre", "a.flag", models.this_process()),
                       "2458043/a.flag", models.this_process())
     librarian.startup(app)  # a second server or worker: its owner is alive (this process)
@@ -170,10 +167,9 @@ def test_a_live_process_keeps_what_it_took_while_another_starts(app, web, store_
 
 def test_a_taken_file_that_cannot_go_back_is_kept_never_deleted(app, web, store_dir, caplog):
     import librarian
-    from stores import open_store
 
     folder = prestage(store_dir, "pre", {"a.flag": b"the only full copy"})
-    store = open_store(models.Store.get())
+    store = ctx().open_store(models.Store.get())
     staged = take_as(store, "pre", "a.flag", dead_process())
     with open(os.path.join(folder, "a.flag"), "wb") as f:
         f.write(b"partial re-copy")  # the operator, seeing the file gone
