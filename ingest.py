@@ -24,8 +24,8 @@ import peewee as pw
 import uvmeta
 from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, LibrarianError,
                     Observation, ObservingSession, check_file_name, check_md5, from_unix,
-                    utcnow)
-from stores import split_store_path
+                    is_postgres, utcnow)
+from stores import intents, split_store_path
 
 log = logging.getLogger("librarian")
 
@@ -368,7 +368,15 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
     if not new_file:
         exact = FileInstance.select().where(
             (FileInstance.file == name) & (FileInstance.store == store.row)
-            & (FileInstance.parent_dirs == parent_dirs)).exists()
+            & (FileInstance.parent_dirs == parent_dirs))
+        if is_postgres():
+            exact = exact.for_update()  # a deletion's unrecord waits, or went first
+        exact = exact.exists()
+        if intents.deleting(store.row, store_path):
+            raise LibrarianError(409, "%s on store %r is being deleted; send it again once "
+                                 "that is done" % (store_path, store.name))
+        if not exact and not another_copy and present:
+            present = _has_present_instance(store.registry, name)  # again, under the lock
         if exact and not store.exists(store_path):
             FileEvent.record(name, "heal_instance",
                              {"store_name": store.name, "parent_dirs": parent_dirs})

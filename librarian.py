@@ -664,6 +664,7 @@ def complete_taken(store, folder, name, register):
     modes = None
     try:
         staged, modes = store.take(folder, name, private)
+        store.check_no_writers(staged)
         return register(staged)
     finally:
         if store.give_back(private, origin, modes):
@@ -924,6 +925,9 @@ def upload_outcome(result, store):
                 .where(FileInstance.file == result["name"])
                 .order_by((Store.id != store.row.id), Store.name, FileInstance.parent_dirs)
                 .first())
+        if inst is None:  # its last instance was deleted meanwhile
+            fail(409, "%s was being deleted while it was sent; send it again"
+                 % result["name"])
         where = (inst.store.name, inst.store_path)
     return dict(name=result["name"], store_name=where[0], store_path=where[1],
                 size=result["size"], md5=result["md5"], obsid=result["obsid"],

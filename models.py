@@ -359,6 +359,7 @@ class StoreIntent(BaseModel):
     staging = pw.CharField(max_length=1024, null=True)
     store_path = pw.CharField(max_length=1024, null=True)
     owner = pw.CharField(max_length=128, index=True)
+    detail = pw.TextField(null=True)  # JSON: what settling needs (a take: the modes)
     heartbeat = pw.DateTimeField()
     created = pw.DateTimeField()
 

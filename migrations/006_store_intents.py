@@ -18,6 +18,7 @@ def migrate(migrator, database, fake=False, **kwargs):
         staging = pw.CharField(max_length=1024, null=True)
         store_path = pw.CharField(max_length=1024, null=True)
         owner = pw.CharField(max_length=128, index=True)
+        detail = pw.TextField(null=True)
         heartbeat = pw.DateTimeField()
         created = pw.DateTimeField()
 

@@ -120,7 +120,7 @@ class StoreRegistry:
         """A `StoreAccess` for the `models.Store` record `row`, on the local
         or SSH file system as configured."""
         if self.transport_of(row) == "local":
-            return StoreAccess(row, LocalFS(), self)
+            return StoreAccess(row, LocalFS(row.path_prefix), self)
         return StoreAccess(row, SSHFS(self._connection(row)), self)
 
     def present_instance(self, file_name, available_only=False):
@@ -163,6 +163,7 @@ class StoreAccess:
         self.name = row.name
         self.prefix = row.path_prefix
         self._intents = {}  # staging folder made here -> its intent id
+        self._kept = set()  # staging folders a settle must see (an undo that failed)
 
     # -- paths --------------------------------------------------------------
 
@@ -171,9 +172,13 @@ class StoreAccess:
         part passes through a link, or is one, or lies outside the store or
         in its staging area."""
         parent_dirs, name = split_store_path(store_path)
-        root = self.fs.realpath(self.prefix)
-        wanted = posixpath.join(root, parent_dirs) if parent_dirs else root
-        parent = self.fs.realpath(wanted)
+        try:
+            root = self.fs.realpath(self.prefix)
+            wanted = posixpath.join(root, parent_dirs) if parent_dirs else root
+            parent = self.fs.realpath(wanted)
+        except OSError as e:  # (ELOOP, EINVAL: links being swapped meanwhile)
+            raise Conflict("store path %r cannot be resolved on store %r now: %s"
+                           % (store_path, self.name, e.strerror or e)) from None
         if not is_inside(parent, root):
             raise Refused("store path %r resolves outside store %r" % (store_path, self.name))
         if parent != wanted:
@@ -223,8 +228,12 @@ class StoreAccess:
         if parts[0] == STAGING:
             raise Refused("%s %r is inside the server's own staging area, but not one of its "
                           "issued folders" % (what, subdir))
-        root = self.fs.realpath(self.prefix)
-        real = self.fs.realpath(posixpath.join(root, *parts))
+        try:
+            root = self.fs.realpath(self.prefix)
+            real = self.fs.realpath(posixpath.join(root, *parts))
+        except OSError as e:  # (ELOOP, EINVAL: links being swapped meanwhile)
+            raise Conflict("%s %r cannot be resolved on %s now: %s"
+                           % (what, subdir, self.describe(), e.strerror or e)) from None
         if real == root or not is_inside(real, root) \
                 or is_inside(real, posixpath.join(root, STAGING)):
             raise Refused("%s %r resolves to %s, which is not a folder of store %r outside its "
@@ -270,7 +279,12 @@ class StoreAccess:
         """Remove a staging folder made by `new_staging_dir` and end its
         intent; quietly: what cannot be removed now (a host gone quiet) is
         handed to the next settle."""
-        self._remove_quietly(path, self._intents.pop(path, None))
+        intent = self._intents.pop(path, None)
+        if path in self._kept:
+            if intent is not None:
+                intents.abandon(intent)
+            return
+        self._remove_quietly(path, intent)
 
     def check_staging_dir(self, abs_path):
         """Refuse (400) a staging folder that is not a real folder directly
@@ -300,6 +314,8 @@ class StoreAccess:
         if is_link:
             raise Refused("%s on %s is a symbolic link" % (src, self.describe()))
         modes = self.tree_modes(src)
+        if private in self._intents:  # so that a settle gives them back as they were
+            intents.note(self._intents[private], modes)
         staged = posixpath.join(private, name)
         try:
             self.fs.rename_new(src, staged)
@@ -312,6 +328,18 @@ class StoreAccess:
                            "it onto the store, or register it where it is"
                            % (src, self.describe(), e.strerror or e)) from None
         return staged, modes
+
+    def check_no_writers(self, abs_path):
+        """Refuse (409) a taken file or tree that another process still holds
+        open for writing (a copy still running: its descriptor reaches the
+        bytes wherever they are moved). Stores on other hosts are not
+        asked."""
+        writers = getattr(self.fs, "writers", None)
+        pids = writers(abs_path) if writers else []
+        if pids:
+            raise Conflict("%s is still open for writing (process %s); complete it once it is "
+                           "written" % (posixpath.basename(abs_path),
+                                        ", ".join(map(str, pids[:5]))))
 
     def tree_modes(self, abs_path):
         """[(relative path, permission bits)] of a file or tree."""
@@ -440,7 +468,8 @@ class StoreAccess:
             # renamed, then stopped answering): undo whatever is in place.
             if self.undo_move(final or self._place(store_path), abs_staged):
                 intents.end(intent)
-            else:
+            else:  # the folder stays for the settle that moves the bytes back
+                self._kept.add(posixpath.dirname(abs_staged))
                 intents.abandon(intent)
             raise
         result["abs_path"] = final
@@ -650,8 +679,9 @@ class StoreAccess:
         if intent.kind == "commit":
             staged = intent.staging
             final = self.resolve(intent.store_path)
-            if not is_registered(intent.store_path) and self.fs.lexists(final) \
-                    and self.fs.lexists(posixpath.dirname(staged)):
+            if not is_registered(intent.store_path) and self.fs.lexists(final):
+                if not self.fs.lexists(posixpath.dirname(staged)):
+                    self.fs.makedirs(posixpath.dirname(staged))  # removed: made again
                 if not self.fs.lexists(staged):
                     log.warning("moving unregistered %s on store %s back to staging: its "
                                 "registration was interrupted", intent.store_path, self.name)
@@ -670,11 +700,15 @@ class StoreAccess:
             self.fs.remove_tree(intent.staging)
         elif intent.kind == "take":
             if self.fs.lexists(intent.staging):
-                if not self.give_back(intent.staging, intent.store_path):
+                modes = intents.detail_of(intent)
+                if not self.give_back(intent.staging, intent.store_path, modes):
                     return  # kept, and tried again at the next settle
                 log.warning("put %s on store %s back where it was: the process registering "
                             "it (%s) died", intent.store_path, self.name, intent.owner)
         elif intent.kind == "receive":
+            if self.fs.lexists(intent.staging):
+                log.info("removing %s on store %s: what the dead process %s was receiving",
+                         intent.staging, self.name, intent.owner or "(unknown)")
             self.fs.remove_tree(intent.staging)
         intents.end(intent.id)
 

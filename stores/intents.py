@@ -25,6 +25,7 @@ live process's work, on any host; it runs at start-up and every
 """
 
 import datetime
+import json
 import logging
 import os
 import posixpath
@@ -64,6 +65,24 @@ def end(intent_id):
     """Remove a settled intent (inside the caller's transaction, if any)."""
     with write_transaction():
         StoreIntent.delete().where(StoreIntent.id == intent_id).execute()
+
+
+def note(intent_id, detail):
+    """Keep JSON-able `detail` with an intent, for its settling."""
+    with write_transaction():
+        (StoreIntent.update(detail=json.dumps(detail))
+         .where(StoreIntent.id == intent_id).execute())
+
+
+def detail_of(intent):
+    return json.loads(intent.detail) if intent.detail else None
+
+
+def deleting(store_row, store_path):
+    """Whether a deletion of the instance at `store_path` is in flight."""
+    return StoreIntent.select().where(
+        (StoreIntent.store == store_row) & (StoreIntent.kind == "delete")
+        & (StoreIntent.store_path == store_path)).exists()
 
 
 def abandon(intent_id):

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from errors import LibrarianError
 from librarian_client import CHUNK, directory_digest
+from models import check_file_name
 from stores.paths import check_name_lengths
 from stores.ssh import stream_started
 
@@ -146,6 +147,8 @@ def receive_tar(fs, reader, dest, name, max_depth):
                         continue
                 rel = "/".join(parts)
                 check_name_lengths(parts, member.name)
+                for part in parts:
+                    check_file_name(part)  # no control characters, as for the top name
                 if len(parts) - (0 if member.isdir() else 1) > max_depth:
                     raise LibrarianError(400, "tar member %r nests folders more than %d deep"
                                          % (member.name[:200], max_depth))

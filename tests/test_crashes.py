@@ -196,6 +196,7 @@ def test_a_prestaged_completion_killed_before_its_commit_puts_the_file_back(
     for name in ("a.dat", "b.dat"):
         with open(os.path.join(folder, name), "wb") as f:
             f.write(name.encode())
+        os.chmod(os.path.join(folder, name), 0o664)
     srv = crashing(config_path, "commit:moved")
     request = ('{"authenticator": "%s", "upload_size": 5, "known_staging_store": "main", '
                '"known_staging_subdir": "carried/disk1"}' % AUTH["admin"])
@@ -208,6 +209,7 @@ def test_a_prestaged_completion_killed_before_its_commit_puts_the_file_back(
     died(srv)
     Server(config_path).start().stop()
     assert sorted(os.listdir(folder)) == ["a.dat", "b.dat"]
+    assert os.stat(os.path.join(folder, "a.dat")).st_mode & 0o777 == 0o664  # as it was
     with models.db.connection_context():
         assert models.FileInstance.select().count() == 0
         assert models.StoreIntent.select().count() == 0

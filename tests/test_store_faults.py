@@ -212,3 +212,81 @@ def test_a_second_process_starting_settles_only_what_dead_processes_left(app, co
     assert [i.staging for i in models.StoreIntent.select()] == [live]
     store.release(live)
     assert store_contents(store_dir) == (set(), [])
+
+
+def test_a_file_still_open_for_writing_is_not_completed(web, store_dir):
+    staging = api(web, "initiate_upload", upload_size=5)["staging_dir"]
+    path = os.path.join(store_dir, staging, "open.dat")
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "f = open(sys.argv[1], 'wb'); f.write(b'part'); f.flush()\n"
+                               "print('open', flush=True); time.sleep(60)", path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        msg = api(web, "complete_upload", status=409, store_name="main", staging_dir=staging,
+                  dest_store_path="open.dat", meta_mode="infer", null_obsid=True)["message"]
+        assert "still open for writing (process %d)" % writer.pid in msg
+        assert os.path.exists(path) and models.File.select().count() == 0
+    finally:
+        writer.kill()
+        writer.wait()
+    assert api(web, "complete_upload", store_name="main", staging_dir=staging,
+               dest_store_path="open.dat", meta_mode="infer", null_obsid=True)["success"]
+
+
+def test_a_folder_swapped_for_a_link_during_a_deletion_leaves_the_target_alone(
+        web, store_dir, tmp_path, monkeypatch):
+    from stores import intents
+
+    put(web, "a/x.dat", b"registered")
+    models.FileInstance.update(deletion_policy=models.DELETION_ALLOWED).execute()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "x.dat").write_bytes(b"not ours")
+    real_begin = intents.begin
+
+    def begin_then_swap(kind, *args, **kwargs):
+        found = real_begin(kind, *args, **kwargs)
+        if kind == "delete":  # between the check of the path and the act
+            os.rename(os.path.join(store_dir, "a"), os.path.join(store_dir, "a.real"))
+            os.symlink(str(victim), os.path.join(store_dir, "a"))
+        return found
+
+    monkeypatch.setattr(intents, "begin", begin_then_swap)
+    stats = api(web, "delete_file_instances", file_name="x.dat")
+    assert stats["n_error"] == 1
+    assert (victim / "x.dat").read_bytes() == b"not ours"
+    assert models.FileInstance.select().count() == 1
+    assert models.StoreIntent.select().count() == 0
+
+
+def test_removing_a_staging_folder_never_follows_a_link_in_it(web, store_dir):
+    put(web, "obs/t.uv", tar_bytes([("t.uv/a", b"a"), ("t.uv/sub/b", b"b")]), directory=True)
+    before = path_md5(os.path.join(store_dir, "obs", "t.uv"))
+    store = ctx().open_store(models.Store.get())
+    folder = store.new_staging_dir()
+    os.mkdir(os.path.join(folder, "A"))
+    os.symlink(os.path.join(store_dir, "obs", "t.uv"), os.path.join(folder, "A", "B"))
+    os.symlink(os.path.join(store_dir, "obs", "t.uv", "sub"), os.path.join(folder, "C"))
+    store.release(folder)
+    assert not os.path.exists(folder)
+    assert path_md5(os.path.join(store_dir, "obs", "t.uv")) == before
+
+
+def test_the_same_bytes_sent_while_their_instance_is_deleted_wait_for_it(web, store_dir):
+    from stores import intents
+
+    put(web, "d/x.dat", b"x")
+    store = ctx().open_store(models.Store.get())
+    intents.begin("delete", store.row, staging=os.path.join(store_dir, ".staging", "t"),
+                  store_path="d/x.dat")  # this process, moving the bytes out
+    os.chmod(os.path.join(store_dir, "d"), 0o755)
+    os.unlink(os.path.join(store_dir, "d", "x.dat"))
+    assert "is being deleted" in put(web, "d/x.dat", b"x", status=409)["message"]
+    assert not os.path.exists(os.path.join(store_dir, "d", "x.dat"))
+
+
+def test_names_inside_a_directory_follow_the_rules_of_file_names(web, store_dir):
+    body = tar_bytes([("c.uv/ok", b"1"), ("c.uv/a\nb\x1b[2J", b"2")])
+    assert "control characters" in put(web, "c.uv", body, status=400, directory=True)["message"]
+    assert store_contents(store_dir) == (set(), [])
