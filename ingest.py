@@ -326,13 +326,14 @@ def observation_of(store, abs_data, name, *, meta_mode, null_obsid, inference_mo
 
 
 def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mode, obsid,
-              meta, claim=None, another_copy=False, present=True):
+              meta, claim=None, another_copy=False):
     """Write the records of one arriving file (call inside a transaction);
     see `register_staged`. Returns the result dict, with `move` saying
     whether its bytes go to `store_path`. A known, identical file is a
     no-op when the instance at `store_path` is there already, or, unless
     `another_copy` (bytes already in place elsewhere become a further
-    instance), when an instance elsewhere is `present`; an instance at
+    instance), when an instance elsewhere has its bytes (looked at here,
+    under the transaction's lock); an instance at
     `store_path` whose bytes are lost is healed."""
     parent_dirs, name = split_store_path(store_path)
     policy = policy_code(deletion_policy)
@@ -375,13 +376,11 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
         if intents.deleting(store.row, store_path):
             raise LibrarianError(409, "%s on store %r is being deleted; send it again once "
                                  "that is done" % (store_path, store.name))
-        if not exact and not another_copy and present:
-            present = _has_present_instance(store.registry, name)  # again, under the lock
         if exact and not store.exists(store_path):
             FileEvent.record(name, "heal_instance",
                              {"store_name": store.name, "parent_dirs": parent_dirs})
             return dict(done, healed=True)
-        if exact or (present and not another_copy):
+        if exact or (not another_copy and _has_present_instance(store.registry, name)):
             return {"created": False, "move": False, "name": name, "obsid": obsid}
     FileInstance.create(store=store.row, parent_dirs=parent_dirs, file=name,
                         deletion_policy=policy)
@@ -426,14 +425,13 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     else:
         obsid, meta = observation_of(store, abs_staged, name, meta_mode=meta_mode,
                                      null_obsid=null_obsid, inference_mode=inference_mode)
-    present = known is not None and _has_present_instance(store.registry, name)
     if store.signature(abs_staged) != before:
         raise LibrarianError(409, "%s changed while it was being checked; complete it once it "
                              "is written" % name)
     result = store.commit(abs_staged, store_path, lambda: _register(
         store, store_path, size, md5, source=source, deletion_policy=deletion_policy,
-        meta_mode=meta_mode, obsid=obsid, meta=meta, claim=claim, another_copy=another_copy,
-        present=present), readonly=readonly)
+        meta_mode=meta_mode, obsid=obsid, meta=meta, claim=claim, another_copy=another_copy),
+        readonly=readonly)
     result.update(size=size, md5=md5)
     return result
 

@@ -195,8 +195,7 @@ def finish(task, error=None, permanent=False, now=None, base_delay=BASE_DELAY):
     if error is not None:
         line = "attempt %d at %s: %s" % (task.attempts, now.strftime("%Y-%m-%d %H:%M:%S"),
                                          " ".join(error.split())[:2000])
-        earlier = Task.get_by_id(task.id).errors
-        fields["errors"] = earlier + "\n" + line if earlier else line
+        fields["errors"] = task.errors + "\n" + line if task.errors else line
     with write_transaction():
         (Task.update(**fields)
          .where((Task.id == task.id) & (Task.state == "running")).execute())
