@@ -158,9 +158,9 @@ def send_instance(client, store, path, file, remote_store_path, progress):
     """Stream the bytes of `file` at `path` on `store` (a directory as a
     tar) to the receiver, with the MD5 of the record: the receiver refuses
     bytes that do not match it."""
-    chunks, length = store.stream(path, file.name, file.size)
-    client.upload_stream(chunks, length, file.md5, remote_store_path, is_dir=store.is_dir(path),
-                         null_obsid=file.obsid is None, progress=progress)
+    with store.seekable_stream(path, file.name, file.size) as stream:
+        client.upload_stream(stream, file.md5, remote_store_path, is_dir=store.is_dir(path),
+                             null_obsid=file.obsid is None, progress=progress)
 
 
 def peer_host(ctx, connection_name, store_name, host):
@@ -217,7 +217,7 @@ def send(ctx, client, store, path, file, args, progress):
         complete_prestaged(client, file, args)
         return 0
     if client.offers_streamed_upload():
-        client.initiate_upload(file.size, **record_set(file))
+        client.initiate_upload(file.size, records_only=True, **record_set(file))
         send_instance(client, store, path, file, args["remote_store_path"], progress)
     else:
         send_by_ssh(ctx, client, args["connection_name"], store, path, file,

@@ -46,6 +46,11 @@ class Refused(LibrarianError):
     status = 400
 
 
+class ChecksumMismatch(Refused):
+    """A chunk of a resumable upload arrived damaged (tus's 460)."""
+    status = 460
+
+
 class Forbidden(LibrarianError):
     """The caller's level does not allow the operation."""
     status = 403
@@ -81,6 +86,15 @@ class Transient(LibrarianError):
 
 
 _BY_STATUS = {400: Refused, 403: Forbidden, 404: NotFound, 409: Conflict, 503: Unavailable}
+
+
+def short(text, limit=80):
+    """`text` as quoted in an error message: its repr, cut to about `limit`
+    characters, so that bad input is never echoed whole."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + "... (%d characters)" % len(text)
 
 
 def http_status(error):

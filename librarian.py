@@ -50,7 +50,9 @@ import settings as settings_mod
 import staging
 import standing
 import tasks
+import uploads
 import uvmeta
+import errors
 from errors import http_status
 from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
@@ -61,15 +63,13 @@ __version__ = "0.1.0"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIGRATIONS = os.path.join(HERE, "migrations")
-MAX_REQUEST_BODY = 1 << 50  # waitress refuses larger bodies; ours are files, so: none.
 RECV_BYTES = 1 << 18
+MAX_MESSAGE_CHARS = 600  # an error message is cut here, so bad input is never echoed whole
 STAGING_SUBDIR_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UPLOAD_QUERY_ARGS = {"md5", "deletion_policy", "null_obsid", "authenticator"}
 
 log = logging.getLogger("librarian")
 
-# JSON arguments (record sets) may be large; bodies of PUT are streamed, not parsed.
-bottle.BaseRequest.MEMFILE_MAX = 64 << 20
 
 
 # ---------------------------------------------------------------------------
@@ -94,6 +94,9 @@ def setup(config):
     schema; see `startup` for what a serving process does next."""
     models.bind_database(config.database["url"])
     bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, "views")]
+    # A JSON request is parsed whole; it is bounded as every body is.
+    bottle.BaseRequest.MEMFILE_MAX = config.server["max_body_bytes"]
+    uvmeta.set_limits(config.server["reader_memory_bytes"], config.server["reader_seconds"])
     app = Bottle()
     app.config["librarian.settings"] = config
     app.config["librarian.context"] = Context(config)
@@ -190,6 +193,7 @@ def settle_all(context):
     with models.write_transaction():
         StagingDir.delete().where(
             StagingDir.created < models.utcnow() - datetime.timedelta(days=1)).execute()
+    uploads.expire(context, context.settings.server["upload_expiry_hours"])
     for row in Store.select():
         store = context.open_store(row)
         if not store.is_reachable():
@@ -269,7 +273,9 @@ def render_error(error):
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     if status == 404 and not message:
-        message = "not found: %s" % request.path
+        message = "not found: %s" % errors.short(request.path)
+    if len(message) > MAX_MESSAGE_CHARS:  # whatever bad input a message quotes
+        message = message[:MAX_MESSAGE_CHARS] + "... (%d characters in all)" % len(message)
     if is_api_request() or request.path.startswith("/stream/"):
         response.content_type = "application/json"
         return json.dumps({"success": False, "message": message or error.status_line})
@@ -459,7 +465,9 @@ def api_dispatch(name):
         fail(404, "unknown operation %r" % name[:64])
     func, level, spec = OPERATIONS[name]
     payload = read_api_payload()
-    source = authenticate(bearer_token() or payload.get("authenticator"), level)
+    token = bearer_token()
+    source = authenticate(token or payload.get("authenticator"), level,
+                          challenge=token is not None or name not in V1_OPERATIONS)
     args = validate(payload, spec, lenient=name in V1_OPERATIONS)
     return json_reply(**(func(source, args) or {}))
 
@@ -528,6 +536,7 @@ def op_create_file_event(source, args):
     """Append an event of `type` with a JSON object `payload` to a file's log."""
     if not args["type"]:
         fail(400, "event type may not be empty")
+    models.check_caller_event_type(args["type"])
     with models.write_transaction():
         if File.get_or_none(File.name == args["file_name"]) is None:
             fail(400, "no file named %r" % args["file_name"])
@@ -544,7 +553,8 @@ def op_locate_file_instance(source, args):
 
 
 @operation("initiate_upload", "read-append", upload_size=int, known_staging_store_Q=str,
-           known_staging_subdir_Q=str, files_Q=dict, observations_Q=dict, sessions_Q=dict)
+           known_staging_subdir_Q=str, files_Q=dict, observations_Q=dict, sessions_Q=dict,
+           records_only_Q=bool)
 def op_initiate_upload(source, args):
     """Pick a store and make a staging folder (or take the operator's
     pre-staged folder named by `known_staging_*`); ingest records sent
@@ -552,6 +562,14 @@ def op_initiate_upload(source, args):
     `available` is the store's free bytes, as the deployed client expects."""
     if args["upload_size"] < 0:
         fail(400, "upload_size may not be negative")
+    if any(args[k] for k in ("files", "observations", "sessions")):
+        # Records are another site's word about files: the level Librarians use.
+        require_level(source, "read-write")
+    if args["records_only"]:  # our addition: a copy's records, its bytes sent as an upload
+        with models.write_transaction():
+            ingest.ingest_record_sets(args["files"], args["observations"], args["sessions"],
+                                      source.name)
+        return {}
     known = args["known_staging_store"] is not None
     if known != (args["known_staging_subdir"] is not None):
         fail(400, "give both known_staging_store and known_staging_subdir, or neither")
@@ -600,11 +618,15 @@ def op_complete_upload(source, args):
     issued = store.is_staging_dir(folder)
     if not issued:
         folder = store.known_staging_dir(args["staging_dir"], what="staging_dir")
-    if not StagingDir.select().where((StagingDir.store == store.row)
-                                     & (StagingDir.path == folder)).exists():
+    record = StagingDir.get_or_none((StagingDir.store == store.row)
+                                    & (StagingDir.path == folder))
+    if record is None:
         fail(400, "staging_dir %r was not issued by this server for store %r%s"
              % (args["staging_dir"], store.name, ", or was already used" if issued else
                 " (a known staging folder is named in initiate_upload first)"))
+    if issued and record.source != source.name and not source.allows("admin"):
+        fail(403, "staging_dir %r was issued to another source; only it (or an admin) may "
+             "complete it" % args["staging_dir"])
     # As in the original, the bytes become a further instance of a file
     # already known here, unless that very instance exists.
     register = functools.partial(
@@ -734,13 +756,20 @@ def op_search(source, args):
     if fmt == "stage-the-files-json":
         require_level(source, "read-write")
         return staging.launch(ctx(), args["search"], args["stage_user"] or source.name,
-                              args["stage_dest"] or "")
+                              args["stage_dest"] or "", source)
     if fmt not in SEARCH_OUTPUTS:
         fail(400, "output_format must be one of %s, got %r"
              % (", ".join(sorted(SEARCH_OUTPUTS)), fmt))
     make_query, to_dict = SEARCH_OUTPUTS[fmt]
     query = page(make_query(args["search"]), args["limit"], args["offset"])
-    return {"results": [to_dict(row) for row in query]}
+    with search_limits(source):
+        return {"results": [to_dict(row) for row in query]}
+
+
+def search_limits(source):
+    """`search.limited` with this server's settings, for `source`."""
+    return search.limited(source.name, cfg().server["search_timeout_seconds"],
+                          cfg().server["searches_per_caller"])
 
 
 @operation("assign_observing_sessions", "read-append", minimum_start_jd_Q=float,
@@ -903,14 +932,142 @@ def upload(dest_store_path):
         reader = BodyReader(request.environ["wsgi.input"], length if length >= 0 else None)
         staged = posixpath.join(staging, name)
         size, got_md5 = store.receive(reader, staged, name, is_tar)
-        result = ingest.register_staged(
-            store, staged, dest_store_path, source=source.name, deletion_policy=deletion_policy,
-            null_obsid=null_obsid, expected_md5=md5, size=size, md5=got_md5,
-            inference_mode=cfg().librarian["obsid_inference_mode"],
-            readonly=cfg().librarian["permissions_mode"] == "readonly")
+        status, reply = finish_upload(store, staged, dest_store_path, source.name, md5,
+                                      null_obsid, deletion_policy, size, got_md5)
+    return json_reply(status, **reply)
+
+
+def finish_upload(store, staged, dest_store_path, source_name, expected_md5, null_obsid,
+                  deletion_policy, size, md5):
+    """Verify and register the bytes staged at `staged` on `store` (`size`
+    bytes with `md5`, as received) for `dest_store_path`, as every upload
+    ends; returns (HTTP status: 201 created, 200 identical bytes already
+    here; the reply fields). Raises `LibrarianError` (409 for other bytes
+    under the name, 400 for a mismatch with `expected_md5`)."""
+    result = ingest.register_staged(
+        store, staged, dest_store_path, source=source_name, deletion_policy=deletion_policy,
+        null_obsid=null_obsid, expected_md5=expected_md5, size=size, md5=md5,
+        inference_mode=cfg().librarian["obsid_inference_mode"],
+        readonly=cfg().librarian["permissions_mode"] == "readonly")
     if result["created"]:
         standing.after_upload(ctx())
-    return json_reply(201 if result["created"] else 200, **upload_outcome(result, store))
+    return (201 if result["created"] else 200), upload_outcome(result, store)
+
+
+# ---------------------------------------------------------------------------
+# Resumable uploads (tus 1.0; the protocol's logic is in `uploads`)
+# ---------------------------------------------------------------------------
+
+bottle.HTTP_CODES[460] = "Checksum Mismatch"
+
+
+def tus(func):
+    """A tus route: every answer carries `Tus-Resumable`, and a request
+    must name the version this server speaks (412 otherwise)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            if request.get_header("Tus-Resumable") != uploads.TUS_VERSION:
+                fail(412, "send Tus-Resumable: %s (the tus version this server speaks)"
+                     % uploads.TUS_VERSION)
+            result = handle_errors(func)(*args, **kwargs)
+        except HTTPResponse as e:
+            e.set_header("Tus-Resumable", uploads.TUS_VERSION)
+            e.set_header("Tus-Version", uploads.TUS_VERSION)
+            raise
+        response.set_header("Tus-Resumable", uploads.TUS_VERSION)
+        response.set_header("Cache-Control", "no-store")
+        return result
+    return wrapper
+
+
+def tus_options():
+    """OPTIONS /api/uploads: what this server's tus offers."""
+    return HTTPResponse(status=204, headers={
+        "Tus-Resumable": uploads.TUS_VERSION, "Tus-Version": uploads.TUS_VERSION,
+        "Tus-Extension": uploads.EXTENSIONS, "Tus-Max-Size": str(1 << 62),
+        "Tus-Checksum-Algorithm": ",".join(uploads.CHECKSUMS),
+        "X-Librarian-Max-Body": str(cfg().server["max_body_bytes"])})
+
+
+def header_int(name):
+    """A header that must be a whole number (None when absent; 400)."""
+    value = request.get_header(name)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        fail(400, "%s must be a whole number, got %s" % (name, errors.short(value)))
+    return int(value)
+
+
+@tus
+def tus_create():
+    """POST /api/uploads: create a resumable upload (see `uploads`)."""
+    source = caller("read-append", allow_session=True)
+    fields = uploads.check_request(header_int("Upload-Length"),
+                                   uploads.parse_metadata(request.get_header("Upload-Metadata")))
+    if request.content_length > 0:
+        fail(400, "send the bytes with PATCH after creating the upload")
+    store = choose_store(fields["length"])
+    row = uploads.create(store, source.name, fields)
+    if row.length == 0:  # complete at creation, as tus clients expect
+        append_chunk(store, row, 0, b"")
+    return HTTPResponse(status=201, headers={"Location": "/api/uploads/" + row.id,
+                                             "Tus-Resumable": uploads.TUS_VERSION})
+
+
+def append_chunk(store, row, offset, data):
+    """`uploads.append`, finishing as every upload does; the new offset."""
+    def finish(staged, size, md5):
+        return finish_upload(store, staged, row.dest_store_path, row.source, row.md5,
+                             row.null_obsid, row.deletion_policy, size, md5)
+    return uploads.append(store, row, offset, data, finish)
+
+
+@tus
+def tus_head(upload_id):
+    """HEAD /api/uploads/<id>: the upload's offset and length."""
+    row = uploads.find(upload_id, caller("read-append", allow_session=True))
+    return HTTPResponse(status=200, headers={
+        "Upload-Offset": str(row.offset), "Upload-Length": str(row.length),
+        "Tus-Resumable": uploads.TUS_VERSION, "Cache-Control": "no-store"})
+
+
+@tus
+def tus_patch(upload_id):
+    """PATCH /api/uploads/<id>: append one chunk at Upload-Offset; the last
+    chunk verifies and registers the file (its outcome: GET)."""
+    source = caller("read-append", allow_session=True)
+    row = uploads.find(upload_id, source)
+    if request.get_header("Content-Type") != "application/offset+octet-stream":
+        fail(415, "a chunk's Content-Type is application/offset+octet-stream")
+    offset = header_int("Upload-Offset")
+    if offset is None:
+        fail(400, "send Upload-Offset, the byte the chunk starts at")
+    length = request.content_length
+    data = request.environ["wsgi.input"].read(length if length >= 0 else -1)
+    if length >= 0 and len(data) != length:
+        fail(400, "the chunk ended %d bytes before its Content-Length" % (length - len(data)))
+    uploads.check_chunk(data, request.get_header("Upload-Checksum"))
+    new_offset = append_chunk(ctx().open_store(row.store), row, offset, data)
+    return HTTPResponse(status=204, headers={"Upload-Offset": str(new_offset),
+                                             "Tus-Resumable": uploads.TUS_VERSION})
+
+
+@tus
+def tus_delete(upload_id):
+    """DELETE /api/uploads/<id>: abandon an upload and its staged bytes."""
+    row = uploads.find(upload_id, caller("read-append", allow_session=True))
+    uploads.terminate(ctx().open_store(row.store), row)
+    return HTTPResponse(status=204, headers={"Tus-Resumable": uploads.TUS_VERSION})
+
+
+@handle_errors
+def upload_state(upload_id):
+    """GET /api/uploads/<id>: offset, length and, once finished, the reply
+    of the registration (as the single-request upload's) or its error."""
+    row = uploads.find(upload_id, caller("read-append", allow_session=True))
+    return json_reply(**uploads.outcome_of(row))
 
 
 def upload_outcome(result, store):
@@ -953,32 +1110,47 @@ def download(name):
                    "Content-Disposition": "attachment; filename*=UTF-8''%s.tar"
                    % urllib.parse.quote(name, safe="")}
         return HTTPResponse(primed(chunks), **headers)
-    if store.is_local():
-        resp = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
-                                  mimetype="application/octet-stream")
-    else:
-        resp = remote_file_response(store, path, inst.file.size)
+    resp = file_response(store, path, inst.file.size)
     resp.set_header("X-Librarian-MD5", md5)
     return resp
 
 
-def remote_file_response(store, path, size):
-    """The response for a flat file on another host, streamed from it;
-    honours a single byte Range (206) as `bottle.static_file` does."""
+def byte_range(size):
+    """The (start, end exclusive) of the request's Range, or None for the
+    whole body, by RFC 9110 section 14: a unit other than bytes is
+    ignored, and so are several ranges (the whole body is the allowed
+    answer); a single unsatisfiable bytes range is 416."""
+    header = request.environ.get("HTTP_RANGE", "")
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    ranges = list(bottle.parse_range_header(header, size))
+    if not ranges:
+        raise HTTPResponse(status=416, headers={"Content-Range": "bytes */%d" % size})
+    return ranges[0]
+
+
+def file_response(store, path, size):
+    """The response for a flat file of `size` bytes, honouring Range. On
+    this host the open file is the body, which waitress sends from its own
+    I/O loop (`wsgi.file_wrapper`, bounded by Content-Length), so that a
+    client that does not read holds no worker thread; from another host
+    the bytes are streamed by the thread."""
     headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
-    ranges = list(bottle.parse_range_header(request.environ.get("HTTP_RANGE", ""), size))
-    if request.environ.get("HTTP_RANGE") and not ranges:
-        return HTTPResponse(status=416, headers={"Content-Range": "bytes */%d" % size})
-    if ranges:
-        start, end = ranges[0]  # end is exclusive
+    wanted = byte_range(size)
+    start, end = wanted or (0, size)
+    status = 200 if wanted is None else 206
+    if wanted is not None:
         headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, size)
-        headers["Content-Length"] = str(end - start)
-        body = primed(store.read_range(path, start, end - start))
-        return HTTPResponse(body, status=206, **headers)
-    headers["Content-Length"] = str(size)
+    headers["Content-Length"] = str(end - start)
     if request.method == "HEAD":
-        return HTTPResponse("", **headers)
-    return HTTPResponse(primed(store.read_range(path, 0, size)), **headers)
+        return HTTPResponse("", status=status, **headers)
+    if store.is_local() and "wsgi.file_wrapper" in request.environ:
+        body = store.open_read(path)
+        body.seek(start)
+    else:
+        body = primed(store.read_range(path, start, end - start))
+    return HTTPResponse(body, status=status, **headers)
 
 
 def primed(chunks):
@@ -1010,6 +1182,12 @@ def install_routes(app):
         # [\s\S]: any character, so that a name with a newline gets a clear 400.
         app.route(r"/api/upload/<dest_store_path:re:[\s\S]+>", "PUT", upload)
         app.route("/api/download/<name>", "GET", download)
+        app.route("/api/uploads", "OPTIONS", tus_options)
+        app.route("/api/uploads", "POST", tus_create)
+        app.route("/api/uploads/<upload_id>", "HEAD", tus_head)
+        app.route("/api/uploads/<upload_id>", "GET", upload_state)
+        app.route("/api/uploads/<upload_id>", "PATCH", tus_patch)
+        app.route("/api/uploads/<upload_id>", "DELETE", tus_delete)
     app.route("/stream/<name>", "GET", download)
     app.route("/api/<name>", ["GET", "POST"], api_dispatch)
 
@@ -1050,10 +1228,38 @@ def make_server_app(args):
     return config, app
 
 
+def waitress_limits(config):
+    """waitress's settings from `[server]`: a body over `max_body_bytes` is
+    refused (413) from its headers, and one within it is held in memory
+    (never spooled to a temporary file) until the handler reads it once."""
+    limit = config.server["max_body_bytes"]
+    # (waitress refuses a body of max_request_body_size bytes or more.)
+    return dict(threads=config.server["threads"], max_request_body_size=limit + 1,
+                inbuf_overflow=limit + 1, recv_bytes=RECV_BYTES,
+                connection_limit=config.server["connection_limit"],
+                channel_timeout=config.server["channel_timeout"])
+
+
+def raise_open_file_limit(connections):
+    """Raise the soft limit on open files to fit `connections` (and the
+    files and databases beside them), up to the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open files are limited to %d: fewer than [server] connection_limit "
+                        "%d needs", new, connections)
+
+
 def cmd_serve(args):
     import waitress
 
     config, app = make_server_app(args)
+    raise_open_file_limit(config.server["connection_limit"])
     stop = threading.Event()
     exit_on_sigterm()
     context = app.config["librarian.context"]
@@ -1065,9 +1271,7 @@ def cmd_serve(args):
     # Bodies are whole files: read the socket in large blocks (waitress's
     # 8 KiB default costs a system call and a buffer append per 8 KiB).
     try:
-        waitress.serve(app, host=host, port=port, threads=config.server["threads"],
-                       max_request_body_size=MAX_REQUEST_BODY, recv_bytes=RECV_BYTES,
-                       ident="librarian")
+        waitress.serve(app, host=host, port=port, ident="librarian", **waitress_limits(config))
     except OSError as e:
         raise SystemExit("cannot listen on %s:%d: %s (is another server running there? see "
                          "[server] host and port in %s)" % (host, port, e.strerror,

@@ -17,24 +17,31 @@ install .` installs it alone.
 """
 
 import argparse
+import base64
+import bisect
 import hashlib
+import io
 import json
 import os
 import posixpath
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import requests
 
 CHUNK = 1 << 20
+TUS_VERSION = "1.0.0"
+UPLOAD_CHUNK = 16 << 20  # bytes per request of a resumable upload (at most the server's bound)
+RESUME_ATTEMPTS = 8      # dropped connections or server errors in a row an upload survives
+RESUME_DELAY = 0.5       # seconds before the first resumption; doubling, up to 30
 CONFIG_PATH = os.path.join("~", ".hl_client.cfg")
 TIMEOUT = (30, 3600)  # seconds: connect, and between bytes
 
@@ -206,11 +213,14 @@ class LibrarianClient:
         return self._do_http_post("locate_file_instance", file_name=file_name)
 
     def initiate_upload(self, upload_size, known_staging_store=None, known_staging_subdir=None,
-                        files=None, observations=None, sessions=None):
+                        files=None, observations=None, sessions=None, records_only=None):
+        """`records_only` (our addition): only ingest the record sets; no
+        staging folder is made (the bytes follow as an upload)."""
         return self._do_http_post("initiate_upload", upload_size=upload_size,
                                   known_staging_store=known_staging_store,
                                   known_staging_subdir=known_staging_subdir, files=files,
-                                  observations=observations, sessions=sessions)
+                                  observations=observations, sessions=sessions,
+                                  records_only=records_only)
 
     def complete_upload(self, store_name, staging_dir, dest_store_path, meta_mode,
                         deletion_policy="disallowed", staging_was_known=False, null_obsid=False):
@@ -320,12 +330,13 @@ class LibrarianClient:
     # -- streamed transfers ---------------------------------------------------
 
     def upload(self, local_path, dest_store_path, null_obsid=False, deletion_policy="disallowed",
-               progress=None):
-        """Stream a file or a directory (as tar) to `dest_store_path`. The
-        checksum is computed first and sent along, so that the server refuses
-        bytes damaged on the way. `progress(n_bytes)` is called as bytes go.
-        Returns the server's reply `{name, store_name, store_path, size, md5,
-        obsid}` plus `created` (False when the identical file was there)."""
+               progress=None, chunk_size=None):
+        """Send a file or a directory (as a tar) to `dest_store_path` as a
+        resumable upload (see `upload_stream`). The checksum is computed
+        first and sent along, so that the server refuses bytes damaged on
+        the way. Returns the server's reply `{name, store_name, store_path,
+        size, md5, obsid}` plus `created` (False when the identical file
+        was there)."""
         local_path = local_path.rstrip("/") or local_path
         if not (os.path.isfile(local_path) or os.path.isdir(local_path)):
             raise RPCError("upload", "%s is not a file or a directory" % local_path)
@@ -335,34 +346,96 @@ class LibrarianClient:
                            "file's name, without '..'" % dest_store_path)
         size, md5 = path_md5(local_path)
         if os.path.isdir(local_path):
-            name = os.path.basename(dest_store_path.rstrip("/"))
-            with _TarPipe(local_path, name) as body:
-                return self._put(dest_store_path, _counting(body.chunks(), progress), md5,
-                                 True, null_obsid, deletion_policy)
-        with open(local_path, "rb") as f:
-            return self._put(dest_store_path, _ReportingFile(f, size, progress), md5, False,
-                             null_obsid, deletion_policy)
+            stream = TarView(local_path, posixpath.basename(dest_store_path))
+        else:
+            stream = open(local_path, "rb")
+        with stream:
+            return self.upload_stream(stream, md5, dest_store_path, os.path.isdir(local_path),
+                                      null_obsid, deletion_policy, progress, chunk_size)
 
-    def upload_stream(self, chunks, length, md5, dest_store_path, is_dir=False,
-                      null_obsid=False, deletion_policy="disallowed", progress=None):
-        """Stream bytes from an iterator of chunks (`length` bytes in all;
-        a directory as a tar stream with `is_dir`) whose MD5 (by the shared
-        definition) is known, as `upload` does for a local path."""
-        body = _SizedChunks(_counting(chunks, progress), length)
-        return self._put(dest_store_path, body, md5, is_dir, null_obsid, deletion_policy)
+    def upload_stream(self, stream, md5, dest_store_path, is_dir=False, null_obsid=False,
+                      deletion_policy="disallowed", progress=None, chunk_size=None):
+        """Send the bytes of a seekable binary `stream` (a directory as a
+        tar stream with `is_dir`) whose MD5 by the shared definition is
+        `md5`, by the tus 1.0 resumable-upload protocol (core, creation,
+        checksum; https://tus.io/protocols/resumable-upload): chunks of
+        `chunk_size` bytes (at most the server's body bound), each with its
+        SHA-1; after a dropped connection or a server error the offset is
+        asked for with HEAD and the upload goes on from there, up to
+        RESUME_ATTEMPTS times in a row. `progress(n_bytes)` is called after
+        each chunk. Returns the reply as `upload` does; raises `RPCError`.
 
-    def _put(self, dest_store_path, body, md5, is_dir, null_obsid, deletion_policy):
-        params = {"md5": md5, "deletion_policy": deletion_policy}
+        (Our own loop rather than the `tuspy` package: that one sets no
+        timeouts, so a server gone silent would hang a pipeline forever.
+        The server is tested against tuspy as an existing tus client.)"""
+        length = stream.seek(0, os.SEEK_END)
+        chunk_size = min(chunk_size or UPLOAD_CHUNK, self._body_bound())
+        meta = {"dest": dest_store_path, "md5": md5, "deletion_policy": deletion_policy}
         if null_obsid:
-            params["null_obsid"] = "true"
-        headers = self._auth_header()
+            meta["null_obsid"] = "true"
         if is_dir:
-            headers["X-Librarian-Directory"] = "tar"
-        url = self.url + "api/upload/" + quote(dest_store_path)  # an absolute one is refused
-        resp = self._send("upload", "PUT", url, params=params, headers=headers, data=body)
-        reply = self._reply("upload", resp)
-        reply["created"] = resp.status_code == 201
+            meta["directory"] = "tar"
+        headers = dict(self._auth_header(), **{"Tus-Resumable": TUS_VERSION})
+        resp = self._send("upload", "POST", self.url + "api/uploads", headers=dict(
+            headers, **{"Upload-Length": str(length), "Upload-Metadata": _tus_metadata(meta)}))
+        if resp.status_code != 201:
+            self._reply("upload", resp)  # raises with the server's message
+        url = urljoin(self.url, resp.headers["Location"])
+        offset, failures = 0, 0
+        while offset < length:
+            stream.seek(offset)
+            chunk = stream.read(min(chunk_size, length - offset))
+            resp = self._send_chunk(url, headers, offset, chunk)
+            if resp is not None and resp.status_code == 204:
+                offset, failures = int(resp.headers["Upload-Offset"]), 0
+                if progress:
+                    progress(len(chunk))
+                continue
+            if resp is not None and resp.status_code < 500 and resp.status_code not in (409, 460):
+                self._reply("upload", resp)  # refused: raises with the server's message
+            failures += 1
+            if failures > RESUME_ATTEMPTS:
+                raise RPCError("upload", "gave up after %d failed attempts to send bytes %d on "
+                               "to %s" % (failures, offset, self.url))
+            time.sleep(min(30.0, RESUME_DELAY * 2 ** failures))
+            offset = self._tus_offset(url, headers, offset)
+        outcome = self._reply("upload", self._send("upload", "GET", url, headers=headers))
+        outcome = outcome.get("outcome") or {}
+        if not outcome.get("success"):
+            raise RPCError("upload", outcome.get("message", "the upload did not finish"),
+                           outcome.get("status"))
+        reply = {k: v for k, v in outcome.items() if k not in ("success", "status")}
+        reply["created"] = outcome["status"] == 201
         return reply
+
+    def _send_chunk(self, url, headers, offset, chunk):
+        """PATCH one chunk; None when the connection failed."""
+        digest = base64.b64encode(hashlib.sha1(chunk).digest()).decode("ascii")
+        try:
+            return self.session.request("PATCH", url, data=chunk, timeout=TIMEOUT, headers=dict(
+                headers, **{"Upload-Offset": str(offset), "Upload-Checksum": "sha1 " + digest,
+                            "Content-Type": "application/offset+octet-stream"}))
+        except requests.RequestException:
+            return None
+
+    def _tus_offset(self, url, headers, offset):
+        """The upload's offset on the server (HEAD), or `offset` when it
+        cannot be asked now; raises when the upload is gone."""
+        try:
+            resp = self.session.request("HEAD", url, headers=headers, timeout=TIMEOUT)
+        except requests.RequestException:
+            return offset
+        if resp.status_code == 404:
+            raise RPCError("upload", "the server no longer knows the upload %s" % url, 404)
+        return int(resp.headers.get("Upload-Offset", offset))
+
+    def _body_bound(self):
+        """The largest request body the server reads (its tus OPTIONS)."""
+        resp = self._send("upload", "OPTIONS", self.url + "api/uploads")
+        if resp.status_code >= 400 or "Tus-Version" not in resp.headers:
+            raise RPCError("upload", "the server at %s takes no uploads over HTTP (HTTP %d); "
+                           "use --via-ssh" % (self.url, resp.status_code), resp.status_code)
+        return int(resp.headers.get("X-Librarian-Max-Body", UPLOAD_CHUNK))
 
     def upload_via_ssh(self, local_path, dest_store_path, ssh=None, use_rsync=False,
                        null_obsid=False, deletion_policy="disallowed", progress=None):
@@ -543,42 +616,100 @@ def _rsync_copy(local_path, host, remote, ssh):
                    stderr=subprocess.PIPE)
 
 
+def _tus_metadata(fields):
+    """tus's Upload-Metadata: `key base64(value)` pairs, comma-separated."""
+    return ",".join("%s %s" % (k, base64.b64encode(v.encode("utf-8")).decode("ascii"))
+                    for k, v in fields.items())
+
+
+class TarView(io.RawIOBase):
+    """A directory as a seekable, read-only tar stream (PAX; members sorted
+    under the top folder `name`, owner and modes normalised), made of the
+    members' headers and the files' own bytes: an upload can start again at
+    any offset, and nothing is copied to a temporary file. Raises OSError
+    when a file changes size while it is read."""
+
+    def __init__(self, path, name):
+        self.parts, self.length, self.pos = [], 0, 0  # parts: (start, size, bytes or path)
+        for arcname, full, st in _tree_entries(path, name):
+            ti = tarfile.TarInfo(arcname)
+            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = int(st.st_mtime), 0, 0, "", ""
+            if full is None:
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            else:
+                ti.type, ti.mode, ti.size = tarfile.REGTYPE, 0o644, st.st_size
+            self._add(ti.tobuf(tarfile.PAX_FORMAT))
+            if full is not None:
+                self._add(full, st.st_size)
+                self._add(b"\0" * (-st.st_size % tarfile.BLOCKSIZE))
+        self._add(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._add(b"\0" * (-self.length % tarfile.RECORDSIZE))
+
+    def _add(self, item, size=None):
+        size = len(item) if size is None else size
+        if size:
+            self.parts.append((self.length, size, item))
+            self.length += size
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        self.pos = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence] \
+            + offset
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def read(self, n=-1):
+        end = self.length if n is None or n < 0 else min(self.length, self.pos + n)
+        out = []
+        i = bisect.bisect_right([p[0] for p in self.parts], self.pos) - 1
+        while self.pos < end:
+            start, size, item = self.parts[i]
+            lo, hi = self.pos - start, min(size, end - start)
+            if isinstance(item, bytes):
+                out.append(item[lo:hi])
+            else:
+                with open(item, "rb") as f:
+                    f.seek(lo)
+                    data = f.read(hi - lo)
+                if len(data) != hi - lo:
+                    raise OSError("%s changed while it was sent" % item)
+                out.append(data)
+            self.pos += hi - lo
+            i += 1
+        return b"".join(out)
+
+
+def _tree_entries(path, name):
+    """(arcname, full path or None for a folder, lstat) of a directory and
+    everything under it, folders before their contents, sorted by name;
+    links and special files are refused (OSError)."""
+    stack = [(name, path)]
+    while stack:
+        arcname, full = stack.pop()
+        st = os.lstat(full)
+        if stat.S_ISDIR(st.st_mode):
+            yield arcname, None, st
+            stack.extend((arcname + "/" + e, os.path.join(full, e))
+                         for e in sorted(os.listdir(full), reverse=True))
+        elif stat.S_ISREG(st.st_mode):
+            yield arcname, full, st
+        else:
+            raise OSError("%s is a link or special file; only regular files and directories "
+                          "can be stored" % full)
+
+
 def _counting(chunks, progress):
     for chunk in chunks:
         if progress:
             progress(len(chunk))
         yield chunk
-
-
-class _ReportingFile:
-    """A file to send with a known length (so that Content-Length is set)
-    that reports the bytes read to `progress`."""
-
-    def __init__(self, f, size, progress):
-        self.f, self.size, self.progress = f, size, progress
-
-    def __len__(self):
-        return self.size
-
-    def read(self, n=-1):
-        chunk = self.f.read(max(n, CHUNK) if n and n > 0 else -1)
-        if self.progress and chunk:
-            self.progress(len(chunk))
-        return chunk
-
-
-class _SizedChunks:
-    """A body of `length` bytes from an iterator of chunks, so that the
-    request carries a Content-Length."""
-
-    def __init__(self, chunks, length):
-        self.reader, self.length = _IterReader(chunks), length
-
-    def __len__(self):
-        return self.length
-
-    def read(self, n=-1):
-        return self.reader.read(CHUNK if n is None or n < 0 else n)
 
 
 class _IterReader:
@@ -609,46 +740,6 @@ def _unpack_tar(reader, dest, name):
             if top != name:
                 raise RPCError("download", "tar member %r is not under %r" % (member.name, name))
             tar.extract(member, dest, filter="data")
-
-
-class _TarPipe:
-    """A tar stream of a directory, produced by a thread into a pipe and
-    read back in chunks, so that nothing is held whole in memory."""
-
-    def __init__(self, path, name):
-        self.path, self.name = path, name
-        self.error = None
-
-    def __enter__(self):
-        rfd, wfd = os.pipe()
-        self.reader = os.fdopen(rfd, "rb")
-        self.writer = os.fdopen(wfd, "wb")
-        self.thread = threading.Thread(target=self._produce, daemon=True)
-        self.thread.start()
-        return self
-
-    def _produce(self):
-        try:
-            with tarfile.open(fileobj=self.writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                tar.add(self.path, arcname=self.name)
-        except Exception as e:  # reported by chunks() once the reader sees EOF
-            self.error = e
-        finally:
-            try:
-                self.writer.close()
-            except OSError:
-                pass
-
-    def chunks(self):
-        for chunk in iter(lambda: self.reader.read(CHUNK), b""):
-            yield chunk
-        self.thread.join()
-        if self.error:
-            raise RPCError("upload", "cannot read %s: %s" % (self.path, self.error))
-
-    def __exit__(self, *exc):
-        self.reader.close()
-        self.thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------

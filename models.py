@@ -27,7 +27,7 @@ import socket
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
 
-from errors import LibrarianError  # noqa: F401 (where most callers import it from)
+from errors import LibrarianError, short  # noqa: F401 (where most callers import it from)
 
 log = logging.getLogger("librarian")
 
@@ -114,16 +114,16 @@ def check_file_name(name):
     if name in (".", ".."):
         raise LibrarianError(400, "file name may not be %r" % name)
     if "/" in name:
-        raise LibrarianError(400, "file name %r may not contain '/'" % name)
+        raise LibrarianError(400, "file name %s may not contain '/'" % short(name))
     if "\0" in name:
         raise LibrarianError(400, "file name may not contain a NUL character")
     if CONTROL_RE.search(name):
-        raise LibrarianError(400, "file name %r may not contain control characters (newlines, "
-                             "tabs, ...)" % name)
+        raise LibrarianError(400, "file name %s may not contain control characters (newlines, "
+                             "tabs, ...)" % short(name))
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
-        raise LibrarianError(400, "file name %r is not valid UTF-8" % name) from None
+        raise LibrarianError(400, "file name %s is not valid UTF-8" % short(name)) from None
     if len(encoded) > MAX_NAME_BYTES:
         raise LibrarianError(400, "file name is %d bytes long in UTF-8; at most %d allowed"
                              % (len(encoded), MAX_NAME_BYTES))
@@ -312,6 +312,20 @@ class FileEvent(BaseModel):
                           payload=json.dumps(payload, sort_keys=True, allow_nan=False))
 
 
+# Events this server writes itself: a caller may not forge them (a forged
+# standing_order_succeeded:NAME would keep a file from ever going off-site).
+SERVER_EVENT_TYPES = {"create_instance", "delete_instance", "heal_instance",
+                      "instance_deletion_policy_changed", "launch_copy", "copy_finished"}
+SERVER_EVENT_PREFIXES = ("standing_order_succeeded:",)
+
+
+def check_caller_event_type(type):
+    """Refuse (403) an event type that only the server writes."""
+    if type in SERVER_EVENT_TYPES or type.startswith(SERVER_EVENT_PREFIXES):
+        raise LibrarianError(403, "event type %s is written by the server itself; callers "
+                             "may not add it" % type[:80])
+
+
 class Source(BaseModel):
     """A user or site that calls this Librarian. Only a hash of its
     authenticator is kept; `lookup` is a short SHA-256 prefix of it that
@@ -367,6 +381,46 @@ class StoreIntent(BaseModel):
         table_name = "store_intent"
 
 
+class Upload(BaseModel):
+    """A resumable upload (tus 1.0; see `uploads`): `length` bytes for
+    `dest_store_path`, of which `offset` have been written to `staging`
+    (a folder of the staging area of `store`). `writer` is the process
+    (host:pid:start) appending or registering now, else null; `outcome`
+    the JSON of the finished upload's reply or error."""
+
+    id = pw.CharField(max_length=32, primary_key=True)
+    source = pw.CharField(max_length=64)
+    store = pw.ForeignKeyField(Store, column_name="store", on_delete="CASCADE")
+    staging = pw.CharField(max_length=1024)
+    dest_store_path = pw.CharField(max_length=1024)
+    length = pw.BigIntegerField()
+    offset = pw.BigIntegerField(default=0)
+    md5 = pw.CharField(max_length=32, null=True)
+    is_tar = pw.BooleanField(default=False)
+    null_obsid = pw.BooleanField(default=False)
+    deletion_policy = pw.CharField(max_length=16, null=True)
+    writer = pw.CharField(max_length=128, null=True)
+    outcome = pw.TextField(null=True)
+    created = pw.DateTimeField()
+    updated = pw.DateTimeField(index=True)
+
+    class Meta:
+        table_name = "upload"
+
+
+class StagingDestination(BaseModel):
+    """A folder that a staging (to local disk, see `staging`) made or first
+    wrote into, and the source that asked: no other source's staging
+    writes into it or below it."""
+
+    path = pw.CharField(max_length=1024, unique=True)
+    source = pw.CharField(max_length=64)
+    created = pw.DateTimeField()
+
+    class Meta:
+        table_name = "staging_destination"
+
+
 class WebSession(BaseModel):
     """A logged-in browser session; only a SHA-256 of its token is kept. A
     session cookie is honoured only while its row exists and has not
@@ -381,7 +435,8 @@ class WebSession(BaseModel):
         table_name = "web_session"
 
 
-ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEvent, Source,
+ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEvent, Source, Upload,
+              StagingDestination,
               StagingDir, StoreIntent, WebSession]
 
 

@@ -196,16 +196,19 @@ def store_usage(row):
 # ---------------------------------------------------------------------------
 
 def login_form():
-    return render("login", "Log in", next=safe_next(request.query.get("next")), error=None)
+    return render("login", "Log in", next=safe_next(request.query.get("next")), error=None,
+                  login_token=webauth.login_csrf_token())
 
 
 def login():
+    webauth.check_login_csrf(request.forms.getunicode("login_token"))
     authenticator = request.forms.getunicode("authenticator") or ""
     target = safe_next(request.forms.getunicode("next"))
     source = models.find_source(authenticator) if authenticator else None
     if source is None:
-        return render("login", "Log in", status=400, next=target,
-                      error="That authenticator is not known here.")
+        return render("login", "Log in", status=401, next=target,
+                      error="That authenticator is not known here.",
+                      login_token=webauth.login_csrf_token())
     webauth.start_session(source)
     redirect(target)
 
@@ -362,7 +365,7 @@ def search_form(kind):
 def run_search():
     """/search: the search forms' target (GET or POST; fields `type`,
     `search`, `output_format`, and `page`)."""
-    person()
+    source = person()
     fields = request.forms if request.method == "POST" else request.query
     kind = fields.getunicode("type") or "files"
     text = fields.getunicode("search") or ""
@@ -371,22 +374,32 @@ def run_search():
         raise HTTPError(400, "type must be files, obs or sessions, not %r" % kind)
     if fmt not in OUTPUT_FORMATS[kind]:
         raise HTTPError(400, "output_format %r does not go with type %r" % (fmt, kind))
+    server = settings().server
     try:
-        if kind == "files":
-            return file_results(text, fmt)
-        if kind == "obs":
-            query = search.observation_query(text)
-            rows, page, more = paginate(query)
-            return render("results_obs", "Observations found", observations=rows, page=page,
-                          more=more, text=text, count=count_of(query))
-        query = search.session_query(text)
-        rows, page, more = paginate(session_rows(query))
-        return render("results_sessions", "Sessions found", sessions=rows, page=page,
-                      more=more, text=text, count=count_of(query))
+        with search.limited(source.name, server["search_timeout_seconds"],
+                            server["searches_per_caller"]):
+            return search_results(kind, text, fmt)
     except LibrarianError as e:
+        if e.status != 400:
+            raise HTTPError(e.status, e.message)
         return render("search", "Search", status=400, kind=kind, text=text,
                       formats=OUTPUT_FORMATS[kind], error=e.message,
                       clauses=search.clause_names(KINDS[kind]))
+
+
+def search_results(kind, text, fmt):
+    """The page of a search's results (`run_search`)."""
+    if kind == "files":
+        return file_results(text, fmt)
+    if kind == "obs":
+        query = search.observation_query(text)
+        rows, page, more = paginate(query)
+        return render("results_obs", "Observations found", observations=rows, page=page,
+                      more=more, text=text, count=count_of(query))
+    query = search.session_query(text)
+    rows, page, more = paginate(session_rows(query))
+    return render("results_sessions", "Sessions found", sessions=rows, page=page,
+                  more=more, text=text, count=count_of(query))
 
 
 def count_of(query):
@@ -522,7 +535,7 @@ def stage_form():
     try:
         reply = staging.launch(of_request(), request.forms.getunicode("search") or "",
                                source.name,
-                               request.forms.getunicode("dest") or "")
+                               request.forms.getunicode("dest") or "", source)
     except LibrarianError as e:
         raise HTTPError(e.status, e.message)
     return render("staged", "Staging", reply=reply)

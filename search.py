@@ -18,15 +18,19 @@ clause and what was wrong. Payload values only ever reach SQL as bound
 parameters (LIKE patterns included).
 """
 
+import collections
+import contextlib
 import json
 import math
 import re
+import threading
 import time
 
 import peewee as pw
 
+from errors import Transient
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
-                    ObservingSession, from_unix, is_postgres)
+                    ObservingSession, db, from_unix, is_postgres)
 
 UNIX_EPOCH_JD = 2440587.5
 SECONDS_PER_DAY = 86400.0
@@ -435,3 +439,51 @@ def instance_query(text):
     return (FileInstance.select(FileInstance, Store).join(Store)
             .where(FileInstance.file.in_(names))
             .order_by(FileInstance.file, Store.name, FileInstance.parent_dirs))
+
+
+# ---------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------
+
+_running = collections.Counter()  # caller -> searches running now, in this process
+_running_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def limited(caller, seconds, per_caller):
+    """Run the block's queries (materialise them inside it) in a transaction
+    whose statements may take `seconds` in all: PostgreSQL's
+    `statement_timeout`, SQLite's progress handler, which interrupts the
+    statement. At most `per_caller` blocks of one caller (a source name)
+    run at once. Raises `LibrarianError` 429 beyond that, and 503 naming
+    `[server] search_timeout_seconds` when the time runs out."""
+    with _running_lock:
+        if _running[caller] >= per_caller:
+            raise LibrarianError(429, "%s runs %d searches already, the most [server] "
+                                 "searches_per_caller allows; wait for one to end"
+                                 % (caller, _running[caller]))
+        _running[caller] += 1
+    try:
+        with db.atomic():
+            if is_postgres():
+                db.execute_sql("SET LOCAL statement_timeout = %d" % max(1, seconds * 1000))
+                yield
+            else:
+                deadline = time.monotonic() + seconds
+                conn = db.connection()
+                conn.set_progress_handler(lambda: time.monotonic() > deadline, 10000)
+                try:
+                    yield
+                finally:
+                    conn.set_progress_handler(None, 0)
+    except pw.OperationalError as e:
+        text = str(e).lower()
+        if "interrupted" not in text and "statement timeout" not in text:
+            raise
+        raise Transient("the search took longer than the %g s [server] search_timeout_seconds "
+                        "allows; narrow it" % seconds) from None
+    finally:
+        with _running_lock:
+            _running[caller] -= 1
+            if not _running[caller]:
+                del _running[caller]

@@ -16,11 +16,12 @@ import statistics
 import peewee as pw
 
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
-                    ObservingSession, Store, db, write_transaction)
+                    ObservingSession, Store, db, is_postgres, write_transaction)
 
 GAP_FACTOR = 20
 MIN_THRESHOLD_DAYS = 1.0 / 1440.0   # one minute
 MAX_THRESHOLD_DAYS = 0.5            # half a day
+ASSIGN_LOCK = 0x5e55  # PostgreSQL advisory lock key of session assignment
 POL_RE = re.compile(r"^[xyne]{2}$")
 
 
@@ -66,6 +67,8 @@ def assign_observing_sessions(minimum_start_jd=None, maximum_start_jd=None):
                   .order_by(S.start_time_jd).limit(1))
     new_sessions, unclosed = [], []
     with write_transaction():
+        if is_postgres():  # one assignment at a time (SQLite's write lock does this there)
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (ASSIGN_LOCK,))
         Observation.update(session=containing).where(cond & pw.fn.EXISTS(containing)).execute()
         # A session grows to cover the stop of an observation that joined it.
         latest = (Observation.select(pw.fn.MAX(Observation.stop_time_jd))

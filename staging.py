@@ -31,7 +31,7 @@ import peewee as pw
 
 import search
 import tasks
-from models import File, LibrarianError
+from models import File, LibrarianError, StagingDestination, utcnow, write_transaction
 from stores import CHUNK, is_inside
 
 IN_PROGRESS, SUCCEEDED, ERRORS = "STAGING-IN-PROGRESS", "STAGING-SUCCEEDED", "STAGING-ERRORS"
@@ -152,10 +152,13 @@ def totals(search_text):
     return int(n), int(size)
 
 
-def launch(ctx, search_text, user, stage_dest):
-    """Check, lock and queue a staging; returns `{destination, n_instances,
-    n_bytes}`. 400 on bad input, 409 when a staging into it is running."""
+def launch(ctx, search_text, user, stage_dest, source):
+    """Check, lock and queue a staging for the caller `source` (a
+    models.Source); returns `{destination, n_instances, n_bytes}`. 400 on
+    bad input, 403 when another source's staging made the destination or
+    a folder above it, 409 when a staging into it is running."""
     dest = destination(ctx, user, stage_dest)
+    claim_destination(dest, source, ctx.settings.staging["dest_prefix"])
     if ctx.settings.staging["chown_command"]:
         check_user_may_have(dest, user)
     n, size = totals(search_text)
@@ -171,6 +174,26 @@ def launch(ctx, search_text, user, stage_dest):
     tasks.enqueue(ctx, "stage", {"search": search_text, "destination": dest, "user": user,
                                  "subdir": stage_dest}, max_attempts=1)
     return {"destination": dest, "n_instances": n, "n_bytes": size}
+
+
+def claim_destination(dest, source, prefix):
+    """Record `dest` as `source`'s, unless it or a folder above it (below
+    the prefix) is another source's (403; an admin may stage anywhere)."""
+    root = os.path.realpath(prefix)
+    above, path = [], dest
+    while path != root and is_inside(path, root):
+        above.append(path)
+        path = os.path.dirname(path)
+    with write_transaction():
+        owners = {r.path: r.source for r in StagingDestination.select()
+                  .where(StagingDestination.path.in_(above))}
+        others = [p for p, s in owners.items() if s != source.name]
+        if others and not source.allows("admin"):
+            raise LibrarianError(403, "%s was made by the staging of another source (%s); "
+                                 "stage into a folder of your own" % (dest, owners[others[0]]))
+        if dest not in owners:
+            StagingDestination.insert(path=dest, source=source.name, created=utcnow()) \
+                .on_conflict_ignore().execute()
 
 
 def check_user_may_have(dest, user):

@@ -29,6 +29,7 @@ import stat
 import tempfile
 import threading
 import time
+import concurrent.futures
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -182,11 +183,31 @@ def _reader_pool():
         if _pool is None:
             _pool = ProcessPoolExecutor(max_workers=2,
                                         mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_die_with_parent, initargs=(os.getpid(),))
+                                        initializer=_start_reader,
+                                        initargs=(os.getpid(), LIMITS["memory_bytes"]))
         return _pool
 
 
 PARENT_POLL_SECONDS = 1.0
+# What one header read may cost: address space of the reader process (bytes)
+# and wall time (seconds); `[server] reader_memory_bytes` and `reader_seconds`.
+LIMITS = {"memory_bytes": 2 << 30, "seconds": 60.0}
+
+
+def set_limits(memory_bytes, seconds):
+    """Set the reader's limits (before its first use; see LIMITS)."""
+    LIMITS.update(memory_bytes=memory_bytes, seconds=seconds)
+
+
+def _start_reader(parent, memory_bytes):
+    """In a reader process: cap its address space, so that a header asking
+    for gigabytes fails with MemoryError instead of exhausting the host,
+    and exit as soon as the server that started it is gone (see
+    `_die_with_parent`)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    _die_with_parent(parent)
 
 
 def _die_with_parent(parent):
@@ -230,11 +251,21 @@ def run_reader(label, func, *args):
     crashes."""
     pool = _reader_pool()
     try:
-        return pool.submit(func, *args).result()
+        return pool.submit(func, *args).result(timeout=LIMITS["seconds"])
     except BrokenProcessPool:
         _discard_pool(pool)
         raise MetadataError("the %s header is malformed: reading it crashed the reader"
                             % label) from None
+    except MemoryError:
+        _discard_pool(pool)  # a fresh reader after a refusal
+        raise MetadataError("the %s header asks for more than the %d MiB a header read may "
+                            "use" % (label, LIMITS["memory_bytes"] >> 20)) from None
+    except concurrent.futures.TimeoutError:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()  # the only way to stop a read in progress
+        _discard_pool(pool)
+        raise MetadataError("reading the %s header took longer than the %g s allowed"
+                            % (label, LIMITS["seconds"])) from None
 
 
 def read_observation(path):

@@ -50,17 +50,38 @@ def require_level(source, level):
     return source
 
 
-def authenticate(authenticator, level):
+MAX_AUTHENTICATOR_CHARS = 1024
+
+
+def refuse_credentials(message, challenge):
+    """Stop the request for missing or wrong credentials: 401 with a Bearer
+    challenge (RFC 6750) on our additions (`challenge`), 400 in the
+    original protocol, whose clients expect that."""
+    if challenge:
+        raise HTTPError(401, message, **{"WWW-Authenticate": 'Bearer realm="Librarian"'})
+    fail(400, message)
+
+
+def authenticate(authenticator, level, challenge=False):
     """The Source calling with `authenticator`, if its level is at least
-    `level`; otherwise 400 (missing or wrong) or 403 (too low). Verified
+    `level`; otherwise 400 or, with `challenge`, 401 (missing or wrong; see
+    `refuse_credentials`), 400 (not valid text), 403 (too low). Verified
     sources are cached for a minute so that Argon2's deliberate slowness is
     paid once per client, not per request."""
     if authenticator is not None and not isinstance(authenticator, str):
         fail(400, "the authenticator must be a string")
     if not authenticator:
-        fail(400, "no authenticator given")
+        refuse_credentials("no authenticator given", challenge)
+    try:
+        raw = authenticator.encode("utf-8")
+    except UnicodeEncodeError:
+        fail(400, "the authenticator is not valid text (it holds a lone surrogate)")
+    if len(authenticator) > MAX_AUTHENTICATOR_CHARS or "\0" in authenticator \
+            or models.CONTROL_RE.search(authenticator):
+        fail(400, "the authenticator is not one this server issues (at most %d characters, "
+             "no control characters)" % MAX_AUTHENTICATOR_CHARS)
     cache = request.app.config["librarian.auth_cache"]
-    key = hashlib.sha256(authenticator.encode("utf-8", "replace")).hexdigest()
+    key = hashlib.sha256(raw).hexdigest()
     hit = cache.get(key)
     source = None
     if hit and hit[1] > time.monotonic():
@@ -68,7 +89,7 @@ def authenticate(authenticator, level):
     if source is None:
         source = models.find_source(authenticator)
         if source is None:
-            fail(400, "unknown authenticator")
+            refuse_credentials("unknown authenticator", challenge)
         if len(cache) > 1000:
             cache.clear()
         cache[key] = (source.id, time.monotonic() + AUTH_CACHE_SECONDS)
@@ -87,7 +108,7 @@ def caller(level, allow_session=False):
             if request.method not in ("GET", "HEAD"):
                 check_csrf(request.get_header("X-CSRF-Token"))
             return require_level(source, level)
-    return authenticate(token, level)
+    return authenticate(token, level, challenge=True)
 
 
 # ---------------------------------------------------------------------------
@@ -131,6 +152,29 @@ def unsign(value):
 
 def _token_hash(token):
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+LOGIN_COOKIE = "librarian_login"
+
+
+def login_csrf_token():
+    """A token for the login form, also set as a SameSite=Strict cookie: a
+    login POSTed from another site lacks the cookie and is refused, so
+    nobody can log a victim's browser in as themselves (login CSRF)."""
+    token = secrets.token_urlsafe(24)
+    response.set_cookie(LOGIN_COOKIE, sign({"login": token}), httponly=True,
+                        samesite="strict", path="/login", max_age=3600)
+    return token
+
+
+def check_login_csrf(token):
+    """403 unless the login form's `token` matches its cookie."""
+    data = unsign(request.get_cookie(LOGIN_COOKIE) or "")
+    expected = data.get("login") if isinstance(data, dict) else None
+    if not expected or not isinstance(token, str) or \
+            not hmac.compare_digest(token.encode("utf-8", "replace"), expected.encode("utf-8")):
+        fail(403, "the login form is missing its token or it is stale; reload the page and "
+             "try again")
 
 
 def start_session(source):

@@ -27,6 +27,7 @@ client and server compute it in one way.
 """
 
 import contextlib
+import hashlib
 import logging
 import posixpath
 import stat
@@ -44,7 +45,8 @@ from stores.paths import (STAGING, check_relative_folder, is_inside,  # noqa: F4
                           split_store_path)
 from stores.ssh import (SSHFS, DiskUsage, SSHConnection, SSHTarget,  # noqa: F401
                         StoreUnreachable, stream_started)
-from stores.trees import (BodyReader, copy_hashing, copy_tree, iter_file, iter_tar,  # noqa: F401
+from stores.trees import (BodyReader, ChunkStream, copy_hashing, copy_tree, iter_file,  # noqa: F401
+                          iter_tar, skip,
                           tar_size, tree_depth, walk)
 
 log = logging.getLogger("librarian")
@@ -268,6 +270,20 @@ class StoreAccess:
         finally:
             self.release(path)
 
+    def new_upload_dir(self, path):
+        """Make the staging folder `path` (directly in the staging area) of
+        a resumable upload; its `models.Upload` row, written first, holds
+        it (no intent: it outlives the process that made it)."""
+        if posixpath.dirname(path) != self.staging_root():
+            raise Refused("%s is not a folder of the staging area of %s" % (path, self.name))
+        self.fs.makedirs(self.staging_root())
+        self.fs.mkdir(path)
+
+    def remove_upload_dir(self, path):
+        """Remove an upload's staging folder (quietly: the staging clean-up
+        takes what is left once its row is gone)."""
+        self._remove_quietly(path)
+
     def keep(self, path):
         """End the intent of a staging folder that another record now holds
         (a folder issued by `initiate_upload`, once its record is in)."""
@@ -410,6 +426,33 @@ class StoreAccess:
             return receive_tar(self.fs, reader, abs_dest, name, MAX_TREE_DEPTH)
         with self.fs.open(abs_dest, "xb") as out:
             return copy_hashing(reader, out)
+
+    def write_at(self, abs_path, offset, data):
+        """Write the bytes `data` at `offset` of the staging file `abs_path`
+        (a chunk of a resumable upload), dropping what lay beyond."""
+        self.fs.write_at(abs_path, offset, data)
+
+    def md5_of_prefix(self, abs_path, length):
+        """A running `hashlib.md5` of the first `length` bytes of a file
+        (to go on with an upload that another process began)."""
+        digest = hashlib.md5()
+        for chunk in iter_file(self.fs, abs_path, 0, length):
+            digest.update(chunk)
+        return digest
+
+    def unpack(self, abs_tar, abs_dest, name):
+        """Unpack the tar at `abs_tar` (a directory sent as a resumable
+        upload) to the new path `abs_dest` of the same staging folder as
+        `receive` would, then remove the tar; returns (size, md5)."""
+        from stores.trees import receive_tar
+        with self.fs.open(abs_tar, "rb") as f:
+            result = receive_tar(self.fs, f, abs_dest, name, MAX_TREE_DEPTH)
+        self.fs.unlink(abs_tar)
+        return result
+
+    def rename_staged(self, abs_src, abs_dest):
+        """Rename within a staging folder (never replacing an entry)."""
+        self.fs.rename_new(abs_src, abs_dest)
 
     def signature(self, abs_path):
         """What changes when a file or tree is written: the (relative path,
@@ -578,6 +621,16 @@ class StoreAccess:
             return iter_tar(self.fs, abs_path, name, size=size), tar_size(self.fs, abs_path, name)
         return iter_file(self.fs, abs_path, 0, size), size
 
+    def seekable_stream(self, abs_path, name, size):
+        """The bytes `stream` gives, as a seekable file-like object (for a
+        resumable upload to another Librarian): seeking restarts the stream
+        and skips to the offset."""
+        def from_offset(offset):
+            if not self.is_dir(abs_path):
+                return iter_file(self.fs, abs_path, offset, size - offset)
+            return skip(iter_tar(self.fs, abs_path, name, size=size), offset)
+        return ChunkStream(from_offset, self.stream(abs_path, name, size)[1])
+
     def copy_to(self, abs_path, other, abs_dest, progress=None):
         """Copy a file or tree to the new path `abs_dest` of the
         `StoreAccess` (or host file system) `other`, streaming."""
@@ -713,7 +766,7 @@ class StoreAccess:
         intents.end(intent.id)
 
     def _clean_staging(self):
-        from models import StagingDir
+        from models import StagingDir, Upload
 
         root = self.staging_root()
         try:
@@ -722,6 +775,8 @@ class StoreAccess:
             return 0
         held = intents.held_folders(self.row)  # read after listing: see held_folders
         held |= {s.path for s in StagingDir.select().where(StagingDir.store == self.row)}
+        held |= {u.staging for u in Upload.select(Upload.staging)
+                 .where(Upload.store == self.row)}
         removed = 0
         for entry, _ in entries:
             path = posixpath.join(root, entry)

@@ -136,6 +136,21 @@ class LocalFS:
         with self._parent(path) as (fd, name):
             return os.fdopen(os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=fd), mode)
 
+    def write_at(self, path, offset, data):
+        """Write `data` at byte `offset` of the file `path` (created if
+        missing), cutting off whatever lay beyond `offset` first (what an
+        interrupted write left)."""
+        with self._parent(path) as (fd, name):
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+        try:
+            os.ftruncate(out, offset)
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(out, view, offset)
+                view, offset = view[n:], offset + n
+        finally:
+            os.close(out)
+
     def read_text(self, path, limit=1 << 16):
         """At most `limit` bytes of a small text file (UTF-8; ValueError
         otherwise)."""

@@ -726,6 +726,15 @@ class SSHFS:
                 f.prefetch(st.st_size)
                 return io.BytesIO(f.read())
 
+    def write_at(self, path, offset, data):
+        """As `LocalFS.write_at`, by SFTP (pipelined writes)."""
+        with self.conn.sftp() as sftp:
+            with sftp.open(path, "r+" if offset else "w") as f:
+                f.truncate(offset)
+                f.seek(offset)
+                f.set_pipelined(True)
+                f.write(data)
+
     def write_text(self, path, text):
         with self.conn.sftp() as sftp, sftp.open(path, "w") as f:
             f.write(text.encode("utf-8"))

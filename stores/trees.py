@@ -5,6 +5,7 @@ bounded memory.
 """
 
 import hashlib
+import io
 import posixpath
 import stat
 import tarfile
@@ -40,6 +41,67 @@ class BodyReader:
                                  "Content-Length" % self.remaining)
         self.remaining -= len(data)
         return data
+
+
+class ChunkStream(io.RawIOBase):
+    """A seekable, read-only file over a stream of `length` bytes that
+    `from_offset(offset)` yields in chunks from any offset: a seek drops
+    the current stream, and the next read starts one there."""
+
+    def __init__(self, from_offset, length):
+        self.from_offset, self.length = from_offset, length
+        self.pos, self.chunks, self.buffer = 0, None, b""
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence] + offset
+        if pos != self.pos:
+            self._drop()
+            self.pos = pos
+        return self.pos
+
+    def read(self, n=-1):
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        if self.chunks is None:
+            self.chunks = iter(self.from_offset(self.pos))
+        parts, have = [self.buffer], len(self.buffer)
+        while have < n:
+            chunk = next(self.chunks, b"")
+            if not chunk:
+                raise IOError("the stream ended at byte %d of %d" % (self.pos + have,
+                                                                     self.length))
+            parts.append(chunk)
+            have += len(chunk)
+        data = b"".join(parts)
+        out, self.buffer = data[:n], data[n:]
+        self.pos += n
+        return out
+
+    def _drop(self):
+        getattr(self.chunks, "close", lambda: None)()
+        self.chunks, self.buffer = None, b""
+
+    def close(self):
+        self._drop()
+        super().close()
+
+
+def skip(chunks, n):
+    """The chunks after their first `n` bytes."""
+    for chunk in chunks:
+        if n >= len(chunk):
+            n -= len(chunk)
+            continue
+        yield chunk[n:] if n else chunk
+        n = 0
 
 
 def copy_hashing(reader, out):

@@ -174,6 +174,14 @@ def api(web, operation, auth="admin", status=200, **args):
     return resp.json
 
 
+def web_login(web, authenticator, next="/", status=302):
+    """Log `web` in through the login form (which carries its CSRF token)."""
+    form = web.get("/login").forms[0]
+    form["authenticator"] = authenticator
+    form["next"] = next
+    return form.submit(status=status)
+
+
 def bearer(who="admin"):
     return {"Authorization": "Bearer " + AUTH.get(who, who)}
 

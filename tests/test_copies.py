@@ -16,6 +16,8 @@ from conftest import (AUTH, MIRIAD, ROOT, UVH5, Server, config_text, free_port, 
                       store_contents)
 from reference import shell_md5
 
+import librarian_client
+
 
 def make_librarian(tmp_path, name, extra=""):
     base = tmp_path / name
@@ -62,7 +64,7 @@ def pair(tmp_path):
     receiver, receiver_dir = make_librarian(tmp_path, "receiver")
     sender, sender_dir = make_librarian(
         tmp_path, "sender", extra="[connection:receiver]\nurl = %s\nauthenticator = %s\n"
-        % (receiver.url, AUTH["appender"]))
+        % (receiver.url, AUTH["writer"]))
     receiver.start()
     sender.start()
     yield sender, sender_dir, receiver, receiver_dir
@@ -70,11 +72,10 @@ def pair(tmp_path):
     receiver.stop()
 
 
-def upload(server, path, dest, **query):
-    with open(path, "rb") as f:
-        resp = requests.put(server.url + "api/upload/" + dest, data=f, params=query,
-                            headers={"Authorization": "Bearer " + AUTH["admin"]}, timeout=60)
-    assert resp.status_code == 201, resp.text
+def upload(server, path, dest, null_obsid=None):
+    client = librarian_client.LibrarianClient(conn_config={"url": server.url,
+                                                           "authenticator": AUTH["admin"]})
+    assert client.upload(path, dest, null_obsid=bool(null_obsid))["created"]
 
 
 def test_a_copy_arrives_with_its_records_and_both_sides_log_it(pair):
@@ -170,7 +171,7 @@ def trio(tmp_path, request):
         extra="[librarian]\nstanding_order_mode = %s\nstanding_order_delay = 0.5\n"
               "[connection:r1]\nurl = %s\nauthenticator = %s\n"
               "[connection:r2]\nurl = %s\nauthenticator = %s\n"
-              % (mode, r1.url, AUTH["appender"], r2.url, AUTH["appender"]))
+              % (mode, r1.url, AUTH["writer"], r2.url, AUTH["writer"]))
     for s in (r1, r2, sender):
         s.start()
     yield sender, sender_dir, (r1, r1_dir), (r2, r2_dir)

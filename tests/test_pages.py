@@ -7,7 +7,7 @@ import re
 import pytest
 
 import models
-from conftest import ctx, AUTH, bearer
+from conftest import ctx, AUTH, bearer, web_login
 
 
 @pytest.fixture
@@ -21,8 +21,7 @@ def browser(web):
 
 def login_as(web, who):
     web.reset()
-    resp = web.post("/login", {"authenticator": AUTH[who], "next": "/"}, status=302)
-    return resp
+    return web_login(web, AUTH[who])
 
 
 @pytest.fixture
@@ -60,7 +59,7 @@ def test_login_redirects_back_to_the_page_first_asked_for(web):
 @pytest.mark.parametrize("target", ["//evil.example/x", "http://evil.example/", "\\\\evil",
                                     "/\t/evil.example/x", "/\\evil.example"])
 def test_login_never_redirects_off_site(web, target):
-    resp = web.post("/login", {"authenticator": AUTH["reader"], "next": target}, status=302)
+    resp = web_login(web, AUTH["reader"], next=target)
     assert resp.location.endswith("/") and "evil" not in resp.location
 
 
@@ -75,8 +74,12 @@ def test_logout_ends_the_session_even_for_a_kept_cookie(web):
 
 
 def test_wrong_authenticator_and_logout(web):
-    resp = web.post("/login", {"authenticator": "nope", "next": "/"}, status=400)
+    resp = web_login(web, "nope", status=401)
     assert "not known here" in resp.text
+    # A login POSTed from another site carries no token of this one's form.
+    web.reset()
+    resp = web.post("/login", {"authenticator": AUTH["admin"], "next": "/"}, status=403)
+    assert "token" in resp.text and "librarian_session" not in web.cookies
     login_as(web, "reader")
     web.get("/logout", status=302)
     web.get("/", status=302)

@@ -400,15 +400,18 @@ def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
     """A host of its own, killed (with its sessions) while the server writes
     a 256 MiB upload to it."""
     host, remote, config = _own_host(tmp_path, db_url, ssh_timeout="5")
+    size = 256 << 20
+    with open(config) as f:  # a single request of this size (bodies are held in memory)
+        text = f.read().replace("[server]\n", "[server]\nmax_body_bytes = %d\n" % (2 * size))
+    with open(config, "w") as f:
+        f.write(text)
     _app(config)
     models.close_database()
     srv = Server(config).start()
-    size = 256 << 20
     result = {}
 
     def send():
-        body = librarian_client._SizedChunks((os.urandom(1 << 20) for _ in range(size >> 20)),
-                                             size)
+        body = os.urandom(size)
         result["resp"] = requests.put(srv.url + "api/upload/big.dat", params={"null_obsid": "true"},
                                       data=body, headers=bearer())
 
@@ -472,7 +475,7 @@ def test_a_copy_between_two_librarians_with_remote_stores(tmp_path, sshd):
         remote = base / REMOTE
         remote.mkdir(parents=True)
         extra = ("[connection:receiver]\nurl = %s\nauthenticator = %s\n"
-                 % (servers["receiver"][0].url, AUTH["appender"])) if name == "sender" else ""
+                 % (servers["receiver"][0].url, AUTH["writer"])) if name == "sender" else ""
         path = base / "librarian.ini"
         path.write_text(config_text("sqlite:///%s" % (base / "db.sqlite"), str(remote),
                                     port=free_port(), extra=extra,
@@ -526,7 +529,7 @@ def original_receiver(tmp_path, sshd):
     sender, sender_dir = test_copies.make_librarian(
         tmp_path, "sender", extra="[connection:v1site]\nurl = %s\nauthenticator = %s\n"
         "ssh_user = %s\nssh_port = %d\nssh_key = %s\nknown_hosts = %s\n"
-        % (receiver.url, AUTH["appender"], sshd.user, sshd.port, sshd.client_key,
+        % (receiver.url, AUTH["writer"], sshd.user, sshd.port, sshd.client_key,
            sshd.known_hosts))
     sender.start()
     yield sender, receiver, remote

@@ -289,12 +289,12 @@ def test_permissions_unchanged_mode_keeps_write_bits(app, web, store_dir):
 def test_upload_needs_read_append_and_download_needs_an_authenticator(web, store_dir):
     reply = put(web, "r.dat", b"abc", status=403, who="reader", null_obsid="true").json
     assert "read-append" in reply["message"]
-    reply = put(web, "r.dat", b"abc", status=400, who="not-a-secret", null_obsid="true").json
+    reply = put(web, "r.dat", b"abc", status=401, who="not-a-secret", null_obsid="true").json
     assert reply["message"] == "unknown authenticator"
     assert_nothing_registered(store_dir)
     put(web, "r.dat", b"abc", who="appender", null_obsid="true")
     assert models.File.get().source == "appender"
-    assert web.get("/api/download/r.dat", status=400).json["message"] == "no authenticator given"
+    assert web.get("/api/download/r.dat", status=401).json["message"] == "no authenticator given"
     assert web.get("/api/download/missing.dat", headers=bearer("reader"),
                    status=400).json["message"] == "no file named 'missing.dat'"
 

@@ -131,7 +131,7 @@ class Site:
         stores = (sshd.store_section("pot1", self.pot1)
                   + "[store:pot2]\npath_prefix = %s\navailable = false\n\n" % self.pot2)
         extra = ("[staging]\ndest_prefix = %s\n\n[connection:peer]\nurl = %s\n"
-                 "authenticator = %s\n" % (self.lustre, self.peer.url, AUTH["appender"]))
+                 "authenticator = %s\n" % (self.lustre, self.peer.url, AUTH["writer"]))
         self.config = os.path.join(base, "librarian.ini")
         with open(self.config, "w") as f:
             f.write(config_text(db_url, self.pot1, port=free_port(), extra=extra,

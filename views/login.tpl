@@ -5,6 +5,7 @@
 % end
 <form method="post" action="/login">
   <input type="hidden" name="next" value="{{next}}">
+  <input type="hidden" name="login_token" value="{{login_token}}">
   <label>Authenticator <input type="password" name="authenticator" size="40" autofocus></label>
   <button type="submit">Log in</button>
 </form>

@@ -1,0 +1,191 @@
+"""Callers with few or no rights: what each level may not do, bounded
+error echo, credentials, Range, login CSRF, search limits and the header
+reader's limits; on SQLite and PostgreSQL."""
+
+import json
+import os
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+import models
+import search
+import uvmeta
+from conftest import AUTH, api, bearer, ctx
+
+
+def test_record_sets_need_read_write(web):
+    """A read-append caller cannot reserve a name with a bogus record."""
+    record = {"zen.1.txt": {"name": "zen.1.txt", "type": "txt", "create_time": 1500000000,
+                            "obsid": None, "size": 3, "md5": "0" * 32, "source": "x"}}
+    reply = api(web, "initiate_upload", auth="appender", status=403, upload_size=3,
+                files=record)
+    assert "read-write" in reply["message"]
+    assert models.File.select().count() == 0
+    assert api(web, "initiate_upload", auth="writer", upload_size=3, files=record)["success"]
+    assert models.File.get_by_id("zen.1.txt").md5 == "0" * 32
+    # records_only (a copy's records) leaves no staging folder behind
+    assert models.StagingDir.select().count() == 1
+    api(web, "initiate_upload", auth="writer", upload_size=3, records_only=True, files={})
+    assert models.StagingDir.select().count() == 1
+
+
+def test_server_event_types_cannot_be_forged(web):
+    web.put("/api/upload/zen.2.txt?null_obsid=true", b"abc", headers=bearer("appender"),
+            status=201)
+    for forged in ("standing_order_succeeded:offsite", "create_instance", "copy_finished"):
+        reply = api(web, "create_file_event", auth="appender", status=403,
+                    file_name="zen.2.txt", type=forged, payload={})
+        assert "written by the server" in reply["message"]
+    api(web, "create_file_event", auth="appender", file_name="zen.2.txt", type="pipeline_done",
+        payload={"ok": 1})
+    types = [e.type for e in models.FileEvent.select().where(models.FileEvent.file == "zen.2.txt")]
+    assert types == ["create_instance", "pipeline_done"]
+
+
+def test_an_issued_staging_folder_is_completed_only_by_its_source(web, store_dir):
+    info = api(web, "initiate_upload", auth="appender", upload_size=3)
+    folder = os.path.join(store_dir, info["staging_dir"])
+    with open(os.path.join(folder, "zen.3.txt"), "wb") as f:
+        f.write(b"abc")
+    args = dict(store_name="main", staging_dir=info["staging_dir"], dest_store_path="zen.3.txt",
+                meta_mode="infer", null_obsid=True)
+    reply = api(web, "complete_upload", auth="writer", status=403, **args)
+    assert "another source" in reply["message"]
+    assert models.File.select().count() == 0
+    api(web, "complete_upload", auth="appender", **args)
+    assert models.File.get_by_id("zen.3.txt").source == "appender"
+
+
+def test_authenticators_that_are_not_text_get_400_and_wrong_ones_401(web):
+    resp = web.post("/api/ping", {"request": json.dumps({"authenticator": "\ud800"})},
+                    status=400)
+    assert "not valid text" in resp.json["message"]
+    # the original protocol keeps its 400 for a wrong authenticator...
+    assert api(web, "ping", auth="wrong", status=400)["message"] == "unknown authenticator"
+    # ...our additions answer 401 with a challenge
+    resp = web.get("/api/download/nothing", headers=bearer("wrong"), status=401)
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    web.put("/api/upload/x.txt", b"x", status=401)
+    resp = web.post("/api/ping", "{}", headers=dict(bearer("wrong"),
+                                                     **{"Content-Type": "application/json"}),
+                    status=401)
+    assert resp.headers["WWW-Authenticate"]
+
+
+def test_errors_quote_only_a_prefix_of_bad_input(web):
+    name = "x/" * 300_000
+    reply = web.get("/api/download/" + "y" * 500_000, headers=bearer(), status=400).json
+    assert len(reply["message"]) < 1000
+    reply = api(web, "locate_file_instance", status=400, file_name=name)
+    assert len(reply["message"]) < 1000
+
+
+@pytest.fixture
+def flat_file(web):
+    data = bytes(range(256)) * 40
+    web.put("/api/upload/zen.4.dat?null_obsid=true", data, headers=bearer(), status=201)
+    return data
+
+
+def test_range_follows_rfc_9110(web, flat_file):
+    url = "/api/download/zen.4.dat"
+    resp = web.get(url, headers=dict(bearer(), Range="bytes=10-19"), status=206)
+    assert resp.body == flat_file[10:20] and resp.headers["Content-Range"] == "bytes 10-19/10240"
+    # an unknown unit is ignored: the whole body
+    assert web.get(url, headers=dict(bearer(), Range="items=0-5"), status=200).body == flat_file
+    # several ranges: the whole body, never only the first range
+    assert web.get(url, headers=dict(bearer(), Range="bytes=0-1,5-6"),
+                   status=200).body == flat_file
+    resp = web.get(url, headers=dict(bearer(), Range="bytes=20000-"), status=416)
+    assert resp.headers["Content-Range"] == "bytes */10240"
+    assert web.get(url, headers=dict(bearer(), Range="bytes=-5"), status=206).body == \
+        flat_file[-5:]
+
+
+def test_concurrent_session_assignments_do_not_conflict(web):
+    """Many callers assigning at once: one makes each session, none gets a
+    false 409."""
+    for i in range(6):
+        models.Observation.create(obsid=1000 + i, start_time_jd=2459000.1 + i * 0.001,
+                                  stop_time_jd=2459000.1 + i * 0.001 + 0.0009,
+                                  start_lst_hr=1.0)
+    models.db.close()
+    statuses = []
+
+    def assign():
+        import webtest
+        from conftest import ctx as _ctx  # noqa: F401
+        resp = webtest.TestApp(web.app).post(
+            "/api/assign_observing_sessions",
+            {"request": json.dumps({"authenticator": AUTH["appender"]})}, expect_errors=True)
+        statuses.append(resp.status_int)
+        models.db.close()
+
+    threads = [threading.Thread(target=assign) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 6
+    assert models.ObservingSession.select().count() == 1
+
+
+def test_a_search_over_its_time_limit_is_stopped_with_a_clear_error(web):
+    with models.write_transaction():
+        models.File.insert_many(
+            [{"name": "f%05d.txt" % i, "type": "txt", "create_time": models.utcnow(),
+              "size": 1, "md5": "0" * 32, "source": "x"} for i in range(3000)]).execute()
+    ors = '{"or": {%s}}' % ", ".join('"name-matches": "%%%d%%%d%%%d%%"' % (i, i + 1, i + 2)
+                                     for i in range(300))
+    with pytest.raises(models.LibrarianError) as e:
+        with search.limited("someone", 0.001, 4):
+            list(search.file_query(ors))
+    assert e.value.status == 503 and "search_timeout_seconds" in e.value.message
+    # the connection is usable afterwards, and a quick search passes
+    with search.limited("someone", 30, 4):
+        assert len(list(search.file_query('{"name-matches": "f0000%"}'))) == 10
+
+
+def test_a_caller_runs_at_most_its_share_of_searches_at_once():
+    with search.limited("greedy", 30, 2), search.limited("greedy", 30, 2):
+        with pytest.raises(models.LibrarianError) as e:
+            with search.limited("greedy", 30, 2):
+                pass
+        assert e.value.status == 429 and "searches_per_caller" in e.value.message
+        with search.limited("other", 30, 2):  # others are not held up
+            pass
+    with search.limited("greedy", 30, 2):
+        pass
+
+
+def test_an_allocation_bomb_header_is_refused_and_the_reader_recovers(app, tmp_path):
+    """A tiny UVH5 file whose header declares a gigantic array: the reader
+    runs out of its address space, the file is refused as unreadable, and
+    the next read works."""
+    bomb = tmp_path / "zen.bomb.uvh5"
+    with h5py.File(bomb, "w") as f:
+        header = f.create_group("Header")
+        header["Ntimes"] = np.int64(1)
+        header["Nblts"] = np.int64(1)
+        header.create_dataset("time_array", shape=(1 << 28,), dtype="f8", chunks=(1 << 20,),
+                              compression="gzip")  # 2 GiB when read
+        header["lst_array"] = np.zeros(1)
+        header["obsid"] = np.int64(1)
+    assert os.path.getsize(bomb) < 100_000
+    old = dict(uvmeta.LIMITS)
+    uvmeta.shutdown()
+    uvmeta.set_limits(1 << 30, 20.0)
+    try:
+        with pytest.raises(uvmeta.MetadataError) as e:
+            uvmeta.read_observation(str(bomb))
+        assert "allocate" in str(e.value) or "MiB" in str(e.value)
+    finally:
+        uvmeta.shutdown()
+        uvmeta.set_limits(old["memory_bytes"], old["seconds"])
+    from conftest import UVH5
+    if os.path.exists(UVH5):
+        assert uvmeta.read_observation(UVH5)["obsid"] > 0
+    assert ctx() is not None

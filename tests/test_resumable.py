@@ -1,0 +1,239 @@
+"""Resumable uploads (tus 1.0, `uploads`) through the WSGI app and against
+real servers, on SQLite and PostgreSQL: chunks, offsets, checksums,
+termination, resumption after a dropped connection, directories as tars,
+expiry, and the bounded request body."""
+
+import base64
+import datetime
+import hashlib
+import io
+import os
+import socket
+import tarfile
+
+
+import pytest
+import requests
+
+import librarian_client
+import models
+import uploads
+from conftest import (AUTH, MIRIAD, UVH5, Server, bearer, ctx, need_data, store_contents)
+from reference import shell_md5
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def metadata(**fields):
+    return ",".join("%s %s" % (k, base64.b64encode(str(v).encode()).decode())
+                    for k, v in fields.items())
+
+
+def create(web, length, who="admin", status=201, **meta):
+    headers = dict(TUS, **bearer(who))
+    headers["Upload-Length"] = str(length)
+    headers["Upload-Metadata"] = metadata(**meta)
+    resp = web.post("/api/uploads", headers=headers, status=status)
+    return resp.headers.get("Location"), resp
+
+
+def patch(web, url, offset, data, who="admin", status=204, checksum=None):
+    headers = dict(TUS, **bearer(who))
+    headers.update({"Upload-Offset": str(offset),
+                    "Content-Type": "application/offset+octet-stream"})
+    if checksum:
+        headers["Upload-Checksum"] = checksum
+    return web.patch(url, data, headers=headers, status=status, expect_errors=status >= 400)
+
+
+def offset_of(web, url, who="admin"):
+    return int(web.head(url, headers=dict(TUS, **bearer(who))).headers["Upload-Offset"])
+
+
+def test_a_file_in_three_chunks_is_registered_with_its_md5(web, store_dir):
+    data = os.urandom(300_000)
+    url, resp = create(web, len(data), dest="a/b/zen.1.txt", md5=hashlib.md5(data).hexdigest(),
+                       null_obsid="true")
+    assert resp.headers["Tus-Resumable"] == "1.0.0" and url.startswith("/api/uploads/")
+    assert offset_of(web, url) == 0
+    assert patch(web, url, 0, data[:100_000]).headers["Upload-Offset"] == "100000"
+    assert offset_of(web, url) == 100_000
+    # a chunk sent again at an old offset is refused, and changes nothing
+    patch(web, url, 0, data[:100_000], status=409)
+    patch(web, url, 100_000, data[100_000:200_000])
+    assert models.File.select().count() == 0
+    patch(web, url, 200_000, data[200_000:])
+    state = web.get(url, headers=bearer()).json
+    assert state["finished"] and state["offset"] == len(data)
+    assert state["outcome"]["name"] == "zen.1.txt"
+    assert state["outcome"]["md5"] == hashlib.md5(data).hexdigest()
+    assert state["outcome"]["status"] == 201
+    with open(os.path.join(store_dir, "a", "b", "zen.1.txt"), "rb") as f:
+        assert f.read() == data
+    files, staging = store_contents(store_dir)
+    assert staging == []  # the upload's staging folder went with its last chunk
+    assert models.File.get_by_id("zen.1.txt").size == len(data)
+
+
+def test_a_damaged_chunk_is_refused_with_460_and_not_written(web, store_dir):
+    data = b"x" * 1000
+    url, _ = create(web, len(data), dest="zen.2.txt", null_obsid="true")
+    good = "md5 " + base64.b64encode(hashlib.md5(data).digest()).decode()
+    resp = patch(web, url, 0, b"y" + data[1:], status=460, checksum=good)
+    assert "Upload-Checksum" in resp.json["message"]
+    assert offset_of(web, url) == 0
+    patch(web, url, 0, data, checksum="sha1 " + base64.b64encode(
+        hashlib.sha1(data).digest()).decode())
+    assert models.File.get_by_id("zen.2.txt").md5 == hashlib.md5(data).hexdigest()
+
+
+def test_wrong_md5_fails_at_the_last_chunk_and_leaves_nothing(web, store_dir):
+    data = b"z" * 5000
+    url, _ = create(web, len(data), dest="zen.3.txt", md5="0" * 32, null_obsid="true")
+    patch(web, url, 0, data[:2000])
+    resp = patch(web, url, 2000, data[2000:], status=400)
+    assert "md5" in resp.json["message"].lower()
+    state = web.get(url, headers=bearer()).json
+    assert state["finished"] and state["outcome"]["success"] is False
+    assert models.File.select().count() == 0
+    assert store_contents(store_dir) == (set(), [])
+
+
+def test_bad_requests_are_refused_with_what_was_wrong(web):
+    _, resp = create(web, 10, status=400)  # no dest
+    assert "dest" in resp.json["message"]
+    headers = dict(bearer(), **{"Upload-Length": "10", "Upload-Metadata": metadata(dest="x")})
+    assert web.post("/api/uploads", headers=headers, status=412).headers["Tus-Version"]
+    _, resp = create(web, 10, status=400, dest="../up")
+    _, resp = create(web, 10, status=400, dest="f", bogus="1")
+    assert "bogus" in resp.json["message"]
+    url, _ = create(web, 10, dest="zen.4.txt", null_obsid="true")
+    resp = patch(web, url, 0, b"x" * 11, status=400)
+    assert "beyond" in resp.json["message"]
+    resp = web.patch(url, b"x", headers=dict(TUS, **bearer(), **{"Upload-Offset": "0"}),
+                     status=415, content_type="application/octet-stream")
+
+
+def test_an_upload_is_only_its_creators(web):
+    url, _ = create(web, 10, who="appender", dest="zen.5.txt", null_obsid="true")
+    web.head(url, headers=dict(TUS, **bearer("writer")), status=404)
+    patch(web, url, 0, b"0123456789", who="writer", status=404)
+    web.head(url, headers=dict(TUS, **bearer("admin")), status=200)  # an admin sees all
+    create(web, 10, who="reader", status=403, dest="zen.6.txt")
+
+
+def test_termination_removes_the_staged_bytes(web, store_dir):
+    url, _ = create(web, 10, dest="zen.7.txt", null_obsid="true")
+    patch(web, url, 0, b"01234")
+    assert len(store_contents(store_dir)[1]) == 1
+    web.delete(url, headers=dict(TUS, **bearer()), status=204)
+    web.head(url, headers=dict(TUS, **bearer()), status=404)
+    assert store_contents(store_dir) == (set(), [])
+
+
+def test_an_abandoned_upload_expires_with_its_staging(web, store_dir):
+    url, _ = create(web, 10, dest="zen.8.txt", null_obsid="true")
+    patch(web, url, 0, b"01234")
+    assert uploads.expire(ctx(), 1.0) == 0  # touched just now
+    models.Upload.update(updated=models.utcnow() - datetime.timedelta(hours=2)).execute()
+    assert uploads.expire(ctx(), 1.0) == 1
+    assert models.Upload.select().count() == 0
+    assert store_contents(store_dir) == (set(), [])
+
+
+def test_the_staging_clean_up_leaves_an_upload_in_progress(web, store_dir):
+    url, _ = create(web, 10, dest="zen.9.txt", null_obsid="true")
+    patch(web, url, 0, b"01234")
+    import librarian
+    librarian.settle_all(ctx())
+    patch(web, url, 5, b"56789")
+    assert models.File.get_by_id("zen.9.txt").size == 10
+
+
+def test_a_directory_travels_as_a_tar(web, store_dir):
+    need_data()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(MIRIAD, arcname=os.path.basename(MIRIAD))
+    body = buf.getvalue()
+    url, _ = create(web, len(body), dest="2458043/" + os.path.basename(MIRIAD), directory="tar")
+    step = len(body) // 3 + 1
+    for start in range(0, len(body), step):
+        patch(web, url, start, body[start:start + step])
+    outcome = web.get(url, headers=bearer()).json["outcome"]
+    assert outcome["md5"] == librarian_client.path_md5(MIRIAD)[1]
+    assert os.path.isdir(os.path.join(store_dir, "2458043", os.path.basename(MIRIAD)))
+
+
+# ---------------------------------------------------------------------------
+# Real servers: the client resumes; bodies are bounded
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def small_body_server(app, tmp_path, config_path):
+    """A real server whose request bodies are bounded at 1 MiB."""
+    text = open(config_path).read().replace("[server]\n", "[server]\nmax_body_bytes = 1048576\n")
+    open(config_path, "w").write(text)
+    models.db.close()
+    srv = Server(config_path).start()
+    yield srv
+    srv.stop()
+
+
+def test_a_body_over_the_bound_is_refused_from_its_headers(small_body_server, store_dir):
+    """An anonymous client announcing a 1 GiB body is answered 413 at once,
+    and nothing is written anywhere."""
+    with socket.create_connection(("127.0.0.1", small_body_server.port)) as s:
+        s.sendall(b"PUT /api/upload/zen.big HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 1073741824\r\n\r\n" + b"x" * 65536)
+        s.settimeout(10)
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413")
+    assert store_contents(store_dir) == (set(), [])
+
+
+def test_the_client_uploads_in_chunks_and_resumes_after_a_dropped_connection(
+        small_body_server, tmp_path, store_dir, monkeypatch):
+    """A 5 MiB file in 1 MiB chunks; the connection is dropped once at half
+    way; the client asks for the offset and goes on from there, sending
+    the file about once."""
+    path = tmp_path / "zen.2459000.5.txt"
+    path.write_bytes(os.urandom(5 << 20))
+    client = librarian_client.LibrarianClient(conn_config={
+        "url": small_body_server.url, "authenticator": AUTH["admin"]})
+    sent, dropped = [], []
+    real_patch = librarian_client.requests.Session.request
+
+    def flaky(self, method, url, **kw):
+        if method == "PATCH":
+            sent.append(len(kw.get("data") or b""))
+            if sum(sent) > (5 << 20) // 2 and not dropped:
+                dropped.append(True)
+                raise requests.ConnectionError("dropped")
+        return real_patch(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", flaky)
+    reply = client.upload(str(path), "x/zen.2459000.5.txt", null_obsid=True, chunk_size=1 << 20)
+    assert dropped and reply["md5"] == shell_md5(str(path)) and reply["created"]
+    assert sum(sent) <= 1.25 * (5 << 20)
+    assert open(os.path.join(store_dir, "x", "zen.2459000.5.txt"), "rb").read() == \
+        path.read_bytes()
+
+
+def test_the_client_uploads_a_directory_in_chunks(small_body_server, tmp_path, store_dir):
+    need_data()
+    client = librarian_client.LibrarianClient(conn_config={
+        "url": small_body_server.url, "authenticator": AUTH["admin"]})
+    name = os.path.basename(MIRIAD)
+    reply = client.upload(MIRIAD, "2458043/" + name, chunk_size=256 << 10)
+    assert reply["md5"] == librarian_client.path_md5(MIRIAD)[1]
+    assert sorted(os.listdir(os.path.join(store_dir, "2458043", name))) == \
+        sorted(os.listdir(MIRIAD))
+
+
+def test_the_client_uploads_the_uvh5_file(small_body_server, store_dir):
+    need_data()
+    client = librarian_client.LibrarianClient(conn_config={
+        "url": small_body_server.url, "authenticator": AUTH["admin"]})
+    reply = client.upload(UVH5, "2458432/zen.2458432.34569.uvh5", chunk_size=512 << 10)
+    assert reply["md5"] == shell_md5(UVH5) and reply["obsid"] is not None

@@ -1,0 +1,295 @@
+"""Resumable uploads by the tus 1.0 protocol: core, creation, checksum and
+termination (https://tus.io/protocols/resumable-upload).
+
+A caller creates an upload (`POST /api/uploads`, `Upload-Length` and the
+`Upload-Metadata` keys `dest` (the store path), and optionally `md5`,
+`null_obsid`, `deletion_policy`, `directory` = `tar`); the server picks the
+store, writes the `models.Upload` row, then makes its staging folder, which
+the row holds (no settle or staging clean-up touches it while the row
+exists). Each `PATCH` appends one chunk at `Upload-Offset`: a request body
+is bounded by `[server] max_body_bytes` and held in memory by waitress, its
+`Upload-Checksum` checked before a byte is written, and written to staging
+once. A `HEAD` gives the current offset after a dropped connection. The
+chunk that completes the upload also verifies and registers it, exactly as
+a single-request upload is (a directory arrives as a tar, unpacked then);
+`GET` answers the outcome as JSON. Uploads untouched for `[server]
+upload_expiry_hours` are removed with their staging (`expire`).
+
+Writes are serialised per upload by a compare-and-set in the database: the
+row's `writer` is claimed for the process (`models.this_process`) when the
+offset matches and no live process holds it, so two requests for one
+upload, in any processes, never write at once; a claim left by a dead
+process is free again, and whatever its interrupted write left beyond the
+offset is cut off by the next write.
+
+This module imports nothing from Bottle: the routes in `librarian` parse
+headers and call these functions; errors are `errors.LibrarianError`.
+"""
+
+import base64
+import binascii
+import datetime
+import hashlib
+import json
+import logging
+import posixpath
+import socket
+import threading
+import uuid
+
+import ingest
+import models
+from errors import ChecksumMismatch, Conflict, LibrarianError, NotFound, Refused, short
+from models import Upload, this_process, utcnow
+from stores import intents, split_store_path
+
+log = logging.getLogger("librarian")
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,checksum,termination"
+CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
+METADATA_KEYS = {"dest", "md5", "null_obsid", "deletion_policy", "directory", "filename",
+                 "filetype"}  # filename, filetype: what browser clients send; ignored
+PARTIAL = "upload.partial"  # the bytes so far, in the upload's staging folder
+
+_digests = {}  # upload id -> (offset, running md5) of flat uploads appended here
+_digests_lock = threading.Lock()
+
+
+def parse_metadata(header):
+    """The `Upload-Metadata` header (comma-separated `key base64value`) as
+    a dict of text; 400 on a malformed pair or an unknown key."""
+    meta = {}
+    for pair in filter(None, (p.strip() for p in (header or "").split(","))):
+        key, _, value = pair.partition(" ")
+        if key not in METADATA_KEYS:
+            raise Refused("unknown Upload-Metadata key %s; known: %s"
+                          % (short(key), ", ".join(sorted(METADATA_KEYS))))
+        try:
+            meta[key] = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Refused("Upload-Metadata %s is not base64 of UTF-8 text" % key) from None
+    return meta
+
+
+def _flag(meta, key):
+    value = meta.get(key, "false").lower()
+    if value not in ("true", "false", "1", "0", ""):
+        raise Refused("Upload-Metadata %s must be true or false" % key)
+    return value in ("true", "1")
+
+
+def check_request(length, meta):
+    """Check an upload's declared length and metadata before any store is
+    chosen; returns the row's fields. 400 naming what is wrong."""
+    if length is None or length < 0:
+        raise Refused("Upload-Length must be given, a whole number of bytes")
+    dest = meta.get("dest")
+    if not dest:
+        raise Refused("Upload-Metadata must name dest, the store path to upload to")
+    split_store_path(dest)  # the file name's rules
+    md5 = models.check_md5(meta["md5"]) if meta.get("md5") else None
+    ingest.policy_code(meta.get("deletion_policy"))
+    directory = meta.get("directory")
+    if directory not in (None, "", "tar"):
+        raise Refused("Upload-Metadata directory must be 'tar'")
+    return dict(dest_store_path=dest, length=length, md5=md5, is_tar=bool(directory),
+                null_obsid=_flag(meta, "null_obsid"),
+                deletion_policy=meta.get("deletion_policy"))
+
+
+def create(store, source, fields):
+    """Record a new upload of `fields` (from `check_request`) by `source`
+    (its name) on `store` (a `stores.StoreAccess` with room for it), then
+    make its staging folder; returns the Upload row."""
+    store.resolve(fields["dest_store_path"])  # a path leaving the store: refused now
+    upload_id = uuid.uuid4().hex
+    now = utcnow()
+    staging = posixpath.join(store.staging_root(), upload_id)
+    with models.write_transaction():
+        row = Upload.create(id=upload_id, source=source, store=store.row, staging=staging,
+                            created=now, updated=now, **fields)
+    try:
+        store.new_upload_dir(staging)
+    except BaseException:
+        with models.write_transaction():
+            row.delete_instance()
+        raise
+    return row
+
+
+def find(upload_id, source):
+    """The Upload `upload_id` of `source` (a models.Source; an admin sees
+    every one); 404 otherwise, so that nobody learns of others' uploads."""
+    row = Upload.get_or_none(Upload.id == upload_id) if len(upload_id) == 32 else None
+    if row is None or (row.source != source.name and not source.allows("admin")):
+        raise NotFound("no upload %s" % short(upload_id))
+    return row
+
+
+def check_chunk(data, checksum_header):
+    """Refuse (460 by `ChecksumMismatch`) a chunk whose `Upload-Checksum`
+    (`algorithm base64digest`) does not match; 400 when it is malformed."""
+    if checksum_header is None:
+        return
+    algorithm, _, value = checksum_header.strip().partition(" ")
+    if algorithm not in CHECKSUMS:
+        raise Refused("Upload-Checksum algorithm %s is not supported; supported: %s"
+                      % (short(algorithm), ", ".join(CHECKSUMS)))
+    try:
+        expected = base64.b64decode(value.strip(), validate=True)
+    except binascii.Error:
+        raise Refused("Upload-Checksum is not `algorithm base64digest`") from None
+    if CHECKSUMS[algorithm](data).digest() != expected:
+        raise ChecksumMismatch("the chunk's %s differs from its Upload-Checksum; send it again"
+                               % algorithm)
+
+
+def claim(row, offset):
+    """Claim `row` for this process at `offset` (compare-and-set); 409 when
+    the offset is not the upload's or a live process is writing it."""
+    me = this_process()
+    with models.write_transaction():
+        fresh = Upload.get_or_none(Upload.id == row.id)
+        if fresh is None:
+            raise NotFound("upload %s was removed" % row.id)
+        if fresh.offset != offset:
+            raise Conflict("Upload-Offset %d is not the upload's offset, %d (ask with HEAD)"
+                           % (offset, fresh.offset))
+        if fresh.writer and not models.process_is_gone(fresh.writer) \
+                and not _stale_elsewhere(fresh):
+            raise Conflict("upload %s is being written by another request" % row.id)
+        n = (Upload.update(writer=me, updated=utcnow())
+             .where((Upload.id == row.id) & (Upload.offset == offset)
+                    & ((Upload.writer.is_null()) | (Upload.writer == fresh.writer)))
+             .execute())
+    if n != 1:
+        raise Conflict("upload %s is being written by another request" % row.id)
+    return fresh
+
+
+def _stale_elsewhere(row):
+    """A claim of another host's process is free once the row has not been
+    touched for the intents' lease (that host's process may be gone)."""
+    host = row.writer.split(":", 1)[0]
+    return (host != socket.gethostname()
+            and row.updated < utcnow() - datetime.timedelta(seconds=intents.LEASE_SECONDS))
+
+
+def release(row, offset=None, outcome=None):
+    """End this process's claim, recording the new offset and outcome."""
+    fields = {"writer": None, "updated": utcnow()}
+    if offset is not None:
+        fields["offset"] = offset
+    if outcome is not None:
+        fields["outcome"] = json.dumps(outcome)
+    with models.write_transaction():
+        Upload.update(**fields).where((Upload.id == row.id)
+                                      & (Upload.writer == this_process())).execute()
+
+
+def append(store, row, offset, data, finish):
+    """Write the chunk `data` at `offset` of the upload `row` (on `store`),
+    and when it is the last, call `finish(staged_path, size, md5)` (which
+    verifies and registers, returning the reply fields) and record its
+    outcome. Returns the new offset. Raises `LibrarianError`: 409 for a
+    wrong offset or a concurrent writer, 400 for bytes beyond the length,
+    or what `finish` raised (recorded as the outcome too)."""
+    if row.outcome is not None:
+        raise Conflict("upload %s is finished; GET it for the outcome" % row.id)
+    if offset + len(data) > row.length:
+        raise Refused("the chunk ends at byte %d, beyond the upload's length %d"
+                      % (offset + len(data), row.length))
+    row = claim(row, offset)
+    partial = posixpath.join(row.staging, PARTIAL)
+    try:
+        digest = None if row.is_tar else _running_md5(store, row, partial, offset)
+        store.write_at(partial, offset, data)
+        new_offset = offset + len(data)
+        if digest is not None:
+            digest.update(data)
+            with _digests_lock:
+                _digests[row.id] = (new_offset, digest)
+        if new_offset < row.length:
+            release(row, new_offset)
+            return new_offset
+        outcome = _complete(store, row, partial, digest, finish)
+    except LibrarianError as e:
+        if row.offset + len(data) == row.length:
+            outcome = {"success": False, "status": e.status, "message": e.message}
+            release(row, row.length, outcome)
+            store.remove_upload_dir(row.staging)
+        else:
+            release(row)
+        raise
+    except BaseException:
+        release(row)
+        raise
+    release(row, row.length, outcome)
+    store.remove_upload_dir(row.staging)
+    return row.length
+
+
+def _running_md5(store, row, partial, offset):
+    """The MD5 of the first `offset` bytes: kept here from the previous
+    chunk, else (another process took them) read back from staging."""
+    with _digests_lock:
+        at, digest = _digests.pop(row.id, (None, None))
+    if at == offset:
+        return digest
+    return store.md5_of_prefix(partial, offset) if offset else hashlib.md5()
+
+
+def _complete(store, row, partial, digest, finish):
+    """Turn the complete bytes into the staged item (a directory unpacked
+    from its tar) and `finish` it; returns the outcome to record."""
+    with _digests_lock:
+        _digests.pop(row.id, None)
+    name = split_store_path(row.dest_store_path)[1]
+    staged = posixpath.join(row.staging, name)
+    if row.is_tar:
+        size, md5 = store.unpack(partial, staged, name)
+    else:
+        store.rename_staged(partial, staged)
+        size, md5 = row.length, digest.hexdigest()
+    status, reply = finish(staged, size, md5)
+    return dict(reply, success=True, status=status)
+
+
+def outcome_of(row):
+    """The upload's state as JSON-able dict: offset and length, and once
+    finished the reply of its registration (or its error)."""
+    state = {"id": row.id, "dest_store_path": row.dest_store_path, "length": row.length,
+             "offset": row.offset, "finished": row.outcome is not None}
+    if row.outcome is not None:
+        state["outcome"] = json.loads(row.outcome)
+    return state
+
+
+def terminate(store, row):
+    """Remove an upload and its staging (tus termination); 409 while a live
+    process writes it."""
+    claim(row, row.offset)
+    with models.write_transaction():
+        row.delete_instance()
+    store.remove_upload_dir(row.staging)
+
+
+def expire(context, hours):
+    """Remove uploads untouched for `hours` (and their staging) that no
+    live process is writing; returns how many."""
+    cutoff = utcnow() - datetime.timedelta(hours=hours)
+    removed = 0
+    for row in Upload.select().where(Upload.updated < cutoff):
+        if row.writer and not models.process_is_gone(row.writer) and not _stale_elsewhere(row):
+            continue
+        with models.write_transaction():
+            n = Upload.delete().where((Upload.id == row.id)
+                                      & (Upload.updated == row.updated)).execute()
+        if n:
+            removed += 1
+            context.open_store(row.store).remove_upload_dir(row.staging)
+            if row.outcome is None:
+                log.info("removed the abandoned upload %s of %s for %s", row.id, row.source,
+                         row.dest_store_path)
+    return removed
