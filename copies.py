@@ -154,13 +154,18 @@ def _finished(file_name, args, code, message, seconds, size):
         "average_rate": round(size / 1024.0 / seconds, 1) if seconds > 0 else None})
 
 
-def send_instance(client, store, path, file, remote_store_path, progress):
-    """Stream the bytes of `file` at `path` on `store` (a directory as a
-    tar) to the receiver, with the MD5 of the record: the receiver refuses
-    bytes that do not match it."""
+def send_instance(client, store, path, file, task, progress):
+    """Send the bytes of `file` at `path` on `store` (a directory as a tar)
+    to the receiver as a resumable upload, with the MD5 of the record: the
+    receiver refuses bytes that do not match it. The upload's URL is kept
+    in the task, so that a later attempt (after a restart, say) goes on
+    from where the receiver's bytes end."""
+    args = json.loads(task.args)
     with store.seekable_stream(path, file.name, file.size) as stream:
-        client.upload_stream(stream, file.md5, remote_store_path, is_dir=store.is_dir(path),
-                             null_obsid=file.obsid is None, progress=progress)
+        client.upload_stream(stream, file.md5, args["remote_store_path"],
+                             is_dir=store.is_dir(path), null_obsid=file.obsid is None,
+                             progress=progress, resume_url=args.get("upload_url"),
+                             on_created=lambda url: task.remember(upload_url=url))
 
 
 def peer_host(ctx, connection_name, store_name, host):
@@ -210,15 +215,16 @@ def complete_prestaged(client, file, args):
                            "direct", staging_was_known=True)
 
 
-def send(ctx, client, store, path, file, args, progress):
+def send(ctx, client, store, path, file, task, progress):
     """Send `file` (at `path` on `store`) by the way the receiver takes it;
     see the module docstring. Returns the bytes sent."""
+    args = json.loads(task.args)
     if args.get("known_staging_store"):
         complete_prestaged(client, file, args)
         return 0
     if client.offers_streamed_upload():
         client.initiate_upload(file.size, records_only=True, **record_set(file))
-        send_instance(client, store, path, file, args["remote_store_path"], progress)
+        send_instance(client, store, path, file, task, progress)
     else:
         send_by_ssh(ctx, client, args["connection_name"], store, path, file,
                     args["remote_store_path"], progress)
@@ -242,7 +248,7 @@ def copy_to_librarian(ctx, task, args):
     try:
         inst, store, path = local_copy(ctx, file.name)
         client = client_for(ctx, args["connection_name"])
-        size = send(ctx, client, store, path, file, args, progress)
+        size = send(ctx, client, store, path, file, task, progress)
     except librarian_client.RPCError as e:
         error = from_peer(e.status, e.message)
         if not error.retryable:  # refused: sending again will not help

@@ -1153,12 +1153,73 @@ def file_response(store, path, size):
     return HTTPResponse(body, status=status, **headers)
 
 
+class SlowReaderGuard:
+    """Closes the connection of a response streamed by a worker thread
+    (a directory's tar, a file on another host) whose client has not taken
+    a chunk for `[server] send_timeout` seconds, so that clients that stop
+    reading cannot hold every worker thread: waitress blocks the thread
+    while the connection's buffer is full, and has no limit of its own.
+    The connection is closed in waitress's I/O loop (its trigger), which
+    wakes the blocked thread; under other WSGI servers nothing is watched."""
+
+    def __init__(self):
+        self.streams = {}  # id -> (monotonic time of the last chunk taken, close)
+        self.lock = threading.Lock()
+        self.thread = None
+
+    def watch(self, chunks, seconds):
+        """`chunks`, watched; see the class docstring."""
+        check = request.environ.get("waitress.client_disconnected")
+        channel = getattr(check, "__self__", None)
+        if channel is None or not hasattr(channel, "server"):
+            return chunks
+
+        def close():
+            channel.server.trigger.pull_trigger(channel.handle_close)
+
+        def watched():
+            key = object()
+            try:
+                for chunk in chunks:
+                    with self.lock:
+                        self.streams[key] = (time.monotonic(), close)
+                    yield chunk
+            finally:
+                with self.lock:
+                    self.streams.pop(key, None)
+                getattr(chunks, "close", lambda: None)()
+
+        self._start(seconds)
+        return watched()
+
+    def _start(self, seconds):
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, args=(seconds,), daemon=True,
+                                               name="slow-readers")
+                self.thread.start()
+
+    def _loop(self, seconds):
+        while True:
+            time.sleep(min(5.0, seconds / 4))
+            cutoff = time.monotonic() - seconds
+            with self.lock:
+                stalled = [k for k, (t, _) in self.streams.items() if t < cutoff]
+                closers = [self.streams.pop(k)[1] for k in stalled]
+            for close in closers:
+                log.warning("closed a connection whose client took nothing for %g s", seconds)
+                close()
+
+
+slow_readers = SlowReaderGuard()
+
+
 def primed(chunks):
     """The stream with its first chunk already read, so that a failure to
     start it (a store that cannot be reached, a file that shrank) is an
     error of the request, answered and logged by `handle_errors`, not a
-    broken body."""
-    chunks = iter(chunks)
+    broken body; watched for clients that stop reading (`SlowReaderGuard`)."""
+    chunks = slow_readers.watch(iter(chunks), cfg().server["send_timeout"])
     try:
         first = next(chunks)
     except StopIteration:

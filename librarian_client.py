@@ -354,7 +354,8 @@ class LibrarianClient:
                                       null_obsid, deletion_policy, progress, chunk_size)
 
     def upload_stream(self, stream, md5, dest_store_path, is_dir=False, null_obsid=False,
-                      deletion_policy="disallowed", progress=None, chunk_size=None):
+                      deletion_policy="disallowed", progress=None, chunk_size=None,
+                      resume_url=None, on_created=None):
         """Send the bytes of a seekable binary `stream` (a directory as a
         tar stream with `is_dir`) whose MD5 by the shared definition is
         `md5`, by the tus 1.0 resumable-upload protocol (core, creation,
@@ -363,7 +364,10 @@ class LibrarianClient:
         SHA-1; after a dropped connection or a server error the offset is
         asked for with HEAD and the upload goes on from there, up to
         RESUME_ATTEMPTS times in a row. `progress(n_bytes)` is called after
-        each chunk. Returns the reply as `upload` does; raises `RPCError`.
+        each chunk. With `resume_url` (an upload of the same bytes begun
+        earlier, which `on_created(url)` was given), the upload goes on
+        from the server's offset there, if the server still knows it.
+        Returns the reply as `upload` does; raises `RPCError`.
 
         (Our own loop rather than the `tuspy` package: that one sets no
         timeouts, so a server gone silent would hang a pipeline forever.
@@ -376,12 +380,19 @@ class LibrarianClient:
         if is_dir:
             meta["directory"] = "tar"
         headers = dict(self._auth_header(), **{"Tus-Resumable": TUS_VERSION})
-        resp = self._send("upload", "POST", self.url + "api/uploads", headers=dict(
-            headers, **{"Upload-Length": str(length), "Upload-Metadata": _tus_metadata(meta)}))
-        if resp.status_code != 201:
-            self._reply("upload", resp)  # raises with the server's message
-        url = urljoin(self.url, resp.headers["Location"])
-        offset, failures = 0, 0
+        url, offset = resume_url, None
+        if resume_url:
+            offset = self._tus_offset(resume_url, headers, None, missing=None)
+        if offset is None:
+            resp = self._send("upload", "POST", self.url + "api/uploads", headers=dict(
+                headers, **{"Upload-Length": str(length),
+                            "Upload-Metadata": _tus_metadata(meta)}))
+            if resp.status_code != 201:
+                self._reply("upload", resp)  # raises with the server's message
+            url, offset = urljoin(self.url, resp.headers["Location"]), 0
+            if on_created:
+                on_created(url)
+        failures = 0
         while offset < length:
             stream.seek(offset)
             chunk = stream.read(min(chunk_size, length - offset))
@@ -418,15 +429,18 @@ class LibrarianClient:
         except requests.RequestException:
             return None
 
-    def _tus_offset(self, url, headers, offset):
+    def _tus_offset(self, url, headers, offset, missing=RPCError):
         """The upload's offset on the server (HEAD), or `offset` when it
-        cannot be asked now; raises when the upload is gone."""
+        cannot be asked now; when the server no longer knows the upload,
+        `missing` (raised if it is RPCError, else returned)."""
         try:
             resp = self.session.request("HEAD", url, headers=headers, timeout=TIMEOUT)
         except requests.RequestException:
             return offset
         if resp.status_code == 404:
-            raise RPCError("upload", "the server no longer knows the upload %s" % url, 404)
+            if missing is RPCError:
+                raise RPCError("upload", "the server no longer knows the upload %s" % url, 404)
+            return missing
         return int(resp.headers.get("Upload-Offset", offset))
 
     def _body_bound(self):

@@ -10,6 +10,7 @@ units with exact bytes on hover, JD with five decimals, LST in hours).
 """
 
 import datetime
+import os
 import re
 import urllib.parse
 import zoneinfo
@@ -430,7 +431,16 @@ def file_results(text, fmt):
 
 def upload_page():
     person("read-append")
-    return render("upload", "Upload")
+    chunk = settings().server["max_body_bytes"]
+    return render("upload", "Upload", chunk=chunk, chunk_mib="%g MiB" % (chunk / 2**20))
+
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+def static(name):
+    """/static/NAME: the vendored scripts (see static/)."""
+    return bottle.static_file(name, root=STATIC, mimetype="auto")
 
 
 # ---------------------------------------------------------------------------
@@ -571,6 +581,7 @@ def favicon():
 def install(app):
     """Add the pages' routes to `app`."""
     app.route("/favicon.ico", "GET", favicon)
+    app.route("/static/<name:re:[A-Za-z0-9._-]+>", "GET", static)
     app.route("/login", "GET", login_form)
     app.route("/login", "POST", login)
     app.route("/logout", "GET", logout)

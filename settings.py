@@ -132,6 +132,7 @@ SCHEMA = {
         "upload_expiry_hours": (_positive_float, 24.0),
         "connection_limit": (_positive_int, 1000),
         "channel_timeout": (_positive_float, 60.0),
+        "send_timeout": (_positive_float, 300.0),
         "search_timeout_seconds": (_positive_float, 30.0),
         "searches_per_caller": (_positive_int, 4),
         "reader_memory_bytes": (_positive_int, 2 << 30),

@@ -106,6 +106,13 @@ class Task(BaseModel):
     class Meta:
         table_name = "task"
 
+    def remember(self, **values):
+        """Keep `values` in the task's args for its later attempts (a copy's
+        upload URL, so that a copy tried again resumes its upload)."""
+        self.args = json.dumps(dict(json.loads(self.args), **values), sort_keys=True)
+        with write_transaction():
+            Task.update(args=self.args).where(Task.id == self.id).execute()
+
     def report(self, progress_bytes):
         """Record how many bytes of the work are done (and that the worker
         is alive)."""

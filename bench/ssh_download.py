@@ -24,7 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from librarian_client import CHUNK, _ReportingFile  # noqa: E402
+import librarian_client  # noqa: E402
+from librarian_client import CHUNK  # noqa: E402
 from ssh_upload import ssh_store_server  # noqa: E402
 from stores.ssh import READ_WINDOW_BYTES  # noqa: E402
 from upload import arguments, make_file, memory_kb, work_dir  # noqa: E402
@@ -51,12 +52,9 @@ def main():
         data = os.path.join(work, "bench.dat")
         make_file(data, size)
         with ssh_store_server(work) as (_, server, url, _):
-            with open(data, "rb") as f:
-                resp = requests.put(url + "api/upload/bench.dat",
-                                    data=_ReportingFile(f, size, None),
-                                    params={"null_obsid": "true"}, headers=AUTH, timeout=3600)
-            resp.raise_for_status()
-            md5 = resp.json()["md5"]
+            md5 = librarian_client.LibrarianClient(conn_config={
+                "url": url, "authenticator": "bench-secret"}).upload(
+                    data, "bench.dat", null_obsid=True)["md5"]
             os.unlink(data)
             rss_before = memory_kb(server.pid, "VmRSS")
             peak = rss_before

@@ -1,4 +1,4 @@
-"""Benchmark: stream a generated file through `PUT /api/upload/...` to a
+"""Benchmark: send a generated file as a resumable upload to a
 store reached over SSH (an sshd of our own on loopback, as the tests start
 it), next to `scp` of the same file to the same host in the same run.
 
@@ -7,9 +7,8 @@ it), next to `scp` of the same file to the same host in the same run.
 Prints the upload rate (MB/s), scp's rate, their ratio (goal >= 0.6) and
 the server's memory growth during the upload.
 
-What bounds the ratio: waitress spools the whole request body to a
-temporary file before the app sees it (see bench/upload.py), and only then
-does the server send it on through paramiko, whose packet layer is Python
+What bounds the ratio: the server sends each chunk on through paramiko
+(SFTP writes at the chunk's offset), whose packet layer is Python
 (near 270 MB/s on one core here); scp does one transfer, in C. On a
 two-core machine the server, sshd and the MD5 thread also share the cores.
 Runs a real `librarian.py serve` on a temporary SQLite database; needs
@@ -22,13 +21,12 @@ import sys
 import time
 from contextlib import contextmanager
 
-import requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from librarian_client import _ReportingFile  # noqa: E402
+import librarian_client  # noqa: E402
 from sshd import SSHServer, find_sshd  # noqa: E402
 from upload import arguments, make_file, memory_kb, running_server, work_dir  # noqa: E402
 
@@ -70,14 +68,10 @@ def main():
             os.sync()
 
             start = time.perf_counter()
-            with open(data, "rb") as f:
-                resp = requests.put(url + "api/upload/bench.dat",
-                                    data=_ReportingFile(f, size, None),
-                                    params={"null_obsid": "true"},
-                                    headers={"Authorization": "Bearer bench-secret"},
-                                    timeout=3600)
+            librarian_client.LibrarianClient(conn_config={
+                "url": url, "authenticator": "bench-secret"}).upload(data, "bench.dat",
+                                                                    null_obsid=True)
             upload_s = time.perf_counter() - start
-            resp.raise_for_status()
             peak = memory_kb(server.pid, "VmHWM")
 
     mb = size / 1e6

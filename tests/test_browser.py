@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import AUTH, ROOT, UVH5, need_data
+from conftest import AUTH, ROOT, UVH5, config_text, free_port, need_data
 
 CHROMIUM = os.environ.get("LIBRARIAN_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
@@ -20,6 +20,16 @@ SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def config_path(tmp_path, db_url, store_dir):
+    """Request bodies bounded at 64 KiB, so that the form sends the 224 KB
+    sample file in several parts."""
+    path = tmp_path / "librarian.ini"
+    path.write_text(config_text(db_url, store_dir, port=free_port())
+                    .replace("[server]\n", "[server]\nmax_body_bytes = 65536\n"))
+    return str(path)
 
 
 @pytest.fixture
@@ -50,10 +60,13 @@ def test_a_person_uploads_finds_downloads_and_manages_stores(server, page, tmp_p
     page.wait_for_url(url + "/stores")
 
     page.goto(url + "/upload")
+    sent = []
+    page.on("request", lambda r: sent.append(r.method) if "/api/uploads" in r.url else None)
     page.set_input_files("#file", UVH5)
     page.fill("#prefix", "2458432")
     page.click("#send")
     page.wait_for_url(url + "/files/zen.2458432.34569.uvh5", timeout=60000)
+    assert sent.count("POST") == 1 and sent.count("PATCH") == 4  # 224,073 bytes in 64 KiB parts
     with open(UVH5, "rb") as f:
         original = f.read()
     md5 = hashlib.md5(original).hexdigest()

@@ -4,6 +4,7 @@ receiver that is down when the copy starts."""
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -321,8 +322,10 @@ def test_connectivity_check_in_the_client_and_on_the_web(pair, tmp_path, capsys)
     assert "down: FAILED: " in out and "cannot reach" in out
 
     session = requests.Session()
-    session.post(sender.url + "login", data={"authenticator": AUTH["reader"], "next": "/"},
-                 timeout=30)
+    form = session.get(sender.url + "login", timeout=30).text
+    token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)
+    session.post(sender.url + "login", data={"authenticator": AUTH["reader"], "next": "/",
+                                             "login_token": token}, timeout=30)
     page = session.get(sender.url + "connectivity", timeout=60).text
     assert "receiver" in page and "main (" in page and ">yes<" in page
     receiver.stop()

@@ -237,3 +237,21 @@ def test_the_client_uploads_the_uvh5_file(small_body_server, store_dir):
         "url": small_body_server.url, "authenticator": AUTH["admin"]})
     reply = client.upload(UVH5, "2458432/zen.2458432.34569.uvh5", chunk_size=512 << 10)
     assert reply["md5"] == shell_md5(UVH5) and reply["obsid"] is not None
+
+
+def test_an_existing_tus_client_uploads_with_checksums(small_body_server, tmp_path, store_dir):
+    """tuspy (the tus project's Python client) as it is documented."""
+    from tusclient import client as tus_client
+
+    path = tmp_path / "zen.2459000.6.txt"
+    path.write_bytes(os.urandom(3 << 20))
+    tus = tus_client.TusClient(small_body_server.url + "api/uploads",
+                               headers={"Authorization": "Bearer " + AUTH["writer"]})
+    uploader = tus.uploader(str(path), chunk_size=1 << 20, upload_checksum=True,
+                            metadata={"dest": "t/zen.2459000.6.txt", "null_obsid": "true",
+                                      "md5": shell_md5(str(path))})
+    uploader.upload()
+    state = requests.get(uploader.url, headers=bearer("writer")).json()
+    assert state["outcome"]["status"] == 201 and state["outcome"]["md5"] == shell_md5(str(path))
+    assert open(os.path.join(store_dir, "t", "zen.2459000.6.txt"), "rb").read() == \
+        path.read_bytes()

@@ -1,7 +1,8 @@
 % rebase('layout', title=title)
 <h1>Upload a file</h1>
-<p class="note">For a directory (a MIRIAD data set), use <code>librarian upload</code>, which
-sends it as a tar stream.</p>
+<p class="note">A folder (a MIRIAD data set) is sent with <code>librarian upload</code>, as a
+tar. A file is sent here in parts of at most {{chunk_mib}}; if the connection drops, the upload goes on
+from where it stopped, also after reloading this page and choosing the same file.</p>
 <form id="upload-form">
   <p><label>File <input type="file" id="file" required></label></p>
   <p><label>Folders on the store <input type="text" id="prefix" placeholder="e.g. 2458432" size="30"></label>
@@ -12,46 +13,69 @@ sends it as a tar stream.</p>
   <p><button type="submit" id="send">Upload</button></p>
 </form>
 <p><progress id="progress" value="0" max="100" hidden></progress> <span id="status" class="note"></span></p>
-<noscript><p class="error">The upload form needs JavaScript, to stream the file and show its
-progress. Without it, use the <code>librarian upload</code> command.</p></noscript>
+<noscript><p class="error">The upload form needs JavaScript, to send the file in parts and show
+its progress. Without it, use the <code>librarian upload</code> command.</p></noscript>
+<script src="/static/tus.min.js"></script>
 <script>
-document.getElementById("upload-form").addEventListener("submit", function (event) {
-  event.preventDefault();
-  var file = document.getElementById("file").files[0];
-  if (!file) { return; }
-  var prefix = document.getElementById("prefix").value.replace(/^\/+|\/+$/g, "");
-  var path = (prefix ? prefix.split("/").map(encodeURIComponent).join("/") + "/" : "")
-             + encodeURIComponent(file.name);
-  var query = "?deletion_policy=" + document.getElementById("deletion").value
-              + (document.getElementById("null-obsid").checked ? "&null_obsid=true" : "");
-  var xhr = new XMLHttpRequest();
+(function () {
   var progress = document.getElementById("progress"), status = document.getElementById("status");
-  progress.hidden = false;
-  xhr.upload.onprogress = function (e) {
-    if (e.lengthComputable) { progress.value = 100 * e.loaded / e.total;
-      status.textContent = Math.round(100 * e.loaded / e.total) + "% sent"; }
-  };
-  xhr.onload = function () {
-    var reply = {};
-    try { reply = JSON.parse(xhr.responseText); } catch (e) {}
-    if (xhr.status === 201) {
-      window.location = "/files/" + encodeURIComponent(reply.name);
-    } else if (xhr.status === 200) {
-      status.innerHTML = "";
-      status.appendChild(document.createTextNode("This file is already in the archive, at "
-        + reply.store_path + " on store " + reply.store_name + "; nothing was changed. "));
-      var link = document.createElement("a");
-      link.href = "/files/" + encodeURIComponent(reply.name);
-      link.textContent = "Its page";
-      status.appendChild(link);
-    } else {
-      status.textContent = "Refused: " + (reply.message || xhr.statusText);
-      status.className = "error";
-    }
-  };
-  xhr.onerror = function () { status.textContent = "The connection failed."; status.className = "error"; };
-  xhr.open("PUT", "/api/upload/" + path + query);
-  xhr.setRequestHeader("X-CSRF-Token", "{{csrf}}");
-  xhr.send(file);
-});
+  function say(text, isError) {
+    status.textContent = text;
+    status.className = isError ? "error" : "note";
+    if (isError) { progress.hidden = true; }
+  }
+  function messageOf(body, fallback) {
+    try { return JSON.parse(body).message || fallback; } catch (e) { return fallback; }
+  }
+  function finished(uploadUrl) {
+    // The last part registered the file; its outcome says where it is.
+    fetch(uploadUrl, {credentials: "same-origin"}).then(function (r) { return r.json(); })
+      .then(function (state) {
+        var outcome = state.outcome || {};
+        if (outcome.success && outcome.status === 201) {
+          window.location = "/files/" + encodeURIComponent(outcome.name);
+        } else if (outcome.success) {
+          say("This file is already in the archive, at " + outcome.store_path + " on store "
+              + outcome.store_name + "; nothing was changed. ", false);
+          var link = document.createElement("a");
+          link.href = "/files/" + encodeURIComponent(outcome.name);
+          link.textContent = "Its page";
+          status.appendChild(link);
+        } else {
+          say("Not stored: " + (outcome.message || "the upload did not finish"), true);
+        }
+      }, function () { say("The server could not be asked how the upload ended.", true); });
+  }
+  document.getElementById("upload-form").addEventListener("submit", function (event) {
+    event.preventDefault();
+    var file = document.getElementById("file").files[0];
+    if (!file) { return; }
+    var prefix = document.getElementById("prefix").value.replace(/^\/+|\/+$/g, "");
+    var upload = new tus.Upload(file, {
+      endpoint: "/api/uploads",
+      chunkSize: {{chunk}},
+      retryDelays: [0, 1000, 3000, 5000, 10000, 20000],
+      headers: {"X-CSRF-Token": "{{csrf}}"},
+      metadata: {dest: (prefix ? prefix + "/" : "") + file.name, filename: file.name,
+                 deletion_policy: document.getElementById("deletion").value,
+                 null_obsid: document.getElementById("null-obsid").checked ? "true" : "false"},
+      removeFingerprintOnSuccess: true,
+      onProgress: function (sent, total) {
+        progress.hidden = false;
+        progress.value = total ? 100 * sent / total : 100;
+        say(Math.round(total ? 100 * sent / total : 100) + "% sent", false);
+      },
+      onError: function (error) {
+        var response = error.originalResponse;
+        say("Not stored: " + (response ? messageOf(response.getBody(), "the server refused it")
+                              : "the connection failed; send the file again to go on"), true);
+      },
+      onSuccess: function () { say("Checking the file...", false); finished(upload.url); }
+    });
+    upload.findPreviousUploads().then(function (previous) {
+      if (previous.length) { upload.resumeFromPreviousUpload(previous[0]); }
+      upload.start();
+    });
+  });
+})();
 </script>

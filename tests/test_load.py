@@ -1,0 +1,127 @@
+"""Hostile load against a real server (four worker threads): idle
+connections, clients that request bytes and never read them, and
+expensive searches; the server keeps answering."""
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+import librarian_client
+import models
+from conftest import AUTH, Server, bearer
+
+
+@pytest.fixture
+def busy_server(app, config_path, tmp_path):
+    """A real server with 4 threads, short send and idle timeouts, holding
+    a 48 MiB flat file and a directory of 48 MiB."""
+    text = open(config_path).read().replace("threads = 8", "threads = 4").replace(
+        "[server]\n", "[server]\nsend_timeout = 2\nchannel_timeout = 30\n"
+        "search_timeout_seconds = 2\nsearches_per_caller = 2\n")
+    open(config_path, "w").write(text)
+    models.db.close()
+    srv = Server(config_path).start()
+    client = librarian_client.LibrarianClient(conn_config={"url": srv.url,
+                                                           "authenticator": AUTH["admin"]})
+    flat = tmp_path / "zen.big.dat"
+    flat.write_bytes(os.urandom(48 << 20))
+    client.upload(str(flat), "zen.big.dat", null_obsid=True)
+    folder = tmp_path / "zen.big.dir"
+    folder.mkdir()
+    for i in range(3):
+        (folder / ("part%d" % i)).write_bytes(os.urandom(16 << 20))
+    client.upload(str(folder), "zen.big.dir", null_obsid=True)
+    yield srv
+    srv.stop()
+
+
+def ping_seconds(server, timeout=30):
+    started = time.monotonic()
+    resp = requests.post(server.url + "api/ping", data={
+        "request": json.dumps({"authenticator": AUTH["reader"]})}, timeout=timeout)
+    assert resp.status_code == 200
+    return time.monotonic() - started
+
+
+def stalled_get(server, path, headers=b""):
+    """A connection that asks for `path` and never reads the answer."""
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s\r\n"
+              % (path.encode(), AUTH["reader"].encode(), headers))
+    return s
+
+
+def test_idle_connections_do_not_stop_service(busy_server):
+    idle = [socket.create_connection(("127.0.0.1", busy_server.port)) for _ in range(150)]
+    try:
+        assert ping_seconds(busy_server) < 5
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_clients_that_never_read_a_range_hold_no_thread(busy_server):
+    """24 readers (6 per thread) of a local file that never read: the file
+    is sent by waitress's I/O loop, so the threads stay free."""
+    stalled = [stalled_get(busy_server, "/api/download/zen.big.dat", b"Range: bytes=0-\r\n")
+               for _ in range(24)]
+    try:
+        time.sleep(0.5)
+        assert ping_seconds(busy_server) < 5
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_clients_that_never_read_a_tar_are_cut_off(busy_server):
+    """Directory downloads are streamed by threads: 8 stalled readers hold
+    all four for at most send_timeout, then are cut off."""
+    stalled = [stalled_get(busy_server, "/api/download/zen.big.dir") for _ in range(8)]
+    try:
+        time.sleep(0.5)
+        assert ping_seconds(busy_server) < 20
+        log = open(busy_server.config_path + ".log").read()
+        assert "took nothing for 2 s" in log
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_expensive_searches_are_stopped_and_limited_per_caller(busy_server):
+    """A read-only caller's 6 expensive searches at once: at most 2 run,
+    the rest answer 429; those that run stop at the time limit with 503;
+    other callers are answered meanwhile."""
+    with models.db.connection_context(), models.write_transaction():
+        models.File.insert_many(
+            [{"name": "f%05d.txt" % i, "type": "txt", "create_time": models.utcnow(),
+              "size": 1, "md5": "0" * 32, "source": "x"} for i in range(20000)]).execute()
+    text = '{"or": {%s}}' % ", ".join('"name-matches": "%%%d%%%d%%%d%%"' % (i, i + 1, i + 2)
+                                     for i in range(400))
+    statuses, took = [], []
+
+    def expensive():
+        started = time.monotonic()
+        resp = requests.post(busy_server.url + "api/search", json={
+            "authenticator": AUTH["reader"], "search": text,
+            "output_format": "file-listing-json"}, timeout=60)
+        statuses.append((resp.status_code, resp.json().get("message", "")))
+        took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=expensive) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    assert requests.get(busy_server.url + "api/download/zen.big.dat", headers=dict(
+        bearer("admin"), Range="bytes=0-9"), timeout=10).status_code == 206
+    for t in threads:
+        t.join()
+    codes = sorted(code for code, _ in statuses)
+    assert set(codes) <= {200, 429, 503} and codes.count(429) >= 2, statuses
+    assert all("search_timeout_seconds" in m for c, m in statuses if c == 503)
+    assert max(took) < 10  # none ran past the 2 s limit by much
