@@ -44,6 +44,7 @@ import deletion
 import ingest
 import models
 import offload
+import openapi as openapi_doc
 import search
 import sessions
 import settings as settings_mod
@@ -469,6 +470,9 @@ def api_dispatch(name):
     source = authenticate(token or payload.get("authenticator"), level,
                           challenge=token is not None or name not in V1_OPERATIONS)
     args = validate(payload, spec, lenient=name in V1_OPERATIONS)
+    for arg, value in args.items():  # what the OpenAPI document promises
+        if value is not None:
+            openapi_doc.check_rules(arg, value, fail)
     return json_reply(**(func(source, args) or {}))
 
 
@@ -731,6 +735,7 @@ SEARCH_OUTPUTS = {
     "obs-listing-json": (search.observation_query, lambda o: o.to_dict()),
     "session-listing-json": (search.session_query, lambda s: s.to_dict()),
 }
+openapi_doc.RULES["output_format"] = {"enum": sorted(SEARCH_OUTPUTS) + ["stage-the-files-json"]}
 
 
 def page(query, limit, offset):
@@ -878,8 +883,6 @@ def deletion_mode(args):
 
 def openapi():
     """GET /api/openapi.json: the OpenAPI 3 description of the API."""
-    import openapi as openapi_doc
-
     response.content_type = "application/json"
     return json.dumps(openapi_doc.document(OPERATIONS, __version__), indent=1)
 

@@ -300,8 +300,24 @@ def test_openapi_document_matches_what_the_server_enforces(web):
 
     doc = web.get("/api/openapi.json").json
     assert doc["openapi"].startswith("3.")
-    ops = {p[len("/api/"):]: v["post"] for p, v in doc["paths"].items() if "post" in v}
+    ops = {p[len("/api/"):]: v["post"] for p, v in doc["paths"].items()
+           if "post" in v and p != "/api/uploads"}
     assert set(ops) == set(librarian.OPERATIONS)
+    # every operation is also served for GET, as documented
+    assert all("get" in doc["paths"]["/api/" + name] for name in ops)
+    reply = web.get("/api/ping", {"request": json.dumps({"authenticator": AUTH["reader"]})}).json
+    assert reply["success"]
+    # enums and lengths are documented and enforced alike
+    mode = ops["delete_file_instances"]["requestBody"]["content"]["application/json"][
+        "schema"]["properties"]["mode"]
+    assert mode["enum"] == ["standard", "noop"]
+    assert "one of standard, noop" in api(web, "delete_file_instances", status=400,
+                                          file_name="x", mode="later")["message"]
+    name = ops["locate_file_instance"]["requestBody"]["content"]["application/json"][
+        "schema"]["properties"]["file_name"]
+    assert name["maxLength"] == 256
+    assert "1 to 256 characters" in api(web, "locate_file_instance", status=400,
+                                        file_name="n" * 257)["message"]
     for name, op in ops.items():
         schema = op["requestBody"]["content"]["application/json"]["schema"]
         for arg in schema.get("required", []):

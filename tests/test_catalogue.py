@@ -191,8 +191,8 @@ def test_noop_mode_reports_and_changes_nothing(two_stores, web, store_dir):
     assert (reply["n_deleted"], reply["n_kept"], reply["n_error"]) == (1, 1, 0)
     assert os.path.exists(os.path.join(store_dir, "keep", "x.dat"))
     assert len(instances()) == 3
-    assert "mode must be" in api(web, "delete_file_instances", status=400, file_name="x.dat",
-                                 mode="yolo")["message"]
+    assert "one of standard, noop" in api(web, "delete_file_instances", status=400,
+                                          file_name="x.dat", mode="yolo")["message"]
 
 
 def test_restrict_to_store_and_set_one_policy(two_stores, web, store_dir):
@@ -210,7 +210,7 @@ def test_restrict_to_store_and_set_one_policy(two_stores, web, store_dir):
                                              restrict_to_store="nowhere")["message"]
     assert api(web, "set_one_file_deletion_policy", auth="appender", status=403,
                file_name="x.dat", deletion_policy="allowed")["success"] is False
-    assert "must be 'allowed' or 'disallowed'" in api(
+    assert "must be one of allowed, disallowed" in api(
         web, "set_one_file_deletion_policy", status=400, file_name="x.dat",
         deletion_policy="sure")["message"]
 
@@ -267,10 +267,11 @@ def test_policy_is_checked_again_at_the_moment_of_deletion(two_stores, web, stor
 
 
 def test_empty_mode_is_not_standard(two_stores, web):
-    assert "mode must be" in api(web, "delete_file_instances", status=400, file_name="x.dat",
-                                 mode="")["message"]
-    assert "mode must be" in api(web, "delete_file_instances_matching_query", status=400,
-                                 query='{"name-is-exactly": "none"}', mode="x")["message"]
+    assert "one of standard, noop" in api(web, "delete_file_instances", status=400,
+                                          file_name="x.dat", mode="")["message"]
+    assert "one of standard, noop" in api(web, "delete_file_instances_matching_query",
+                                          status=400, query='{"name-is-exactly": "none"}',
+                                          mode="x")["message"]
 
 
 def test_a_session_grows_to_cover_an_observation_that_joins_it(app, web):

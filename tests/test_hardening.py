@@ -209,7 +209,7 @@ def test_event_payload_may_use_any_key(web):
         payload={"type": "x", "file_name": "y", "cls": 1})
     event = models.FileEvent.get(models.FileEvent.type == "note")
     assert json.loads(event.payload) == {"type": "x", "file_name": "y", "cls": 1}
-    assert "at most 64" in api(web, "create_file_event", status=400, file_name="ev.txt",
+    assert "1 to 64 characters" in api(web, "create_file_event", status=400, file_name="ev.txt",
                                type="t" * 65, payload={})["message"]
 
 

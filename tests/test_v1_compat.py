@@ -247,13 +247,13 @@ def test_search_aliases_of_the_original_work_in_searches_and_standing_orders(
         web, app, store_dir):
     app.config["librarian.settings"].connections["penn"] = {
         "url": "http://127.0.0.1:9/", "authenticator": "x"}
-    api(web, "initiate_upload", upload_size=1, auth="appender", files={
+    api(web, "initiate_upload", upload_size=1, auth="writer", files={
         n: {"name": n, "type": "flag", "create_time": 1500000000, "obsid": None, "size": 1,
             "md5": "0" * 32} for n in ("zen.a.flag", "zen.b.flag", "other.flag")})
     names = lambda search: [r["name"] for r in api(  # noqa: E731
         web, "search", search=search, output_format="file-listing-json")["results"]]
     assert names('{"name-like": "zen.%"}') == ["zen.a.flag", "zen.b.flag"]
-    assert names('{"source-is": "appender", "name-like": "%.a.%"}') == ["zen.a.flag"]
+    assert names('{"source-is": "writer", "name-like": "%.a.%"}') == ["zen.a.flag"]
     assert names('{"source-is": "admin"}') == []
     api(web, "create_standing_order", name="zen-to-penn", search='{"name-like": "zen.%"}',
         conn_name="penn")
