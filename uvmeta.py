@@ -68,7 +68,7 @@ def read_miriad(path):
                     "stop_time_jd": stop_jd, "start_lst_hr": _lst_hours(uv["lst"])}
         finally:
             del uv
-    except MetadataError:
+    except (MetadataError, MemoryError):  # MemoryError: the reader's limit (run_reader)
         raise
     except Exception as e:  # aipy raises bare IOError/KeyError/RuntimeError
         raise MetadataError("cannot read MIRIAD header: %s" % e) from e
@@ -111,7 +111,7 @@ def read_uvh5(path):
                 if not math.isfinite(lst):
                     lst = None
             obsid = int(math.floor(jd_to_gps_seconds(start_jd)))
-    except MetadataError:
+    except (MetadataError, MemoryError):  # MemoryError: the reader's limit (run_reader)
         raise
     except Exception as e:
         raise MetadataError("cannot read UVH5 header: %s" % e) from e

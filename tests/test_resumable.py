@@ -220,12 +220,30 @@ def test_the_client_uploads_in_chunks_and_resumes_after_a_dropped_connection(
         path.read_bytes()
 
 
-def test_the_client_uploads_a_directory_in_chunks(small_body_server, tmp_path, store_dir):
+def test_the_client_uploads_a_directory_in_chunks_and_resumes(small_body_server, tmp_path,
+                                                               store_dir, monkeypatch):
+    """The MIRIAD data set as a tar in 16 KiB chunks, the connection dropped
+    at half way: the tar view starts again at the server's offset."""
     need_data()
     client = librarian_client.LibrarianClient(conn_config={
         "url": small_body_server.url, "authenticator": AUTH["admin"]})
     name = os.path.basename(MIRIAD)
-    reply = client.upload(MIRIAD, "2458043/" + name, chunk_size=256 << 10)
+    length = librarian_client.TarView(MIRIAD, name).length
+    sent, dropped = [], []
+    real = librarian_client.requests.Session.request
+
+    def flaky(self, method, url, **kw):
+        if method == "PATCH":
+            sent.append(len(kw.get("data") or b""))
+            if sum(sent) > length // 2 and not dropped:
+                dropped.append(True)
+                raise requests.ConnectionError("dropped")
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", flaky)
+    monkeypatch.setattr(librarian_client, "RESUME_DELAY", 0.01)
+    reply = client.upload(MIRIAD, "2458043/" + name, chunk_size=16 << 10)
+    assert dropped and sum(sent) <= length + (16 << 10)
     assert reply["md5"] == librarian_client.path_md5(MIRIAD)[1]
     assert sorted(os.listdir(os.path.join(store_dir, "2458043", name))) == \
         sorted(os.listdir(MIRIAD))
