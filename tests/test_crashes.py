@@ -3,15 +3,14 @@ a named step: `stores.intents.crash_point`) in the middle of each store
 mutation, then started again; a second server started beside one that is
 mid-upload. After each, the database and the disks must agree."""
 
-import io
+import base64
 import os
-import tarfile
-import threading
 import time
 
 import pytest
 import requests
 
+import librarian_client
 import models
 import tasks
 from conftest import AUTH, Server, bearer, store_contents
@@ -35,13 +34,6 @@ def agree(store_dir, store_name="main"):
     assert found == owned, "bytes without a record: %s" % sorted(found - owned)[:5]
     assert set(staging) <= issued, "staging leftovers: %s" % staging
     return set(records)
-
-
-def tar_of(folder, name):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname=name)
-    return buf.getvalue()
 
 
 def put(server, path, body, status=None, directory=False):
@@ -95,7 +87,9 @@ def test_a_directory_deletion_killed_at_each_step_leaves_it_whole_or_gone(quiet,
             (sub / ("f%03d" % j)).write_bytes(b"%d.%d" % (i, j))
     srv = Server(config_path).start()
     try:
-        assert put(srv, "t/big.uv", tar_of(tree, "big.uv"), directory=True).status_code == 201
+        client = librarian_client.LibrarianClient(conn_config={"url": srv.url,
+                                                               "authenticator": AUTH["admin"]})
+        assert client.upload(str(tree), "t/big.uv", null_obsid=True)["created"]
         requests.post(srv.url + "api/set_one_file_deletion_policy", data={"request": (
             '{"authenticator": "%s", "file_name": "big.uv", "deletion_policy": "allowed"}'
             % AUTH["admin"])}).raise_for_status()
@@ -136,55 +130,35 @@ def test_a_flat_deletion_killed_after_its_record_went_is_finished(quiet, config_
     assert agree(store_dir) == set()
 
 
-class SlowBody:
-    """A request body of `total` bytes that stops halfway until `go_on` is
-    set (and sets `stalled` there)."""
-
-    def __init__(self, total, stalled, go_on):
-        self.total, self.sent, self.stalled, self.go_on = total, 0, stalled, go_on
-
-    def __len__(self):
-        return self.total
-
-    def read(self, n=-1):
-        if self.sent >= self.total // 2 and not self.go_on.is_set():
-            self.stalled.set()
-            self.go_on.wait(60)
-        n = min(1 << 16, self.total - self.sent)
-        self.sent += n
-        return b"z" * n
-
-
 def test_a_second_server_started_mid_upload_leaves_the_upload_alone(quiet, config_path,
                                                                    store_dir, tmp_path):
+    """A resumable upload half sent to one server: a second server's
+    start-up (which settles what dead processes left) keeps its staged
+    bytes, and the upload finishes."""
     from conftest import free_port
 
     first = Server(config_path).start()
     second_config = tmp_path / "second.ini"
     text = open(config_path).read().replace("port = %d" % first.port, "port = %d" % free_port())
     second_config.write_text(text)
-    stalled, go_on, reply = threading.Event(), threading.Event(), {}
-    total = 64 * (1 << 16)
-
-    def upload():
-        reply["r"] = requests.put(first.url + "api/upload/big.dat?null_obsid=true",
-                                  data=SlowBody(total, stalled, go_on), headers=bearer(),
-                                  timeout=120)
-
-    thread = threading.Thread(target=upload)
-    thread.start()
+    data = os.urandom(1 << 20)
+    tus = dict(bearer(), **{"Tus-Resumable": "1.0.0"})
     try:
-        assert stalled.wait(30)
-        time.sleep(0.5)
-        if not os.environ.get("NO_SECOND"):
-            second = Server(str(second_config)).start()  # its start-up settles, beside a live one
-            second.stop()
-        go_on.set()
-        thread.join(60)
-        assert reply["r"].status_code == 201, reply["r"].text
-        assert reply["r"].json()["size"] == total
+        resp = requests.post(first.url + "api/uploads", headers=dict(tus, **{
+            "Upload-Length": str(len(data)),
+            "Upload-Metadata": "dest %s,null_obsid %s" % (
+                base64.b64encode(b"big.dat").decode(), base64.b64encode(b"true").decode())}))
+        url = first.url.rstrip("/") + resp.headers["Location"]
+        chunk = dict(tus, **{"Content-Type": "application/offset+octet-stream"})
+        assert requests.patch(url, data=data[:1 << 19], headers=dict(
+            chunk, **{"Upload-Offset": "0"})).status_code == 204
+        second = Server(str(second_config)).start()  # its start-up settles, beside a live one
+        second.stop()
+        assert requests.patch(url, data=data[1 << 19:], headers=dict(
+            chunk, **{"Upload-Offset": str(1 << 19)})).status_code == 204
+        outcome = requests.get(url, headers=bearer()).json()["outcome"]
+        assert outcome["status"] == 201 and outcome["size"] == len(data)
     finally:
-        go_on.set()
         first.stop()
     assert agree(store_dir) == {"big.dat"}
 
