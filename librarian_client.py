@@ -349,9 +349,20 @@ class LibrarianClient:
             stream = TarView(local_path, posixpath.basename(dest_store_path))
         else:
             stream = open(local_path, "rb")
-        with stream:
-            return self.upload_stream(stream, md5, dest_store_path, os.path.isdir(local_path),
-                                      null_obsid, deletion_policy, progress, chunk_size)
+        memo = UploadMemo()
+        key = [self.url, dest_store_path, md5, size, bool(null_obsid), deletion_policy]
+        try:
+            with stream:
+                reply = self.upload_stream(
+                    stream, md5, dest_store_path, os.path.isdir(local_path), null_obsid,
+                    deletion_policy, progress, chunk_size, resume_url=memo.get(key),
+                    on_created=lambda url: memo.put(key, url))
+        except RPCError as e:
+            if e.status is not None and e.status < 500:  # refused: sending again starts afresh
+                memo.put(key, None)
+            raise
+        memo.put(key, None)
+        return reply
 
     def upload_stream(self, stream, md5, dest_store_path, is_dir=False, null_obsid=False,
                       deletion_policy="disallowed", progress=None, chunk_size=None,
@@ -407,7 +418,9 @@ class LibrarianClient:
             failures += 1
             if failures > RESUME_ATTEMPTS:
                 raise RPCError("upload", "gave up after %d failed attempts to send bytes %d on "
-                               "to %s" % (failures, offset, self.url))
+                               "to %s; sending the same file again goes on from there (the "
+                               "server keeps what it has for a day)" % (failures, offset,
+                                                                        self.url))
             time.sleep(min(30.0, RESUME_DELAY * 2 ** failures))
             offset = self._tus_offset(url, headers, offset)
         outcome = self._reply("upload", self._send("upload", "GET", url, headers=headers))
@@ -628,6 +641,49 @@ def _rsync_copy(local_path, host, remote, ssh):
     subprocess.run(["rsync", "-rt", "--partial-dir=.rsync-partial", "-e", ssh.ssh_command(),
                     source, target], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.PIPE)
+
+
+class UploadMemo:
+    """The URLs of this user's unfinished uploads, by (server, destination,
+    MD5, size), in `$XDG_CACHE_HOME/librarian/uploads.json` (default
+    ~/.cache): sending the same file again, after an interruption, goes on
+    with the server's partial upload instead of starting over, as the web
+    form does. Best effort: a memo that cannot be read or written is
+    simply not used."""
+
+    def __init__(self):
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                 ".cache")
+        self.path = os.path.join(cache, "librarian", "uploads.json")
+
+    def _load(self):
+        try:
+            with open(self.path) as f:
+                memo = json.load(f)
+            return memo if isinstance(memo, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key):
+        return self._load().get(json.dumps(key))
+
+    def put(self, key, url):
+        """Remember `url` for `key` (None: forget it)."""
+        memo = self._load()
+        if url is None and json.dumps(key) not in memo:
+            return
+        if url is None:
+            del memo[json.dumps(key)]
+        else:
+            memo[json.dumps(key)] = url
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = "%s.%d" % (self.path, os.getpid())
+            with open(tmp, "w") as f:
+                json.dump(memo, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
 
 def _tus_metadata(fields):

@@ -72,11 +72,19 @@ def operation_schema(spec):
     return schema
 
 
+# A body over the bound is refused by waitress from the headers, in plain text.
+TOO_LARGE = {"description": "the request body is over [server] max_body_bytes",
+             "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+def error_replies():
+    """Every error status an operation may answer with, and its body."""
+    return {status: TOO_LARGE if status == "413" else ERROR_REPLY for status in ERROR_STATUSES}
+
+
 def responses(success):
     """The responses of an operation: `success` for 200, errors otherwise."""
-    out = {"200": success}
-    out.update({status: ERROR_REPLY for status in ERROR_STATUSES})
-    return out
+    return dict(error_replies(), **{"200": success})
 
 
 SUCCESS = {"description": "success is true",
@@ -116,7 +124,7 @@ def api_operations(operations):
 
 def transfer_paths():
     """The paths of streamed and resumable transfers (API.md section 2)."""
-    errors = {status: ERROR_REPLY for status in ERROR_STATUSES}
+    errors = error_replies()
     return {
         "/api/upload/{dest_store_path}": {"put": {
             "operationId": "upload", "summary": "Single-request upload of a file or a "

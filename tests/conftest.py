@@ -118,6 +118,12 @@ def config_text(db_url, store_dir, port=21106, extra="", store_section=None):
             % (port, db_url, store_section, sources, extra))
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test's client keeps its unfinished uploads (`UploadMemo`) apart."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def store_dir(tmp_path):
     path = tmp_path / "store"

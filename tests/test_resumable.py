@@ -273,3 +273,46 @@ def test_an_existing_tus_client_uploads_with_checksums(small_body_server, tmp_pa
     assert state["outcome"]["status"] == 201 and state["outcome"]["md5"] == shell_md5(str(path))
     assert open(os.path.join(store_dir, "t", "zen.2459000.6.txt"), "rb").read() == \
         path.read_bytes()
+
+
+def test_sending_the_same_file_again_after_an_interruption_goes_on(small_body_server, tmp_path,
+                                                                   store_dir, monkeypatch):
+    """The client stopped at half way (Ctrl-C): running the same upload
+    again sends only the rest; an upload refused at its end is not resumed."""
+    path = tmp_path / "zen.2459000.7.txt"
+    path.write_bytes(os.urandom(4 << 20))
+    client = librarian_client.LibrarianClient(conn_config={
+        "url": small_body_server.url, "authenticator": AUTH["admin"]})
+    sent = []
+    real = librarian_client.requests.Session.request
+
+    def interrupted(self, method, url, **kw):
+        if method == "PATCH":
+            if sum(sent) >= 2 << 20:
+                raise KeyboardInterrupt
+            sent.append(len(kw["data"]))
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.upload(str(path), "zen.2459000.7.txt", null_obsid=True, chunk_size=1 << 20)
+    monkeypatch.setattr(librarian_client.requests.Session, "request", real)
+    before = models.Upload.select().count()
+    sent.clear()
+
+    def counting(self, method, url, **kw):
+        if method == "PATCH":
+            sent.append(len(kw["data"]))
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", counting)
+    reply = client.upload(str(path), "zen.2459000.7.txt", null_obsid=True, chunk_size=1 << 20)
+    assert reply["created"] and sum(sent) == 2 << 20 and before == 1
+    assert librarian_client.UploadMemo()._load() == {}
+    # without null_obsid the text file is refused at its last chunk; sent again
+    # with it, the upload starts afresh instead of resuming the refused one
+    other = tmp_path / "zen.2459000.8.txt"
+    other.write_bytes(b"not data")
+    with pytest.raises(librarian_client.RPCError):
+        client.upload(str(other), "zen.2459000.8.txt")
+    assert client.upload(str(other), "zen.2459000.8.txt", null_obsid=True)["created"]
