@@ -762,9 +762,6 @@ def op_search(source, args):
         require_level(source, "read-write")
         return staging.launch(ctx(), args["search"], args["stage_user"] or source.name,
                               args["stage_dest"] or "", source)
-    if fmt not in SEARCH_OUTPUTS:
-        fail(400, "output_format must be one of %s, got %r"
-             % (", ".join(sorted(SEARCH_OUTPUTS)), fmt))
     make_query, to_dict = SEARCH_OUTPUTS[fmt]
     query = page(make_query(args["search"]), args["limit"], args["offset"])
     with search_limits(source):

@@ -228,7 +228,7 @@ def test_instance_listing(catalogue, web, tmp_path, store_dir):
 
 def test_bad_output_format_and_staging_not_yet(catalogue, web):
     msg = api(web, "search", status=400, search="{}", output_format="csv")["message"]
-    assert "output_format must be one of" in msg
+    assert "'output_format' must be one of" in msg
     msg = api(web, "search", status=400, search="{}",
               output_format="stage-the-files-json")["message"]
     assert "staging is not configured" in msg
