@@ -229,10 +229,15 @@ def test_search_forms_list_their_clauses(browser):
 
 def test_upload_with_session_needs_the_csrf_header(browser, store_dir):
     browser.put("/api/upload/web.txt?null_obsid=true", b"data", status=403)
-    token = re.search(r'"X-CSRF-Token", "([^"]+)"', browser.get("/upload").text).group(1)
+    token = re.search(r'"X-CSRF-Token": "([^"]+)"', browser.get("/upload").text).group(1)
     reply = browser.put("/api/upload/web.txt?null_obsid=true", b"data",
                         headers={"X-CSRF-Token": token}, status=201).json
     assert reply["name"] == "web.txt" and models.File.get().source == "admin"
+    # the form's resumable upload, likewise
+    create = {"Tus-Resumable": "1.0.0", "Upload-Length": "4",
+              "Upload-Metadata": "dest d2ViMi50eHQ=,null_obsid dHJ1ZQ=="}
+    browser.post("/api/uploads", headers=create, status=403)
+    browser.post("/api/uploads", headers=dict(create, **{"X-CSRF-Token": token}), status=201)
 
 
 @pytest.mark.parametrize("url,status", [
