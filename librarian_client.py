@@ -403,11 +403,16 @@ class LibrarianClient:
             url, offset = urljoin(self.url, resp.headers["Location"]), 0
             if on_created:
                 on_created(url)
+        with ChunkReader(stream, length, chunk_size) as chunks:
+            return self._send_chunks(url, headers, offset, length, chunks, progress)
+
+    def _send_chunks(self, url, headers, offset, length, chunks, progress):
+        """PATCH the chunks from `offset` on (see `upload_stream`), then GET
+        the outcome; returns the reply."""
         failures = 0
         while offset < length:
-            stream.seek(offset)
-            chunk = stream.read(min(chunk_size, length - offset))
-            resp = self._send_chunk(url, headers, offset, chunk)
+            chunk, digest = chunks.at(offset)
+            resp = self._send_chunk(url, headers, offset, chunk, digest)
             if resp is not None and resp.status_code == 204:
                 offset, failures = int(resp.headers["Upload-Offset"]), 0
                 if progress:
@@ -432,9 +437,9 @@ class LibrarianClient:
         reply["created"] = outcome["status"] == 201
         return reply
 
-    def _send_chunk(self, url, headers, offset, chunk):
-        """PATCH one chunk; None when the connection failed."""
-        digest = base64.b64encode(hashlib.sha1(chunk).digest()).decode("ascii")
+    def _send_chunk(self, url, headers, offset, chunk, digest):
+        """PATCH one chunk with its SHA-1 (base64); None when the
+        connection failed."""
         try:
             return self.session.request("PATCH", url, data=chunk, timeout=TIMEOUT, headers=dict(
                 headers, **{"Upload-Offset": str(offset), "Upload-Checksum": "sha1 " + digest,
@@ -684,6 +689,40 @@ class UploadMemo:
             os.replace(tmp, self.path)
         except OSError:
             pass
+
+
+class ChunkReader:
+    """The chunks of a seekable stream of `length` bytes with their SHA-1
+    (base64, tus's Upload-Checksum), each read by a thread of its own while
+    the previous one is on the wire. Only that thread touches the stream."""
+
+    def __init__(self, stream, length, size):
+        self.stream, self.length, self.size = stream, length, size
+        self.pool, self.ahead = None, None
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-reader")
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, offset):
+        self.stream.seek(offset)
+        chunk = self.stream.read(min(self.size, self.length - offset))
+        return offset, chunk, base64.b64encode(hashlib.sha1(chunk).digest()).decode("ascii")
+
+    def at(self, offset):
+        """(chunk, its SHA-1) starting at byte `offset`; the next chunk is
+        read meanwhile."""
+        if self.ahead is None or self.ahead.result()[0] != offset:
+            self.ahead = self.pool.submit(self._read, offset)
+        _, chunk, digest = self.ahead.result()
+        following = offset + len(chunk)
+        self.ahead = self.pool.submit(self._read, following) if following < self.length else None
+        return chunk, digest
 
 
 def _tus_metadata(fields):

@@ -28,6 +28,7 @@ headers and call these functions; errors are `errors.LibrarianError`.
 
 import base64
 import binascii
+import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -52,8 +53,33 @@ METADATA_KEYS = {"dest", "md5", "null_obsid", "deletion_policy", "directory", "f
                  "filetype"}  # filename, filetype: what browser clients send; ignored
 PARTIAL = "upload.partial"  # the bytes so far, in the upload's staging folder
 
-_digests = {}  # upload id -> (offset, running md5) of flat uploads appended here
+_digests = {}  # upload id -> RunningMD5 of a flat upload appended to here
 _digests_lock = threading.Lock()
+_hashers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="md5")
+
+
+class RunningMD5:
+    """The MD5 of a flat upload's first `offset` bytes. Each chunk is hashed
+    by a pool thread while the request ends and the next chunk arrives
+    (hashlib releases the GIL), one chunk at a time in order; `hexdigest`
+    waits for what is pending."""
+
+    def __init__(self, digest, offset):
+        self.digest, self.offset, self.pending = digest, offset, None
+
+    def feed(self, data):
+        self.wait()
+        self.pending = _hashers.submit(self.digest.update, data)
+        self.offset += len(data)
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def hexdigest(self):
+        self.wait()
+        return self.digest.hexdigest()
 
 
 def parse_metadata(header):
@@ -207,9 +233,9 @@ def append(store, row, offset, data, finish):
         store.write_at(partial, offset, data)
         new_offset = offset + len(data)
         if digest is not None:
-            digest.update(data)
+            digest.feed(data)
             with _digests_lock:
-                _digests[row.id] = (new_offset, digest)
+                _digests[row.id] = digest
         if new_offset < row.length:
             release(row, new_offset)
             return new_offset
@@ -234,10 +260,10 @@ def _running_md5(store, row, partial, offset):
     """The MD5 of the first `offset` bytes: kept here from the previous
     chunk, else (another process took them) read back from staging."""
     with _digests_lock:
-        at, digest = _digests.pop(row.id, (None, None))
-    if at == offset:
+        digest = _digests.pop(row.id, None)
+    if digest is not None and digest.offset == offset:
         return digest
-    return store.md5_of_prefix(partial, offset) if offset else hashlib.md5()
+    return RunningMD5(store.md5_of_prefix(partial, offset) if offset else hashlib.md5(), offset)
 
 
 def _complete(store, row, partial, digest, finish):

@@ -5,6 +5,8 @@ compare with `md5sum` of the same file in the same run.
     python bench/upload.py [--size-mib 1024] [--keep]
 
 Prints the upload rate (MB/s), md5sum's rate, their ratio (goal >= 0.8),
+`dd`'s rate writing the same file to the same disk and the upload's ratio
+to it (an upload writes each byte once, so the disk's write speed bounds it),
 the server's peak resident memory and its growth during the uploads (goal:
 <= threads x chunk size + 64 MB), and, for a second upload whose connection
 is dropped once at half way, the bytes sent against the file's size (goal:
@@ -159,6 +161,14 @@ def main():
                                  text=True).stdout.split()[0]
             md5sum_s = time.perf_counter() - start
 
+            # dd of the same file to the same disk in the same blocks: what writing the
+            # bytes costs here (once the page cache is busy, this machine's writes slow).
+            start = time.perf_counter()
+            subprocess.run(["dd", "if=" + data, "of=" + os.path.join(work, "dd.dat"),
+                            "bs=%d" % CHUNK, "status=none"], check=True)
+            dd_s = time.perf_counter() - start
+            os.unlink(os.path.join(work, "dd.dat"))
+
             start = time.perf_counter()
             reply = client.upload(data, "bench.dat", null_obsid=True, chunk_size=CHUNK)
             upload_s = time.perf_counter() - start
@@ -168,7 +178,8 @@ def main():
             again = os.path.join(work, "bench2.dat")
             os.link(data, again)
             counter = DropOnce(size)
-            librarian_client.requests.Session.request = counter
+            librarian_client.requests.Session.request = \
+                lambda session, method, url, **kw: counter(session, method, url, **kw)
             try:
                 reply = client.upload(again, "bench2.dat", null_obsid=True, chunk_size=CHUNK)
             finally:
@@ -181,6 +192,8 @@ def main():
     print("resumable upload:     %8.1f MB/s (%.2f s)" % (mb / upload_s, upload_s))
     print("md5sum of same file:  %8.1f MB/s (%.2f s)" % (mb / md5sum_s, md5sum_s))
     print("ratio upload/md5sum:  %8.2f   (goal >= 0.8)" % (md5sum_s / upload_s))
+    print("dd of same file:      %8.1f MB/s (%.2f s)" % (mb / dd_s, dd_s))
+    print("ratio upload/dd:      %8.2f   (an upload writes each byte once)" % (dd_s / upload_s))
     print("server peak RSS before upload: %.1f MB" % (rss_before / 1024))
     print("server peak RSS:      %8.1f MB" % (peak / 1024))
     print("server memory growth: %8.1f MB  (goal <= %d threads x %d MiB + 64 MB = %d MB)"
