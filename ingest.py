@@ -24,7 +24,7 @@ import peewee as pw
 import uvmeta
 from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, LibrarianError,
                     Observation, ObservingSession, check_file_name, check_md5, from_unix,
-                    is_postgres, utcnow)
+                    is_postgres, short, utcnow)
 from stores import intents, split_store_path
 
 log = logging.getLogger("librarian")
@@ -302,6 +302,23 @@ def check_no_instance_inside(store, store_path):
                              % (store_path, inside.store_path, store.name))
 
 
+def check_destination(store, store_path):
+    """`(parent_dirs, name)` of a store path that a new file may take on
+    `store`: the path rules, the lengths the records hold, and not inside
+    a registered file or directory. Checked when an upload is announced
+    (before any byte is sent) and again when it is registered. Raises
+    `LibrarianError(400)`."""
+    parent_dirs, name = split_store_path(store_path)
+    if len(uvmeta.file_type(name)) > MAX_TYPE_CHARS:
+        raise LibrarianError(400, "the type of %s (the text after its last dot) is longer than "
+                             "%d characters" % (short(name), MAX_TYPE_CHARS))
+    if len(parent_dirs) > MAX_PARENT_DIRS_CHARS:
+        raise LibrarianError(400, "the folders of %s are longer than %d characters"
+                             % (short(store_path), MAX_PARENT_DIRS_CHARS))
+    check_not_inside_instance(store, parent_dirs)
+    return parent_dirs, name
+
+
 def check_not_inside_instance(store, parent_dirs):
     """Refuse (409) a store path that would put bytes inside a registered
     file or directory."""
@@ -335,17 +352,10 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
     instance), when an instance elsewhere has its bytes (looked at here,
     under the transaction's lock); an instance at
     `store_path` whose bytes are lost is healed."""
-    parent_dirs, name = split_store_path(store_path)
     policy = policy_code(deletion_policy)
-    if len(uvmeta.file_type(name)) > MAX_TYPE_CHARS:
-        raise LibrarianError(400, "the type of %r (the text after its last dot) is longer than "
-                             "%d characters" % (name, MAX_TYPE_CHARS))
-    if len(parent_dirs) > MAX_PARENT_DIRS_CHARS:
-        raise LibrarianError(400, "the folders of %r are longer than %d characters"
-                             % (store_path, MAX_PARENT_DIRS_CHARS))
     if claim is not None:
         claim()
-    check_not_inside_instance(store, parent_dirs)
+    parent_dirs, name = check_destination(store, store_path)
     if meta_mode == "direct":
         existing = File.get_or_none(File.name == name)
         if existing is None:

@@ -111,17 +111,21 @@ def setup(config):
 
 
 def strict_utf8(wsgi):
-    """WSGI middleware refusing (400) a request whose path or query string
-    is not valid UTF-8 once percent-decoded: Bottle would drop the bad
+    """WSGI middleware refusing (400) a request whose path, query string or
+    a header is not valid UTF-8 once percent-decoded: Bottle would drop the bad
     bytes silently, so that `PUT /api/upload/%ED%A0%80.dat` named a file
     `.dat` and a stray `%ff` in a download named another file."""
     def checked(environ, start_response):
         try:
             environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
             urllib.parse.unquote_to_bytes(environ.get("QUERY_STRING", "")).decode("utf-8")
+            for key, value in environ.items():  # header values too: Bottle decodes them
+                if key.startswith("HTTP_") and isinstance(value, str):
+                    value.encode("latin-1").decode("utf-8")
         except UnicodeError:
-            body = json.dumps({"success": False, "message": "the URL is not valid UTF-8 once "
-                               "percent-decoded; names are UTF-8 text"}).encode("utf-8")
+            body = json.dumps({"success": False, "message": "the URL or a header is not valid "
+                               "UTF-8 (once percent-decoded); names are UTF-8 text"}
+                              ).encode("utf-8")
             start_response("400 Bad Request", [("Content-Type", "application/json"),
                                                ("Content-Length", str(len(body)))])
             return [body]
@@ -258,6 +262,7 @@ def _close_db():
     started = request.environ.get("librarian.start")
     if started is not None:
         path = request.path if len(request.path) <= 300 else request.path[:300] + "..."
+        path = models.CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), path)  # one line
         log.info("%s %s %s %.3fs", request.method, path, response.status_code,
                  time.monotonic() - started)
 
@@ -820,7 +825,8 @@ def op_delete_file_instances_matching_query(source, args):
     if not search.parse(args["query"]):
         fail(400, "the query is empty, which matches every file; to mean every file, say "
              "so: {\"always-true\": []}")
-    names = [f.name for f in search.file_query(args["query"]).select(File.name)]
+    with search_limits(source):
+        names = [f.name for f in search.file_query(args["query"]).select(File.name)]
     return {"stats": {name: deletion.delete_instances(ctx(), name, mode, args["restrict_to_store"])
                       for name in names}}
 
@@ -928,6 +934,7 @@ def upload(dest_store_path):
         fail(400, "no request body: send the file's bytes, with a Content-Length")
     store = choose_store(max(length, 0))
     store.resolve(dest_store_path)  # refuse paths leaving the store before any byte moves
+    ingest.check_destination(store, dest_store_path)
     with store.staging_dir() as staging:
         reader = BodyReader(request.environ["wsgi.input"], length if length >= 0 else None)
         staged = posixpath.join(staging, name)
@@ -995,7 +1002,7 @@ def header_int(name):
     value = request.get_header(name)
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 19:
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
         fail(400, "%s must be a whole number, got %s" % (name, errors.short(value)))
     return int(value)
 
@@ -1122,9 +1129,9 @@ def byte_range(size):
     answer); a single unsatisfiable bytes range is 416."""
     header = request.environ.get("HTTP_RANGE", "")
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    if unit.strip().lower() != "bytes" or "," in spec:  # (units are case-insensitive)
         return None
-    ranges = list(bottle.parse_range_header(header, size))
+    ranges = list(bottle.parse_range_header("bytes=" + spec.strip(), size))
     if not ranges:
         raise HTTPResponse(status=416, headers={"Content-Range": "bytes */%d" % size})
     return ranges[0]

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import socket
+import unicodedata
 
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
@@ -308,8 +309,12 @@ class FileEvent(BaseModel):
         if len(type) > 64:
             raise LibrarianError(400, "event type is %d characters long; at most 64 allowed"
                                  % len(type))
-        return cls.create(file=file_name, time=utcnow(), type=type,
-                          payload=json.dumps(payload, sort_keys=True, allow_nan=False))
+        try:
+            text = json.dumps(payload, sort_keys=True, allow_nan=False)
+        except ValueError:  # 1e999 parses as infinity, which JSON cannot hold
+            raise LibrarianError(400, "the event payload holds a number JSON cannot hold "
+                                 "(infinite or not a number)") from None
+        return cls.create(file=file_name, time=utcnow(), type=type, payload=text)
 
 
 # Events this server writes itself: a caller may not forge them (a forged
@@ -320,8 +325,11 @@ SERVER_EVENT_PREFIXES = ("standing_order_succeeded:",)
 
 
 def check_caller_event_type(type):
-    """Refuse (403) an event type that only the server writes."""
-    if type in SERVER_EVENT_TYPES or type.startswith(SERVER_EVENT_PREFIXES):
+    """Refuse (403) an event type that only the server writes, also spelt
+    with other case, spaces or invisible characters."""
+    plain = "".join(c for c in unicodedata.normalize("NFKC", type)
+                    if unicodedata.category(c)[0] not in "CZ").lower()
+    if plain in SERVER_EVENT_TYPES or plain.startswith(SERVER_EVENT_PREFIXES):
         raise LibrarianError(403, "event type %s is written by the server itself; callers "
                              "may not add it" % type[:80])
 

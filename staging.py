@@ -177,16 +177,18 @@ def launch(ctx, search_text, user, stage_dest, source):
 
 
 def claim_destination(dest, source, prefix):
-    """Record `dest` as `source`'s, unless it or a folder above it (below
-    the prefix) is another source's (403; an admin may stage anywhere)."""
+    """Record `dest` as `source`'s, unless it, a folder above it (below
+    the prefix) or one inside it is another source's (403; an admin may
+    stage anywhere)."""
     root = os.path.realpath(prefix)
     above, path = [], dest
     while path != root and is_inside(path, root):
         above.append(path)
         path = os.path.dirname(path)
     with write_transaction():
-        owners = {r.path: r.source for r in StagingDestination.select()
-                  .where(StagingDestination.path.in_(above))}
+        owners = {r.path: r.source for r in StagingDestination.select().where(
+            StagingDestination.path.in_(above)
+            | StagingDestination.path.startswith(dest.rstrip("/") + "/"))}
         others = [p for p, s in owners.items() if s != source.name]
         if others and not source.allows("admin"):
             raise LibrarianError(403, "%s was made by the staging of another source (%s); "

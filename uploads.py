@@ -129,6 +129,7 @@ def create(store, source, fields):
     (its name) on `store` (a `stores.StoreAccess` with room for it), then
     make its staging folder; returns the Upload row."""
     store.resolve(fields["dest_store_path"])  # a path leaving the store: refused now
+    ingest.check_destination(store, fields["dest_store_path"])  # not after the last byte
     upload_id = uuid.uuid4().hex
     now = utcnow()
     staging = posixpath.join(store.staging_root(), upload_id)
@@ -229,6 +230,8 @@ def append(store, row, offset, data, finish):
     row = claim(row, offset)
     partial = posixpath.join(row.staging, PARTIAL)
     try:
+        if offset + len(data) == row.length:
+            _undo_completion(store, row, partial)
         digest = None if row.is_tar else _running_md5(store, row, partial, offset)
         store.write_at(partial, offset, data)
         new_offset = offset + len(data)
@@ -242,7 +245,7 @@ def append(store, row, offset, data, finish):
         outcome = _complete(store, row, partial, digest, finish)
     except LibrarianError as e:
         if row.offset + len(data) == row.length:
-            outcome = {"success": False, "status": e.status, "message": e.message}
+            outcome = {"success": False, "status": e.status, "message": e.message[:600]}
             release(row, row.length, outcome)
             store.remove_upload_dir(row.staging)
         else:
@@ -254,6 +257,20 @@ def append(store, row, offset, data, finish):
     release(row, row.length, outcome)
     store.remove_upload_dir(row.staging)
     return row.length
+
+
+def _undo_completion(store, row, partial):
+    """Before the last chunk is written again, undo what a completion that
+    did not end (a crash, an unexpected error) left in the staging folder:
+    the flat file renamed from the partial (or put back there by a settle)
+    becomes the partial again; a directory unpacked beside its tar goes."""
+    staged = posixpath.join(row.staging, split_store_path(row.dest_store_path)[1])
+    if not store.exists_at(staged):
+        return
+    if row.is_tar:
+        store.remove_staged(staged)
+    elif not store.exists_at(partial):
+        store.rename_staged(staged, partial)
 
 
 def _running_md5(store, row, partial, offset):

@@ -261,7 +261,7 @@ def run_reader(label, func, *args):
         raise MetadataError("the %s header asks for more than the %d MiB a header read may "
                             "use" % (label, LIMITS["memory_bytes"] >> 20)) from None
     except concurrent.futures.TimeoutError:
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.kill()  # the only way to stop a read in progress
         _discard_pool(pool)
         raise MetadataError("reading the %s header took longer than the %g s allowed"

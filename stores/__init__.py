@@ -443,12 +443,17 @@ class StoreAccess:
     def unpack(self, abs_tar, abs_dest, name):
         """Unpack the tar at `abs_tar` (a directory sent as a resumable
         upload) to the new path `abs_dest` of the same staging folder as
-        `receive` would, then remove the tar; returns (size, md5)."""
+        `receive` would; returns (size, md5). The tar stays until the
+        folder goes, so that an interrupted unpacking can start again."""
         from stores.trees import receive_tar
         with self.fs.open(abs_tar, "rb") as f:
-            result = receive_tar(self.fs, f, abs_dest, name, MAX_TREE_DEPTH)
-        self.fs.unlink(abs_tar)
-        return result
+            return receive_tar(self.fs, f, abs_dest, name, MAX_TREE_DEPTH)
+
+    def remove_staged(self, abs_path):
+        """Remove a file or tree inside a staging folder."""
+        if not self.is_staging_dir(posixpath.dirname(abs_path)):
+            raise Refused("%s is not inside a staging folder of %s" % (abs_path, self.name))
+        self.fs.remove_tree(abs_path)
 
     def rename_staged(self, abs_src, abs_dest):
         """Rename within a staging folder (never replacing an entry)."""

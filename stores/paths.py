@@ -5,8 +5,10 @@ a valid file name last; the staging area (`STAGING`) is the server's own.
 Name and path lengths follow Linux file systems.
 """
 
-from errors import Refused
-from models import check_file_name
+from errors import Refused, short
+from models import CONTROL_RE, check_file_name
+
+MAX_STORE_PATH_CHARS = 1024  # as the API documents (openapi.STORE_PATH)
 
 STAGING = ".staging"
 RESERVED_NAMES = (".librarian-destination",)
@@ -23,7 +25,13 @@ def split_store_path(store_path):
     if "\0" in store_path:
         raise Refused("store path may not contain a NUL character")
     if store_path.startswith("/"):
-        raise Refused("store path %r must be relative" % store_path)
+        raise Refused("store path %s must be relative" % short(store_path))
+    if len(store_path) > MAX_STORE_PATH_CHARS:
+        raise Refused("store path is %d characters long; at most %d allowed"
+                      % (len(store_path), MAX_STORE_PATH_CHARS))
+    if CONTROL_RE.search(store_path):
+        raise Refused("store path %s may not contain control characters (newlines, tabs, "
+                      "...), in its folders either" % short(store_path))
     parts = [p for p in store_path.split("/") if p not in ("", ".")]
     if not parts or store_path.endswith("/"):
         raise Refused("store path %r names no file: it must end in the file's "

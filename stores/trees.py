@@ -11,7 +11,7 @@ import stat
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
-from errors import LibrarianError
+from errors import LibrarianError, short
 from librarian_client import CHUNK, directory_digest
 from models import check_file_name
 from stores.paths import check_name_lengths
@@ -164,6 +164,21 @@ def _tar_member_path(member):
     return parts
 
 
+MAX_TAR_HEADER = 1 << 16  # bytes of a long-name or pax header: far above PATH_MAX
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a long-name or pax header over MAX_TAR_HEADER bytes before
+    tarfile reads it whole into memory."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > MAX_TAR_HEADER:
+            raise tarfile.HeaderError("a header of %d bytes; at most %d allowed"
+                                      % (self.size, MAX_TAR_HEADER))
+        return super()._proc_member(tar)
+
+
 def receive_tar(fs, reader, dest, name, max_depth):
     """Unpack a tar stream into the new directory `dest` on `fs`, computing
     each file's MD5 as it is written; returns (size, md5) by the directory
@@ -189,7 +204,8 @@ def receive_tar(fs, reader, dest, name, max_depth):
                 made.add(sub)
 
     try:
-        with tarfile.open(fileobj=reader, mode="r|*") as tar:
+        # "r|": no decompression (a few bytes of bzip2 could fill the store).
+        with tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 parts = _tar_member_path(member)
                 if under_top is None:  # `./name/...` is a folder `name` inside the directory
@@ -199,13 +215,14 @@ def receive_tar(fs, reader, dest, name, max_depth):
                     continue
                 if under_top:
                     if parts[0] != name:
-                        raise LibrarianError(400, "tar member %r is not under the top folder "
-                                             "%r" % (member.name, name))
+                        raise LibrarianError(400, "tar member %s is not under the top folder "
+                                             "%r" % (short(member.name), name))
                     parts = parts[1:]
                     if not parts:
                         if not member.isdir():
-                            raise LibrarianError(400, "tar member %r is a file, but a directory "
-                                                 "upload needs a folder %r" % (member.name, name))
+                            raise LibrarianError(400, "tar member %s is a file, but a directory "
+                                                 "upload needs a folder %r"
+                                                 % (short(member.name), name))
                         continue
                 rel = "/".join(parts)
                 check_name_lengths(parts, member.name)
@@ -220,13 +237,13 @@ def receive_tar(fs, reader, dest, name, max_depth):
                     make_parents(rel)
                     continue
                 if rel in entries or rel in made:
-                    raise LibrarianError(400, "tar member %r appears twice, or as a file and "
-                                         "a folder" % member.name)
+                    raise LibrarianError(400, "tar member %s appears twice, or as a file and "
+                                         "a folder" % short(member.name))
                 make_parents(posixpath.dirname(rel))
                 with fs.open(posixpath.join(dest, rel), "xb") as out:
                     size, md5 = copy_hashing(tar.extractfile(member), out)
                 if size != member.size:
-                    raise LibrarianError(400, "tar member %r is truncated" % member.name)
+                    raise LibrarianError(400, "tar member %s is truncated" % short(member.name))
                 entries[rel] = md5
                 total += size
     except tarfile.TarError as e:

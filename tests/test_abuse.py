@@ -2,8 +2,11 @@
 error echo, credentials, Range, login CSRF, search limits and the header
 reader's limits; on SQLite and PostgreSQL."""
 
+import base64
+import io
 import json
 import os
+import tarfile
 import threading
 
 import h5py
@@ -189,3 +192,73 @@ def test_an_allocation_bomb_header_is_refused_and_the_reader_recovers(app, tmp_p
     if os.path.exists(UVH5):
         assert uvmeta.read_observation(UVH5)["obsid"] > 0
     assert ctx() is not None
+
+
+def tar_bytes(build, mode="w"):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        build(tar)
+    return buf.getvalue()
+
+
+def test_compressed_tars_and_huge_tar_headers_are_refused(web, store_dir):
+    def one_file(tar, name="zen.t/f"):
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+
+    headers = dict(bearer(), **{"X-Librarian-Directory": "tar"})
+    bomb = tar_bytes(one_file, "w:bz2")  # a few bytes could unpack to gigabytes
+    reply = web.put("/api/upload/zen.t?null_obsid=true", bomb, headers=headers, status=400).json
+    assert "not a valid tar" in reply["message"]
+    huge = tar_bytes(lambda tar: one_file(tar, "zen.t/" + "n" * 300_000))  # a pax header
+    reply = web.put("/api/upload/zen.t?null_obsid=true", huge, headers=headers, status=400).json
+    assert "at most 65536 allowed" in reply["message"] and len(reply["message"]) < 700
+    assert models.File.select().count() == 0
+
+
+def test_headers_that_are_not_text_or_numbers_are_refused(web):
+    resp = web.get("/api/ping", headers={"Authorization": "Bearer \xff"}, status=400)
+    assert "not valid UTF-8" in resp.json["message"]
+    arabic_three = "\u0663".encode().decode("latin-1")  # valid UTF-8, but not an ASCII digit
+    headers = dict(bearer(), **{"Tus-Resumable": "1.0.0", "Upload-Length": arabic_three,
+                                "Upload-Metadata": "dest eA=="})
+    assert "whole number" in web.post("/api/uploads", headers=headers, status=400).json["message"]
+
+
+def test_look_alike_server_events_and_infinite_numbers_are_refused(web):
+    web.put("/api/upload/zen.5.txt?null_obsid=true", b"abc", headers=bearer(), status=201)
+    for forged in ("create_instance ", "Create_Instance", "create_\u200binstance",
+                   "STANDING_ORDER_SUCCEEDED:x"):
+        api(web, "create_file_event", status=403, file_name="zen.5.txt", type=forged, payload={})
+    resp = web.post("/api/create_file_event", json.dumps(
+        {"authenticator": AUTH["admin"], "file_name": "zen.5.txt", "type": "q"})[:-1]
+        + ', "payload": {"x": 1e999}}', headers={"Content-Type": "application/json"},
+        status=400)
+    assert "cannot hold" in resp.json["message"]
+
+
+def test_destinations_are_checked_before_any_byte_is_sent(web, store_dir):
+    web.put("/api/upload/a/zen.6.dat?null_obsid=true", b"abc", headers=bearer(), status=201)
+    tus = dict(bearer(), **{"Tus-Resumable": "1.0.0", "Upload-Length": "3"})
+
+    def create(dest, status):
+        meta = "dest " + base64.b64encode(dest.encode()).decode()
+        return web.post("/api/uploads", headers=dict(tus, **{"Upload-Metadata": meta}),
+                        status=status).json
+
+    assert "inside" in create("a/zen.6.dat/inner.dat", 409)["message"]
+    assert "control characters" in create("x\n\x1b[31m/zen.7.dat", 400)["message"]
+    assert "at most 1024" in create("b/" * 600 + "zen.8.dat", 400)["message"]
+    assert models.Upload.select().count() == 0
+
+
+def test_range_units_are_case_insensitive_and_the_log_is_one_line(web, flat_file, caplog):
+    resp = web.get("/api/download/zen.4.dat", headers=dict(bearer(), Range="Bytes=0-1"),
+                   status=206)
+    assert resp.body == flat_file[:2]
+    import logging
+    with caplog.at_level(logging.INFO, logger="librarian"):
+        web.get("/api/nothing%0A2026-01-01T00:00:00Z%20ERROR%20forged", status=404)
+    lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines)

@@ -21,12 +21,15 @@ def agree(store_dir, store_name="main"):
     """Assert that every instance on the store at `store_dir` has its bytes
     at their place with their record's size and MD5, that nothing else is
     outside the staging area, and that no intent is left. Returns the
-    registered store paths."""
+    registered store paths. Staging folders of issued folders and of
+    resumable uploads in progress are allowed."""
     with models.db.connection_context():
         records = {(i.store_path): (i.file.size, i.file.md5) for i in models.FileInstance
                    .select().join(models.Store).where(models.Store.name == store_name)}
         assert models.StoreIntent.select().count() == 0
         issued = {os.path.basename(s.path) for s in models.StagingDir.select()}
+        issued |= {os.path.basename(u.staging) for u in models.Upload.select()
+                   if u.outcome is None}  # resumable uploads in progress hold theirs
     for store_path, (size, md5) in records.items():
         assert path_md5(os.path.join(store_dir, store_path)) == (size, md5), store_path
     found, staging = store_contents(store_dir)
@@ -73,6 +76,56 @@ def test_an_upload_killed_between_move_and_commit_leaves_nothing(quiet, config_p
         assert agree(store_dir) == set()
         assert put(srv, "a/one.dat", b"one").status_code == 201
         assert agree(store_dir) == {"a/one.dat"}
+    finally:
+        srv.stop()
+
+
+def tus_upload(server, dest, length, **meta):
+    """Create a resumable upload; returns (its URL, the headers of a chunk)."""
+    tus = dict(bearer(), **{"Tus-Resumable": "1.0.0"})
+    fields = dict(dest=dest, null_obsid="true", **meta)
+    resp = requests.post(server.url + "api/uploads", headers=dict(tus, **{
+        "Upload-Length": str(length), "Upload-Metadata": ",".join(
+            "%s %s" % (k, base64.b64encode(v.encode()).decode()) for k, v in fields.items())}))
+    assert resp.status_code == 201, resp.text
+    return (server.url.rstrip("/") + resp.headers["Location"],
+            dict(tus, **{"Content-Type": "application/offset+octet-stream"}))
+
+
+def patch(url, headers, offset, data):
+    return requests.patch(url, data=data, headers=dict(headers, **{"Upload-Offset": str(offset)}),
+                          timeout=60)
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_resumable_upload_killed_at_its_commit_finishes_when_sent_again(
+        quiet, config_path, store_dir, tmp_path, directory):
+    """kill -9 while the last chunk registers the file: after a restart the
+    client's HEAD gives the offset before that chunk, and sending it again
+    registers the file (the bytes a settle put back are the partial again)."""
+    if directory:
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "f").write_bytes(os.urandom(300_000))
+        data = b"".join(iter(lambda v=librarian_client.TarView(str(tmp_path / "d"), "d"):
+                             v.read(1 << 16), b""))
+        dest, meta = "t/d", {"directory": "tar"}
+    else:
+        data, dest, meta = os.urandom(300_000), "t/f.dat", {}
+    srv = crashing(config_path, "commit:moved")
+    url, headers = tus_upload(srv, dest, len(data), **meta)
+    assert patch(url, headers, 0, data[:100_000]).status_code == 204
+    with pytest.raises(requests.ConnectionError):
+        patch(url, headers, 100_000, data[100_000:])
+    died(srv)
+    srv = Server(config_path).start()
+    try:
+        assert agree(store_dir) == set()
+        offset = int(requests.head(url, headers=headers).headers["Upload-Offset"])
+        assert offset == 100_000
+        assert patch(url, headers, offset, data[offset:]).status_code == 204
+        outcome = requests.get(url, headers=bearer()).json()["outcome"]
+        assert outcome["status"] == 201, outcome
+        assert agree(store_dir) == {dest}
     finally:
         srv.stop()
 

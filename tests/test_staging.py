@@ -10,6 +10,7 @@ import getpass
 import pytest
 
 import tasks
+import models
 from conftest import ctx, api, bearer
 
 USER = getpass.getuser()  # a user of this system, as chown_command needs
@@ -287,3 +288,20 @@ def test_the_hand_over_never_follows_a_folder_swapped_after_the_copies(staged, a
     assert not log.exists()
     errors = (staged / USER / "a.moved" / "b" / "STAGING-ERRORS").read_text()
     assert "no longer the folder staged into" in errors
+
+
+def test_a_staging_never_writes_into_another_sources_folders(staged, web):
+    """A folder a staging made is its source's: another read-write source
+    may stage neither into it, nor above it, nor below it."""
+    models.create_source("writer2", "writer2-secret", "read-write")
+    api(web, "search", auth="writer", search='{"name-matches": "one.%"}',
+        output_format="stage-the-files-json", stage_user="ann", stage_dest="night/data")
+    for dest in ("night/data", "night/data/sub", "night"):
+        reply = api(web, "search", auth="writer2-secret", status=403,
+                    search='{"name-matches": "two.%"}', output_format="stage-the-files-json",
+                    stage_user="ann", stage_dest=dest)
+        assert "another source" in reply["message"], dest
+    api(web, "search", auth="writer2-secret", search='{"name-matches": "two.%"}',
+        output_format="stage-the-files-json", stage_user="ann", stage_dest="elsewhere")
+    assert tasks.run_until_empty(ctx()) == 2
+    assert not (staged / "ann" / "night" / "data" / "b").exists()
