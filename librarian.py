@@ -502,8 +502,9 @@ def local_instance(file_name):
 
 
 def choose_store(upload_size):
-    """The available, reachable store with the most free space that can
-    hold `upload_size` bytes (a `stores.StoreAccess`); an unreachable store
+    """The available, reachable store with the most free space (less what
+    unfinished uploads to it will still write) that can hold `upload_size`
+    bytes (a `stores.StoreAccess`); an unreachable store
     is passed over. 400 when no store is available or none has room, 503
     naming the stores and why when the only candidates are unreachable."""
     best, best_free, problems = None, -1, []
@@ -514,6 +515,8 @@ def choose_store(upload_size):
             problems.append(problem)
             continue
         free = store.free_space()
+        if free is not None:
+            free -= uploads.reserved(row)  # what unfinished uploads will still write
         if free is not None and free >= upload_size and free > best_free:
             best, best_free = store, free
     if best is None:
@@ -1015,6 +1018,7 @@ def tus_create():
                                    uploads.parse_metadata(request.get_header("Upload-Metadata")))
     if request.content_length > 0:
         fail(400, "send the bytes with PATCH after creating the upload")
+    uploads.check_open_uploads(source.name, cfg().server["uploads_per_caller"])
     store = choose_store(fields["length"])
     row = uploads.create(store, source.name, fields)
     if row.length == 0:  # complete at creation, as tus clients expect

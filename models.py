@@ -527,15 +527,21 @@ def find_source(authenticator):
     return None
 
 
+def _proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name, or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _start_ticks(pid):
     """When process `pid` started (clock ticks since boot, from
     /proc/PID/stat), or None: with the pid, it names one process even when
     pids are reused (a server that is pid 1 in its container, restarted)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def this_process():
@@ -557,6 +563,9 @@ def process_is_gone(owner):
         return True
     except PermissionError:
         pass
+    fields = _proc_stat(int(pid))
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+        return True
     started = _start_ticks(int(pid))
     return bool(start) and start != "None" and started is not None and started != start
 

@@ -38,6 +38,8 @@ import socket
 import threading
 import uuid
 
+import peewee as pw
+
 import ingest
 import models
 from errors import ChecksumMismatch, Conflict, LibrarianError, NotFound, Refused, short
@@ -143,6 +145,22 @@ def create(store, source, fields):
             row.delete_instance()
         raise
     return row
+
+
+def reserved(store_row):
+    """Bytes that unfinished uploads to the store will still write."""
+    total = (Upload.select(pw.fn.SUM(Upload.length - Upload.offset))
+             .where((Upload.store == store_row) & Upload.outcome.is_null()).scalar())
+    return int(total or 0)
+
+
+def check_open_uploads(source, limit):
+    """429 when `source` (a name) has `limit` unfinished uploads already."""
+    n = Upload.select().where((Upload.source == source) & Upload.outcome.is_null()).count()
+    if n >= limit:
+        raise LibrarianError(429, "%s has %d unfinished uploads, the most [server] "
+                             "uploads_per_caller allows; finish or abandon (DELETE) some"
+                             % (source, n))
 
 
 def find(upload_id, source):

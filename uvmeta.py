@@ -249,13 +249,27 @@ def run_reader(label, func, *args):
     in the reader process and return its result. Raises `MetadataError`
     naming `label` ('MIRIAD', 'UVH5', 'data set') when the reader process
     crashes."""
-    pool = _reader_pool()
+    for attempt in (1, 2):
+        pool = _reader_pool()
+        try:
+            return _run_in(pool, label, func, *args)
+        except (BrokenProcessPool, concurrent.futures.CancelledError):
+            # The reader died or was stopped, by this read or by another caller's
+            # (its limits): once more in a fresh one, so that only the culprit fails.
+            _discard_pool(pool)
+            if attempt == 2:
+                raise MetadataError("the %s header is malformed: reading it crashed the "
+                                    "reader" % label) from None
+
+
+def _run_in(pool, label, func, *args):
+    """`run_reader` in `pool`: one read under LIMITS."""
     try:
-        return pool.submit(func, *args).result(timeout=LIMITS["seconds"])
-    except BrokenProcessPool:
-        _discard_pool(pool)
-        raise MetadataError("the %s header is malformed: reading it crashed the reader"
-                            % label) from None
+        future = pool.submit(func, *args)
+    except RuntimeError:  # shut down by another caller meanwhile
+        raise BrokenProcessPool("the reader was stopped") from None
+    try:
+        return future.result(timeout=LIMITS["seconds"])
     except MemoryError:
         _discard_pool(pool)  # a fresh reader after a refusal
         raise MetadataError("the %s header asks for more than the %d MiB a header read may "

@@ -33,7 +33,8 @@ import signal
 import socket
 import threading
 
-from models import StoreIntent, process_is_gone, this_process, utcnow, write_transaction
+from models import (StoreIntent, Upload, process_is_gone, this_process, utcnow,
+                    write_transaction)
 
 log = logging.getLogger("librarian")
 
@@ -105,10 +106,13 @@ def owner_is_gone(intent, now=None):
 
 
 def heartbeat():
-    """Renew the lease of this process's intents."""
+    """Renew the lease of this process's intents, and of the resumable
+    uploads it is writing or registering (a long last chunk must not look
+    abandoned to another host)."""
     with write_transaction():
         (StoreIntent.update(heartbeat=utcnow())
          .where(StoreIntent.owner == this_process()).execute())
+        Upload.update(updated=utcnow()).where(Upload.writer == this_process()).execute()
 
 
 def dead(store_row):

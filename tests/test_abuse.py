@@ -262,3 +262,41 @@ def test_range_units_are_case_insensitive_and_the_log_is_one_line(web, flat_file
         web.get("/api/nothing%0A2026-01-01T00:00:00Z%20ERROR%20forged", status=404)
     lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
     assert lines and all("\n" not in line for line in lines)
+
+
+def test_a_read_stopped_for_its_limits_costs_no_other_caller_their_read(app):
+    """Two reads at once: one over the time limit is stopped (with the
+    reader process), the other is read again in a fresh reader."""
+    from conftest import UVH5, need_data
+    need_data()
+    import time
+    old = dict(uvmeta.LIMITS)
+    uvmeta.shutdown()
+    uvmeta.set_limits(old["memory_bytes"], 2.0)
+    results = {}
+
+    def slow():
+        try:
+            uvmeta.run_reader("slow", time.sleep, 30)
+        except uvmeta.MetadataError as e:
+            results["slow"] = str(e)
+
+    def good():  # a read of 1.5 s, still running when the slow one is stopped at 2 s
+        time.sleep(1.0)
+        try:
+            results["good"] = uvmeta.run_reader("good", time.sleep, 1.5) is None
+        except uvmeta.MetadataError as e:
+            results["good"] = str(e)
+
+    try:
+        threads = [threading.Thread(target=slow), threading.Thread(target=good)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        uvmeta.shutdown()
+        uvmeta.set_limits(old["memory_bytes"], old["seconds"])
+    assert "longer than the 2 s allowed" in results["slow"]
+    assert results["good"] is True
+    assert uvmeta.read_observation(UVH5)["obsid"] > 0

@@ -122,6 +122,19 @@ def test_an_upload_is_only_its_creators(web):
     create(web, 10, who="reader", status=403, dest="zen.6.txt")
 
 
+def test_unfinished_uploads_are_bounded_per_caller_and_reserve_their_space(web, app):
+    app.config["librarian.settings"].server["uploads_per_caller"] = 2
+    free = ctx().open_store(models.Store.get()).free_space()
+    create(web, free - (64 << 20), dest="zen.r1.txt", null_obsid="true")
+    # the space the first will still write is taken: a second as large finds no room
+    _, resp = create(web, free - (64 << 20), status=400, dest="zen.r2.txt", null_obsid="true")
+    assert "room" in resp.json["message"]
+    create(web, 10, dest="zen.r3.txt", null_obsid="true")
+    _, resp = create(web, 10, status=429, dest="zen.r4.txt", null_obsid="true")
+    assert "uploads_per_caller" in resp.json["message"]
+    create(web, 10, who="writer", dest="zen.r5.txt", null_obsid="true")  # others are not held
+
+
 def test_termination_removes_the_staged_bytes(web, store_dir):
     url, _ = create(web, 10, dest="zen.7.txt", null_obsid="true")
     patch(web, url, 0, b"01234")
