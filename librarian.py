@@ -1358,7 +1358,20 @@ def exit_on_sigterm():
     """Make SIGTERM (`kill`, service managers) leave through the normal
     exit path, so that `finally` blocks run and the header reader process
     stops with the server instead of being left behind."""
+    leaving = threading.Event()
+
+    def insist(signum):
+        # waitress runs some callbacks under a bare `except:` that can swallow
+        # the SystemExit; the signal comes again until the process has left.
+        for _ in range(5):
+            time.sleep(2.0)
+            os.kill(os.getpid(), signum)
+        os._exit(128 + signum)
+
     def handler(signum, frame):
+        if not leaving.is_set():
+            leaving.set()
+            threading.Thread(target=insist, args=(signum,), daemon=True).start()
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
