@@ -11,6 +11,7 @@ the link itself), never reach outside the store or into registered data.
 
 import contextlib
 import errno
+import mmap
 import os
 import posixpath
 import shutil
@@ -21,6 +22,7 @@ from librarian_client import path_md5
 from stores.ssh import DiskUsage
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+DIRECT_ALIGN = 4096  # bytes: offsets and lengths of writes that may bypass the page cache
 
 
 def _enter(parent_fd, name):
@@ -139,12 +141,27 @@ class LocalFS:
     def write_at(self, path, offset, data):
         """Write `data` at byte `offset` of the file `path` (created if
         missing), cutting off whatever lay beyond `offset` first (what an
-        interrupted write left)."""
+        interrupted write left). Aligned chunks bypass the page cache
+        (O_DIRECT, from a page-aligned copy): a chunk of a resumable upload
+        is written once and not read soon, and where page-cache writes are
+        slow (seen: a third of direct writes' speed) they set the pace."""
+        direct = getattr(os, "O_DIRECT", 0) if (offset | len(data)) % DIRECT_ALIGN == 0 else 0
+        if direct and data:
+            try:
+                aligned = mmap.mmap(-1, len(data))
+                aligned.write(data)
+                return self._pwrite(path, offset, memoryview(aligned), direct)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: no direct I/O here (tmpfs, say)
+                    raise
+        self._pwrite(path, offset, memoryview(data), 0)
+
+    def _pwrite(self, path, offset, view, extra_flags):
         with self._parent(path) as (fd, name):
-            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | extra_flags, 0o644,
+                          dir_fd=fd)
         try:
             os.ftruncate(out, offset)
-            view = memoryview(data)
             while view:
                 n = os.pwrite(out, view, offset)
                 view, offset = view[n:], offset + n
