@@ -1027,12 +1027,12 @@ def tus_create():
                                              "Tus-Resumable": uploads.TUS_VERSION})
 
 
-def append_chunk(store, row, offset, data):
+def append_chunk(store, row, offset, data, checksum=None):
     """`uploads.append`, finishing as every upload does; the new offset."""
     def finish(staged, size, md5):
         return finish_upload(store, staged, row.dest_store_path, row.source, row.md5,
                              row.null_obsid, row.deletion_policy, size, md5)
-    return uploads.append(store, row, offset, data, finish)
+    return uploads.append(store, row, offset, data, finish, checksum)
 
 
 @tus
@@ -1059,8 +1059,8 @@ def tus_patch(upload_id):
     data = request.environ["wsgi.input"].read(length if length >= 0 else -1)
     if length >= 0 and len(data) != length:
         fail(400, "the chunk ended %d bytes before its Content-Length" % (length - len(data)))
-    uploads.check_chunk(data, request.get_header("Upload-Checksum"))
-    new_offset = append_chunk(ctx().open_store(row.store), row, offset, data)
+    checksum = uploads.parse_checksum(request.get_header("Upload-Checksum"))
+    new_offset = append_chunk(ctx().open_store(row.store), row, offset, data, checksum)
     return HTTPResponse(status=204, headers={"Upload-Offset": str(new_offset),
                                              "Tus-Resumable": uploads.TUS_VERSION})
 

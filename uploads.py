@@ -172,11 +172,12 @@ def find(upload_id, source):
     return row
 
 
-def check_chunk(data, checksum_header):
-    """Refuse (460 by `ChecksumMismatch`) a chunk whose `Upload-Checksum`
-    (`algorithm base64digest`) does not match; 400 when it is malformed."""
+def parse_checksum(checksum_header):
+    """(algorithm, digest bytes) of an `Upload-Checksum` header
+    (`algorithm base64digest`), or None without one; 400 when it is
+    malformed or names an algorithm not offered."""
     if checksum_header is None:
-        return
+        return None
     algorithm, _, value = checksum_header.strip().partition(" ")
     if algorithm not in CHECKSUMS:
         raise Refused("Upload-Checksum algorithm %s is not supported; supported: %s"
@@ -185,6 +186,13 @@ def check_chunk(data, checksum_header):
         expected = base64.b64decode(value.strip(), validate=True)
     except binascii.Error:
         raise Refused("Upload-Checksum is not `algorithm base64digest`") from None
+    return algorithm, expected
+
+
+def check_chunk(data, checksum):
+    """Refuse (460 by `ChecksumMismatch`) a chunk whose checksum (from
+    `parse_checksum`) does not match."""
+    algorithm, expected = checksum
     if CHECKSUMS[algorithm](data).digest() != expected:
         raise ChecksumMismatch("the chunk's %s differs from its Upload-Checksum; send it again"
                                % algorithm)
@@ -233,13 +241,16 @@ def release(row, offset=None, outcome=None):
                                       & (Upload.writer == this_process())).execute()
 
 
-def append(store, row, offset, data, finish):
+def append(store, row, offset, data, finish, checksum=None):
     """Write the chunk `data` at `offset` of the upload `row` (on `store`),
     and when it is the last, call `finish(staged_path, size, md5)` (which
     verifies and registers, returning the reply fields) and record its
-    outcome. Returns the new offset. Raises `LibrarianError`: 409 for a
-    wrong offset or a concurrent writer, 400 for bytes beyond the length,
-    or what `finish` raised (recorded as the outcome too)."""
+    outcome. The chunk's `checksum` (`parse_checksum`) is checked while it
+    is written; a mismatch leaves the offset as it was (what was written
+    beyond it is cut off by the next write). Returns the new offset.
+    Raises `LibrarianError`: 460 for a damaged chunk, 409 for a wrong
+    offset or a concurrent writer, 400 for bytes beyond the length, or
+    what `finish` raised (recorded as the outcome too)."""
     if row.outcome is not None:
         raise Conflict("upload %s is finished; GET it for the outcome" % row.id)
     if offset + len(data) > row.length:
@@ -247,11 +258,15 @@ def append(store, row, offset, data, finish):
                       % (offset + len(data), row.length))
     row = claim(row, offset)
     partial = posixpath.join(row.staging, PARTIAL)
+    digest = None
     try:
         if offset + len(data) == row.length:
             _undo_completion(store, row, partial)
         digest = None if row.is_tar else _running_md5(store, row, partial, offset)
+        verified = _hashers.submit(check_chunk, data, checksum) if checksum else None
         store.write_at(partial, offset, data)
+        if verified is not None:
+            verified.result()
         new_offset = offset + len(data)
         if digest is not None:
             digest.feed(data)
@@ -261,6 +276,12 @@ def append(store, row, offset, data, finish):
             release(row, new_offset)
             return new_offset
         outcome = _complete(store, row, partial, digest, finish)
+    except ChecksumMismatch:
+        if digest is not None:  # still the MD5 of the bytes before the offset
+            with _digests_lock:
+                _digests[row.id] = digest
+        release(row)
+        raise
     except LibrarianError as e:
         if row.offset + len(data) == row.length:
             outcome = {"success": False, "status": e.status, "message": e.message[:600]}
