@@ -974,19 +974,23 @@ bottle.HTTP_CODES[460] = "Checksum Mismatch"
 def tus(func):
     """A tus route: every answer carries `Tus-Resumable`, and a request
     must name the version this server speaks (412 otherwise)."""
+    handled = handle_errors(func)
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             if request.get_header("Tus-Resumable") != uploads.TUS_VERSION:
                 fail(412, "send Tus-Resumable: %s (the tus version this server speaks)"
                      % uploads.TUS_VERSION)
-            result = handle_errors(func)(*args, **kwargs)
+            result = handled(*args, **kwargs)
         except HTTPResponse as e:
             e.set_header("Tus-Resumable", uploads.TUS_VERSION)
             e.set_header("Tus-Version", uploads.TUS_VERSION)
             raise
-        response.set_header("Tus-Resumable", uploads.TUS_VERSION)
-        response.set_header("Cache-Control", "no-store")
+        # (An HTTPResponse returned replaces `response`'s headers with its own.)
+        answer = result if isinstance(result, HTTPResponse) else response
+        answer.set_header("Tus-Resumable", uploads.TUS_VERSION)
+        answer.set_header("Cache-Control", "no-store")
         return result
     return wrapper
 
@@ -1023,8 +1027,7 @@ def tus_create():
     row = uploads.create(store, source.name, fields)
     if row.length == 0:  # complete at creation, as tus clients expect
         append_chunk(store, row, 0, b"")
-    return HTTPResponse(status=201, headers={"Location": "/api/uploads/" + row.id,
-                                             "Tus-Resumable": uploads.TUS_VERSION})
+    return HTTPResponse(status=201, headers={"Location": "/api/uploads/" + row.id})
 
 
 def append_chunk(store, row, offset, data, checksum=None):
@@ -1039,9 +1042,8 @@ def append_chunk(store, row, offset, data, checksum=None):
 def tus_head(upload_id):
     """HEAD /api/uploads/<id>: the upload's offset and length."""
     row = uploads.find(upload_id, caller("read-append", allow_session=True))
-    return HTTPResponse(status=200, headers={
-        "Upload-Offset": str(row.offset), "Upload-Length": str(row.length),
-        "Tus-Resumable": uploads.TUS_VERSION, "Cache-Control": "no-store"})
+    return HTTPResponse(status=200, headers={"Upload-Offset": str(row.offset),
+                                             "Upload-Length": str(row.length)})
 
 
 @tus
@@ -1061,8 +1063,7 @@ def tus_patch(upload_id):
         fail(400, "the chunk ended %d bytes before its Content-Length" % (length - len(data)))
     checksum = uploads.parse_checksum(request.get_header("Upload-Checksum"))
     new_offset = append_chunk(ctx().open_store(row.store), row, offset, data, checksum)
-    return HTTPResponse(status=204, headers={"Upload-Offset": str(new_offset),
-                                             "Tus-Resumable": uploads.TUS_VERSION})
+    return HTTPResponse(status=204, headers={"Upload-Offset": str(new_offset)})
 
 
 @tus
@@ -1070,7 +1071,7 @@ def tus_delete(upload_id):
     """DELETE /api/uploads/<id>: abandon an upload and its staged bytes."""
     row = uploads.find(upload_id, caller("read-append", allow_session=True))
     uploads.terminate(ctx().open_store(row.store), row)
-    return HTTPResponse(status=204, headers={"Tus-Resumable": uploads.TUS_VERSION})
+    return HTTPResponse(status=204)
 
 
 @handle_errors

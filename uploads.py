@@ -7,10 +7,12 @@ A caller creates an upload (`POST /api/uploads`, `Upload-Length` and the
 store, writes the `models.Upload` row, then makes its staging folder, which
 the row holds (no settle or staging clean-up touches it while the row
 exists). Each `PATCH` appends one chunk at `Upload-Offset`: a request body
-is bounded by `[server] max_body_bytes` and held in memory by waitress, its
-`Upload-Checksum` checked before a byte is written, and written to staging
-once. A `HEAD` gives the current offset after a dropped connection. The
-chunk that completes the upload also verifies and registers it, exactly as
+is bounded by `[server] max_body_bytes` and held in memory by waitress,
+written to staging once, its `Upload-Checksum` checked (and its share of
+the file's MD5 computed) by pool threads beside the write; a chunk that
+fails its checksum does not advance the offset. A `HEAD` gives the
+current offset after a dropped connection. The chunk that completes the
+upload also verifies and registers it, exactly as
 a single-request upload is (a directory arrives as a tar, unpacked then);
 `GET` answers the outcome as JSON. Uploads untouched for `[server]
 upload_expiry_hours` are removed with their staging (`expire`).
@@ -34,7 +36,6 @@ import hashlib
 import json
 import logging
 import posixpath
-import socket
 import threading
 import uuid
 
@@ -209,8 +210,7 @@ def claim(row, offset):
         if fresh.offset != offset:
             raise Conflict("Upload-Offset %d is not the upload's offset, %d (ask with HEAD)"
                            % (offset, fresh.offset))
-        if fresh.writer and not models.process_is_gone(fresh.writer) \
-                and not _stale_elsewhere(fresh):
+        if _writing(fresh):
             raise Conflict("upload %s is being written by another request" % row.id)
         n = (Upload.update(writer=me, updated=utcnow())
              .where((Upload.id == row.id) & (Upload.offset == offset)
@@ -221,12 +221,11 @@ def claim(row, offset):
     return fresh
 
 
-def _stale_elsewhere(row):
-    """A claim of another host's process is free once the row has not been
-    touched for the intents' lease (that host's process may be gone)."""
-    host = row.writer.split(":", 1)[0]
-    return (host != socket.gethostname()
-            and row.updated < utcnow() - datetime.timedelta(seconds=intents.LEASE_SECONDS))
+def _writing(row):
+    """Whether a live process holds the upload's claim: one of this host
+    whose process runs, or of another whose heartbeat (`updated`, renewed
+    by `intents.heartbeat`) is within the intents' lease."""
+    return bool(row.writer) and not intents.is_gone(row.writer, row.updated)
 
 
 def release(row, offset=None, outcome=None):
@@ -298,12 +297,18 @@ def append(store, row, offset, data, finish, checksum=None):
     return row.length
 
 
+def _staged(row):
+    """The path in the upload's staging folder that its completed bytes
+    take before they are registered (the file's or directory's name)."""
+    return posixpath.join(row.staging, split_store_path(row.dest_store_path)[1])
+
+
 def _undo_completion(store, row, partial):
     """Before the last chunk is written again, undo what a completion that
     did not end (a crash, an unexpected error) left in the staging folder:
     the flat file renamed from the partial (or put back there by a settle)
     becomes the partial again; a directory unpacked beside its tar goes."""
-    staged = posixpath.join(row.staging, split_store_path(row.dest_store_path)[1])
+    staged = _staged(row)
     if not store.exists_at(staged):
         return
     if row.is_tar:
@@ -327,10 +332,9 @@ def _complete(store, row, partial, digest, finish):
     from its tar) and `finish` it; returns the outcome to record."""
     with _digests_lock:
         _digests.pop(row.id, None)
-    name = split_store_path(row.dest_store_path)[1]
-    staged = posixpath.join(row.staging, name)
+    staged = _staged(row)
     if row.is_tar:
-        size, md5 = store.unpack(partial, staged, name)
+        size, md5 = store.unpack(partial, staged, posixpath.basename(staged))
     else:
         store.rename_staged(partial, staged)
         size, md5 = row.length, digest.hexdigest()
@@ -363,7 +367,7 @@ def expire(context, hours):
     cutoff = utcnow() - datetime.timedelta(hours=hours)
     removed = 0
     for row in Upload.select().where(Upload.updated < cutoff):
-        if row.writer and not models.process_is_gone(row.writer) and not _stale_elsewhere(row):
+        if _writing(row):
             continue
         with models.write_transaction():
             n = Upload.delete().where((Upload.id == row.id)

@@ -170,9 +170,7 @@ def login_csrf_token():
 def check_login_csrf(token):
     """403 unless the login form's `token` matches its cookie."""
     data = unsign(request.get_cookie(LOGIN_COOKIE) or "")
-    expected = data.get("login") if isinstance(data, dict) else None
-    if not expected or not isinstance(token, str) or \
-            not hmac.compare_digest(token.encode("utf-8", "replace"), expected.encode("utf-8")):
+    if not _same_token(token, data.get("login") if isinstance(data, dict) else None):
         fail(403, "the login form is missing its token or it is stale; reload the page and "
              "try again")
 
@@ -232,10 +230,14 @@ def csrf_token():
     return data["csrf"] if data and session_source() is not None else ""
 
 
+def _same_token(token, expected):
+    """Whether the sent `token` is the `expected` one (constant time)."""
+    return bool(expected) and isinstance(token, str) and hmac.compare_digest(
+        token.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
 def check_csrf(token):
     """403 unless `token` is the current session's CSRF token."""
-    expected = csrf_token()
-    if not expected or not isinstance(token, str) or \
-            not hmac.compare_digest(token.encode("utf-8", "replace"), expected.encode("utf-8")):
+    if not _same_token(token, csrf_token()):
         fail(403, "this form is missing its CSRF token or it is stale; reload the page and "
              "try again")

@@ -96,13 +96,19 @@ def abandon(intent_id):
 def owner_is_gone(intent, now=None):
     """Whether nobody will settle `intent` but `settle`: see the module
     docstring."""
-    if not intent.owner:
+    return is_gone(intent.owner, intent.heartbeat, now)
+
+
+def is_gone(owner, heartbeat, now=None):
+    """Whether the process `owner` ("host:pid:start") is gone: on this host
+    its process has ended; on another, `heartbeat` (its last sign of life)
+    is older than the lease. No owner counts as gone."""
+    if not owner:
         return True
-    host = intent.owner.split(":", 1)[0]
-    if host == socket.gethostname():
-        return process_is_gone(intent.owner)
+    if owner.split(":", 1)[0] == socket.gethostname():
+        return process_is_gone(owner)
     now = now or utcnow()
-    return intent.heartbeat < now - datetime.timedelta(seconds=LEASE_SECONDS)
+    return heartbeat < now - datetime.timedelta(seconds=LEASE_SECONDS)
 
 
 def heartbeat():
