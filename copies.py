@@ -33,7 +33,9 @@ import posixpath
 import time
 import urllib.parse
 
+import integrity
 import librarian_client
+import remotes
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
@@ -154,18 +156,22 @@ def _finished(file_name, args, code, message, seconds, size):
         "average_rate": round(size / 1024.0 / seconds, 1) if seconds > 0 else None})
 
 
-def send_instance(client, store, path, file, task, progress):
-    """Send the bytes of `file` at `path` on `store` (a directory as a tar)
-    to the receiver as a resumable upload, with the MD5 of the record: the
-    receiver refuses bytes that do not match it. The upload's URL is kept
-    in the task, so that a later attempt (after a restart, say) goes on
-    from where the receiver's bytes end."""
-    args = json.loads(task.args)
-    with store.seekable_stream(path, file.name, file.size) as stream:
-        client.upload_stream(stream, file.md5, args["remote_store_path"],
-                             is_dir=store.is_dir(path), null_obsid=file.obsid is None,
-                             progress=progress, resume_url=args.get("upload_url"),
-                             on_created=lambda url: task.remember(upload_url=url))
+def send_instance(ctx, client, inst, store, path, task, progress):
+    """Send the bytes of the instance `inst` at `path` on `store` (a
+    directory as a tar) to the receiver as a resumable upload, with the MD5
+    of the record: the receiver refuses bytes that do not match it, and we
+    verify what we read (`integrity.reading`: bytes that differ never
+    complete the upload, and mark the instance corrupt). The upload's URL
+    is kept in the task, so that a later attempt (after a restart, say)
+    goes on from where the receiver's bytes end. Returns the receiver's
+    reply (its store, path, size and MD5)."""
+    args, file = json.loads(task.args), inst.file
+    with integrity.reading(ctx, inst, "copy"), \
+            store.seekable_stream(path, file.name, file.size, md5=file.md5) as stream:
+        return client.upload_stream(stream, file.md5, args["remote_store_path"],
+                                    is_dir=store.is_dir(path), null_obsid=file.obsid is None,
+                                    progress=progress, resume_url=args.get("upload_url"),
+                                    on_created=lambda url: task.remember(upload_url=url))
 
 
 def peer_host(ctx, connection_name, store_name, host):
@@ -187,11 +193,13 @@ def peer_host(ctx, connection_name, store_name, host):
     return ctx.stores.peer_host("%s of %s" % (store_name, connection_name), target)
 
 
-def send_by_ssh(ctx, client, connection_name, store, path, file, remote_store_path, progress):
+def send_by_ssh(ctx, client, connection_name, inst, store, path, remote_store_path, progress):
     """The original protocol: records with `initiate_upload`, which names a
     store and a staging folder (relative to its prefix); the bytes over
-    SSH into that folder; `complete_upload` in `direct` mode, where the
-    receiver checks them against the records."""
+    SSH into that folder (verified as they are read: `integrity.check_copy`);
+    `complete_upload` in `direct` mode, where the receiver checks them
+    against the records. Returns the receiver's store name and path."""
+    file = inst.file
     info = client.initiate_upload(file.size, **record_set(file))
     remote = peer_host(ctx, connection_name, info["name"], info["ssh_host"])
     prefix = info["path_prefix"]
@@ -201,8 +209,11 @@ def send_by_ssh(ctx, client, connection_name, store, path, file, remote_store_pa
     folder = check_relative_folder(info["staging_dir"], "the staging_dir %s names"
                                    % connection_name)
     staged = posixpath.join(prefix, *folder, file.name)
-    store.copy_to(path, remote, staged, progress=progress)
+    integrity.check_copy(ctx, inst, store.copy_to(path, remote, staged, progress=progress),
+                         "copy")
     client.complete_upload(info["name"], info["staging_dir"], remote_store_path, "direct")
+    return {"store_name": info["name"], "store_path": remote_store_path, "size": file.size,
+            "md5": file.md5}
 
 
 def complete_prestaged(client, file, args):
@@ -215,20 +226,21 @@ def complete_prestaged(client, file, args):
                            "direct", staging_was_known=True)
 
 
-def send(ctx, client, store, path, file, task, progress):
-    """Send `file` (at `path` on `store`) by the way the receiver takes it;
-    see the module docstring. Returns the bytes sent."""
-    args = json.loads(task.args)
+def send(ctx, client, inst, store, path, task, progress):
+    """Send the instance `inst` (at `path` on `store`) by the way the
+    receiver takes it; see the module docstring. Returns (bytes sent, the
+    receiver's word on its copy: `store_name`, `store_path`, `size`,
+    `md5`)."""
+    args, file = json.loads(task.args), inst.file
     if args.get("known_staging_store"):
         complete_prestaged(client, file, args)
-        return 0
+        return 0, {"store_name": args["known_staging_store"],
+                   "store_path": args["remote_store_path"], "size": file.size, "md5": file.md5}
     if client.offers_streamed_upload():
         client.initiate_upload(file.size, records_only=True, **record_set(file))
-        send_instance(client, store, path, file, task, progress)
-    else:
-        send_by_ssh(ctx, client, args["connection_name"], store, path, file,
-                    args["remote_store_path"], progress)
-    return file.size
+        return file.size, send_instance(ctx, client, inst, store, path, task, progress)
+    return file.size, send_by_ssh(ctx, client, args["connection_name"], inst, store, path,
+                                  args["remote_store_path"], progress)
 
 
 @tasks.handler("copy_to_librarian")
@@ -248,7 +260,7 @@ def copy_to_librarian(ctx, task, args):
     try:
         inst, store, path = local_copy(ctx, file.name)
         client = client_for(ctx, args["connection_name"])
-        size = send(ctx, client, store, path, file, task, progress)
+        size, theirs = send(ctx, client, inst, store, path, task, progress)
     except librarian_client.RPCError as e:
         error = from_peer(e.status, e.message)
         if not error.retryable:  # refused: sending again will not help
@@ -260,8 +272,13 @@ def copy_to_librarian(ctx, task, args):
         raise
     with write_transaction():
         _finished(file.name, args, 0, "", time.monotonic() - started, size)
+        remotes.remember(file, args["connection_name"], theirs)
         if args.get("standing_order") and _order_exists(args["standing_order"]):
             FileEvent.record(file.name, "standing_order_succeeded:" + args["standing_order"],
                              {"connection_name": args["connection_name"]})
     log.info("copied %s to %s as %s", file.name, args["connection_name"],
              args["remote_store_path"])
+    try:  # the receiver's record of where the file came from (best effort)
+        client.copy_held(file.name, inst.store.name, inst.store_path)
+    except librarian_client.RPCError as e:
+        log.info("%s did not record our copy of %s: %s", args["connection_name"], file.name, e)

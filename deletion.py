@@ -1,5 +1,5 @@
 """The deletion interlock: instances are removed only where their policy
-allows it.
+allows it and the file is safe elsewhere.
 
 Every FileInstance carries a `deletion_policy`, `disallowed` unless someone
 with read-write level changed it. `delete_instances` removes only `allowed`
@@ -10,12 +10,27 @@ or a store gone quiet meanwhile leaves the intent, which a settle finishes
 (`stores.StoreAccess.delete`). So the catalogue never names bytes that are
 gone, and no bytes stay unaccounted for. `noop` mode reports what would
 happen and changes nothing. Every change writes a FileEvent.
+
+Safe elsewhere: an instance is deleted only while the file has at least
+`[librarian] deletion_min_other_copies` other good copies (`other_copies`):
+instances in service on other stores here, and copies other Librarians
+verified (`remotes`) within `remote_verify_max_age_days` (older ones are
+verified again by their Librarian first). With the default, 1, the last
+good copy known anywhere is never deleted; 0 is the original's rule (the
+policy alone). The count is taken again under the same lock as the policy.
+In `noop` mode every instance is reported with the action and its reason.
 """
+
+import datetime
+import json
 
 import logging
 
+import remotes
+import tasks
 from models import (DELETION_ALLOWED, DELETION_POLICY_NAMES, File, FileEvent, FileInstance,
-                    LibrarianError, Store, is_postgres, write_transaction)
+                    LibrarianError, RemoteInstance, Store, utcnow,
+                    write_transaction)
 from ingest import policy_code
 
 log = logging.getLogger("librarian")
@@ -68,63 +83,186 @@ def set_one_policy(file_name, deletion_policy, restrict_to_store=None):
 
 
 def delete_instances(ctx, file_name, mode="standard", restrict_to_store=None):
-    """Delete the instances of `file_name` whose policy is `allowed` (only
-    on `restrict_to_store` if given). Returns `{n_deleted, n_kept,
-    n_error}`. Raises `LibrarianError(400)` on a bad mode or unknown
-    store."""
+    """Delete the instances of `file_name` whose policy is `allowed` and
+    that are safe elsewhere (only on `restrict_to_store` if given). Returns
+    `{n_deleted, n_kept, n_error}`, and in noop mode also `instances`: one
+    `{store_name, store_path, action ("delete" or "keep"), reason}` each.
+    Raises `LibrarianError(400)` on a bad mode or unknown store."""
     check_request(mode, restrict_to_store)
-    stats = {"n_deleted": 0, "n_kept": 0, "n_error": 0}
+    stats, report = {"n_deleted": 0, "n_kept": 0, "n_error": 0}, []
     for inst in list(_instances(file_name)):
         if restrict_to_store is not None and inst.store.name != restrict_to_store:
-            stats["n_kept"] += 1
-            continue
-        stats[_delete_one(ctx, inst, mode)] += 1
+            counter, reason = "n_kept", "not on store %s" % restrict_to_store
+        else:
+            counter, reason = _delete_one(ctx, inst, mode)
+        stats[counter] += 1
+        report.append({"store_name": inst.store.name, "store_path": inst.store_path,
+                       "action": "delete" if counter == "n_deleted" else "keep",
+                       "reason": reason})
+    if mode == "noop":
+        stats["instances"] = report
+    elif stats["n_deleted"] and not FileInstance.select().where(
+            FileInstance.file == file_name).exists():
+        remotes.notify_peers(ctx, File.get_by_id(file_name))
     return stats
 
 
-def _delete_one(ctx, inst, mode):
-    """Delete one instance if, at this moment, its policy allows it.
+def other_copies(ctx, inst):
+    """The good copies of `inst`'s file other than `inst`, as labels
+    ("store S", "Librarian L"): instances in service on other stores here,
+    and remote copies whose Librarian's MD5 and size are the record's and
+    whose verification is recent enough. Call under the deletion lock."""
+    local = (FileInstance.select(Store.name).join(Store)
+             .where((FileInstance.file == inst.name) & (FileInstance.store != inst.store_id)
+                    & FileInstance.in_service()).distinct().tuples())
+    fresh = utcnow() - datetime.timedelta(
+        days=ctx.settings.librarian["remote_verify_max_age_days"])
+    file = File.get_by_id(inst.name)
+    remote = (RemoteInstance.select().where((RemoteInstance.file == inst.name)
+                                            & (RemoteInstance.verified_at >= fresh)))
+    return (["store " + name for (name,) in local]
+            + ["Librarian " + r.librarian for r in remote if remotes.good(r, file)])
+
+
+def _reverify_stale_remotes(ctx, inst):
+    """Have the Librarians holding copies of `inst`'s file verify again the
+    ones whose verification is too old to count (network calls: made
+    before the deletion's transaction)."""
+    fresh = utcnow() - datetime.timedelta(
+        days=ctx.settings.librarian["remote_verify_max_age_days"])
+    for rinst in RemoteInstance.select().where((RemoteInstance.file == inst.name)
+                                               & (RemoteInstance.verified_at < fresh)):
+        if rinst.librarian in ctx.settings.connections:
+            remotes.reverify(ctx, rinst)
+
+
+def _unsafe(ctx, current, needed=None):
+    """Why the instance `current` may not be deleted now (None: it may),
+    with `needed` other good copies (default: the setting)."""
+    if current.deletion_policy != DELETION_ALLOWED:
+        return "its deletion policy is disallowed"
+    if needed is None:
+        needed = ctx.settings.librarian["deletion_min_other_copies"]
+    others = other_copies(ctx, current) if needed else []
+    if len(others) < needed:
+        if not others:
+            return "it is the last good copy known anywhere"
+        return "only %d other good copies (%s); [librarian] deletion_min_other_copies " \
+               "asks for %d" % (len(others), ", ".join(others), needed)
+    return None
+
+
+def _delete_one(ctx, inst, mode, needed=None):
+    """Delete one instance if, at this moment, its policy allows it and
+    the file is safe elsewhere.
 
     The interlock. Be very careful changing this: it is what stands between
-    a typo and the loss of the archive. The policy is read again under a
-    lock (row lock on PostgreSQL, the write lock on SQLite) in the
-    transaction that removes the record, so a concurrent change to
-    `disallowed` either happens before (and is obeyed) or after the
-    instance is out of the catalogue. Returns the name of the counter to
-    increment."""
+    a typo and the loss of the archive. The policy and the other copies are
+    read again under a lock (row lock on PostgreSQL, the write lock on
+    SQLite) in the transaction that removes the record, so a concurrent
+    change to `disallowed` (or the loss of another copy) either happens
+    before (and is obeyed) or after the instance is out of the catalogue.
+    Returns (the name of the counter to increment, the reason)."""
     store = ctx.open_store(inst.store)
-    where = ((FileInstance.store == inst.store) & (FileInstance.parent_dirs == inst.parent_dirs)
-             & (FileInstance.file == inst.name))
+    where = FileInstance.key(inst)
     current = FileInstance.get_or_none(where)
-    if current is None:
-        return "n_deleted"  # removed meanwhile by someone else: it is gone either way
-    if current.deletion_policy != DELETION_ALLOWED:
-        return "n_kept"
+    if current is None:  # removed meanwhile by someone else: it is gone either way
+        return "n_deleted", "already deleted"
+    if needed is None:
+        needed = ctx.settings.librarian["deletion_min_other_copies"]
+    if current.deletion_policy == DELETION_ALLOWED and len(other_copies(ctx, current)) < needed:
+        _reverify_stale_remotes(ctx, current)
+    reason = _unsafe(ctx, current, needed)
+    if reason is not None:
+        return "n_kept", reason
     if mode == "noop":
         log.info("noop deletion would remove %s on store %s", inst.store_path, inst.store.name)
-        return "n_deleted"
+        return "n_deleted", "allowed, and safe elsewhere"
     outcome = []
 
     def unrecord():
-        current = FileInstance.select().where(where)
-        if is_postgres():
-            current = current.for_update()
-        current = current.first()
+        File.lock(inst.name)
+        current = FileInstance.get_or_none(where)
         if current is None:  # removed meanwhile by someone else: it is gone either way
-            outcome.append("n_deleted")
+            outcome.append(("n_deleted", "already deleted"))
             return False
-        if current.deletion_policy != DELETION_ALLOWED:
-            outcome.append("n_kept")
+        reason = _unsafe(ctx, current, needed)
+        if reason is not None:
+            outcome.append(("n_kept", reason))
             return False
         FileInstance.delete().where(where).execute()
         FileEvent.record(inst.name, "delete_instance",
                          {"store_name": inst.store.name, "parent_dirs": inst.parent_dirs})
-        outcome.append("n_deleted")
+        outcome.append(("n_deleted", "deleted"))
         return True
 
     try:
         store.delete(inst.store_path, unrecord)
     except (OSError, LibrarianError) as e:
         log.warning("cannot delete %s on store %s: %s", inst.store_path, inst.store.name, e)
-        return "n_error"
+        return "n_error", str(e)
     return outcome[0]
+
+
+# -- rolling deletion ----------------------------------------------------------
+
+def rolling(ctx, name, mode=None, limit=10000):
+    """Run the rolling deletion `[rolling_deletion:NAME]`: on its store,
+    delete instances of files registered more than `older_than_days` ago
+    that have at least `min_other_copies` other good copies (never fewer
+    than `deletion_min_other_copies` asks), oldest first, at most `limit`;
+    through the interlock, so the policy and the other copies are checked
+    under the lock as for every deletion. `mode` (default: the section's
+    `noop` setting) "noop" only reports. Returns `{store, mode, instances:
+    [{name, store_path, action, reason}], n_deleted, n_kept, n_error}`."""
+    spec = ctx.settings.rolling_deletions[name]
+    mode = mode or ("noop" if spec["noop"] else "standard")
+    needed = max(spec["min_other_copies"], ctx.settings.librarian["deletion_min_other_copies"])
+    cutoff = utcnow() - datetime.timedelta(days=spec["older_than_days"])
+    store = Store.by_name(spec["store"])
+    query = (FileInstance.select(FileInstance, Store).join(Store).switch(FileInstance)
+             .join(File).where((FileInstance.store == store) & (File.create_time < cutoff)
+                               & (FileInstance.deletion_policy == DELETION_ALLOWED))
+             .order_by(File.create_time, File.name).limit(limit))
+    report = {"store": store.name, "mode": mode, "instances": [],
+              "n_deleted": 0, "n_kept": 0, "n_error": 0}
+    for inst in list(query):
+        counter, reason = _delete_one(ctx, inst, mode, needed)
+        report[counter] += 1
+        report["instances"].append({"name": inst.name, "store_path": inst.store_path,
+                                    "action": "delete" if counter == "n_deleted" else "keep",
+                                    "reason": reason})
+        if counter == "n_deleted" and mode != "noop" and not FileInstance.select().where(
+                FileInstance.file == inst.name).exists():
+            remotes.notify_peers(ctx, File.get_by_id(inst.name))
+    return report
+
+
+@tasks.handler("rolling_deletion")
+def rolling_task(ctx, task, args):
+    """One run of a rolling deletion; the next is queued after its
+    `every_hours`. A section removed from the configuration ends its chain."""
+    if args["name"] not in ctx.settings.rolling_deletions:
+        return
+    try:
+        report = rolling(ctx, args["name"])
+        log.info("rolling deletion %s (%s) on store %s: %d deleted, %d kept, %d errors",
+                 args["name"], report["mode"], report["store"], report["n_deleted"],
+                 report["n_kept"], report["n_error"])
+        task.remember(report={k: v for k, v in report.items() if k != "instances"})
+    finally:
+        with write_transaction():
+            tasks.enqueue(ctx, "rolling_deletion", args, delay=3600.0 * ctx.settings
+                          .rolling_deletions[args["name"]]["every_hours"])
+
+
+def schedule_rolling(ctx):
+    """Make sure each configured rolling deletion has a run queued."""
+    active = {json.loads(t.args).get("name") for t in tasks.Task.select(tasks.Task.args)
+              .where((tasks.Task.kind == "rolling_deletion")
+                     & tasks.Task.state.in_(("pending", "running")))}
+    for name, spec in ctx.settings.rolling_deletions.items():
+        if name not in active:
+            with write_transaction():
+                tasks.enqueue(ctx, "rolling_deletion", {"name": name},
+                              delay=3600.0 * spec["every_hours"])

@@ -42,8 +42,10 @@ from webauth import authenticate, bearer_token, caller, require_level
 import copies
 import deletion
 import ingest
+import integrity
 import models
 import offload
+import remotes
 import openapi as openapi_doc
 import search
 import sessions
@@ -191,7 +193,7 @@ def settle_all(context):
     (their intents, see `stores.intents`) and remove staging leftovers that
     no live process and no outstanding issued folder holds. Safe to run at
     any time, beside live processes on any host: it runs at start-up and
-    periodically."""
+    periodically. Also queues the periodic checks (`schedule_checks`)."""
     # Staging directories issued a day ago and never completed are abandoned
     # (a copy from another Librarian announces its records with
     # initiate_upload, then sends the bytes with the streamed upload).
@@ -212,6 +214,7 @@ def settle_all(context):
             continue
         if removed:
             log.info("removed %d staging leftovers on store %s", removed, row.name)
+    schedule_checks(context)
 
 
 def is_registered(store_row, store_path):
@@ -245,6 +248,16 @@ def startup(app):
         settle_all(context)
         standing.schedule_periodic(context)
         tasks.reclaim_dead_local_workers()
+
+
+def schedule_checks(context):
+    """Queue the periodic checks that are not queued or running: each
+    store's scrub, the confirmation of other Librarians' copies (at start
+    and with each heartbeat, so that a chain broken by a failure starts
+    again)."""
+    integrity.schedule(context)
+    remotes.schedule(context)
+    deletion.schedule_rolling(context)
 
 
 # ---------------------------------------------------------------------------
@@ -505,8 +518,11 @@ def choose_store(upload_size):
     """The available, reachable store with the most free space (less what
     unfinished uploads to it will still write) that can hold `upload_size`
     bytes (a `stores.StoreAccess`); an unreachable store
-    is passed over. 400 when no store is available or none has room, 503
-    naming the stores and why when the only candidates are unreachable."""
+    is passed over. Free space is compared in whole GiB, the first store by
+    name winning a tie: stores on one file system then always give the same
+    answer, however the disk's use moves while they are measured. 400 when
+    no store is available or none has room, 503 naming the stores and why
+    when the only candidates are unreachable."""
     best, best_free, problems = None, -1, []
     for row in Store.select().where(Store.available == True).order_by(Store.name):  # noqa: E712
         store = ctx().open_store(row)
@@ -517,8 +533,8 @@ def choose_store(upload_size):
         free = store.free_space()
         if free is not None:
             free -= uploads.reserved(row)  # what unfinished uploads will still write
-        if free is not None and free >= upload_size and free > best_free:
-            best, best_free = store, free
+        if free is not None and free >= upload_size and free >> 30 > best_free:
+            best, best_free = store, free >> 30
     if best is None:
         if not Store.select().where(Store.available == True).exists():  # noqa: E712
             fail(400, "no store is available for uploads (an admin can make one available)")
@@ -740,6 +756,8 @@ def op_register_instances(source, args):
 SEARCH_OUTPUTS = {
     "file-listing-json": (search.file_query, lambda f: f.to_dict()),
     "instance-listing-json": (search.instance_query, lambda i: i.to_dict()),
+    "remote-instance-listing-json": (search.remote_instance_query,
+                                     lambda r: dict(r.to_dict(), name=r.name)),
     "obs-listing-json": (search.observation_query, lambda o: o.to_dict()),
     "session-listing-json": (search.session_query, lambda s: s.to_dict()),
 }
@@ -844,6 +862,51 @@ def op_launch_file_copy(source, args):
                   known_staging_store=args["known_staging_store"],
                   known_staging_subdir=args["known_staging_subdir"])
     return {}
+
+
+@operation("verify_file", "read-write", file_name=str, here_only_Q=bool, recompute_Q=bool)
+def op_verify_file(source, args):
+    """Recompute every copy of a file: each instance here and (unless
+    `here_only`, which Librarians asking each other send, so that a request
+    never fans out again) each copy another Librarian holds, which that
+    Librarian recomputes. With `recompute` false, the last verification of
+    each copy is reported without reading. Reply `copies`: one object per
+    copy (`integrity.verify_here`, `remotes.reverify`)."""
+    recompute = args["recompute"] is not False
+    name = args["file_name"]
+    models.check_file_name(name)
+    here = cfg().server["displayed_site_name"]
+    copies_found = [dict(c, librarian=here)
+                    for c in integrity.verify_here(ctx(), name, recompute=recompute)]
+    if not args["here_only"]:
+        for rinst in models.RemoteInstance.select().where(models.RemoteInstance.file == name):
+            copies_found.append(remotes.reverify(ctx(), rinst) if recompute
+                                else remotes.as_copy(rinst))
+    return {"copies": copies_found}
+
+
+@operation("copy_gone", "read-write", file_name=str)
+def op_copy_gone(source, args):
+    """The caller (another Librarian) no longer holds a copy of the file:
+    forget the remote instances our connections to it recorded."""
+    return {"forgotten": remotes.forget(args["file_name"],
+                                        remotes.connections_of_source(ctx(), source.name))}
+
+
+@operation("copy_held", "read-write", file_name=str, store_name=str, store_path=str)
+def op_copy_held(source, args):
+    """The caller (another Librarian, which sent us the file) holds a copy
+    of it on its store `store_name` at `store_path`, verified as it was
+    read: recorded as a remote instance for our connections to it (none:
+    nothing recorded)."""
+    file = File.get_or_none(File.name == args["file_name"])
+    if file is None:
+        fail(404, "no file named %r" % args["file_name"])
+    names = remotes.connections_of_source(ctx(), source.name)
+    for name in names:
+        remotes.remember(file, name, {"store_name": args["store_name"], "size": file.size,
+                                      "store_path": args["store_path"], "md5": file.md5})
+    return {"recorded": len(names)}
 
 
 @operation("create_standing_order", "admin", name=str, search=str, conn_name=str)
@@ -1116,13 +1179,14 @@ def download(name):
     md5 = inst.file.md5
     db.close()  # the stream may take long; it needs no database connection
     if store.is_dir(path):
-        chunks, length = store.stream(path, name, inst.file.size)
+        chunks, length = store.stream(path, name, inst.file.size, md5=md5)
         headers = {"Content-Type": "application/x-tar",
                    "Content-Length": str(length), "X-Librarian-MD5": md5,
                    "Content-Disposition": "attachment; filename*=UTF-8''%s.tar"
                    % urllib.parse.quote(name, safe="")}
-        return HTTPResponse(primed(chunks), **headers)
-    resp = file_response(store, path, inst.file.size)
+        return HTTPResponse(primed(integrity.verified(ctx(), inst, chunks, "download")),
+                            **headers)
+    resp = file_response(store, path, inst)
     resp.set_header("X-Librarian-MD5", md5)
     return resp
 
@@ -1142,12 +1206,14 @@ def byte_range(size):
     return ranges[0]
 
 
-def file_response(store, path, size):
-    """The response for a flat file of `size` bytes, honouring Range. On
-    this host the open file is the body, which waitress sends from its own
-    I/O loop (`wsgi.file_wrapper`, bounded by Content-Length), so that a
-    client that does not read holds no worker thread; from another host
-    the bytes are streamed by the thread."""
+def file_response(store, path, inst):
+    """The response for the flat file of the instance `inst`, honouring
+    Range. The whole file is streamed by the thread and verified on the way
+    (`integrity.verified`: a mismatch cuts it short); a range of a file on
+    this host is sent from the open file by waitress's own I/O loop
+    (`wsgi.file_wrapper`, bounded by Content-Length), so that a client that
+    does not read holds no worker thread."""
+    size = inst.file.size
     headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
     wanted = byte_range(size)
     start, end = wanted or (0, size)
@@ -1157,7 +1223,11 @@ def file_response(store, path, size):
     headers["Content-Length"] = str(end - start)
     if request.method == "HEAD":
         return HTTPResponse("", status=status, **headers)
-    if store.is_local() and "wsgi.file_wrapper" in request.environ:
+    if wanted is None:
+        body = integrity.verified(ctx(), inst, store.stream(path, inst.name, size,
+                                                           md5=inst.file.md5)[0], "download")
+        body = primed(body)
+    elif store.is_local() and "wsgi.file_wrapper" in request.environ:
         body = store.open_read(path)
         body.seek(start)
     else:
@@ -1486,6 +1556,24 @@ def cmd_init_config(args):
     return 0
 
 
+def cmd_rolling_deletion(args):
+    """Run a `[rolling_deletion:NAME]` now (with --noop: only report); the
+    report as JSON on standard output."""
+    config = load_config(args.config)
+    app = setup(config)
+    if args.name not in config.rolling_deletions:
+        raise SystemExit("no [rolling_deletion:%s] in %s (there are: %s)" % (
+            args.name, config.path, ", ".join(config.rolling_deletions) or "none"))
+    with database_of(config):
+        try:
+            report = deletion.rolling(app.config["librarian.context"], args.name,
+                                      mode="noop" if args.noop else "standard")
+        except LibrarianError as e:
+            raise SystemExit(e.message) from None
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_show_admin(args):
     config = load_config(args.config)
     print("\n" + "=" * 72)
@@ -1582,6 +1670,11 @@ def build_parser():
     p.set_defaults(func=cmd_init_config)
     with_config(sub.add_parser("show-admin", help="print the URL and admin authenticators")) \
         .set_defaults(func=cmd_show_admin)
+    p = with_config(sub.add_parser("rolling-deletion", help="run a [rolling_deletion:NAME] "
+                                   "rule now and print its report as JSON"))
+    p.add_argument("name", help="the NAME of its [rolling_deletion:NAME] section")
+    p.add_argument("--noop", action="store_true", help="only report what would be deleted")
+    p.set_defaults(func=cmd_rolling_deletion)
     p = with_config(sub.add_parser("adopt-v1", help="copy an original (v1) Librarian's "
                                    "database into this one (read-only on the v1 side)"))
     p.add_argument("--from", dest="source", required=True, metavar="URL",

@@ -284,6 +284,25 @@ class LibrarianClient:
         return self._do_http_post("search", search=search, output_format="stage-the-files-json",
                                   stage_user=user, stage_dest=dest)
 
+    def verify_file(self, file_name, here_only=None, recompute=None):
+        """Our addition: recompute every copy of a file, here and (unless
+        `here_only`) at the other Librarians holding one; `recompute` False
+        reports the last verifications. Returns `{copies: [{librarian,
+        store_name, store_path, ok, result, md5, size, verified_at}]}`."""
+        return self._do_http_post("verify_file", file_name=file_name, here_only=here_only,
+                                  recompute=recompute)
+
+    def copy_held(self, file_name, store_name, store_path):
+        """Our addition: tell the Librarian we sent a file to that we hold a
+        copy of it (verified as we read it) on our store at that path."""
+        return self._do_http_post("copy_held", file_name=file_name, store_name=store_name,
+                                  store_path=store_path)
+
+    def copy_gone(self, file_name):
+        """Our addition: tell the Librarian a file came from that our last
+        copy of it is gone."""
+        return self._do_http_post("copy_gone", file_name=file_name)
+
     def launch_file_copy(self, file_name, connection_name, remote_store_path=None,
                          known_staging_store=None, known_staging_subdir=None):
         return self._do_http_post("launch_file_copy", file_name=file_name,
@@ -996,6 +1015,11 @@ def cmd_delete_files(client, args):
             return
     reply = client.delete_file_instances_matching_query(query, mode=mode,
                                                         restrict_to_store=args.store)
+    for name, stats in sorted(reply["stats"].items()) if args.noop else ():
+        for inst in stats.get("instances", []):  # servers like this one say why
+            print("%s %s on store %s at %s: %s" % ("delete" if inst["action"] == "delete"
+                                                   else "keep  ", name, inst["store_name"],
+                                                   inst["store_path"], inst["reason"]))
     totals = {k: sum(s[k] for s in reply["stats"].values())
               for k in ("n_deleted", "n_kept", "n_error")}
     print("%s%d deleted, %d kept, %d errors" % ("noop: would have " if args.noop else "",
@@ -1084,6 +1108,22 @@ def check_connections(config_path=None):
             failed += 1
             print("%s: FAILED: %s" % (name, e.message))
     return failed
+
+
+def cmd_verify(client, args):
+    """Print one line per copy; exit status 1 when any copy is not good."""
+    name = os.path.basename(args.file_name.rstrip("/"))
+    copies = client.verify_file(name, here_only=args.here_only or None)["copies"]
+    if not copies:
+        raise RPCError("verify", "%s has no copies anywhere the Librarian knows of" % name)
+    for c in copies:
+        print("%-4s %s: %s on store %s at %s, %s bytes, md5 %s" % (
+            "ok" if c["ok"] else "BAD", c["librarian"], c["result"], c["store_name"],
+            c.get("store_path"), c["size"], c["md5"]))
+    bad = [c for c in copies if not c["ok"]]
+    if bad:
+        raise RPCError("verify", "%d of %d copies of %s are not good" % (len(bad), len(copies),
+                                                                        name))
 
 
 def cmd_launch_copy(client, args):
@@ -1214,6 +1254,14 @@ def build_parser():
     p.add_argument("source_store")
     p.add_argument("dest_store")
     p.set_defaults(func=cmd_initiate_offload)
+
+    p = sub.add_parser("verify", help="recompute the MD5 of every copy of a file, here and at "
+                       "the other Librarians holding one")
+    p.add_argument("conn_name")
+    p.add_argument("file_name", help="the file (its basename is used)")
+    p.add_argument("--here-only", action="store_true",
+                   help="only the copies on this Librarian's own stores")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("add-file-event", help="record an event about a file")
     p.add_argument("conn_name")

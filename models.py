@@ -240,6 +240,16 @@ class File(BaseModel):
     class Meta:
         table_name = "file"
 
+    @classmethod
+    def lock(cls, name):
+        """Take the file's row lock on PostgreSQL, inside a write
+        transaction (SQLite's write transaction already excludes every
+        other writer): deletions of a file's instances and changes to its
+        remote copies then happen one at a time, so that two deletions
+        cannot each count the other's instance as the copy that stays."""
+        if is_postgres():
+            cls.select(cls.name).where(cls.name == name).for_update().execute()
+
     def to_dict(self):
         """The record shape shared between Librarians (`create_time` is Unix
         seconds; `source` is local and not included)."""
@@ -257,10 +267,26 @@ class FileInstance(BaseModel):
     file = pw.ForeignKeyField(File, column_name="name", backref="instances",
                               on_delete="RESTRICT")
     deletion_policy = pw.IntegerField(default=DELETION_DISALLOWED)
+    # The last full read of the bytes (the scrub, a download, a copy...):
+    # when, and its result (VERIFY_RESULTS); never read: None, None.
+    verified_at = pw.DateTimeField(null=True)
+    verify_result = pw.CharField(max_length=16, null=True)
 
     class Meta:
         table_name = "file_instance"
         primary_key = pw.CompositeKey("store", "parent_dirs", "file")
+
+    @classmethod
+    def in_service(cls):
+        """The condition an instance must meet to be served, copied from,
+        staged or counted as a copy: not found corrupt or missing."""
+        return cls.verify_result.is_null() | (cls.verify_result == "ok")
+
+    @classmethod
+    def key(cls, inst):
+        """The condition selecting the row of the instance `inst`."""
+        return ((cls.store == inst.store_id) & (cls.parent_dirs == inst.parent_dirs)
+                & (cls.file == inst.name))
 
     @property
     def store_path(self):
@@ -275,7 +301,41 @@ class FileInstance(BaseModel):
         return {"store_name": self.store.name, "store_ssh_host": self.store.ssh_host,
                 "parent_dirs": self.parent_dirs, "name": self.name,
                 "deletion_policy": DELETION_POLICY_NAMES[self.deletion_policy],
-                "full_path_on_store": self.full_path_on_store}
+                "full_path_on_store": self.full_path_on_store,
+                "verified_at": to_unix(self.verified_at) if self.verified_at else None,
+                "verify_result": self.verify_result}
+
+
+VERIFY_RESULTS = ("ok", "corrupt", "missing")
+
+
+class RemoteInstance(BaseModel):
+    """A copy of a file held by another Librarian (`librarian`: the name of
+    our `[connection:NAME]` to it), on its store `store_name` at
+    `store_path`, as that Librarian verified it: `md5` and `size` it
+    computed, at `verified_at` (its clock, as it reported); `confirmed_at`
+    is when it last told us it still holds the copy."""
+
+    file = pw.ForeignKeyField(File, column_name="name", backref="remote_instances",
+                              on_delete="CASCADE")
+    librarian = pw.CharField(max_length=64)
+    store_name = pw.CharField(max_length=256)
+    store_path = pw.CharField(max_length=1024)
+    md5 = pw.CharField(max_length=32)
+    size = pw.BigIntegerField()
+    verified_at = pw.DateTimeField()
+    confirmed_at = pw.DateTimeField(index=True)
+
+    class Meta:
+        table_name = "remote_instance"
+        indexes = ((("file", "librarian"), True),)
+
+    def to_dict(self):
+        """Times in Unix seconds."""
+        return {"librarian": self.librarian, "store_name": self.store_name,
+                "store_path": self.store_path, "md5": self.md5, "size": self.size,
+                "verified_at": to_unix(self.verified_at),
+                "confirmed_at": to_unix(self.confirmed_at)}
 
 
 class FileEvent(BaseModel):
@@ -320,7 +380,8 @@ class FileEvent(BaseModel):
 # Events this server writes itself: a caller may not forge them (a forged
 # standing_order_succeeded:NAME would keep a file from ever going off-site).
 SERVER_EVENT_TYPES = {"create_instance", "delete_instance", "heal_instance",
-                      "instance_deletion_policy_changed", "launch_copy", "copy_finished"}
+                      "instance_deletion_policy_changed", "launch_copy", "copy_finished",
+                      "instance_corrupt", "instance_missing", "instance_repaired"}
 SERVER_EVENT_PREFIXES = ("standing_order_succeeded:",)
 
 

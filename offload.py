@@ -16,6 +16,7 @@ import json
 import posixpath
 
 import ingest
+import integrity
 import tasks
 from models import (DELETION_ALLOWED, File, FileEvent, FileInstance, LibrarianError, Store,
                     write_transaction)
@@ -56,15 +57,15 @@ def launch(ctx, source_name, dest_name):
 def copy_into_staging(src_store, src_path, dest_store, name):
     """Copy a file or tree of `src_store` into a fresh staging dir of
     `dest_store` (either may be on another host); returns (staging dir,
-    staged path)."""
+    staged path, (size, md5) of the bytes read)."""
     staging = dest_store.new_staging_dir()
     staged = posixpath.join(staging, name)
     try:
-        src_store.copy_to(src_path, dest_store, staged)
+        read = src_store.copy_to(src_path, dest_store, staged)
     except BaseException:
         dest_store.release(staging)
         raise
-    return staging, staged
+    return staging, staged, read
 
 
 @tasks.handler("offload")
@@ -98,9 +99,10 @@ def offload_one(ctx, source, dest, inst):
     if not src_store.exists_at(src_path):
         raise NotFound("the bytes of %s are missing on store %s" % (inst.store_path,
                                                                     source.name))
-    staging, staged = copy_into_staging(src_store, src_path, dest, inst.name)
+    staging, staged, read = copy_into_staging(src_store, src_path, dest, inst.name)
     try:
-        size, md5 = dest.checksum(staged)
+        integrity.check_copy(ctx, inst, read, "offload")  # the source read true
+        size, md5 = dest.checksum(staged)  # and the copy was written true
         if (size, md5) != (inst.file.size, inst.file.md5):
             raise Corrupt("the copy of %s from store %s has size %d md5 %s, not %d %s as "
                           "recorded" % (inst.name, source.name, size, md5, inst.file.size,

@@ -27,7 +27,7 @@ import standing
 import tasks
 import webauth
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
-                    ObservingSession, Store)
+                    ObservingSession, RemoteInstance, Store)
 from context import of_request
 
 PAGE_SIZE = 50
@@ -250,7 +250,10 @@ def file_page(name):
                  .where(FileInstance.file == name).order_by(Store.name))
     events = (FileEvent.select().where(FileEvent.file == name)
               .order_by(FileEvent.time.desc(), FileEvent.id.desc()).limit(PAGE_SIZE))
-    return render("file", name, file=record, instances=list(instances), events=list(events))
+    remote = RemoteInstance.select().where(RemoteInstance.file == name) \
+        .order_by(RemoteInstance.librarian)
+    return render("file", name, file=record, instances=list(instances), events=list(events),
+                  remote_instances=list(remote))
 
 
 def observations():

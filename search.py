@@ -30,7 +30,7 @@ import peewee as pw
 
 from errors import Transient
 from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
-                    ObservingSession, db, from_unix, is_postgres)
+                    ObservingSession, RemoteInstance, db, from_unix, is_postgres)
 
 UNIX_EPOCH_JD = 2440587.5
 SECONDS_PER_DAY = 86400.0
@@ -307,6 +307,8 @@ class FileKind(Kind):
             "size": ("int", File.size, False),
             "obsid": ("int", File.observation, True),
             "num-instances": ("int", File.num_instances, False),
+            "num-remote-instances": ("int", _count(RemoteInstance.select().where(
+                RemoteInstance.file == File.name)), False),
             "start-time-jd": ("float", Observation.start_time_jd, True),
             "stop-time-jd": ("float", Observation.stop_time_jd, True),
             "start-lst-hr": ("float", Observation.start_lst_hr, True),
@@ -320,6 +322,10 @@ class FileKind(Kind):
             return File.create_time <= _days_ago(clause, payload)
         if clause == "obsid-is-null":
             return File.observation.is_null(True)
+        if clause == "has-remote-instance-at":
+            return pw.fn.EXISTS(RemoteInstance.select(pw.SQL("1")).where(
+                (RemoteInstance.file == File.name)
+                & (RemoteInstance.librarian == _str(clause, payload))))
         if clause == "obs-matches":
             matching = ObservationKind().embedded(clause, payload)
             return File.observation.is_null(False) & File.observation.in_(
@@ -400,7 +406,8 @@ OPERATORS = {"string": ["is-exactly", "is-not", "matches"],
              "int": ["is-exactly", "is-not", "greater-than", "less-than", "in-range",
                      "not-in-range"],
              "float": ["greater-than", "less-than", "in-range", "not-in-range"]}
-EXTRA = {FileKind: ["not-older-than", "not-newer-than", "obs-matches", "obsid-is-null"],
+EXTRA = {FileKind: ["not-older-than", "not-newer-than", "obs-matches", "obsid-is-null",
+                   "has-remote-instance-at"],
          ObservationKind: [], SessionKind: ["no-file-has-event"]}
 # Other names of clauses that the original Librarian accepted (its search
 # documentation uses them), so that saved searches keep working.
@@ -428,6 +435,14 @@ def observation_query(text):
 def session_query(text):
     """Sessions matching search `text`, ordered by id."""
     return SESSIONS.query(text).order_by(ObservingSession.id)
+
+
+def remote_instance_query(text):
+    """Remote instances of the files matching search `text`, ordered by
+    file name then Librarian, as one statement."""
+    names = FILES.query(text).select(File.name)
+    return (RemoteInstance.select().where(RemoteInstance.file.in_(names))
+            .order_by(RemoteInstance.file, RemoteInstance.librarian))
 
 
 def instance_query(text):

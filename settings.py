@@ -64,6 +64,13 @@ def _non_negative_int(value):
     return n
 
 
+def _fraction(value):
+    x = float(value)
+    if not 0 < x <= 1:
+        raise ValueError("expected a fraction above 0 and at most 1")
+    return x
+
+
 def choice(*allowed):
     """A cast accepting only the values `allowed` (ValueError naming them)."""
     def cast(value):
@@ -148,6 +155,13 @@ SCHEMA = {
         "standing_order_mode": (choice("normal", "disabled", "nighttime"), "normal"),
         "standing_order_delay": (_positive_float, 60.0),
         "standing_order_interval": (_positive_float, 600.0),
+        "scrub_bytes_per_second": (_non_negative_int, 50_000_000),
+        "scrub_period_days": (_positive_float, 30.0),
+        "deletion_min_other_copies": (_non_negative_int, 1),
+        "remote_verify_max_age_days": (_positive_float, 30.0),
+        "remote_confirm_hours": (_positive_float, 24.0),
+        "alert_webhook_url": (_url, None),
+        "store_full_fraction": (_fraction, 0.95),
     },
     "store:*": {
         "path_prefix": (_nonempty, REQUIRED),
@@ -159,6 +173,7 @@ SCHEMA = {
         "ssh_key": (_nonempty, None),
         "known_hosts": (_nonempty, None),
         "ssh_timeout": (_positive_float, 15.0),
+        "scrub_bytes_per_second": (_non_negative_int, None),
     },
     "staging": {
         "dest_prefix": (_nonempty, None),
@@ -174,6 +189,14 @@ SCHEMA = {
         "known_hosts": (_nonempty, None),
         "ssh_timeout": (_positive_float, 15.0),
         "ssh_hosts": (_words, None),
+        "source": (_nonempty, None),
+    },
+    "rolling_deletion:*": {
+        "store": (_nonempty, REQUIRED),
+        "older_than_days": (_positive_float, REQUIRED),
+        "min_other_copies": (_positive_int, 1),
+        "every_hours": (_positive_float, 24.0),
+        "noop": (_bool, False),
     },
     "source:*": {
         # Exactly one of the two (checked in `parse`).
@@ -199,6 +222,7 @@ class Settings:
         self.stores = sections["store:*"]
         self.sources = sections["source:*"]
         self.connections = sections["connection:*"]
+        self.rolling_deletions = sections["rolling_deletion:*"]
         self.staging = sections["staging"]
         self.database_shown = redact_url(self.database["url"])  # for messages: no password
 
@@ -230,7 +254,7 @@ def parse(text, path=None):
     except configparser.Error as e:
         raise ConfigError("cannot parse configuration: %s" % e) from None
 
-    sections = {"store:*": {}, "source:*": {}, "connection:*": {}}
+    sections = {"store:*": {}, "source:*": {}, "connection:*": {}, "rolling_deletion:*": {}}
     for label in parser.sections():
         items = dict(parser.items(label))
         if ":" in label:

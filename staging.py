@@ -17,10 +17,12 @@ finishing time, Unix seconds) or with `STAGING-ERRORS` listing one error per
 line.
 """
 
+import hashlib
 import os
 import posixpath
 import pwd
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -29,8 +31,11 @@ import time
 
 import peewee as pw
 
+import integrity
 import search
 import tasks
+from errors import Corrupt
+from librarian_client import directory_digest
 from models import File, LibrarianError, StagingDestination, utcnow, write_transaction
 from stores import CHUNK, is_inside
 
@@ -104,24 +109,31 @@ def share(fd, bits):
 def copy_into(store, src, folder_fd, name):
     """Copy the file or tree `src` of `store` (a `stores.StoreAccess`) as
     the new entry `name` of the folder open as `folder_fd`, group-writable,
-    never through a link; iteratively (one open folder per level). Raises
+    never through a link; iteratively (one open folder per level). Returns
+    (size, md5) of the bytes read, by the shared definition. Raises
     OSError (FileExistsError when `name` exists) or LibrarianError (400)
     for a link or special file in the tree."""
     stack = []  # (source folder, its copy's fd, its remaining entries)
+    hashes, total = [], 0
 
     def enter_copy(path, st, parent, entry):
+        nonlocal total
         if stat.S_ISDIR(st.st_mode):
             os.mkdir(entry, 0o777, dir_fd=parent)
             fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
             stack.append((path, fd, iter(store.listdir(path))))
             share(fd, GROUP_FOLDER)
         elif stat.S_ISREG(st.st_mode):
-            _copy_file(store, path, parent, entry)
+            size, md5 = _copy_file(store, path, parent, entry)
+            total += size
+            hashes.append((posixpath.relpath(path, src), md5))
         else:
             raise LibrarianError(400, "%s is a link or special file" % path)
 
+    top = store.stat(src)
+    is_dir = stat.S_ISDIR(top.st_mode)
     try:
-        enter_copy(src, store.stat(src), folder_fd, name)
+        enter_copy(src, top, folder_fd, name)
         while stack:
             path, fd, entries = stack[-1]
             child = next(entries, None)
@@ -133,15 +145,31 @@ def copy_into(store, src, folder_fd, name):
     finally:
         for _, fd, _ in stack:
             os.close(fd)
+    if not is_dir:
+        return total, hashes[0][1]
+    return total, directory_digest(hashes)
+
+
+def remove_entry(folder_fd, name):
+    """Remove the file or tree `name` of the folder open as `folder_fd`,
+    never following a link (shutil.rmtree with dir_fd)."""
+    if stat.S_ISDIR(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+        shutil.rmtree(name, dir_fd=folder_fd)
+    else:
+        os.unlink(name, dir_fd=folder_fd)
 
 
 def _copy_file(store, path, folder_fd, name):
     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666,
                   dir_fd=folder_fd)
+    digest, size = hashlib.md5(), 0
     with os.fdopen(out, "wb") as f, store.open_read(path) as data:
         share(out, GROUP_WRITABLE)
         for chunk in iter(lambda: data.read(CHUNK), b""):
+            digest.update(chunk)
             f.write(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def totals(search_text):
@@ -265,21 +293,29 @@ def stage_task(ctx, task, args):
 
 def stage_one(ctx, dest_fd, file):
     """Copy a present instance of `file` into the folder `dest_fd`, at its
-    store path; returns its size. Raises OSError or LibrarianError."""
-    inst, store, present = ctx.stores.present_instance(file.name)
-    if present is None:
-        raise FileNotFoundError("no instance of %s is present here" % file.name)
-    fd = os.dup(dest_fd)
-    for name in filter(None, inst.parent_dirs.split("/")):
-        fd = enter(fd, name, create=True)
-    try:
-        copy_into(store, present, fd, file.name)
-    except FileExistsError:
-        raise FileExistsError("%s exists already in the destination" % inst.store_path) \
-            from None
-    finally:
-        os.close(fd)
-    return file.size
+    store path, verified as it is read: a copy that does not match the
+    record is removed, its instance marked corrupt, and the next instance
+    tried. Returns its size. Raises OSError or LibrarianError (`Corrupt`
+    when no instance reads true)."""
+    while True:
+        inst, store, present = ctx.stores.present_instance(file.name)
+        if present is None:
+            raise FileNotFoundError("no instance of %s is present here" % file.name)
+        fd = os.dup(dest_fd)
+        for name in filter(None, inst.parent_dirs.split("/")):
+            fd = enter(fd, name, create=True)
+        try:
+            integrity.check_copy(ctx, inst, copy_into(store, present, fd, file.name), "staging")
+            return file.size
+        except FileExistsError:
+            raise FileExistsError("%s exists already in the destination" % inst.store_path) \
+                from None
+        except Corrupt:
+            remove_entry(fd, file.name)  # bytes that do not match are not handed to anyone
+            if ctx.stores.present_instance(file.name)[0] is None:
+                raise
+        finally:
+            os.close(fd)
 
 
 def hand_over(ctx, dest, dest_fd, user):

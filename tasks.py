@@ -29,6 +29,7 @@ import traceback
 
 import peewee as pw
 
+import alerts
 from errors import LibrarianError, is_retryable
 from models import (BaseModel, db, is_postgres, process_is_gone, this_process, utcnow,
                     write_transaction)
@@ -189,7 +190,8 @@ def claim(worker_name, now=None):
 def finish(task, error=None, permanent=False, now=None, base_delay=BASE_DELAY):
     """Record the outcome of a claimed task: done, or a retry after the
     back-off (counted from `now`), or failed once attempts are exhausted or
-    the error is permanent. Every attempt's error is kept in `errors`."""
+    the error is permanent. Every attempt's error is kept in `errors`.
+    Returns the new state."""
     now = now or utcnow()
     if error is None:
         fields = {"state": "done", "finished": now, "last_error": None}
@@ -206,6 +208,7 @@ def finish(task, error=None, permanent=False, now=None, base_delay=BASE_DELAY):
     with write_transaction():
         (Task.update(**fields)
          .where((Task.id == task.id) & (Task.state == "running")).execute())
+    return fields["state"]
 
 
 def run_one(ctx, task, now=None):
@@ -228,9 +231,14 @@ def run_one(ctx, task, now=None):
         if is_retryable(e):  # the one place that decides whether a task tries again
             log.warning("task %d (%s) failed: %s\n%s", task.id, task.kind, e,
                         traceback.format_exc())
-            finish(task, "%s: %s" % (type(e).__name__, e), now=now, base_delay=base_delay)
+            state = finish(task, "%s: %s" % (type(e).__name__, e), now=now,
+                           base_delay=base_delay)
         else:
-            finish(task, str(e), permanent=True, now=now)
+            state = finish(task, str(e), permanent=True, now=now)
+        if state == "failed":
+            alerts.send(ctx, "task_failed", "task %d (%s%s) failed for good: %s" % (
+                task.id, task.kind, " of " + task.file_name if task.file_name else "", e),
+                task_id=task.id, task_kind=task.kind, file_name=task.file_name)
     else:
         finish(task, now=now)
     finally:

@@ -45,8 +45,8 @@ from stores.paths import (STAGING, check_relative_folder, is_inside,  # noqa: F4
                           split_store_path)
 from stores.ssh import (SSHFS, DiskUsage, SSHConnection, SSHTarget,  # noqa: F401
                         StoreUnreachable, stream_started)
-from stores.trees import (BodyReader, ChunkStream, copy_hashing, copy_tree, iter_file,  # noqa: F401
-                          iter_tar, skip,
+from stores.trees import (BodyReader, ChunkStream, Mismatch, copy_hashing,  # noqa: F401
+                          copy_tree, iter_file, iter_tar, skip,
                           tar_size, tree_depth, walk)
 
 log = logging.getLogger("librarian")
@@ -127,8 +127,9 @@ class StoreRegistry:
 
     def present_instance(self, file_name, available_only=False):
         """(FileInstance, StoreAccess, absolute path) of the first instance
-        of `file_name` (by store name) whose bytes are present, optionally
-        only on available stores; (None, None, None) when there is none.
+        of `file_name` (by store name) in service (not found corrupt or
+        missing) whose bytes are present, optionally only on available
+        stores; (None, None, None) when there is none.
         Unreachable stores are passed over. The one place that decides
         which copy the server reads from. Raises `StoreUnreachable` when no
         instance is present but one could be on a store that cannot be
@@ -136,7 +137,8 @@ class StoreRegistry:
         from models import FileInstance, Store
 
         query = (FileInstance.select(FileInstance, Store).join(Store)
-                 .where(FileInstance.file == file_name).order_by(Store.name))
+                 .where((FileInstance.file == file_name) & FileInstance.in_service())
+                 .order_by(Store.name))
         if available_only:
             query = query.where(Store.available == True)  # noqa: E712
         unreachable = None
@@ -617,29 +619,40 @@ class StoreAccess:
         `start`."""
         return iter_file(self.fs, abs_path, start, length)
 
-    def stream(self, abs_path, name, size):
+    def stream(self, abs_path, name, size, md5=None):
         """(chunks, length in bytes) of a file, or of a directory as a tar
         under the top folder `name`; `size` is the record's (a directory
         holding other than that many bytes raises IOError before the first
-        chunk)."""
+        chunk). With the record's `md5`, the bytes are verified on the way:
+        `Mismatch` comes instead of the last chunk when they differ."""
         if self.is_dir(abs_path):
-            return iter_tar(self.fs, abs_path, name, size=size), tar_size(self.fs, abs_path, name)
-        return iter_file(self.fs, abs_path, 0, size), size
+            return (iter_tar(self.fs, abs_path, name, size=size, md5=md5),
+                    tar_size(self.fs, abs_path, name))
+        return iter_file(self.fs, abs_path, 0, size, md5=md5), size
 
-    def seekable_stream(self, abs_path, name, size):
+    def seekable_stream(self, abs_path, name, size, md5=None):
         """The bytes `stream` gives, as a seekable file-like object (for a
         resumable upload to another Librarian): seeking restarts the stream
-        and skips to the offset."""
+        and skips to the offset (reading what it skips, so that the whole
+        is still verified against `md5`)."""
         def from_offset(offset):
-            if not self.is_dir(abs_path):
+            if md5 is None and not self.is_dir(abs_path):
                 return iter_file(self.fs, abs_path, offset, size - offset)
-            return skip(iter_tar(self.fs, abs_path, name, size=size), offset)
+            return skip(self.stream(abs_path, name, size, md5)[0], offset)
         return ChunkStream(from_offset, self.stream(abs_path, name, size)[1])
 
     def copy_to(self, abs_path, other, abs_dest, progress=None):
         """Copy a file or tree to the new path `abs_dest` of the
-        `StoreAccess` (or host file system) `other`, streaming."""
-        copy_tree(self.fs, abs_path, getattr(other, "fs", other), abs_dest, progress=progress)
+        `StoreAccess` (or host file system) `other`, streaming; returns
+        (size, md5) of the bytes read (the shared definition)."""
+        return copy_tree(self.fs, abs_path, getattr(other, "fs", other), abs_dest,
+                         progress=progress)
+
+    def copy_in(self, local_path, abs_dest):
+        """Copy a file or tree of this host's file system to the new path
+        `abs_dest` of the store; returns (size, md5) of the bytes read."""
+        parent = posixpath.dirname(local_path)
+        return copy_tree(LocalFS(parent), local_path, self.fs, abs_dest)
 
     def is_local(self):
         """Whether the store is on this host's file system."""

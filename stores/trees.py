@@ -21,6 +21,30 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
 
 
+class Mismatch(IOError):
+    """The bytes read in full do not have the MD5 they were read against:
+    `path` (the file or directory read), `md5` (what they have)."""
+
+    def __init__(self, path, md5):
+        super().__init__("%s reads with md5 %s, not the md5 of its record" % (path, md5))
+        self.path, self.md5 = path, md5
+
+
+def held_back(chunks, digest, check):
+    """`chunks`, each fed to `digest`; the last one is held back until
+    `check()` (which raises `Mismatch`) has passed, so that a reader of a
+    bad stream never receives its end."""
+    previous = None
+    for chunk in chunks:
+        if previous is not None:
+            yield previous
+        digest.update(chunk)
+        previous = chunk
+    check()
+    if previous is not None:
+        yield previous
+
+
 class BodyReader:
     """A file-like reader over a request body that stops at `length` bytes
     (None: at EOF) and raises `LibrarianError(400)` when the body ends early."""
@@ -318,13 +342,15 @@ def tar_size(fs, path, name):
     return total + (-total) % TAR_RECORD
 
 
-def iter_tar(fs, path, name, size=None):
+def iter_tar(fs, path, name, size=None, md5=None):
     """Yield a tar stream of the directory `path` on `fs` with members under
     the top folder `name`, built on the fly in chunks (no temporary copy).
     The directory is listed before the first chunk, and an IOError raised
     then if its files hold other than `size` bytes (their record's, when
     given); once a chunk is sent, a store host's sessions are waited for
-    longer (`sshfs.stream_started`)."""
+    longer (`sshfs.stream_started`). With `md5`, the files' bytes are
+    hashed on the way and `Mismatch` raised, instead of the tar's end, when
+    the directory's MD5 (the shared definition) is not `md5`."""
     (top, _), *members = _tar_entries(fs, path, name)
     found = sum(ti.size for ti, abs_path in members if abs_path is not None)
     if size is not None and found != size:
@@ -332,6 +358,7 @@ def iter_tar(fs, path, name, size=None):
     header = top.tobuf(tarfile.PAX_FORMAT)
     yield header
     total = len(header)
+    hashes = []  # (path relative to the directory, md5)
     with stream_started():
         for ti, abs_path in members:
             header = ti.tobuf(tarfile.PAX_FORMAT)
@@ -339,20 +366,37 @@ def iter_tar(fs, path, name, size=None):
             yield header
             if abs_path is None:
                 continue
+            digest = hashlib.md5()
             with fs.open(abs_path, "rb") as f:
-                yield from _read_exactly(f, ti.size, abs_path)
+                for chunk in _read_exactly(f, ti.size, abs_path):
+                    if md5 is not None:
+                        digest.update(chunk)
+                    yield chunk
+            hashes.append((posixpath.relpath(abs_path, path), digest.hexdigest()))
             pad = _padding(ti.size)
             total += ti.size + pad
             if pad:
                 yield b"\0" * pad
+        if md5 is not None and directory_digest(hashes) != md5:
+            raise Mismatch(path, directory_digest(hashes))
         end = 2 * TAR_BLOCK
         end += (-(total + end)) % TAR_RECORD
         yield b"\0" * end
 
 
-def iter_file(fs, path, start=0, length=None):
+def iter_file(fs, path, start=0, length=None, md5=None):
     """Yield `length` bytes (None: to the end) of the file `path` on `fs`
-    from byte `start`, in chunks."""
+    from byte `start`, in chunks. With `md5` (a read of the whole file),
+    `Mismatch` is raised instead of the last chunk when the bytes do not
+    have that MD5."""
+    if md5 is not None:
+        digest = hashlib.md5()
+
+        def check():
+            if digest.hexdigest() != md5:
+                raise Mismatch(path, digest.hexdigest())
+        yield from held_back(iter_file(fs, path, 0, length), digest, check)
+        return
     with fs.open(path, "rb") as f:
         if start:
             f.seek(start)
@@ -365,28 +409,38 @@ def iter_file(fs, path, start=0, length=None):
 def copy_tree(src_fs, src, dst_fs, dst, progress=None):
     """Copy the file or directory `src` on `src_fs` to the new path `dst` on
     `dst_fs`, streaming (either may be local or remote); `progress(n)` is
-    called with each chunk's bytes. Links and special files are refused
-    with `LibrarianError(400)`."""
+    called with each chunk's bytes. Returns (size in bytes, md5) of what
+    was read, by the shared definition, for the caller to compare with
+    the record. Links and special files are refused with
+    `LibrarianError(400)`."""
     bad = src_fs.find_special(src)
     if bad is not None:
         raise LibrarianError(400, "%s is a link or special file" % bad)
     if not stat.S_ISDIR(src_fs.lstat(src).st_mode):
-        _copy_file(src_fs, src, dst_fs, dst, progress)
-        return
+        return _copy_file(src_fs, src, dst_fs, dst, progress)
     dst_fs.mkdir(dst)
+    total, hashes = 0, []
     for rel, st in walk(src_fs, src):
         if stat.S_ISDIR(st.st_mode):
             dst_fs.mkdir(posixpath.join(dst, rel))
         else:
-            _copy_file(src_fs, posixpath.join(src, rel), dst_fs, posixpath.join(dst, rel),
-                       progress)
+            size, md5 = _copy_file(src_fs, posixpath.join(src, rel), dst_fs,
+                                   posixpath.join(dst, rel), progress)
+            total += size
+            hashes.append((rel, md5))
+    return total, directory_digest(hashes)
 
 
 def _copy_file(src_fs, src, dst_fs, dst, progress=None):
+    """Copy one file; returns (size, md5) of the bytes read."""
+    digest, size = hashlib.md5(), 0
     with src_fs.open(src, "rb") as f, dst_fs.open(dst, "xb") as out:
         for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
             out.write(chunk)
+            size += len(chunk)
             if progress:
                 progress(len(chunk))
+    return size, digest.hexdigest()
 
 

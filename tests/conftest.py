@@ -302,6 +302,16 @@ class QueryCounter:
         self.logger.setLevel(self.old_level)
 
 
+PERIODIC = ("scrub", "confirm_remote_instances", "rolling_deletion")  # the checks every server queues
+
+
+def the_task():
+    """The one task a test made (the periodic checks left out)."""
+    import tasks
+
+    return tasks.Task.get(tasks.Task.kind.not_in(PERIODIC))
+
+
 def store_contents(store_dir):
     """Relative paths of everything under a store outside its staging area,
     and the staging area's entries."""

@@ -1,5 +1,7 @@
 """Sessions and the deletion interlock, through the API, on SQLite and
-PostgreSQL."""
+PostgreSQL. The deletion policy is tested here alone, as the original had
+it (`deletion_min_other_copies = 0`); the other copies it also needs by
+default are tested in test_integrity and test_remote_instances."""
 
 import json
 import os
@@ -8,7 +10,15 @@ import subprocess
 import pytest
 
 import models
-from conftest import ctx, api
+from conftest import ctx, api, config_text, free_port
+
+
+@pytest.fixture
+def config_path(tmp_path, db_url, store_dir):
+    path = tmp_path / "librarian.ini"
+    path.write_text(config_text(db_url, store_dir, port=free_port(),
+                                extra="[librarian]\ndeletion_min_other_copies = 0\n"))
+    return str(path)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +271,8 @@ def test_policy_is_checked_again_at_the_moment_of_deletion(two_stores, web, stor
     assert stale.deletion_policy == models.DELETION_ALLOWED
     api(web, "set_one_file_deletion_policy", file_name="x.dat", deletion_policy="disallowed",
         restrict_to_store="main")
-    assert deletion._delete_one(ctx(), stale, "standard") == "n_kept"
+    assert deletion._delete_one(ctx(), stale, "standard") == (
+        "n_kept", "its deletion policy is disallowed")
     assert os.path.exists(os.path.join(store_dir, "keep", "x.dat"))
     assert ("main", "x.dat", 0) in instances()
 

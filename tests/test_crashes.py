@@ -12,8 +12,7 @@ import requests
 
 import librarian_client
 import models
-import tasks
-from conftest import AUTH, Server, bearer, store_contents
+from conftest import AUTH, Server, bearer, store_contents, the_task
 from librarian_client import path_md5
 
 
@@ -63,6 +62,13 @@ def quiet(app):
     """The migrated database, closed here so that real servers use it."""
     models.db.close()
     return app
+
+
+def policy_alone(config_path):
+    """Deletions decided by the policy alone (the original's rule), so that
+    a file's sole instance may go: these tests are about the mechanism."""
+    with open(config_path, "a") as f:
+        f.write("[librarian]\ndeletion_min_other_copies = 0\n")
 
 
 def test_an_upload_killed_between_move_and_commit_leaves_nothing(quiet, config_path, store_dir):
@@ -132,6 +138,7 @@ def test_a_resumable_upload_killed_at_its_commit_finishes_when_sent_again(
 
 def test_a_directory_deletion_killed_at_each_step_leaves_it_whole_or_gone(quiet, config_path,
                                                                           store_dir, tmp_path):
+    policy_alone(config_path)
     tree = tmp_path / "big.uv"
     for i in range(100):  # 20,000 files
         sub = tree / ("d%03d" % i)
@@ -166,6 +173,7 @@ def test_a_directory_deletion_killed_at_each_step_leaves_it_whole_or_gone(quiet,
 
 
 def test_a_flat_deletion_killed_after_its_record_went_is_finished(quiet, config_path, store_dir):
+    policy_alone(config_path)
     srv = Server(config_path).start()
     try:
         assert put(srv, "x.dat", b"x").status_code == 201
@@ -298,11 +306,11 @@ def test_an_offload_killed_after_its_copy_leaves_the_source_as_it_was(quiet, con
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with models.db.connection_context():
-                if tasks.Task.get().state in ("done", "failed"):
+                if the_task().state in ("done", "failed"):
                     break
             time.sleep(0.3)
     finally:
         srv.stop()
     with models.db.connection_context():
-        assert tasks.Task.get().state == "done"
+        assert the_task().state == "done"
     assert agree(store_dir) == {"o/one.dat"} == agree(str(other), "other")

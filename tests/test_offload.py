@@ -5,7 +5,7 @@ import os
 
 import models
 import tasks
-from conftest import ctx, api, bearer, store_contents
+from conftest import ctx, api, bearer, store_contents, the_task
 
 
 def test_offload_empties_a_store_and_then_shuts_it_down(app, web, store_dir, tmp_path):
@@ -67,5 +67,5 @@ def test_a_missing_file_does_not_stop_the_rest_and_offloads_do_not_overlap(app, 
                                    dest_store_name="other")["message"]
     tasks.run_until_empty(ctx())
     assert store_contents(str(other_dir)) == ({"a.dat", "c.dat"}, [])
-    task = tasks.Task.get()
+    task = the_task()
     assert task.state == "failed" and "b.dat" in task.last_error

@@ -221,9 +221,11 @@ def test_instance_listing(catalogue, web, tmp_path, store_dir):
     assert reply["results"] == [
         {"store_name": "main", "store_ssh_host": models.Store.get_by_id(1).ssh_host,
          "parent_dirs": "d", "name": A, "deletion_policy": "disallowed",
-         "full_path_on_store": store_dir + "/d/" + A},
+         "full_path_on_store": store_dir + "/d/" + A, "verified_at": None,
+         "verify_result": None},
         {"store_name": "second", "store_ssh_host": "h2", "parent_dirs": "d", "name": A,
-         "deletion_policy": "disallowed", "full_path_on_store": str(tmp_path / "s2") + "/d/" + A}]
+         "deletion_policy": "disallowed", "full_path_on_store": str(tmp_path / "s2") + "/d/" + A,
+         "verified_at": None, "verify_result": None}]
 
 
 def test_bad_output_format_and_staging_not_yet(catalogue, web):

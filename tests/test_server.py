@@ -202,21 +202,27 @@ def test_catalogue_commands_of_the_client(server, client_config, store_dir, caps
     out = capsys.readouterr().out
     assert out.startswith("session 1192201262:") and "xx" in out
 
-    # Deletion: without a terminal and without --yes nothing is deleted.
+    # Deletion: the sole copy of a file is never deleted (deletion_min_other_copies = 1),
+    # and --noop says so for each instance.
     monkeypatch.setattr("sys.stdin", open(os.devnull))
-    assert run_cli(client_config, "delete-files", "writer", '{"name-matches": "zen.%"}') == 1
-    assert "1 instance of 2 matching files may be deleted" in capsys.readouterr().out
-    assert os.path.exists(os.path.join(store_dir, "a", "zen.2458432.34569.uvh5"))
+    assert run_cli(client_config, "delete-files", "writer", '{"name-matches": "zen.%"}') == 0
+    assert "0 instances of 2 matching files may be deleted" in capsys.readouterr().out
     assert run_cli(client_config, "delete-files", "writer", '{"name-matches": "zen.%"}',
                    "--noop") == 0
-    assert "noop: would have 1 deleted, 1 kept, 0 errors" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "keep   zen.2458043.12552.xx.HH.uvA on store main at b/zen.2458043.12552.xx.HH.uvA: "
+        "its deletion policy is disallowed",
+        "keep   zen.2458432.34569.uvh5 on store main at a/zen.2458432.34569.uvh5: "
+        "it is the last good copy known anywhere",
+        "noop: would have 0 deleted, 2 kept, 0 errors"]
     assert run_cli(client_config, "delete-files", "appender", '{"name-matches": "zen.%"}',
                    "--yes") == 1
     assert "needs level read-write" in capsys.readouterr().err
     assert run_cli(client_config, "delete-files", "writer", '{"name-matches": "zen.%"}',
                    "--yes") == 0
-    assert "1 deleted, 1 kept, 0 errors" in capsys.readouterr().out
-    assert not os.path.exists(os.path.join(store_dir, "a", "zen.2458432.34569.uvh5"))
+    assert "0 deleted, 2 kept, 0 errors" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(store_dir, "a", "zen.2458432.34569.uvh5"))
 
     assert run_cli(client_config, "set-file-deletion-policy", "writer",
                    "zen.2458043.12552.xx.HH.uvA", "allowed") == 0

@@ -22,7 +22,7 @@ import models
 from stores import ssh as sshfs
 import stores
 from conftest import (ctx, AUTH, MIRIAD, ROOT, UVH5, Server, api, bearer, config_text, free_port,
-                      need_data, store_contents)
+                      need_data, store_contents, the_task)
 from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
 from test_upload import put, tar_of
 
@@ -105,7 +105,14 @@ def test_wrong_md5_over_ssh_is_refused_and_leaves_nothing(web, store_dir):
     assert store_contents(store_dir) == (set(), [])
 
 
-def test_a_path_with_spaces_and_quotes_survives_every_operation(web, store_dir, tmp_path):
+@pytest.fixture
+def sole_copies_deletable(monkeypatch):
+    """The original's deletion rule (policy alone) for this test's app."""
+    monkeypatch.setitem(ctx().settings.librarian, "deletion_min_other_copies", 0)
+
+
+def test_a_path_with_spaces_and_quotes_survives_every_operation(web, store_dir, tmp_path,
+                                                               sole_copies_deletable):
     body = b"bytes of an odd name\n" * 1000
     path = ODD_DIR + "/" + ODD_NAME
     from urllib.parse import quote
@@ -155,7 +162,7 @@ def test_download_of_a_file_and_of_a_directory_from_the_remote_store(server, cli
     assert len(resp.content) == int(resp.headers["Content-Length"])
 
 
-def test_delete_interlock_on_the_remote_store(web, store_dir):
+def test_delete_interlock_on_the_remote_store(web, store_dir, sole_copies_deletable):
     put(web, "k/keep.dat", b"keep", null_obsid="true")
     put(web, "k/go.dat", b"go", null_obsid="true", deletion_policy="allowed")
     stats = api(web, "delete_file_instances_matching_query",
@@ -808,7 +815,6 @@ def test_an_unreachable_store_is_named_on_download_and_locate(web, sshd, store_d
 
 def test_an_offload_from_an_unreachable_store_waits_and_retries(local_and_remote, sshd,
                                                                 store_dir):
-    import tasks
 
     config_path, local = local_and_remote
     web = _app(config_path)
@@ -818,7 +824,7 @@ def test_an_offload_from_an_unreachable_store_waits_and_retries(local_and_remote
         _store_behind(web, sshd, store_dir, 1)
         api(web, "initiate_offload", source_store_name="main", dest_store_name="local")
         _run_tasks(web)
-        task = tasks.Task.get()
+        task = the_task()
         assert (task.state, task.attempts) == ("pending", 1), task.last_error
         assert "unreachable" in task.last_error
     finally:
@@ -1098,3 +1104,36 @@ def test_a_stream_that_cannot_start_is_an_error_of_the_request(web, store_dir, c
     reply = web.get("/api/download/short.dat", headers=bearer(), status=500)
     assert reply.json["message"].startswith("internal error")
     assert "short.dat shrank while being read" in caplog.text
+
+
+def test_the_scrub_verifies_and_finds_a_flipped_byte_on_the_remote_store(web, store_dir, tmp_path):
+    """A file and a directory on the store behind sshd: read whole over SFTP
+    and found good; then a byte flipped in a file of the directory is found,
+    and its download is cut short."""
+    import integrity
+
+    put(web, "flat.dat", b"flat bytes " * 5000, null_obsid="true")
+    tree = tmp_path / "t.uv"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "vis").write_bytes(os.urandom(3 << 20))
+    (tree / "header").write_bytes(b"header")
+    put(web, "t.uv", tar_of(str(tree), "t.uv"), headers={"X-Librarian-Directory": "tar"},
+        null_obsid="true")
+    store = models.Store.get()
+    count, _, more = integrity.scrub(ctx(), store)
+    assert (count, more) == (2, False)
+    assert [i.verify_result for i in models.FileInstance.select()] == ["ok", "ok"]
+    vis = os.path.join(store_dir, "t.uv", "sub", "vis")
+    os.chmod(vis, 0o644)
+    with open(vis, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\0\1\2")
+    from errors import Corrupt
+
+    with pytest.raises(Corrupt):  # the stream breaks off (a real server closes the connection)
+        web.get("/api/download/t.uv", headers=bearer())
+    inst = models.FileInstance.get(models.FileInstance.file == "t.uv")
+    assert inst.verify_result == "corrupt"
+    result = integrity.verify_instance(ctx(), models.FileInstance.get(
+        models.FileInstance.file == "flat.dat"), how="test")
+    assert (result["ok"], result["size"]) == (True, len(b"flat bytes " * 5000))

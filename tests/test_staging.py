@@ -11,7 +11,7 @@ import pytest
 
 import tasks
 import models
-from conftest import ctx, api, bearer
+from conftest import ctx, api, bearer, the_task
 
 USER = getpass.getuser()  # a user of this system, as chown_command needs
 
@@ -180,13 +180,13 @@ def test_a_destination_swapped_for_a_link_gets_nothing(staged, web, tmp_path):
     os.symlink(outside, kdir)
     tasks.run_until_empty(ctx())
     assert os.listdir(outside) == []
-    task = tasks.Task.get()
+    task = the_task()
     assert task.state == "failed" and "staging area" in task.last_error
 
 
 def test_cancelling_a_staging_releases_its_folder(staged, web):
     api(web, "search", search="{}", output_format="stage-the-files-json", stage_dest="cancelme")
-    task = tasks.Task.get()
+    task = the_task()
     assert tasks.cancel(ctx(), task.id, "admin") is True
     dest = staged / "admin" / "cancelme"
     assert sorted(os.listdir(dest)) == ["STAGING-ERRORS"]

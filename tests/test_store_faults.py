@@ -12,7 +12,7 @@ import pytest
 
 import models
 import tasks
-from conftest import ctx, ROOT, api, bearer, store_contents
+from conftest import ctx, ROOT, api, bearer, store_contents, the_task
 from test_hardening import tar_bytes
 from librarian_client import path_md5
 
@@ -163,7 +163,7 @@ def test_a_checksum_mismatch_fails_an_offload_at_once_and_every_attempt_is_kept(
         f.write(b"flipped!!!")  # same size, other bytes
     api(web, "initiate_offload", source_store_name="main", dest_store_name="other")
     tasks.run_until_empty(ctx())
-    task = tasks.Task.get()
+    task = the_task()
     assert (task.state, task.attempts) == ("failed", 1)
     assert "bad.dat" in task.last_error and "not 10" in task.last_error
     assert task.errors.count("\n") == 0 and task.errors.startswith("attempt 1 at ")
@@ -240,6 +240,7 @@ def test_a_folder_swapped_for_a_link_during_a_deletion_leaves_the_target_alone(
 
     put(web, "a/x.dat", b"registered")
     models.FileInstance.update(deletion_policy=models.DELETION_ALLOWED).execute()
+    monkeypatch.setitem(ctx().settings.librarian, "deletion_min_other_copies", 0)  # sole copy
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "x.dat").write_bytes(b"not ours")

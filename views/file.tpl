@@ -20,10 +20,24 @@ none
 <p class="note">No instance here: this Librarian knows the file only by its record.</p>
 % else:
 <table>
-<tr><th>Store</th><th>Host</th><th>Path</th><th>Deletion policy</th></tr>
+<tr><th>Store</th><th>Host</th><th>Path</th><th>Deletion policy</th><th>Last verified (UTC)</th></tr>
 % for i in instances:
 <tr><td><a href="/stores/{{quote(i.store.name)}}">{{i.store.name}}</a></td><td>{{i.store.ssh_host}}</td>
-<td class="mono">{{i.full_path_on_store}}</td><td>{{'allowed' if i.deletion_policy else 'disallowed'}}</td></tr>
+<td class="mono">{{i.full_path_on_store}}</td><td>{{'allowed' if i.deletion_policy else 'disallowed'}}</td>
+<td class="verify-{{i.verify_result or 'never'}}">{{(i.verify_result or 'never') if not i.verified_at else '%s: %s' % (fmt_time(i.verified_at), i.verify_result)}}</td></tr>
+% end
+</table>
+% end
+<h2>Copies at other Librarians</h2>
+% if not remote_instances:
+<p class="note">No other Librarian is known to hold a copy.</p>
+% else:
+<table id="remote-instances">
+<tr><th>Librarian</th><th>Store</th><th>Path</th><th>MD5 it computed</th><th>Verified (UTC)</th><th>Confirmed (UTC)</th></tr>
+% for r in remote_instances:
+<tr><td>{{r.librarian}}</td><td>{{r.store_name}}</td><td class="mono">{{r.store_path}}</td>
+<td class="mono">{{r.md5}}{{'' if r.md5 == file.md5 else ' (differs from the record)'}}</td>
+<td>{{fmt_time(r.verified_at)}}</td><td>{{fmt_time(r.confirmed_at)}}</td></tr>
 % end
 </table>
 % end
