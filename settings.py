@@ -148,6 +148,7 @@ SCHEMA = {
         "standing_order_mode": (choice("normal", "disabled", "nighttime"), "normal"),
         "standing_order_delay": (_positive_float, 60.0),
         "standing_order_interval": (_positive_float, 600.0),
+        "reconcile_interval_hours": (_positive_float, 24.0),
     },
     "store:*": {
         "path_prefix": (_nonempty, REQUIRED),
