@@ -460,9 +460,10 @@ def _has_present_instance(registry, name):
 def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_mode="none",
                      obsid=None):
     """Check bytes already at their final place on `store` against what the
-    caller stated (size first, from `stat`, then md5) and read their
-    metadata. No database lock is held. Returns the keyword arguments of
-    `register_prepared`. Raises `LibrarianError(400)`."""
+    caller stated (size first, from `stat`, then md5; None: not stated,
+    found here) and read their metadata. No database lock is held. Returns
+    the keyword arguments of `register_prepared`. Raises
+    `LibrarianError(400)`."""
     if not posixpath.isabs(abs_path):
         raise LibrarianError(400, "%s is not an absolute path on store %r" % (abs_path,
                                                                               store.name))
@@ -480,14 +481,15 @@ def prepare_in_place(store, abs_path, *, size, md5, null_obsid=False, inference_
     store.check_tree(real)
     if stat.S_ISDIR(st.st_mode):
         check_no_instance_inside(store, store_path)
-    md5 = check_md5(md5)
-    if stat.S_ISREG(st.st_mode) and st.st_size != size:
+    md5 = check_md5(md5) if md5 is not None else None
+    if size is not None and stat.S_ISREG(st.st_mode) and st.st_size != size:
         raise LibrarianError(400, "%s has %d bytes, not %d as stated"
                              % (abs_path, st.st_size, size))
     actual_size, actual_md5 = store.checksum(real)
-    if actual_size != size or actual_md5 != md5:
-        raise LibrarianError(400, "%s has size %d and md5 %s, not %d and %s as stated"
+    if (size, md5) != (actual_size, actual_md5) and (size, md5) != (None, None):
+        raise LibrarianError(400, "%s has size %d and md5 %s, not %s and %s as stated"
                              % (abs_path, actual_size, actual_md5, size, md5))
+    size, md5 = actual_size, actual_md5
     found_obsid, meta = observation_of(store, real, name, meta_mode="infer",
                                        null_obsid=null_obsid, inference_mode=inference_mode,
                                        stated_obsid=obsid)

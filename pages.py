@@ -21,6 +21,7 @@ from bottle import HTTPError, redirect, request, response, template
 
 import copies
 import models
+import reconcile
 import search
 import staging
 import standing
@@ -342,6 +343,34 @@ def store_page(name):
                   problem=of_request().open_store(row).problem())
 
 
+def store_or_404(name):
+    row = Store.get_or_none(Store.name == name)
+    if row is None:
+        raise HTTPError(404, "No store named %r is known here." % name)
+    return row
+
+
+def reconcile_page(name):
+    """The store's last reconciliation (`reconcile`): counts, and the first
+    `reconcile.KEPT` entries of each list."""
+    person()
+    row = store_or_404(name)
+    states = [t.state for t in reconcile.queued(name)]
+    return render("reconcile", "Reconciliation of " + name, store=row,
+                  report=reconcile.last_report(row), kinds=reconcile.KINDS,
+                  state="running" if "running" in states else "pending" if states else None,
+                  interval=settings().librarian["reconcile_interval_hours"])
+
+
+def reconcile_now(name):
+    """POST: queue a reconciliation of the store now."""
+    person("admin")
+    check_form_csrf()
+    store_or_404(name)
+    reconcile.run_now(of_request(), name)
+    redirect("/stores/%s/reconcile" % urllib.parse.quote(name, safe=""))
+
+
 def set_store_availability(name, available):
     person("admin")
     check_form_csrf()
@@ -597,6 +626,8 @@ def install(app):
     app.route("/sessions/<session_id:int>", "GET", session_page)
     app.route("/stores", "GET", stores_page)
     app.route("/stores/<name>", "GET", store_page)
+    app.route("/stores/<name>/reconcile", "GET", reconcile_page)
+    app.route("/stores/<name>/reconcile", "POST", reconcile_now)
     app.route("/stores/<name>/make-available", "POST",
               lambda name: set_store_availability(name, True))
     app.route("/stores/<name>/make-unavailable", "POST",

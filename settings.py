@@ -162,6 +162,7 @@ SCHEMA = {
         "remote_confirm_hours": (_positive_float, 24.0),
         "alert_webhook_url": (_url, None),
         "store_full_fraction": (_fraction, 0.95),
+        "reconcile_interval_hours": (_positive_float, 24.0),
     },
     "store:*": {
         "path_prefix": (_nonempty, REQUIRED),

@@ -46,7 +46,7 @@ from stores.paths import (STAGING, check_relative_folder, is_inside,  # noqa: F4
 from stores.ssh import (SSHFS, DiskUsage, SSHConnection, SSHTarget,  # noqa: F401
                         StoreUnreachable, stream_started)
 from stores.trees import (BodyReader, ChunkStream, Mismatch, copy_hashing,  # noqa: F401
-                          copy_tree, iter_file, iter_tar, skip,
+                          copy_tree, iter_file, iter_tar, skip, sorted_listing,
                           tar_size, tree_depth, walk)
 
 log = logging.getLogger("librarian")
@@ -609,6 +609,15 @@ class StoreAccess:
     def listdir(self, abs_path):
         """[(name, lstat)] of a folder's entries, sorted by name."""
         return self.fs.scandir(abs_path)
+
+    def listing(self):
+        """Yield (store path as bytes, type letter, size in bytes) of every
+        entry of the store outside its staging area, sorted by the bytes of
+        the path (type: f file, d folder, l link, others special). One
+        command on the store's host (`stores.trees.LISTING_SCRIPT`), read
+        as it streams: bounded memory at any size. Raises OSError (or
+        StoreUnreachable) at the end when the listing is incomplete."""
+        return sorted_listing(self.fs, self.prefix)
 
     def open_read(self, abs_path):
         """A binary file open for reading."""

@@ -16,10 +16,12 @@ import os
 import posixpath
 import shutil
 import stat
+import subprocess
+import tempfile
 
 import uvmeta
-from librarian_client import path_md5
-from stores.ssh import DiskUsage
+from librarian_client import CHUNK, path_md5
+from stores.ssh import DiskUsage, remote_error
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 DIRECT_ALIGN = 4096  # bytes: offsets and lengths of writes that may bypass the page cache
@@ -286,6 +288,24 @@ class LocalFS:
     def read_observation(self, path):
         """`uvmeta.read_observation` of the file or directory at `path`."""
         return uvmeta.read_observation(path)
+
+    def command_output(self, argv):
+        """Yield the standard output of the command `argv` (a list) as it
+        comes, in chunks; at its end, OSError with its message when it
+        exited non-zero. Its standard error goes to a temporary file: a
+        command that says much there never blocks on a full pipe while we
+        read the other."""
+        with tempfile.TemporaryFile() as err, subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err) as proc:
+            try:
+                yield from iter(lambda: proc.stdout.read1(CHUNK), b"")
+            except GeneratorExit:  # the reader stopped early: so does the command
+                proc.kill()
+                raise
+            status = proc.wait()
+            err.seek(0)
+            if status != 0:
+                raise remote_error("%s on this host" % argv[0], err.read(4096))
 
 
 def _chmod_at(fd, name, mode):

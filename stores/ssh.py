@@ -841,6 +841,22 @@ class SSHFS:
             return False
         return stat.S_ISDIR(st.st_mode) and bool(st.st_mode & 0o222)
 
+    def command_output(self, argv):
+        """As `LocalFS.command_output`, on the store host: one exec channel,
+        read as the bytes come (its window bounds what waits unread) and
+        waited for however long the command runs (a host that stops
+        answering is noticed by the connection's heartbeat)."""
+        with self.conn.channel(argv, window_size=READ_WINDOW_BYTES) as ch, self.conn.errors():
+            ch.settimeout(None)
+            ch.shutdown_write()
+            yield from iter(lambda: ch.recv(CHUNK), b"")
+            status = ch.recv_exit_status()
+            err = ch.makefile_stderr("rb").read(4096)
+            if status == -1:  # closed without an exit status
+                raise EOFError("the session running %s ended" % argv[0])
+        if status != 0:
+            raise remote_error("%s on %s" % (argv[0], self.conn.target.host), err)
+
     def read_observation(self, path):
         """Observation metadata read over SFTP by the isolated reader
         process (see `read_remote_observation`); None, without asking it,

@@ -298,6 +298,43 @@ def walk(fs, path):
             rels.append(sub)
 
 
+# Every entry under the folder $1 but its staging area, as "SIZE TYPE PATH\0"
+# (find's %s, %y, %P: PATH relative, its bytes as they are: tabs, newlines
+# and invalid UTF-8 pass), sorted by the bytes of PATH: `sort -z` in the C
+# locale, keyed from the third space-separated field to the end of the
+# record, so that a path is compared whole (spaces and all) and a prefix
+# sorts first, as Python compares bytes. sort spills to temporary files
+# beyond its memory, so any number of entries can be sorted on the store's
+# host. Exits non-zero when find could not read everything (its first 4 KiB
+# of messages on stderr): a partial listing must never be taken as whole.
+LISTING_SCRIPT = """\
+d=$(mktemp -d) || exit 1
+trap 'rm -rf "$d"' EXIT
+cd -- "$1" || exit 1
+{ find . -mindepth 1 -path ./.staging -prune -o -printf '%s %y %P\\0' 2>"$d/err" \\
+  || : >"$d/failed"; } | LC_ALL=C sort -z -t ' ' -k3 || exit 1
+head -c 4096 "$d/err" >&2
+[ ! -e "$d/failed" ]
+"""
+
+
+def sorted_listing(fs, path):
+    """Yield (relative path as bytes, find's type letter: f file, d folder,
+    l link, others special, size in bytes) of every entry under the folder
+    `path` on `fs` outside its staging area, sorted by the bytes of the
+    path. One command (`LISTING_SCRIPT`) on the host, parsed as its output
+    streams in: bounded memory for any number of entries. Raises OSError
+    at the end when the listing is incomplete."""
+    rest = b""
+    for chunk in fs.command_output(["sh", "-c", LISTING_SCRIPT, "sh", path]):
+        *records, rest = (rest + chunk).split(b"\0")
+        for record in records:
+            size, kind, rel = record.split(b" ", 2)
+            yield rel, kind.decode("ascii"), int(size)
+    if rest:
+        raise OSError("the listing of %s ended within a record" % path)
+
+
 def tree_depth(fs, path):
     """How deep folders nest in the tree at `path` (0 for a file or an
     empty folder; 1 for a folder of files)."""

@@ -302,7 +302,7 @@ class QueryCounter:
         self.logger.setLevel(self.old_level)
 
 
-PERIODIC = ("scrub", "confirm_remote_instances", "rolling_deletion")  # the checks every server queues
+PERIODIC = ("scrub", "confirm_remote_instances", "rolling_deletion", "reconcile")  # the checks every server queues
 
 
 def the_task():

@@ -10,6 +10,7 @@
 <tr><th>Used / free</th><td><span title="{{used}} bytes">{{human_size(used)}}</span> /
 <span title="{{free}} bytes">{{human_size(free)}}</span></td></tr>
 <tr><th>Instances</th><td>{{n_instances}} ({{human_size(instance_bytes)}})</td></tr>
+<tr><th>Reconciliation</th><td><a id="reconcile" href="/stores/{{quote(store.name)}}/reconcile">last report, or run one now</a></td></tr>
 </table>
 % if me.level == 'admin':
 <form method="post" action="/stores/{{quote(store.name)}}/{{'make-unavailable' if store.available else 'make-available'}}">
