@@ -1320,9 +1320,11 @@ def primed(chunks):
 
 
 def install_routes(app):
+    import metrics
     import pages
 
     pages.install(app)
+    app.route("/metrics", "GET", metrics.endpoint)
     if app.config["librarian.settings"].server["protocol_additions"]:
         app.route("/api/openapi.json", "GET", openapi)
         # [\s\S]: any character, so that a name with a newline gets a clear 400.

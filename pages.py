@@ -20,6 +20,7 @@ import peewee as pw
 from bottle import HTTPError, redirect, request, response, template
 
 import copies
+import metrics
 import models
 import reconcile
 import search
@@ -602,6 +603,7 @@ NAV = [("/", "Home", "read-only"), ("/search-files", "Files", "read-only"),
        ("/stores", "Stores", "read-only"), ("/tasks", "Tasks", "read-only"),
        ("/standing-orders", "Standing orders", "read-only"),
        ("/connectivity", "Connectivity", "read-only"),
+       ("/health", "Health", "read-only"),
        ("/upload", "Upload", "read-append")]
 
 
@@ -639,6 +641,7 @@ def install(app):
     app.route("/upload", "GET", upload_page)
     app.route("/stage", "POST", stage_form)
     app.route("/connectivity", "GET", connectivity_page)
+    app.route("/health", "GET", metrics.health_page)
     app.route("/tasks", "GET", tasks_page)
     app.route("/tasks/<task_id:int>/retry", "POST", lambda task_id: task_action(task_id, "retry"))
     app.route("/tasks/<task_id:int>/cancel", "POST",

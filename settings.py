@@ -145,6 +145,7 @@ SCHEMA = {
         "searches_per_caller": (_positive_int, 4),
         "reader_memory_bytes": (_positive_int, 2 << 30),
         "reader_seconds": (_positive_float, 60.0),
+        "metrics_public": (_bool, True),
     },
     "database": {
         "url": (_db_url, REQUIRED),
