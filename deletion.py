@@ -241,19 +241,19 @@ def rolling(ctx, name, mode=None, limit=10000):
 @tasks.handler("rolling_deletion")
 def rolling_task(ctx, task, args):
     """One run of a rolling deletion; the next is queued after its
-    `every_hours`. A section removed from the configuration ends its chain."""
+    `every_hours` when it ends (one that fails for good is started again by
+    `schedule_rolling`). A section removed from the configuration ends its
+    chain."""
     if args["name"] not in ctx.settings.rolling_deletions:
         return
-    try:
-        report = rolling(ctx, args["name"])
-        log.info("rolling deletion %s (%s) on store %s: %d deleted, %d kept, %d errors",
-                 args["name"], report["mode"], report["store"], report["n_deleted"],
-                 report["n_kept"], report["n_error"])
-        task.remember(report={k: v for k, v in report.items() if k != "instances"})
-    finally:
-        with write_transaction():
-            tasks.enqueue(ctx, "rolling_deletion", args, delay=3600.0 * ctx.settings
-                          .rolling_deletions[args["name"]]["every_hours"])
+    report = rolling(ctx, args["name"])
+    log.info("rolling deletion %s (%s) on store %s: %d deleted, %d kept, %d errors",
+             args["name"], report["mode"], report["store"], report["n_deleted"],
+             report["n_kept"], report["n_error"])
+    task.remember(report={k: v for k, v in report.items() if k != "instances"})
+    with write_transaction():
+        tasks.enqueue(ctx, "rolling_deletion", args, delay=3600.0 * ctx.settings
+                      .rolling_deletions[args["name"]]["every_hours"])
 
 
 def schedule_rolling(ctx):

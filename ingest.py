@@ -389,11 +389,15 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
         if exact and not store.exists(store_path):
             FileEvent.record(name, "heal_instance",
                              {"store_name": store.name, "parent_dirs": parent_dirs})
+            (FileInstance.update(verified_at=utcnow(), verify_result="ok")
+             .where((FileInstance.file == name) & (FileInstance.store == store.row)
+                    & (FileInstance.parent_dirs == parent_dirs)).execute())
             return dict(done, healed=True)
         if exact or (not another_copy and _has_present_instance(store.registry, name)):
             return {"created": False, "move": False, "name": name, "obsid": obsid}
+    # Its MD5 was just computed from the bytes: verified at ingest.
     FileInstance.create(store=store.row, parent_dirs=parent_dirs, file=name,
-                        deletion_policy=policy)
+                        deletion_policy=policy, verified_at=utcnow(), verify_result="ok")
     FileEvent.record(name, "create_instance",
                      {"store_name": store.name, "parent_dirs": parent_dirs})
     return done

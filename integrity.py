@@ -32,10 +32,10 @@ import peewee as pw
 import alerts
 import ingest
 import tasks
-from errors import Corrupt, NotFound
+from errors import Corrupt, NotFound, Unavailable
 from models import (File, FileEvent, FileInstance, RemoteInstance, Store, db, to_unix, utcnow,
                     write_transaction)
-from stores import Mismatch, StoreUnreachable
+from stores import Mismatch
 
 log = logging.getLogger("librarian")
 
@@ -56,6 +56,7 @@ def record(ctx, inst, result, md5=None, how="scrub"):
     event and an alert. Returns whether the result is news."""
     with _database():
         with write_transaction():
+            File.lock(inst.name)  # a deletion counting this copy waits, or went first
             current = (FileInstance.select(FileInstance.verify_result)
                        .where(FileInstance.key(inst)).first())
             if current is None:
@@ -128,9 +129,12 @@ def verify_instance(ctx, inst, how="scrub", pace=None):
     """Read the instance `inst` whole (each chunk's length given to
     `pace`, which may sleep) and record the result; returns a dict
     `{store_name, store_path, ok, result, md5, size, verified_at}` (md5 and
-    size as read, None when missing). Raises `StoreUnreachable` (nothing is
-    recorded then: the bytes were not looked at)."""
+    size as read, None when missing). Raises `Unavailable` (a store host
+    that cannot be reached, or a store folder that is not there: an
+    unmounted disk is not a disk of missing files) or OSError (a read that
+    failed); nothing is recorded then."""
     store = ctx.open_store(inst.store)
+    check_store(store)
     path = store.resolve(inst.store_path)
     md5 = size = None
     if not store.exists_at(path):
@@ -144,15 +148,20 @@ def verify_instance(ctx, inst, how="scrub", pace=None):
                 if pace is not None:
                     pace(len(chunk))
             result, md5, size = "ok", inst.file.md5, inst.file.size
-        except Mismatch as e:
+        except Mismatch as e:  # (other read errors pass: they may not be the bytes' fault)
             result, md5 = "corrupt", e.md5
-        except IOError as e:  # a directory holding other than its record's bytes
-            log.info("%s: %s", describe(inst), e)
-            result = "corrupt"
     record(ctx, inst, result, md5=md5, how=how)
     return {"librarian": None, "store_name": inst.store.name, "store_path": inst.store_path,
             "ok": result == "ok", "result": result, "md5": md5, "size": size,
             "verified_at": to_unix(utcnow())}
+
+
+def check_store(store):
+    """Raise `Unavailable` naming the problem unless the store's folder is
+    there and reachable."""
+    problem = store.problem()
+    if problem is not None:
+        raise Unavailable("store %s cannot be verified now: %s" % (store.name, problem))
 
 
 def verify_here(ctx, file_name, recompute=True):
@@ -170,11 +179,11 @@ def verify_here(ctx, file_name, recompute=True):
         try:
             copies.append(verify_instance(ctx, inst, how="verify_file") if recompute
                           else last_result(ctx, inst))
-        except StoreUnreachable as e:
+        except (Unavailable, OSError) as e:
             copies.append({"librarian": None, "store_name": inst.store.name,
                            "store_path": inst.store_path, "ok": False,
                            "result": "unreachable", "md5": None, "size": None,
-                           "verified_at": None, "message": e.message})
+                           "verified_at": None, "message": getattr(e, "message", str(e))})
     return copies
 
 
@@ -182,6 +191,7 @@ def last_result(ctx, inst):
     """`verify_instance`'s dict from the instance's last verification, its
     bytes only looked for (missing ones are recorded as such)."""
     store = ctx.open_store(inst.store)
+    check_store(store)
     if not store.exists_at(store.resolve(inst.store_path)):
         record(ctx, inst, "missing", how="verify_file")
         inst.verify_result = "missing"
@@ -307,8 +317,10 @@ def due(store_row, period_days, now=None):
 
 def scrub(ctx, store_row, seconds=SCRUB_SLICE_SECONDS):
     """Verify the store's due instances for about `seconds`, paced; returns
-    (instances verified, bytes read, whether some are still due)."""
+    (instances verified, bytes read, whether some are still due). Raises
+    `Unavailable` when the store cannot be verified now."""
     period = ctx.settings.librarian["scrub_period_days"]
+    check_store(ctx.open_store(store_row))
     pace = Pacer(scrub_rate(ctx, store_row))
     deadline = time.monotonic() + seconds
     count = 0
@@ -342,8 +354,9 @@ def scrub_task(ctx, task, args):
         count, read, more = scrub(ctx, store_row)
         task.report(read)
         delay = 0.0 if more else next_due_seconds(ctx, store_row)
-    except StoreUnreachable:
-        delay = ctx.settings.server["task_retry_seconds"] * 6
+    except Unavailable as e:  # (StoreUnreachable too) looked at again later
+        log.warning("%s", e)
+        delay = IDLE_RECHECK_SECONDS / 6
     with write_transaction():
         tasks.enqueue(ctx, "scrub", args, delay=delay)
 

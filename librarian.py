@@ -44,6 +44,7 @@ import copies
 import deletion
 import ingest
 import integrity
+import metrics
 import models
 import offload
 import remotes
@@ -256,11 +257,13 @@ def schedule_checks(context):
     """Queue the periodic checks that are not queued or running: each
     store's scrub and reconciliation, the confirmation of other
     Librarians' copies, the rolling deletions (at start and with each
-    heartbeat, so that a chain broken by a failure starts again)."""
+    heartbeat, so that a chain broken by a failure starts again); and
+    alert about stores filling up."""
     integrity.schedule(context)
     remotes.schedule(context)
     deletion.schedule_rolling(context)
     reconcile.schedule(context)
+    metrics.check_store_fill(context)
 
 
 # ---------------------------------------------------------------------------
@@ -1320,7 +1323,6 @@ def primed(chunks):
 
 
 def install_routes(app):
-    import metrics
     import pages
 
     pages.install(app)

@@ -40,12 +40,10 @@ def remember(file, connection_name, theirs, verified_at=None):
     fields = dict(store_name=theirs["store_name"], store_path=theirs["store_path"],
                   size=theirs["size"], md5=theirs["md5"], verified_at=verified_at or now,
                   confirmed_at=now)
-    with write_transaction():
-        updated = (RemoteInstance.update(**fields)
-                   .where((RemoteInstance.file == file.name)
-                          & (RemoteInstance.librarian == connection_name)).execute())
-        if not updated:
-            RemoteInstance.create(file=file.name, librarian=connection_name, **fields)
+    with write_transaction():  # one statement: two at once cannot both insert
+        (RemoteInstance.insert(file=file.name, librarian=connection_name, **fields)
+         .on_conflict(conflict_target=[RemoteInstance.file, RemoteInstance.librarian],
+                      update=fields).execute())
 
 
 def forget(file_name, connection_names):
@@ -99,7 +97,8 @@ def reverify(ctx, rinst):
     best = theirs[0]
     file = File.get_by_id(rinst.name)
     remember(file, rinst.librarian, best, verified_at=from_unix(best["verified_at"]))
-    return dict(word, ok=best["md5"] == file.md5, result="ok", md5=best["md5"],
+    same = (best["md5"], best["size"]) == (file.md5, file.size)
+    return dict(word, ok=same, result="ok" if same else "differs", md5=best["md5"],
                 size=best["size"], store_name=best["store_name"],
                 store_path=best.get("store_path", rinst.store_path),
                 verified_at=best["verified_at"])
@@ -160,21 +159,29 @@ def notify_peers(ctx, file):
 
 
 def confirm(ctx, now=None):
-    """Ask peers about copies not confirmed for `remote_confirm_hours`
-    (a batch, oldest first); returns how many were asked about."""
+    """Ask each configured peer about its copies not confirmed for
+    `remote_confirm_hours` (a batch per peer, oldest first; a peer that
+    cannot be asked is passed over until the next check, and copies at
+    Librarians we have no connection to wait for one). Returns how many
+    copies were asked about."""
     hours = ctx.settings.librarian["remote_confirm_hours"]
     cutoff = (now or utcnow()) - datetime.timedelta(hours=hours)
-    stale = list(RemoteInstance.select().where(RemoteInstance.confirmed_at < cutoff)
+    asked = 0
+    for name in sorted(ctx.settings.connections):
+        stale = (RemoteInstance.select().where((RemoteInstance.librarian == name)
+                                               & (RemoteInstance.confirmed_at < cutoff))
                  .order_by(RemoteInstance.confirmed_at).limit(CONFIRM_BATCH))
-    for rinst in stale:
-        if rinst.librarian in ctx.settings.connections:
-            ask_about(ctx, rinst)
-    return len(stale)
+        for rinst in list(stale):
+            asked += 1
+            if not ask_about(ctx, rinst):
+                break
+    return asked
 
 
 def ask_about(ctx, rinst):
     """Whether the peer still has the copy, by its last verification (no
-    recomputation): refreshes `confirmed_at`, or forgets the copy."""
+    recomputation): refreshes `confirmed_at`, or forgets the copy. Returns
+    False when the peer could not be asked."""
     from copies import client_for
 
     try:
@@ -183,25 +190,26 @@ def ask_about(ctx, rinst):
     except librarian_client.RPCError as e:
         if e.status == 404:
             forget(rinst.name, [rinst.librarian])
-        return
+            return True
+        return False
     except LibrarianError:
-        return
+        return False
     if not any(c.get("ok") for c in reply.get("copies", [])):
         forget(rinst.name, [rinst.librarian])
-        return
+        return True
     with write_transaction():
         RemoteInstance.update(confirmed_at=utcnow()).where(RemoteInstance.id == rinst.id) \
             .execute()
+    return True
 
 
 @tasks.handler("confirm_remote_instances")
 def confirm_task(ctx, task, args):
-    """The periodic check as a task; it queues the next one."""
-    try:
-        confirm(ctx)
-    finally:
-        with write_transaction():
-            tasks.enqueue(ctx, "confirm_remote_instances", {}, delay=CONFIRM_INTERVAL_SECONDS)
+    """The periodic check as a task; it queues the next one when it ends
+    (one that fails for good is started again by `schedule`)."""
+    confirm(ctx)
+    with write_transaction():
+        tasks.enqueue(ctx, "confirm_remote_instances", {}, delay=CONFIRM_INTERVAL_SECONDS)
 
 
 def schedule(ctx):

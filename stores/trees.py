@@ -22,11 +22,13 @@ TAR_RECORD = 20 * TAR_BLOCK
 
 
 class Mismatch(IOError):
-    """The bytes read in full do not have the MD5 they were read against:
-    `path` (the file or directory read), `md5` (what they have)."""
+    """The bytes read do not match their record: `path` (the file or
+    directory read), `md5` (what they have; None when their size already
+    differs)."""
 
-    def __init__(self, path, md5):
-        super().__init__("%s reads with md5 %s, not the md5 of its record" % (path, md5))
+    def __init__(self, path, md5, message=None):
+        super().__init__(message or "%s reads with md5 %s, not the md5 of its record"
+                         % (path, md5))
         self.path, self.md5 = path, md5
 
 
@@ -159,7 +161,7 @@ def _read_exactly(f, size, label):
     while sent < size:
         chunk = f.read(min(CHUNK, size - sent))
         if not chunk:
-            raise IOError("%s shrank while being read" % label)
+            raise Mismatch(label, None, "%s holds fewer bytes than its record" % label)
         sent += len(chunk)
         yield chunk
 
@@ -391,7 +393,8 @@ def iter_tar(fs, path, name, size=None, md5=None):
     (top, _), *members = _tar_entries(fs, path, name)
     found = sum(ti.size for ti, abs_path in members if abs_path is not None)
     if size is not None and found != size:
-        raise IOError("%s holds %d bytes, not the %d of its record" % (path, found, size))
+        raise Mismatch(path, None, "%s holds %d bytes, not the %d of its record"
+                       % (path, found, size))
     header = top.tobuf(tarfile.PAX_FORMAT)
     yield header
     total = len(header)

@@ -1120,6 +1120,7 @@ def test_the_scrub_verifies_and_finds_a_flipped_byte_on_the_remote_store(web, st
     put(web, "t.uv", tar_of(str(tree), "t.uv"), headers={"X-Librarian-Directory": "tar"},
         null_obsid="true")
     store = models.Store.get()
+    models.FileInstance.update(verified_at=None).execute()  # due (verified at ingest)
     count, _, more = integrity.scrub(ctx(), store)
     assert (count, more) == (2, False)
     assert [i.verify_result for i in models.FileInstance.select()] == ["ok", "ok"]
