@@ -7,9 +7,12 @@ When PostgreSQL is unreachable its tests are skipped, except under CI (`CI`
 set), where they fail.
 """
 
+import http.server
+import json
 import os
 import socket
 import subprocess
+import threading
 import sys
 import time
 import uuid
@@ -302,7 +305,46 @@ class QueryCounter:
         self.logger.setLevel(self.old_level)
 
 
-PERIODIC = ("scrub", "confirm_remote_instances", "rolling_deletion", "reconcile")  # the checks every server queues
+class WebhookReceiver:
+    """A webhook receiver on a loopback port: keeps each JSON body POSTed."""
+
+    def __init__(self):
+        self.bodies = []
+        bodies = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, kind, seconds=10):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = [b for b in self.bodies if b["kind"] == kind]
+            if found:
+                return found
+            time.sleep(0.05)
+        raise AssertionError("no %s alert in %r" % (kind, self.bodies))
+
+
+@pytest.fixture
+def hook():
+    """A webhook receiver for alerts (`WebhookReceiver`)."""
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+# The periodic checks every server queues at its start.
+PERIODIC = ("scrub", "confirm_remote_instances", "rolling_deletion", "reconcile")
 
 
 def the_task():

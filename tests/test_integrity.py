@@ -3,10 +3,8 @@ scrub finds a flipped byte, the corrupt instance is out of service, full
 reads verify (a download is cut short), repair from a second store,
 deletion only when the file is safe elsewhere, alerts to a webhook."""
 
-import http.server
 import json
 import os
-import threading
 
 import pytest
 import requests
@@ -18,45 +16,6 @@ from conftest import api, bearer, config_text, ctx, free_port
 from librarian_client import CHUNK
 
 BIG = 3 * (1 << 20) + 12345  # bytes: several store chunks, so a download is streamed
-
-
-class Receiver:
-    """A webhook receiver on a loopback port: keeps each JSON body POSTed."""
-
-    def __init__(self):
-        self.bodies = []
-        bodies = self.bodies
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait(self, kind, seconds=10):
-        import time
-
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            found = [b for b in self.bodies if b["kind"] == kind]
-            if found:
-                return found
-            time.sleep(0.05)
-        raise AssertionError("no %s alert in %r" % (kind, self.bodies))
-
-
-@pytest.fixture
-def hook():
-    receiver = Receiver()
-    yield receiver
-    receiver.server.shutdown()
 
 
 @pytest.fixture

@@ -16,16 +16,9 @@ import models
 import tasks
 import task_support  # noqa: F401 (the test_fail task kind)
 from conftest import AUTH, bearer, config_text, ctx, free_port, web_login
-from test_integrity import Receiver, copy_to_second, flip_byte
+from test_integrity import copy_to_second, flip_byte
 
 SIZES = {"a.dat": 1000, "b.dat": 2000, "c.dat": 3000, "d.dat": 4000}
-
-
-@pytest.fixture
-def hook():
-    receiver = Receiver()
-    yield receiver
-    receiver.server.shutdown()
 
 
 @pytest.fixture
