@@ -145,6 +145,9 @@ def _unsafe(ctx, current, needed=None):
         needed = ctx.settings.librarian["deletion_min_other_copies"]
     others = other_copies(ctx, current) if needed else []
     if len(others) < needed:
+        if not others and current.verify_result not in (None, "ok"):
+            return "no good copy of the file is known anywhere (this one is %s)" \
+                % current.verify_result
         if not others:
             return "it is the last good copy known anywhere"
         return "only %d other good copies (%s); [librarian] deletion_min_other_copies " \

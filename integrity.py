@@ -101,9 +101,9 @@ def reading(ctx, inst, how):
         yield
     except Mismatch as e:
         record(ctx, inst, "corrupt", md5=e.md5, how=how)
-        raise Corrupt("the bytes of %s do not match the file's md5 %s (they read as %s); "
-                      "that instance is out of service" % (describe(inst), inst.file.md5,
-                                                           e.md5)) from None
+        found = "they read as %s" % e.md5 if e.md5 else e
+        raise Corrupt("the bytes of %s do not match the file's record (%s); that instance is "
+                      "out of service" % (describe(inst), found)) from None
 
 
 def verified(ctx, inst, chunks, how):
@@ -150,10 +150,16 @@ def verify_instance(ctx, inst, how="scrub", pace=None):
             result, md5, size = "ok", inst.file.md5, inst.file.size
         except Mismatch as e:  # (other read errors pass: they may not be the bytes' fault)
             result, md5 = "corrupt", e.md5
+            size = disk_size(store, path)
     record(ctx, inst, result, md5=md5, how=how)
     return {"librarian": None, "store_name": inst.store.name, "store_path": inst.store_path,
             "ok": result == "ok", "result": result, "md5": md5, "size": size,
             "verified_at": to_unix(utcnow())}
+
+
+def disk_size(store, path):
+    """Bytes of a flat file on the store (None for a directory)."""
+    return None if store.is_dir(path) else store.stat(path).st_size
 
 
 def check_store(store):
@@ -204,6 +210,9 @@ def last_result(ctx, inst):
 
 # -- repair ------------------------------------------------------------------
 
+REPAIR_RETRY_SECONDS = 3600.0  # no good copy anywhere: looked for again this often
+
+
 def queue_repair(ctx, inst):
     """Queue the repair of a bad instance unless one is queued or running."""
     args = {"file_name": inst.name, "store": inst.store.name,
@@ -212,8 +221,8 @@ def queue_repair(ctx, inst):
         queued = tasks.Task.select().where(
             (tasks.Task.kind == "repair") & (tasks.Task.file_name == inst.name)
             & tasks.Task.state.in_(("pending", "running")))
-        if not any(json.loads(t.args) == args for t in queued):
-            tasks.enqueue(ctx, "repair", args, file_name=inst.name)
+        if not any({k: json.loads(t.args)[k] for k in args} == args for t in queued):
+            tasks.enqueue(ctx, "repair", dict(args, alerted=False), file_name=inst.name)
 
 
 @tasks.handler("repair")
@@ -221,7 +230,8 @@ def repair_task(ctx, task, args):
     """Re-make a corrupt or missing instance from a good copy: an instance
     in service on another store here, else one fetched back from a
     Librarian holding a good remote copy; verified and recorded (event
-    `instance_repaired`). No good copy anywhere: an alert."""
+    `instance_repaired`). No good copy anywhere: an alert (once), and the
+    search for one again every REPAIR_RETRY_SECONDS."""
     inst = (FileInstance.select(FileInstance, Store, File).join(Store).switch(FileInstance)
             .join(File).where((FileInstance.file == args["file_name"])
                               & (Store.name == args["store"])
@@ -233,8 +243,14 @@ def repair_task(ctx, task, args):
     try:
         how = fetch_good_copy(ctx, inst, store, posixpath.join(staging, inst.name))
         if how is None:
-            alerts.send(ctx, "no_good_copy", "%s is %s and no good copy of it is known anywhere"
-                        % (describe(inst), inst.verify_result), file_name=inst.name)
+            if not args.get("alerted"):
+                alerts.send(ctx, "no_good_copy", "%s is %s and no good copy of it is known "
+                            "anywhere" % (describe(inst), inst.verify_result),
+                            file_name=inst.name)
+            task.remember(outcome="no good copy found")
+            with write_transaction():  # (this task is the one queued: it ends now)
+                tasks.enqueue(ctx, "repair", dict(args, alerted=True), file_name=inst.name,
+                              delay=REPAIR_RETRY_SECONDS)
             return
         _clear_bad_bytes(store, inst)
         ingest.register_staged(store, posixpath.join(staging, inst.name), inst.store_path,
@@ -323,12 +339,15 @@ def scrub(ctx, store_row, seconds=SCRUB_SLICE_SECONDS):
     check_store(ctx.open_store(store_row))
     pace = Pacer(scrub_rate(ctx, store_row))
     deadline = time.monotonic() + seconds
-    count = 0
+    count, bad = 0, 0
     for inst in list(due(store_row, period).limit(SCRUB_BATCH)):
-        verify_instance(ctx, inst, pace=pace)
+        bad += not verify_instance(ctx, inst, pace=pace)["ok"]
         count += 1
         if time.monotonic() >= deadline:
             break
+    if count:
+        log.info("scrub of store %s: %d instances verified (%d bad), %d bytes read",
+                 store_row.name, count, bad, pace.done)
     return count, pace.done, due(store_row, period).exists()
 
 

@@ -511,12 +511,19 @@ def cfg():
 
 def local_instance(file_name):
     """The FileInstance of `file_name` on an available store whose bytes are
-    present here; 400 when the file is unknown or has none."""
+    present here and in service; 400 when the file is unknown or has none
+    (naming the instances out of service, if that is why)."""
     inst, _, _ = ctx().stores.present_instance(file_name, available_only=True)
     if inst is not None:
         return inst
     if File.get_or_none(File.name == file_name) is None:
         fail(400, "no file named %r" % file_name)
+    bad = (FileInstance.select(FileInstance, Store).join(Store)
+           .where((FileInstance.file == file_name) & ~FileInstance.in_service()))
+    if bad.exists():
+        fail(400, "file %r has no good instance here: %s (a repair is under way if a good "
+             "copy is known anywhere)" % (file_name, "; ".join(
+                 "the one on store %s is %s" % (i.store.name, i.verify_result) for i in bad)))
     fail(400, "file %r has no instance on an available store here" % file_name)
 
 
@@ -1179,7 +1186,17 @@ def download(name):
     Flat files honour Range."""
     caller("read-only", allow_session=True)
     models.check_file_name(name)
-    inst = local_instance(name)
+    while True:  # an instance found corrupt by its first chunk: the next one
+        try:
+            return instance_response(local_instance(name))
+        except errors.Corrupt as e:
+            log.warning("%s", e.message)
+
+
+def instance_response(inst):
+    """The response of a download of the instance `inst` (its first chunk
+    read: `Corrupt` when the bytes are found bad by then)."""
+    name = inst.name
     store = ctx().open_store(inst.store)
     path = store.resolve(inst.store_path)
     md5 = inst.file.md5

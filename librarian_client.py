@@ -1117,9 +1117,10 @@ def cmd_verify(client, args):
     if not copies:
         raise RPCError("verify", "%s has no copies anywhere the Librarian knows of" % name)
     for c in copies:
-        print("%-4s %s: %s on store %s at %s, %s bytes, md5 %s" % (
+        print("%-4s %s: %s on store %s at %s%s%s" % (
             "ok" if c["ok"] else "BAD", c["librarian"], c["result"], c["store_name"],
-            c.get("store_path"), c["size"], c["md5"]))
+            c.get("store_path"), "" if c["size"] is None else ", %d bytes" % c["size"],
+            "" if c["md5"] is None else ", md5 %s" % c["md5"]))
     bad = [c for c in copies if not c["ok"]]
     if bad:
         raise RPCError("verify", "%d of %d copies of %s are not good" % (len(bad), len(copies),

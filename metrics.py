@@ -141,9 +141,11 @@ def usages(ctx, rows):
 
 
 def fill(usage):
-    """The fraction of a store's capacity the server can no longer write
-    into (blocks reserved for root count as full), or None."""
-    return 1.0 - usage.free / usage.total if usage is not None and usage.total else None
+    """The fraction of a store's file system in use, as `df` shows it:
+    used / (used + free to us), or None."""
+    if usage is None or not usage.used + usage.free:
+        return None
+    return usage.used / (usage.used + usage.free)
 
 
 def snapshot(ctx):

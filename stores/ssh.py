@@ -64,8 +64,8 @@ def stream_started():
     _streaming.depth = getattr(_streaming, "depth", 0) + 1
     try:
         yield
-    finally:
-        _streaming.depth -= 1
+    finally:  # (a generator may be closed in another thread than it ran in)
+        _streaming.depth = max(0, getattr(_streaming, "depth", 1) - 1)
 
 
 def _session_wait(timeout):

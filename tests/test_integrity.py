@@ -5,6 +5,7 @@ deletion only when the file is safe elsewhere, alerts to a webhook."""
 
 import json
 import os
+from datetime import timedelta
 
 import pytest
 import requests
@@ -106,7 +107,7 @@ def test_a_flipped_byte_is_found_by_one_scrub_pass_and_the_instance_leaves_servi
     alert = hook.wait("corrupt")[0]
     assert "a.dat" in alert["text"] and alert["detail"]["store_name"] == where
     # Out of service: not served, not located.
-    assert "no instance on an available store" in web.get(
+    assert "has no good instance here: the one on store main is corrupt" in web.get(
         "/api/download/a.dat", headers=bearer(), status=400).text
     assert api(web, "locate_file_instance", status=400, file_name="a.dat")["success"] is False
     # A second pass finds it corrupt again without a second alert or event.
@@ -159,7 +160,8 @@ def test_a_corrupt_instance_is_repaired_from_the_other_store(app, web, two_store
     integrity.scrub(ctx(), models.Store.by_name("main"))
     assert instance("r.dat", "main").verify_result == "corrupt"
     queued = tasks.Task.get(tasks.Task.kind == "repair")
-    assert json.loads(queued.args) == {"file_name": "r.dat", "store": "main", "parent_dirs": ""}
+    assert json.loads(queued.args) == {"file_name": "r.dat", "store": "main", "parent_dirs": "",
+                                       "alerted": False}
     tasks.run_until_empty(ctx())
     repaired = instance("r.dat", "main")
     assert repaired.verify_result == "ok"
@@ -181,6 +183,30 @@ def test_no_good_copy_anywhere_is_an_alert(app, web, hook):
     alert = hook.wait("no_good_copy")[0]
     assert "lone.dat" in alert["text"]
     assert instance("lone.dat", where.name).verify_result == "corrupt"
+    # The search for a good copy goes on: once one is there, the repair happens
+    # (and the alert is not sent again meanwhile).
+    [again] = tasks.Task.select().where((tasks.Task.kind == "repair")
+                                        & (tasks.Task.state == "pending"))
+    assert json.loads(again.args)["alerted"] is True
+    assert again.next_attempt > models.utcnow() + timedelta(minutes=50)
+    tasks.Task.update(next_attempt=models.utcnow()).where(tasks.Task.id == again.id).execute()
+    tasks.run_until_empty(ctx())
+    assert len(hook.wait("no_good_copy")) == 1
+    second = ctx().open_store(models.Store.by_name("second"))
+    staging = second.new_staging_dir()
+    try:
+        with open(os.path.join(staging, "lone.dat"), "wb") as f:
+            f.write(b"x" * 5000)
+        import ingest
+        ingest.register_staged(second, os.path.join(staging, "lone.dat"), "lone.dat",
+                               source="admin", meta_mode="direct", another_copy=True)
+    finally:
+        second.release(staging)
+    tasks.Task.update(next_attempt=models.utcnow()).where(tasks.Task.kind == "repair").execute()
+    tasks.run_until_empty(ctx())
+    assert instance("lone.dat", where.name).verify_result == "ok"
+    with open(os.path.join(ctx().open_store(where).prefix, "lone.dat"), "rb") as f:
+        assert f.read() == b"x" * 5000
 
 
 def test_a_missing_instance_is_found_and_repaired(app, web, hook):

@@ -1088,22 +1088,24 @@ def test_a_directory_whose_bytes_changed_is_not_served(web, store_dir, tmp_path,
     member = os.path.join(store_dir, "t.uv", "a.bin")
     os.chmod(member, 0o644)
     os.truncate(member, 10)
-    reply = web.get("/api/download/t.uv", headers=bearer(), status=500)
-    assert reply.json["message"].startswith("internal error")
+    reply = web.get("/api/download/t.uv", headers=bearer(), status=400)
+    assert "has no good instance here: the one on store main is corrupt" in reply.json["message"]
     assert "t.uv holds 20 bytes, not the 1010 of its record" in caplog.text
+    assert models.FileInstance.get().verify_result == "corrupt"
 
 
 @pytest.mark.parametrize("size", [10, sshfs.SMALL_FILE_BYTES + 10])
 def test_a_stream_that_cannot_start_is_an_error_of_the_request(web, store_dir, caplog, size):
     """The bytes on the store are shorter than their record: the download
-    fails with a logged 500 before any byte, not as a 200 cut short."""
+    fails before any byte (a 400 naming the instance found corrupt), not as
+    a 200 cut short."""
     put(web, "short.dat", os.urandom(size), null_obsid="true")
     path = os.path.join(store_dir, "short.dat")
     os.chmod(path, 0o644)
     os.truncate(path, 0)
-    reply = web.get("/api/download/short.dat", headers=bearer(), status=500)
-    assert reply.json["message"].startswith("internal error")
-    assert "short.dat shrank while being read" in caplog.text
+    reply = web.get("/api/download/short.dat", headers=bearer(), status=400)
+    assert "the one on store main is corrupt" in reply.json["message"]
+    assert "short.dat holds fewer bytes than its record" in caplog.text
 
 
 def test_the_scrub_verifies_and_finds_a_flipped_byte_on_the_remote_store(web, store_dir, tmp_path):

@@ -375,6 +375,12 @@ def test_deletion_policy_and_delete_files(site, tmp_path):
     assert site.instances("del.me.flag")[0]["deletion_policy"] == "allowed"
     assert [t for t, _ in site.events("del.me.flag")][-1] == "instance_deletion_policy_changed"
     query = '{"name-matches": "%.me.flag"}'
+    # The sole copy of a file is not deleted; once the peer holds a copy, it may be.
+    proc = site.run("librarian_delete_files.py", "--noop", "site", query)
+    assert "del.me.flag: todelete=0 kept=1 error=0" in proc.stdout
+    site.run("launch_librarian_copy.py", "site", "peer", "del.me.flag")
+    wait_for(lambda: site.call("search", search='{"has-remote-instance-at": "peer"}',
+                               output_format="file-listing-json")["results"], 120)
     proc = site.run("librarian_delete_files.py", "--noop", "site", query)
     assert "No-op mode enabled" in proc.stdout
     assert "del.me.flag: todelete=1 kept=0 error=0" in proc.stdout

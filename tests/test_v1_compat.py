@@ -347,7 +347,9 @@ def test_completing_a_known_file_elsewhere_adds_an_instance_as_the_original_did(
     assert models.FileInstance.select().count() == 2 and os.listdir(folder) == ["dup.flag"]
 
 
-def test_an_empty_query_deletes_nothing_and_says_how_to_mean_everything(web, store_dir):
+def test_an_empty_query_deletes_nothing_and_says_how_to_mean_everything(web, store_dir,
+                                                                       monkeypatch):
+    monkeypatch.setitem(ctx().settings.librarian, "deletion_min_other_copies", 0)  # sole copy
     web.put("/api/upload/gone.flag?null_obsid=true&deletion_policy=allowed", b"g",
             headers=bearer(), status=201, content_type="application/octet-stream")
     for query in ("{}", " { } # nothing\n"):

@@ -14,7 +14,11 @@ none
 % end
 </td></tr>
 </table>
+% if any(i.verify_result in (None, 'ok') for i in instances):
 <p><a id="download" href="/stream/{{quote(file.name)}}">Download</a></p>
+% elif instances:
+<p class="note" id="no-good-copy">No good copy to download here: every instance is corrupt or missing.</p>
+% end
 <h2>Instances</h2>
 % if not instances:
 <p class="note">No instance here: this Librarian knows the file only by its record.</p>
