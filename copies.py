@@ -272,7 +272,7 @@ def copy_to_librarian(ctx, task, args):
         raise
     with write_transaction():
         _finished(file.name, args, 0, "", time.monotonic() - started, size)
-        remotes.remember(file, args["connection_name"], theirs)
+        remotes.remember(file, args["connection_name"], theirs, origin=False)
         if args.get("standing_order") and _order_exists(args["standing_order"]):
             FileEvent.record(file.name, "standing_order_succeeded:" + args["standing_order"],
                              {"connection_name": args["connection_name"]})

@@ -13,9 +13,11 @@ happen and changes nothing. Every change writes a FileEvent.
 
 Safe elsewhere: an instance is deleted only while the file has at least
 `[librarian] deletion_min_other_copies` other good copies (`other_copies`):
-instances in service on other stores here, and copies other Librarians
-verified (`remotes`) within `remote_verify_max_age_days` (older ones are
-verified again by their Librarian first). With the default, 1, the last
+instances in service on other stores here (their bytes looked at first),
+and copies other Librarians verified (`remotes`) within
+`remote_verify_max_age_days` (older ones are verified again by their
+Librarian first) and confirm when asked, except the copy the file came
+from (two Librarians each counting the other could both delete). With the default, 1, the last
 good copy known anywhere is never deleted; 0 is the original's rule (the
 policy alone). The count is taken again under the same lock as the policy.
 In `noop` mode every instance is reported with the action and its reason.
@@ -26,6 +28,7 @@ import json
 
 import logging
 
+import integrity
 import remotes
 import tasks
 from models import (DELETION_ALLOWED, DELETION_POLICY_NAMES, File, FileEvent, FileInstance,
@@ -107,43 +110,54 @@ def delete_instances(ctx, file_name, mode="standard", restrict_to_store=None):
     return stats
 
 
-def other_copies(ctx, inst):
+def other_copies(ctx, inst, confirmed=()):
     """The good copies of `inst`'s file other than `inst`, as labels
     ("store S", "Librarian L"): instances in service on other stores here,
-    and remote copies whose Librarian's MD5 and size are the record's and
-    whose verification is recent enough. Call under the deletion lock."""
+    and the copies of the Librarians named in `confirmed` (what
+    `check_other_copies` found) that are still recorded. Call under the
+    deletion lock."""
     local = (FileInstance.select(Store.name).join(Store)
              .where((FileInstance.file == inst.name) & (FileInstance.store != inst.store_id)
                     & FileInstance.in_service()).distinct().tuples())
-    fresh = utcnow() - datetime.timedelta(
-        days=ctx.settings.librarian["remote_verify_max_age_days"])
+    remote = (RemoteInstance.select(RemoteInstance.librarian)
+              .where((RemoteInstance.file == inst.name)
+                     & RemoteInstance.librarian.in_(list(confirmed))).tuples())
+    return ["store " + name for (name,) in local] + ["Librarian " + n for (n,) in remote]
+
+
+def check_other_copies(ctx, inst, needed):
+    """Before the deletion's transaction (these are reads of other stores
+    and calls to other Librarians): look at the bytes of the file's other
+    instances here (there, with the record's size: else recorded missing
+    or corrupt) and, if those are too few, ask the Librarians holding
+    copies (`remotes.counted_for_deletion`, stale verifications redone
+    first). Returns the names of the Librarians whose copies count."""
     file = File.get_by_id(inst.name)
-    remote = (RemoteInstance.select().where((RemoteInstance.file == inst.name)
-                                            & (RemoteInstance.verified_at >= fresh)))
-    return (["store " + name for (name,) in local]
-            + ["Librarian " + r.librarian for r in remote if remotes.good(r, file)])
-
-
-def _reverify_stale_remotes(ctx, inst):
-    """Have the Librarians holding copies of `inst`'s file verify again the
-    ones whose verification is too old to count (network calls: made
-    before the deletion's transaction)."""
+    others = (FileInstance.select(FileInstance, Store).join(Store)
+              .where((FileInstance.file == inst.name) & (FileInstance.store != inst.store_id)
+                     & FileInstance.in_service()))
+    good_here = 0
+    for other in others:
+        good_here += integrity.still_there(ctx, other, file)
+    if good_here >= needed:
+        return []
     fresh = utcnow() - datetime.timedelta(
         days=ctx.settings.librarian["remote_verify_max_age_days"])
     for rinst in RemoteInstance.select().where((RemoteInstance.file == inst.name)
+                                               & (RemoteInstance.origin == False)  # noqa: E712
                                                & (RemoteInstance.verified_at < fresh)):
         if rinst.librarian in ctx.settings.connections:
             remotes.reverify(ctx, rinst)
+    return remotes.counted_for_deletion(ctx, file, fresh)
 
 
-def _unsafe(ctx, current, needed=None):
+def _unsafe(ctx, current, needed, confirmed):
     """Why the instance `current` may not be deleted now (None: it may),
-    with `needed` other good copies (default: the setting)."""
+    with `needed` other good copies, `confirmed` the Librarians whose
+    copies count."""
     if current.deletion_policy != DELETION_ALLOWED:
         return "its deletion policy is disallowed"
-    if needed is None:
-        needed = ctx.settings.librarian["deletion_min_other_copies"]
-    others = other_copies(ctx, current) if needed else []
+    others = other_copies(ctx, current, confirmed) if needed else []
     if len(others) < needed:
         if not others and current.verify_result not in (None, "ok"):
             return "no good copy of the file is known anywhere (this one is %s)" \
@@ -173,9 +187,10 @@ def _delete_one(ctx, inst, mode, needed=None):
         return "n_deleted", "already deleted"
     if needed is None:
         needed = ctx.settings.librarian["deletion_min_other_copies"]
-    if current.deletion_policy == DELETION_ALLOWED and len(other_copies(ctx, current)) < needed:
-        _reverify_stale_remotes(ctx, current)
-    reason = _unsafe(ctx, current, needed)
+    confirmed = []
+    if current.deletion_policy == DELETION_ALLOWED and needed:
+        confirmed = check_other_copies(ctx, current, needed)
+    reason = _unsafe(ctx, current, needed, confirmed)
     if reason is not None:
         return "n_kept", reason
     if mode == "noop":
@@ -189,7 +204,7 @@ def _delete_one(ctx, inst, mode, needed=None):
         if current is None:  # removed meanwhile by someone else: it is gone either way
             outcome.append(("n_deleted", "already deleted"))
             return False
-        reason = _unsafe(ctx, current, needed)
+        reason = _unsafe(ctx, current, needed, confirmed)
         if reason is not None:
             outcome.append(("n_kept", reason))
             return False
@@ -255,8 +270,8 @@ def rolling_task(ctx, task, args):
              report["n_kept"], report["n_error"])
     task.remember(report={k: v for k, v in report.items() if k != "instances"})
     with write_transaction():
-        tasks.enqueue(ctx, "rolling_deletion", args, delay=3600.0 * ctx.settings
-                      .rolling_deletions[args["name"]]["every_hours"])
+        tasks.enqueue(ctx, "rolling_deletion", args, delay=max(60.0, 3600.0 * ctx.settings
+                      .rolling_deletions[args["name"]]["every_hours"]))
 
 
 def schedule_rolling(ctx):

@@ -35,7 +35,7 @@ import tasks
 from errors import Corrupt, NotFound, Unavailable
 from models import (File, FileEvent, FileInstance, RemoteInstance, Store, db, to_unix, utcnow,
                     write_transaction)
-from stores import Mismatch
+from stores import Mismatch, intents
 
 log = logging.getLogger("librarian")
 
@@ -138,6 +138,8 @@ def verify_instance(ctx, inst, how="scrub", pace=None):
     path = store.resolve(inst.store_path)
     md5 = size = None
     if not store.exists_at(path):
+        if intents.deleting(inst.store, inst.store_path):  # moved out for now; maybe back
+            raise Unavailable("%s is being deleted" % describe(inst))
         result = "missing"
     else:
         chunks, _ = store.stream(path, inst.name, inst.file.size, md5=inst.file.md5)
@@ -157,6 +159,29 @@ def verify_instance(ctx, inst, how="scrub", pace=None):
             "verified_at": to_unix(utcnow())}
 
 
+def still_there(ctx, inst, file):
+    """Whether the bytes of `inst` (of `file`) are at their place with the
+    record's size (a flat file's; a directory is only looked for); a look,
+    not a verification: what is not there is recorded missing, a size
+    that differs corrupt. An instance that cannot be looked at now does
+    not count."""
+    store = ctx.open_store(inst.store)
+    try:
+        check_store(store)
+        path = store.resolve(inst.store_path)
+        if not store.exists_at(path):
+            if intents.deleting(inst.store, inst.store_path):
+                return False
+            record(ctx, inst, "missing", how="a deletion's look at the other copies")
+            return False
+        if not store.is_dir(path) and store.stat(path).st_size != file.size:
+            record(ctx, inst, "corrupt", how="a deletion's look at the other copies")
+            return False
+    except (Unavailable, OSError):
+        return False
+    return True
+
+
 def disk_size(store, path):
     """Bytes of a flat file on the store (None for a directory)."""
     return None if store.is_dir(path) else store.stat(path).st_size
@@ -167,11 +192,12 @@ def check_store(store):
     there and reachable."""
     problem = store.problem()
     if problem is not None:
-        raise Unavailable("store %s cannot be verified now: %s" % (store.name, problem))
+        raise Unavailable("store %s cannot be looked at now: %s" % (store.name, problem))
 
 
 def verify_here(ctx, file_name, recompute=True):
-    """Verify every instance of `file_name` on our stores; a list of
+    """Verify every instance of `file_name` on our stores (paced as the
+    scrub is, so that asking cannot take the disks from ingest); a list of
     `verify_instance` results (an unreachable store's with result
     "unreachable"). Without `recompute`, each instance's last result is
     reported (its bytes only looked for). 404 for an unknown file."""
@@ -183,8 +209,9 @@ def verify_here(ctx, file_name, recompute=True):
              .order_by(Store.name, FileInstance.parent_dirs))
     for inst in query:
         try:
-            copies.append(verify_instance(ctx, inst, how="verify_file") if recompute
-                          else last_result(ctx, inst))
+            copies.append(verify_instance(ctx, inst, how="verify_file",
+                                          pace=Pacer(scrub_rate(ctx, inst.store)))
+                          if recompute else last_result(ctx, inst))
         except (Unavailable, OSError) as e:
             copies.append({"librarian": None, "store_name": inst.store.name,
                            "store_path": inst.store_path, "ok": False,

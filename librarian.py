@@ -888,10 +888,25 @@ def op_verify_file(source, args):
     recompute = args["recompute"] is not False
     name = args["file_name"]
     models.check_file_name(name)
+    if recompute and not verifications.acquire(blocking=False):
+        fail(503, "%d verifications are running here; ask again later" % MAX_VERIFICATIONS)
+    try:
+        return verify_copies(name, recompute, args["here_only"])
+    finally:
+        if recompute:
+            verifications.release()
+
+
+MAX_VERIFICATIONS = 2  # recomputations at once per process (each reads whole files)
+verifications = threading.BoundedSemaphore(MAX_VERIFICATIONS)
+
+
+def verify_copies(name, recompute, here_only):
+    """`verify_file`'s reply (see there)."""
     here = cfg().server["displayed_site_name"]
     copies_found = [dict(c, librarian=here)
                     for c in integrity.verify_here(ctx(), name, recompute=recompute)]
-    if not args["here_only"]:
+    if not here_only:
         for rinst in models.RemoteInstance.select().where(models.RemoteInstance.file == name):
             copies_found.append(remotes.reverify(ctx(), rinst) if recompute
                                 else remotes.as_copy(rinst))
@@ -910,15 +925,17 @@ def op_copy_gone(source, args):
 def op_copy_held(source, args):
     """The caller (another Librarian, which sent us the file) holds a copy
     of it on its store `store_name` at `store_path`, verified as it was
-    read: recorded as a remote instance for our connections to it (none:
-    nothing recorded)."""
+    read: recorded as the origin's remote instance for our connections to
+    it (none: nothing recorded). Its word alone: shown and confirmed, but
+    never counted to make a deletion here safe."""
     file = File.get_or_none(File.name == args["file_name"])
     if file is None:
         fail(404, "no file named %r" % args["file_name"])
     names = remotes.connections_of_source(ctx(), source.name)
     for name in names:
         remotes.remember(file, name, {"store_name": args["store_name"], "size": file.size,
-                                      "store_path": args["store_path"], "md5": file.md5})
+                                      "store_path": args["store_path"], "md5": file.md5},
+                         origin=True)
     return {"recorded": len(names)}
 
 
@@ -1231,8 +1248,9 @@ def byte_range(size):
 
 def file_response(store, path, inst):
     """The response for the flat file of the instance `inst`, honouring
-    Range. The whole file is streamed by the thread and verified on the way
-    (`integrity.verified`: a mismatch cuts it short); a range of a file on
+    Range. The whole file (also as `Range: bytes=0-`) is streamed by the
+    thread and verified on the way (`integrity.verified`: a mismatch cuts
+    it short); a part of a file on
     this host is sent from the open file by waitress's own I/O loop
     (`wsgi.file_wrapper`, bounded by Content-Length), so that a client that
     does not read holds no worker thread."""
@@ -1246,7 +1264,7 @@ def file_response(store, path, inst):
     headers["Content-Length"] = str(end - start)
     if request.method == "HEAD":
         return HTTPResponse("", status=status, **headers)
-    if wanted is None:
+    if (start, end) == (0, size):  # the whole file, also when asked as a range
         body = integrity.verified(ctx(), inst, store.stream(path, inst.name, size,
                                                            md5=inst.file.md5)[0], "download")
         body = primed(body)

@@ -19,6 +19,7 @@ so that slow store hosts do not add up.
 import datetime
 import json
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -215,14 +216,27 @@ class Collector:
         return families(snapshot(self.ctx))
 
 
+CACHE_SECONDS = 15.0  # scrapes within this share one computation
+_cache = weakref.WeakKeyDictionary()  # context -> (monotonic time, body)
+_cache_lock = threading.Lock()
+
+
 def endpoint():
-    """GET /metrics: the Prometheus text exposition of `Collector`."""
+    """GET /metrics: the Prometheus text exposition of `Collector`. Its
+    queries scan the catalogue, so one computation serves every scrape of
+    the next CACHE_SECONDS, and scrapes arriving meanwhile wait for it
+    rather than run their own (callers without credentials cannot load the
+    database)."""
     ctx = of_request()
     if not ctx.settings.server["metrics_public"]:
         webauth.authenticate(webauth.bearer_token(), "read-only", challenge=True)
-    registry = CollectorRegistry()
-    registry.register(Collector(ctx))
-    body = generate_latest(registry)
+    with _cache_lock:
+        at, body = _cache.get(ctx, (None, None))
+        if at is None or time.monotonic() - at > CACHE_SECONDS:
+            registry = CollectorRegistry()
+            registry.register(Collector(ctx))
+            body = generate_latest(registry)
+            _cache[ctx] = (time.monotonic(), body)
     bottle.response.content_type = CONTENT_TYPE_LATEST
     return body
 

@@ -325,6 +325,10 @@ class RemoteInstance(BaseModel):
     size = pw.BigIntegerField()
     verified_at = pw.DateTimeField()
     confirmed_at = pw.DateTimeField(index=True)
+    # The copy the file came from, recorded on its sender's word (copy_held):
+    # shown, but never counted as a copy that makes a deletion safe here (the
+    # sender counts ours; each counting the other, both could delete).
+    origin = pw.BooleanField(default=False)
 
     class Meta:
         table_name = "remote_instance"
@@ -335,7 +339,7 @@ class RemoteInstance(BaseModel):
         return {"librarian": self.librarian, "store_name": self.store_name,
                 "store_path": self.store_path, "md5": self.md5, "size": self.size,
                 "verified_at": to_unix(self.verified_at),
-                "confirmed_at": to_unix(self.confirmed_at)}
+                "confirmed_at": to_unix(self.confirmed_at), "origin": self.origin}
 
 
 class FileEvent(BaseModel):

@@ -37,11 +37,12 @@ import peewee as pw
 
 import ingest
 import standing
+import integrity
 import tasks
-from errors import Conflict, LibrarianError, Refused, is_retryable
+from errors import Conflict, LibrarianError, Refused, Unavailable, is_retryable
 from models import (BaseModel, File, FileEvent, FileInstance, Store, db, is_postgres, utcnow,
                     write_transaction)
-from stores import StoreUnreachable, split_store_path
+from stores import split_store_path
 
 log = logging.getLogger("librarian")
 
@@ -71,9 +72,10 @@ def find(ctx, store_row):
     each sorted by store path. Entries: `store_path` (relative to the
     prefix; bytes that are not UTF-8 as \\xNN); `file_name` (lost,
     size_mismatch); `recorded_size`, `found_size` (bytes; size_mismatch);
-    `type` (file, directory, link, special; dark). Raises StoreUnreachable
-    or OSError when the store cannot be listed whole."""
+    `type` (file, directory, link, special; dark). Raises Unavailable
+    (StoreUnreachable) or OSError when the store cannot be listed whole."""
     report = {kind: [] for kind in KINDS}
+    integrity.check_store(ctx.open_store(store_row))  # an unmounted disk is not all lost
     with _records(store_row) as records:
         _merge(records, _ascending(ctx.open_store(store_row).listing(), "the store's entries"),
                report)
@@ -259,6 +261,7 @@ def forget_lost(ctx, store_row, store_path):
     no such record, or its bytes are there after all (looked at under the
     transaction's lock, which an upload healing it takes too)."""
     store = ctx.open_store(store_row)
+    integrity.check_store(store)  # its folder not there: nothing is known to be lost
     parent_dirs, name = split_store_path(store_path)
     where = _instance_at(store_row, parent_dirs, name)
     with write_transaction():
@@ -411,7 +414,7 @@ def command(ctx, args):
         if fixes:
             return _fix(ctx, row, fixes, args.null_obsid)
         report = find(ctx, row)
-    except (OSError, StoreUnreachable) as e:
+    except (OSError, Unavailable) as e:
         print("reconcile: store %r cannot be read: %s" % (row.name, getattr(e, "message", e)),
               file=sys.stderr)
         return 2
@@ -429,12 +432,13 @@ def _fix(ctx, row, fixes, null_obsid):
         try:
             if fix is register_dark:
                 done = register_dark(ctx, row, path, null_obsid=null_obsid)
-                print("registered %s as %s (%d bytes, md5 %s, obsid %s)"
-                      % (path, done["name"], done["size"], done["md5"], done["obsid"]))
+                print("registered %s as %s (%d bytes, md5 %s, %s)"
+                      % (path, done["name"], done["size"], done["md5"],
+                         "no obsid" if done["obsid"] is None else "obsid %d" % done["obsid"]))
             else:
                 forget_lost(ctx, row, path)
                 print("forgot the lost instance %s" % path)
-        except StoreUnreachable:
+        except Unavailable:
             raise
         except LibrarianError as e:
             print("reconcile: %s %s refused: %s" % (option, path, e.message), file=sys.stderr)

@@ -32,14 +32,17 @@ CONFIRM_BATCH = 100
 CONFIRM_INTERVAL_SECONDS = 3600.0
 
 
-def remember(file, connection_name, theirs, verified_at=None):
+def remember(file, connection_name, theirs, verified_at=None, origin=None):
     """Record (or refresh) the copy of `file` held by the Librarian of
     `connection_name`, from its word `theirs` = {store_name, store_path,
-    size, md5} (what it computed)."""
+    size, md5} (what it computed). `origin`: whether it is the copy the
+    file came from (None: as recorded before, else not)."""
     now = utcnow()
     fields = dict(store_name=theirs["store_name"], store_path=theirs["store_path"],
                   size=theirs["size"], md5=theirs["md5"], verified_at=verified_at or now,
                   confirmed_at=now)
+    if origin is not None:
+        fields["origin"] = origin
     with write_transaction():  # one statement: two at once cannot both insert
         (RemoteInstance.insert(file=file.name, librarian=connection_name, **fields)
          .on_conflict(conflict_target=[RemoteInstance.file, RemoteInstance.librarian],
@@ -67,6 +70,23 @@ def good(rinst, file):
     """Whether a remote instance is a good copy: its Librarian's MD5 and
     size are the record's."""
     return rinst.md5 == file.md5 and rinst.size == file.size
+
+
+def counted_for_deletion(ctx, file, fresh_after):
+    """The copies other Librarians hold that make deleting one here safe:
+    good, not the copy the file came from (`origin`), verified after
+    `fresh_after`, and confirmed by their Librarian just now (asked:
+    a record alone may be out of date, e.g. when its `copy_gone` was lost).
+    Network calls: not inside a transaction."""
+    found = []
+    for rinst in RemoteInstance.select().where((RemoteInstance.file == file.name)
+                                               & (RemoteInstance.origin == False)  # noqa: E712
+                                               & (RemoteInstance.verified_at >= fresh_after)):
+        if good(rinst, file) and rinst.librarian in ctx.settings.connections \
+                and ask_about(ctx, rinst) and RemoteInstance.get_or_none(
+                    RemoteInstance.id == rinst.id) is not None:
+            found.append(rinst.librarian)
+    return found
 
 
 def reverify(ctx, rinst):

@@ -7,6 +7,7 @@ documented in `config.example.ini`, which a test checks against `SCHEMA`.
 """
 
 import configparser
+import math
 import os
 import re
 import shlex
@@ -46,8 +47,8 @@ def _positive_int(value):
 
 def _positive_float(value):
     x = float(value)
-    if not x > 0:
-        raise ValueError("expected a number above 0")
+    if not (x > 0 and math.isfinite(x)):
+        raise ValueError("expected a finite number above 0")
     return x
 
 

@@ -23,6 +23,7 @@ def migrate(migrator, database, fake=False, **kwargs):
         size = pw.BigIntegerField()
         verified_at = pw.DateTimeField()
         confirmed_at = pw.DateTimeField(index=True)
+        origin = pw.BooleanField(default=False)
 
         class Meta:
             table_name = "remote_instance"

@@ -34,7 +34,7 @@ import stat
 import threading
 import uuid
 
-from errors import Conflict, LibrarianError, Refused
+from errors import Conflict, LibrarianError, Refused, Unavailable
 from librarian_client import CHUNK  # noqa: F401 (callers stream in these chunks)
 from models import write_transaction
 from settings import names_this_host
@@ -257,7 +257,7 @@ class StoreAccess:
         """Create and return a fresh, empty staging folder, held by an
         intent of this process (`kind` receive, or take with the store
         path `origin` it takes from) until `release`d or `keep`-t."""
-        self.fs.makedirs(self.staging_root())
+        self._make_staging_root()
         path = posixpath.join(self.staging_root(), uuid.uuid4().hex)
         self._intents[path] = intents.begin(kind, self.row, staging=path, store_path=origin)
         self.fs.mkdir(path)
@@ -278,7 +278,7 @@ class StoreAccess:
         it (no intent: it outlives the process that made it)."""
         if posixpath.dirname(path) != self.staging_root():
             raise Refused("%s is not a folder of the staging area of %s" % (path, self.name))
-        self.fs.makedirs(self.staging_root())
+        self._make_staging_root()
         self.fs.mkdir(path)
 
     def remove_upload_dir(self, path):
@@ -415,7 +415,28 @@ class StoreAccess:
             self.fs.chmod(posixpath.join(back, rel) if rel else back, mode)
 
     def ensure_prefix(self):
+        """Create the store's folder if it is missing and the store holds
+        no instance: the folder of a store with instances that is not there
+        is a disk not mounted, and recreating it would put new bytes (and
+        repairs) on the disk beneath the mount point."""
+        from models import FileInstance
+
+        if self.fs.lexists(self.prefix):
+            return
+        if FileInstance.select().where(FileInstance.store == self.row).exists():
+            log.warning("the folder %s of store %s is not there (a disk not mounted?): not "
+                        "made again, the store is out of use until it is back", self.prefix,
+                        self.name)
+            return
         self.fs.makedirs(self.prefix)
+
+    def _make_staging_root(self):
+        """The staging area's folder, made if missing, inside the store's
+        folder, which must be there (`ensure_prefix`): Unavailable if not."""
+        if not self.fs.lexists(self.prefix):
+            raise Unavailable("the folder %s of store %s is not there (a disk not mounted?)"
+                              % (self.prefix, self.name))
+        self.fs.makedirs(self.staging_root())
 
     # -- bytes in -------------------------------------------------------------
 
@@ -686,7 +707,7 @@ class StoreAccess:
         intent = intents.begin("delete", self.row, staging=trash, store_path=store_path)
         moved = posixpath.join(trash, posixpath.basename(final))
         try:
-            self.fs.makedirs(self.staging_root())
+            self._make_staging_root()
             self.fs.mkdir(trash)
             self._move_out(final, moved)
         except BaseException:

@@ -435,6 +435,8 @@ def iter_file(fs, path, start=0, length=None, md5=None):
         def check():
             if digest.hexdigest() != md5:
                 raise Mismatch(path, digest.hexdigest())
+            if length is not None and fs.lstat(path).st_size != length:
+                raise Mismatch(path, None, "%s holds more bytes than its record" % path)
         yield from held_back(iter_file(fs, path, 0, length), digest, check)
         return
     with fs.open(path, "rb") as f:

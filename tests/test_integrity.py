@@ -143,7 +143,15 @@ def test_a_download_of_bytes_that_changed_is_cut_short_and_marks_the_instance(
     assert len(got) < len(body), "the end of a bad stream is never sent"
     assert instance("big.dat", where.name).verify_result == "corrupt"
     hook.wait("corrupt")
-    # A range is not a full read: still served by byte, not verified.
+    # A range of the whole file (as resuming clients ask) is a full read.
+    models.FileInstance.update(verify_result=None).execute()
+    resp = requests.get(server.url + "api/download/big.dat", headers=dict(
+        bearer(), Range="bytes=0-"), stream=True, timeout=60)
+    assert resp.status_code == 206
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for chunk in resp.iter_content(1 << 16):
+            pass
+    # A part is not: served by byte, not verified.
     models.FileInstance.update(verify_result=None).execute()
     part = requests.get(server.url + "api/download/big.dat", headers=dict(
         bearer(), Range="bytes=0-9"), timeout=60)
@@ -323,3 +331,33 @@ def test_the_cli_verifies_and_says_why_an_instance_is_kept(app, server, client_c
     captured = capsys.readouterr()
     assert captured.out.startswith("BAD  Test: corrupt on store main at v.dat")
     assert "1 of 1 copies of v.dat are not good" in captured.err
+
+
+def test_a_store_whose_folder_is_gone_is_not_made_again_nor_found_missing(app, web, store_dir):
+    """An unmounted disk: its instances are not missing, nothing is made
+    under the mount point, the scrub waits."""
+    from errors import Unavailable
+
+    put(web, "u.dat", b"u" * 3000)
+    os.rename(store_dir, store_dir + ".unmounted")
+    store = ctx().open_store(models.Store.by_name("main"))
+    store.ensure_prefix()
+    assert not os.path.exists(store_dir)
+    with pytest.raises(Unavailable):
+        integrity.scrub(ctx(), models.Store.by_name("main"))
+    with pytest.raises(Unavailable):
+        store.new_staging_dir()
+    copies = api(web, "verify_file", auth="writer", file_name="u.dat")["copies"]
+    assert [(c["ok"], c["result"]) for c in copies] == [(False, "unreachable")]
+    assert instance("u.dat", "main").verify_result == "ok"
+    assert not os.path.exists(store_dir)
+
+
+def test_a_file_that_grew_is_corrupt(app, web, store_dir):
+    put(web, "g.dat", b"g" * 3000)
+    path = os.path.join(store_dir, "g.dat")
+    os.chmod(path, 0o644)
+    with open(path, "ab") as f:
+        f.write(b"more")
+    result = integrity.verify_instance(ctx(), instance("g.dat", "main"))
+    assert (result["ok"], result["result"], result["size"]) == (False, "corrupt", 3004)

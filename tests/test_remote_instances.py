@@ -82,10 +82,19 @@ def test_a_copy_records_the_receivers_checksum_and_is_forgotten_when_it_deletes(
     assert [(r["librarian"], r["store_path"], r["md5"]) for r in origin] == [
         ("site_a", "2459000/" + NAME, md5)]
 
-    # The peer deletes its copy (the sender's counts as the other good copy),
-    # and tells the sender, which forgets it.
+    # The copy it came from is shown but never counted there: the peer may not
+    # delete its copy on the sender's word (each counting the other, both could).
     call(b, "set_one_file_deletion_policy", who="writer", file_name=NAME,
          deletion_policy="allowed")
+    noop = call(b, "delete_file_instances", who="writer", file_name=NAME, mode="noop")
+    assert noop["instances"][0]["reason"] == "it is the last good copy known anywhere"
+    # With the original's rule there, the peer deletes it, and tells the
+    # sender, which forgets it.
+    b.stop()
+    text = open(b.config_path).read().replace("deletion_min_other_copies = 1",
+                                              "deletion_min_other_copies = 0")
+    open(b.config_path, "w").write(text)
+    b.start()
     assert call(b, "delete_file_instances", who="writer", file_name=NAME)["n_deleted"] == 1
     assert call(a, "search", search=json.dumps({"name-is-exactly": NAME}),
                 output_format="remote-instance-listing-json")["results"] == []
@@ -125,3 +134,26 @@ def test_a_file_with_no_good_copy_here_is_fetched_back_from_the_peer(sites):
         assert f.read() == body
     repaired = [p for t, p in events(a_dir, NAME) if t == "instance_repaired"]
     assert repaired[0]["from"] == "Librarian site_b"
+
+
+def test_a_forged_or_stale_remote_copy_makes_no_deletion_safe(sites):
+    a, a_dir, b, b_dir = sites
+    upload(a, os.urandom(40000))
+    # A Librarian's word that it sent us the file (copy_held) is not a copy
+    # that makes ours deletable.
+    forged = call(a, "copy_held", who="writer", file_name=NAME, store_name="nowhere",
+                  store_path="x/" + NAME)
+    assert forged["recorded"] == 1
+    noop = call(a, "delete_file_instances", who="writer", file_name=NAME, mode="noop")
+    assert noop["instances"][0]["reason"] == "it is the last good copy known anywhere"
+    # A copy we sent counts only while its Librarian confirms it when asked.
+    call(a, "launch_file_copy", who="writer", file_name=NAME, connection_name="site_b")
+    wait_for(lambda: [r for r in call(a, "search", search=json.dumps({"name-is-exactly": NAME}),
+                                      output_format="remote-instance-listing-json")["results"]
+                      if not r["origin"]])
+    noop = call(a, "delete_file_instances", who="writer", file_name=NAME, mode="noop")
+    assert noop["instances"][0]["action"] == "delete"
+    b.stop()
+    noop = call(a, "delete_file_instances", who="writer", file_name=NAME, mode="noop")
+    assert noop["instances"][0]["reason"] == "it is the last good copy known anywhere"
+    b.start()
