@@ -24,7 +24,6 @@ In `noop` mode every instance is reported with the action and its reason.
 """
 
 import datetime
-import json
 
 import logging
 
@@ -104,10 +103,16 @@ def delete_instances(ctx, file_name, mode="standard", restrict_to_store=None):
                        "reason": reason})
     if mode == "noop":
         stats["instances"] = report
-    elif stats["n_deleted"] and not FileInstance.select().where(
-            FileInstance.file == file_name).exists():
-        remotes.notify_peers(ctx, File.get_by_id(file_name))
+    elif stats["n_deleted"]:
+        _after_deletion(ctx, file_name)
     return stats
+
+
+def _after_deletion(ctx, file_name):
+    """Once the last instance of a file here is gone, tell the Librarians
+    that may have recorded our copy (`remotes.notify_peers`)."""
+    if not FileInstance.select().where(FileInstance.file == file_name).exists():
+        remotes.notify_peers(ctx, File.get_by_id(file_name))
 
 
 def other_copies(ctx, inst, confirmed=()):
@@ -250,9 +255,8 @@ def rolling(ctx, name, mode=None, limit=10000):
         report["instances"].append({"name": inst.name, "store_path": inst.store_path,
                                     "action": "delete" if counter == "n_deleted" else "keep",
                                     "reason": reason})
-        if counter == "n_deleted" and mode != "noop" and not FileInstance.select().where(
-                FileInstance.file == inst.name).exists():
-            remotes.notify_peers(ctx, File.get_by_id(inst.name))
+        if counter == "n_deleted" and mode != "noop":
+            _after_deletion(ctx, inst.name)
     return report
 
 
@@ -276,9 +280,7 @@ def rolling_task(ctx, task, args):
 
 def schedule_rolling(ctx):
     """Make sure each configured rolling deletion has a run queued."""
-    active = {json.loads(t.args).get("name") for t in tasks.Task.select(tasks.Task.args)
-              .where((tasks.Task.kind == "rolling_deletion")
-                     & tasks.Task.state.in_(("pending", "running")))}
+    active = {args.get("name") for args in tasks.active_args("rolling_deletion")}
     for name, spec in ctx.settings.rolling_deletions.items():
         if name not in active:
             with write_transaction():

@@ -410,9 +410,7 @@ def scrub_task(ctx, task, args):
 def schedule(ctx):
     """Make sure every store has a scrub queued or running (called at start
     and with each heartbeat: a chain broken by a failure starts again)."""
-    active = {json.loads(t.args).get("store") for t in tasks.Task.select(tasks.Task.args)
-              .where((tasks.Task.kind == "scrub")
-                     & tasks.Task.state.in_(("pending", "running")))}
+    active = {args.get("store") for args in tasks.active_args("scrub")}
     for row in Store.select():
         if row.name not in active:
             with write_transaction():

@@ -234,8 +234,6 @@ def confirm_task(ctx, task, args):
 
 def schedule(ctx):
     """Make sure a check is queued or running (at start, with heartbeats)."""
-    active = tasks.Task.select().where((tasks.Task.kind == "confirm_remote_instances")
-                                       & tasks.Task.state.in_(("pending", "running")))
-    if not active.exists():
+    if not tasks.active_args("confirm_remote_instances"):
         with write_transaction():
             tasks.enqueue(ctx, "confirm_remote_instances", {}, delay=CONFIRM_INTERVAL_SECONDS)

@@ -135,6 +135,13 @@ def enqueue(ctx, kind, args, max_attempts=None, delay=0.0, file_name=None,
                        file_name=file_name, standing_order=standing_order)
 
 
+def active_args(kind):
+    """The args (dicts) of the tasks of `kind` pending or running: what the
+    periodic chains look at before queueing a run of their own."""
+    return [json.loads(a) for (a,) in Task.select(Task.args).where(
+        (Task.kind == kind) & Task.state.in_(("pending", "running"))).tuples()]
+
+
 def backoff(attempts, base=BASE_DELAY):
     """Seconds to wait before attempt `attempts + 1` (attempts >= 1), the
     first retry after `base` seconds."""
