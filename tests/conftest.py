@@ -199,16 +199,23 @@ def bearer(who="admin"):
 # Real servers
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    """A real OpenSSH server on a loopback port (tests/sshd.py), shared by
-    the run; skipped when sshd is not installed, except under CI."""
-    from sshd import SSHServer, find_sshd
+def need_sshd():
+    """Skip (fail under CI) when OpenSSH's sshd is not installed."""
+    from sshd import find_sshd
 
     if find_sshd() is None:
         if os.environ.get("CI"):
             pytest.fail("OpenSSH's sshd is not installed (.ci/run installs openssh-server)")
         pytest.skip("OpenSSH's sshd is not installed (Debian: apt install openssh-server)")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on a loopback port (tests/sshd.py), shared by
+    the run; skipped when sshd is not installed, except under CI."""
+    from sshd import SSHServer
+
+    need_sshd()
     server = SSHServer(tmp_path_factory.mktemp("sshd")).start()
     yield server
     server.stop()

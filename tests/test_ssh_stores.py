@@ -22,7 +22,7 @@ import models
 from stores import ssh as sshfs
 import stores
 from conftest import (ctx, AUTH, MIRIAD, ROOT, UVH5, Server, api, bearer, config_text, free_port,
-                      need_data, store_contents, the_task)
+                      need_data, need_sshd, store_contents, the_task)
 from reference import miriad_reference, shell_md5, shell_size, uvh5_reference
 from test_upload import put, tar_of
 
@@ -891,6 +891,7 @@ def _own_host(tmp_path, db_url, extra_config="", **settings):
     `_remote_config` on it."""
     from sshd import SSHServer
 
+    need_sshd()
     host = SSHServer(tmp_path / "host", extra_config).start()
     return (host,) + _remote_config(tmp_path, db_url, host, **settings)
 
