@@ -1123,10 +1123,14 @@ def tus_create():
     return HTTPResponse(status=201, headers={"Location": "/api/uploads/" + row.id})
 
 
-def append_chunk(store, row, offset, data, checksum=None):
-    """`uploads.append`, finishing as every upload does; the new offset."""
+def append_chunk(store, row, offset, data, checksum=None, final_md5=None):
+    """`uploads.append`, finishing as every upload does; the new offset.
+    `final_md5`: the whole file's MD5 sent with the chunk that completes it
+    (`uploads.expected_md5`)."""
+    expected = uploads.expected_md5(row, offset + len(data), final_md5)
+
     def finish(staged, size, md5):
-        return finish_upload(store, staged, row.dest_store_path, row.source, row.md5,
+        return finish_upload(store, staged, row.dest_store_path, row.source, expected,
                              row.null_obsid, row.deletion_policy, size, md5)
     return uploads.append(store, row, offset, data, finish, checksum)
 
@@ -1151,11 +1155,14 @@ def tus_patch(upload_id):
     if offset is None:
         fail(400, "send Upload-Offset, the byte the chunk starts at")
     length = request.content_length
-    data = request.environ["wsgi.input"].read(length if length >= 0 else -1)
-    if length >= 0 and len(data) != length:
-        fail(400, "the chunk ended %d bytes before its Content-Length" % (length - len(data)))
+    if length < 0:
+        fail(411, "send the chunk's Content-Length")
+    data, got = uploads.receive(request.environ["wsgi.input"], length)
+    if got != length:
+        fail(400, "the chunk ended %d bytes before its Content-Length" % (length - got))
     checksum = uploads.parse_checksum(request.get_header("Upload-Checksum"))
-    new_offset = append_chunk(ctx().open_store(row.store), row, offset, data, checksum)
+    new_offset = append_chunk(ctx().open_store(row.store), row, offset, data, checksum,
+                              request.get_header(uploads.MD5_HEADER))
     return HTTPResponse(status=204, headers={"Upload-Offset": str(new_offset)})
 
 

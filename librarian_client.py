@@ -33,6 +33,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from urllib.parse import quote, urljoin
 
 import requests
@@ -351,11 +352,12 @@ class LibrarianClient:
     def upload(self, local_path, dest_store_path, null_obsid=False, deletion_policy="disallowed",
                progress=None, chunk_size=None):
         """Send a file or a directory (as a tar) to `dest_store_path` as a
-        resumable upload (see `upload_stream`). The checksum is computed
-        first and sent along, so that the server refuses bytes damaged on
-        the way. Returns the server's reply `{name, store_name, store_path,
-        size, md5, obsid}` plus `created` (False when the identical file
-        was there)."""
+        resumable upload (see `upload_stream`). A flat file's MD5 is
+        computed as its chunks are read and sent with the last one; a
+        directory's (the shared definition, over its files) first. Either
+        way the server refuses bytes that differ from it. Returns the
+        server's reply `{name, store_name, store_path, size, md5, obsid}`
+        plus `created` (False when the identical file was there)."""
         local_path = local_path.rstrip("/") or local_path
         if not (os.path.isfile(local_path) or os.path.isdir(local_path)):
             raise RPCError("upload", "%s is not a file or a directory" % local_path)
@@ -363,13 +365,17 @@ class LibrarianClient:
         if not dest_store_path or dest_store_path.endswith("/") or ".." in parts:
             raise RPCError("upload", "destination %r must be a relative path ending in the "
                            "file's name, without '..'" % dest_store_path)
-        size, md5 = path_md5(local_path)
         if os.path.isdir(local_path):
+            md5 = path_md5(local_path)[1]
             stream = TarView(local_path, posixpath.basename(dest_store_path))
+            signature = md5
         else:
+            md5 = None
             stream = open(local_path, "rb")
+            st = os.fstat(stream.fileno())
+            signature = [os.path.abspath(local_path), st.st_size, st.st_mtime_ns, st.st_ino]
         memo = UploadMemo()
-        key = [self.url, dest_store_path, md5, size, bool(null_obsid), deletion_policy]
+        key = [self.url, dest_store_path, signature, bool(null_obsid), deletion_policy]
         try:
             with stream:
                 reply = self.upload_stream(
@@ -388,10 +394,11 @@ class LibrarianClient:
                       resume_url=None, on_created=None):
         """Send the bytes of a seekable binary `stream` (a directory as a
         tar stream with `is_dir`) whose MD5 by the shared definition is
-        `md5`, by the tus 1.0 resumable-upload protocol (core, creation,
-        checksum; https://tus.io/protocols/resumable-upload): chunks of
-        `chunk_size` bytes (at most the server's body bound), each with its
-        SHA-1; after a dropped connection or a server error the offset is
+        `md5` (None for a flat stream: computed as it is read, sent with the
+        last chunk), by the tus 1.0 resumable-upload protocol (core,
+        creation, checksum; https://tus.io/protocols/resumable-upload):
+        chunks of `chunk_size` bytes (at most the server's body bound), each
+        with its CRC-32; after a dropped connection or a server error the offset is
         asked for with HEAD and the upload goes on from there, up to
         RESUME_ATTEMPTS times in a row. `progress(n_bytes)` is called after
         each chunk. With `resume_url` (an upload of the same bytes begun
@@ -403,8 +410,14 @@ class LibrarianClient:
         timeouts, so a server gone silent would hang a pipeline forever.
         The server is tested against tuspy as an existing tus client.)"""
         length = stream.seek(0, os.SEEK_END)
+        if md5 is None and (is_dir or length == 0):
+            md5 = hashlib.md5().hexdigest() if length == 0 else None
+            if md5 is None:
+                raise ValueError("a directory's MD5 must be given (path_md5)")
         chunk_size = min(chunk_size or UPLOAD_CHUNK, self._body_bound())
-        meta = {"dest": dest_store_path, "md5": md5, "deletion_policy": deletion_policy}
+        meta = {"dest": dest_store_path, "deletion_policy": deletion_policy}
+        if md5:
+            meta["md5"] = md5
         if null_obsid:
             meta["null_obsid"] = "true"
         if is_dir:
@@ -422,16 +435,20 @@ class LibrarianClient:
             url, offset = urljoin(self.url, resp.headers["Location"]), 0
             if on_created:
                 on_created(url)
-        with ChunkReader(stream, length, chunk_size) as chunks:
-            return self._send_chunks(url, headers, offset, length, chunks, progress)
+        with ChunkReader(stream, length, chunk_size, hash_md5=md5 is None) as chunks:
+            reply = self._send_chunks(url, headers, offset, length, chunks, progress)
+        if reply.get("md5") != (md5 or chunks.md5()):
+            raise RPCError("upload", "the server registered MD5 %s, but the bytes sent have %s"
+                           % (reply.get("md5"), md5 or chunks.md5()))
+        return reply
 
     def _send_chunks(self, url, headers, offset, length, chunks, progress):
         """PATCH the chunks from `offset` on (see `upload_stream`), then GET
         the outcome; returns the reply."""
         failures = 0
         while offset < length:
-            chunk, digest = chunks.at(offset)
-            resp = self._send_chunk(url, headers, offset, chunk, digest)
+            chunk, digest, final_md5 = chunks.at(offset)
+            resp = self._send_chunk(url, headers, offset, chunk, digest, final_md5)
             if resp is not None and resp.status_code == 204:
                 offset, failures = int(resp.headers["Upload-Offset"]), 0
                 if progress:
@@ -456,13 +473,18 @@ class LibrarianClient:
         reply["created"] = outcome["status"] == 201
         return reply
 
-    def _send_chunk(self, url, headers, offset, chunk, digest):
-        """PATCH one chunk with its SHA-1 (base64); None when the
-        connection failed."""
+    def _send_chunk(self, url, headers, offset, chunk, digest, final_md5=None):
+        """PATCH one chunk with its CRC-32 (base64) and, on the last chunk
+        of a stream hashed as it was read, the whole MD5 (the server's
+        X-Librarian-MD5); None when the connection failed."""
+        headers = dict(headers, **{"Upload-Offset": str(offset),
+                                   "Upload-Checksum": "crc32 " + digest,
+                                   "Content-Type": "application/offset+octet-stream"})
+        if final_md5:
+            headers["X-Librarian-MD5"] = final_md5
         try:
-            return self.session.request("PATCH", url, data=chunk, timeout=TIMEOUT, headers=dict(
-                headers, **{"Upload-Offset": str(offset), "Upload-Checksum": "sha1 " + digest,
-                            "Content-Type": "application/offset+octet-stream"}))
+            return self.session.request("PATCH", url, data=chunk, timeout=TIMEOUT,
+                                        headers=headers)
         except requests.RequestException:
             return None
 
@@ -711,13 +733,17 @@ class UploadMemo:
 
 
 class ChunkReader:
-    """The chunks of a seekable stream of `length` bytes with their SHA-1
+    """The chunks of a seekable stream of `length` bytes with their CRC-32
     (base64, tus's Upload-Checksum), each read by a thread of its own while
-    the previous one is on the wire. Only that thread touches the stream."""
+    the previous one is on the wire. Only that thread touches the stream.
+    With `hash_md5`, the stream's MD5 is computed on the way, in order (a
+    resumption past bytes not read here reads them first), and given with
+    the last chunk."""
 
-    def __init__(self, stream, length, size):
+    def __init__(self, stream, length, size, hash_md5=False):
         self.stream, self.length, self.size = stream, length, size
         self.pool, self.ahead = None, None
+        self.digest, self.hashed = (hashlib.md5() if hash_md5 else None), 0
 
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -728,20 +754,43 @@ class ChunkReader:
     def __exit__(self, *exc):
         self.pool.shutdown(wait=True, cancel_futures=True)
 
+    def md5(self):
+        """The stream's MD5 (hex) once every byte was read, else None."""
+        if self.digest is None or self.hashed < self.length:
+            return None
+        return self.digest.hexdigest()
+
+    def _hash_up_to(self, offset):
+        self.stream.seek(self.hashed)
+        while self.hashed < offset:
+            block = self.stream.read(min(CHUNK, offset - self.hashed))
+            if not block:
+                raise OSError("the stream ended at byte %d of %d" % (self.hashed, self.length))
+            self.digest.update(block)
+            self.hashed += len(block)
+
     def _read(self, offset):
+        if self.digest is not None and self.hashed < offset:
+            self._hash_up_to(offset)  # going on from an earlier upload's offset
         self.stream.seek(offset)
         chunk = self.stream.read(min(self.size, self.length - offset))
-        return offset, chunk, base64.b64encode(hashlib.sha1(chunk).digest()).decode("ascii")
+        if self.digest is not None and offset == self.hashed:
+            self.digest.update(chunk)
+            self.hashed += len(chunk)
+        final = self.md5() if offset + len(chunk) == self.length else None
+        crc = base64.b64encode(zlib.crc32(chunk).to_bytes(4, "big")).decode("ascii")
+        return offset, chunk, crc, final
 
     def at(self, offset):
-        """(chunk, its SHA-1) starting at byte `offset`; the next chunk is
-        read meanwhile."""
+        """(chunk, its CRC-32, the stream's MD5 when the chunk is the last
+        and the MD5 is computed here, else None) starting at byte `offset`;
+        the next chunk is read meanwhile."""
         if self.ahead is None or self.ahead.result()[0] != offset:
             self.ahead = self.pool.submit(self._read, offset)
-        _, chunk, digest = self.ahead.result()
+        _, chunk, digest, final = self.ahead.result()
         following = offset + len(chunk)
         self.ahead = self.pool.submit(self._read, following) if following < self.length else None
-        return chunk, digest
+        return chunk, digest, final
 
 
 def _tus_metadata(fields):

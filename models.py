@@ -147,7 +147,7 @@ def check_md5(md5):
     """Normalise an MD5 given by a caller to 32 lowercase hex digits;
     raises `LibrarianError(400)` when it is not one."""
     if not isinstance(md5, str) or not MD5_RE.match(md5.lower()):
-        raise LibrarianError(400, "md5 must be 32 hexadecimal digits, got %r" % (md5,))
+        raise LibrarianError(400, "md5 must be 32 hexadecimal digits, got %s" % short(md5))
     return md5.lower()
 
 

@@ -181,7 +181,12 @@ def transfer_paths():
                                      {"name": "Upload-Offset", "in": "header", "required": True,
                                       "schema": {"type": "integer", "minimum": 0}},
                                      {"name": "Upload-Checksum", "in": "header",
-                                      "schema": {"type": "string"}}],
+                                      "schema": {"type": "string", "maxLength": 200}},
+                                     {"name": "X-Librarian-MD5", "in": "header",
+                                      "description": "the whole file's MD5, on the chunk "
+                                                     "that completes the upload",
+                                      "schema": {"type": "string",
+                                                 "pattern": "^[0-9a-fA-F]{32}$"}}],
                       "requestBody": {"required": True, "content": {
                           "application/offset+octet-stream": {"schema": {
                               "type": "string", "format": "binary"}}}},

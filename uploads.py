@@ -35,9 +35,11 @@ import datetime
 import hashlib
 import json
 import logging
+import mmap
 import posixpath
 import threading
 import uuid
+import zlib
 
 import peewee as pw
 
@@ -51,7 +53,20 @@ log = logging.getLogger("librarian")
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,checksum,termination"
-CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
+
+
+def _crc32(data):
+    """CRC-32 (zlib's, as gzip and PNG use it) as 4 big-endian bytes: what
+    `Upload-Checksum: crc32` carries. A transfer check, several times
+    faster than a cryptographic hash; the whole file's MD5 still decides."""
+    return zlib.crc32(data).to_bytes(4, "big")
+
+
+# Upload-Checksum algorithm -> function of the chunk's bytes giving its digest bytes.
+CHECKSUMS = {"crc32": _crc32, "md5": lambda d: hashlib.md5(d).digest(),
+             "sha1": lambda d: hashlib.sha1(d).digest(),
+             "sha256": lambda d: hashlib.sha256(d).digest()}
+MD5_HEADER = "X-Librarian-MD5"  # the whole file's MD5, on the chunk that completes it
 METADATA_KEYS = {"dest", "md5", "null_obsid", "deletion_policy", "directory", "filename",
                  "filetype"}  # filename, filetype: what browser clients send; ignored
 PARTIAL = "upload.partial"  # the bytes so far, in the upload's staging folder
@@ -173,6 +188,31 @@ def find(upload_id, source):
     return row
 
 
+def receive(stream, length):
+    """Read a chunk of `length` bytes from the request body `stream` into a
+    new anonymous mmap: one copy from waitress's buffer, page-aligned for
+    `LocalFS.write_at`'s direct I/O, and its memory goes back to the system
+    when the last reference (the running MD5's) is dropped. Returns (the
+    chunk, the number of bytes the body had: less than `length` when it
+    ended early)."""
+    if length == 0:
+        return b"", 0
+    chunk = mmap.mmap(-1, length)
+    view, got = memoryview(chunk), 0
+    while got < length:
+        if hasattr(stream, "readinto"):  # waitress's buffer: no copy in between
+            n = stream.readinto(view[got:])
+        else:  # PEP 3333 promises only read()
+            block = stream.read(min(length - got, 1 << 20))
+            n = len(block)
+            view[got:got + n] = block
+        if not n:
+            break
+        got += n
+    view.release()
+    return chunk, got
+
+
 def parse_checksum(checksum_header):
     """(algorithm, digest bytes) of an `Upload-Checksum` header
     (`algorithm base64digest`), or None without one; 400 when it is
@@ -194,9 +234,26 @@ def check_chunk(data, checksum):
     """Refuse (460 by `ChecksumMismatch`) a chunk whose checksum (from
     `parse_checksum`) does not match."""
     algorithm, expected = checksum
-    if CHECKSUMS[algorithm](data).digest() != expected:
+    if CHECKSUMS[algorithm](data) != expected:
         raise ChecksumMismatch("the chunk's %s differs from its Upload-Checksum; send it again"
                                % algorithm)
+
+
+def expected_md5(row, end, final_md5):
+    """The MD5 (hex) the upload `row` must have, if any: declared at its
+    creation, or sent in `MD5_HEADER` with the chunk that ends at byte
+    `end` = its length (a client that hashes as it sends knows it only
+    then). 400 for the header on another chunk, malformed, or differing
+    from the declared one."""
+    if final_md5 is None:
+        return row.md5
+    if end != row.length:
+        raise Refused("send %s only with the chunk that completes the upload" % MD5_HEADER)
+    final_md5 = models.check_md5(final_md5)
+    if row.md5 and row.md5 != final_md5:
+        raise Refused("%s %s differs from the MD5 the upload was created with, %s"
+                      % (MD5_HEADER, final_md5, row.md5))
+    return final_md5
 
 
 def claim(row, offset):

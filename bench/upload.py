@@ -17,6 +17,7 @@ request) and written to staging once.
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def memory_kb(pid, field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far, in seconds (Linux /proc)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def make_file(path, size):
@@ -169,9 +182,12 @@ def main():
             dd_s = time.perf_counter() - start
             os.unlink(os.path.join(work, "dd.dat"))
 
+            server_cpu, client_cpu = cpu_seconds(server.pid), own_cpu_seconds()
             start = time.perf_counter()
             reply = client.upload(data, "bench.dat", null_obsid=True, chunk_size=CHUNK)
             upload_s = time.perf_counter() - start
+            server_cpu = cpu_seconds(server.pid) - server_cpu
+            client_cpu = own_cpu_seconds() - client_cpu
             assert reply["md5"] == md5 and reply["created"]
 
             # The same bytes under another name, the connection dropped once.
@@ -192,6 +208,11 @@ def main():
     print("resumable upload:     %8.1f MB/s (%.2f s)" % (mb / upload_s, upload_s))
     print("md5sum of same file:  %8.1f MB/s (%.2f s)" % (mb / md5sum_s, md5sum_s))
     print("ratio upload/md5sum:  %8.2f   (goal >= 0.8)" % (md5sum_s / upload_s))
+    print("CPU of the upload:    server %.2f s, client %.2f s; on %d cores at best %.2f s "
+          "(ratio %.2f)" % (server_cpu, client_cpu, os.cpu_count(),
+                            (server_cpu + client_cpu) / os.cpu_count(),
+                            md5sum_s * os.cpu_count() / (server_cpu + client_cpu)))
+    print("  (both ends compute the MD5, each at most md5sum's speed)")
     print("dd of same file:      %8.1f MB/s (%.2f s)" % (mb / dd_s, dd_s))
     print("ratio upload/dd:      %8.2f   (an upload writes each byte once)" % (dd_s / upload_s))
     print("server peak RSS before upload: %.1f MB" % (rss_before / 1024))

@@ -33,6 +33,14 @@ def _enter(parent_fd, name):
     return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
 
 
+def page_aligned(data):
+    """The bytes-like `data` in a new anonymous mmap (page-aligned, as
+    O_DIRECT needs); also how a chunk is received (`uploads.receive`)."""
+    aligned = mmap.mmap(-1, len(data))
+    aligned.write(data)
+    return aligned
+
+
 class LocalFS:
     """The file system of this host, for the store whose folder is `root`
     (as configured; its own links are followed, once)."""
@@ -144,14 +152,14 @@ class LocalFS:
         """Write `data` at byte `offset` of the file `path` (created if
         missing), cutting off whatever lay beyond `offset` first (what an
         interrupted write left). Aligned chunks bypass the page cache
-        (O_DIRECT, from a page-aligned copy): a chunk of a resumable upload
+        (O_DIRECT, from a page-aligned copy unless `data` is an mmap, which
+        is page-aligned already): a chunk of a resumable upload
         is written once and not read soon, and where page-cache writes are
         slow (seen: a third of direct writes' speed) they set the pace."""
         direct = getattr(os, "O_DIRECT", 0) if (offset | len(data)) % DIRECT_ALIGN == 0 else 0
         if direct and data:
             try:
-                aligned = mmap.mmap(-1, len(data))
-                aligned.write(data)
+                aligned = data if isinstance(data, mmap.mmap) else page_aligned(data)
                 return self._pwrite(path, offset, memoryview(aligned), direct)
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: no direct I/O here (tmpfs, say)

@@ -10,6 +10,7 @@ import io
 import os
 import socket
 import tarfile
+import zlib
 
 
 import pytest
@@ -37,12 +38,14 @@ def create(web, length, who="admin", status=201, **meta):
     return resp.headers.get("Location"), resp
 
 
-def patch(web, url, offset, data, who="admin", status=204, checksum=None):
+def patch(web, url, offset, data, who="admin", status=204, checksum=None, md5=None):
     headers = dict(TUS, **bearer(who))
     headers.update({"Upload-Offset": str(offset),
                     "Content-Type": "application/offset+octet-stream"})
     if checksum:
         headers["Upload-Checksum"] = checksum
+    if md5:
+        headers["X-Librarian-MD5"] = md5
     return web.patch(url, data, headers=headers, status=status, expect_errors=status >= 400)
 
 
@@ -85,6 +88,39 @@ def test_a_damaged_chunk_is_refused_with_460_and_not_written(web, store_dir):
     patch(web, url, 0, data, checksum="sha1 " + base64.b64encode(
         hashlib.sha1(data).digest()).decode())
     assert models.File.get_by_id("zen.2.txt").md5 == hashlib.md5(data).hexdigest()
+
+
+def test_a_crc32_checksum_is_checked(web, store_dir):
+    data = b"w" * 3000
+    url, _ = create(web, len(data), dest="zen.4.txt", null_obsid="true")
+    crc = zlib.crc32(data).to_bytes(4, "big")
+    damaged = "crc32 " + base64.b64encode(bytes([crc[0] ^ 1]) + crc[1:]).decode()
+    patch(web, url, 0, data, status=460, checksum=damaged)
+    assert offset_of(web, url) == 0
+    patch(web, url, 0, data, checksum="crc32 " + base64.b64encode(crc).decode())
+    assert models.File.get_by_id("zen.4.txt").size == 3000
+
+
+def test_the_md5_sent_with_the_last_chunk_decides(web, store_dir):
+    """A client hashing as it sends gives the whole MD5 with the last chunk:
+    bytes that differ from it are refused, and it is refused on any other
+    chunk or when it contradicts the MD5 the upload was created with."""
+    data = os.urandom(6000)
+    right = hashlib.md5(data).hexdigest()
+    url, _ = create(web, len(data), dest="zen.5.txt", null_obsid="true")
+    resp = patch(web, url, 0, data[:3000], md5=right, status=400)
+    assert "only with the chunk that completes" in resp.json["message"]
+    patch(web, url, 0, data[:3000])
+    resp = patch(web, url, 3000, data[3000:], md5="1" * 32, status=400)
+    assert "md5" in resp.json["message"].lower()
+    assert models.File.select().count() == 0 and store_contents(store_dir) == (set(), [])
+
+    url, _ = create(web, len(data), dest="zen.6.txt", null_obsid="true", md5=right)
+    resp = patch(web, url, 0, data, md5="2" * 32, status=400)
+    assert "differs from the MD5 the upload was created with" in resp.json["message"]
+    assert offset_of(web, url) == 0
+    patch(web, url, 0, data, md5=right.upper())
+    assert models.File.get_by_id("zen.6.txt").md5 == right
 
 
 def test_wrong_md5_fails_at_the_last_chunk_and_leaves_nothing(web, store_dir):
@@ -329,3 +365,35 @@ def test_sending_the_same_file_again_after_an_interruption_goes_on(small_body_se
     with pytest.raises(librarian_client.RPCError):
         client.upload(str(other), "zen.2459000.8.txt")
     assert client.upload(str(other), "zen.2459000.8.txt", null_obsid=True)["created"]
+
+
+def test_a_file_changed_since_the_interruption_starts_afresh(small_body_server, tmp_path,
+                                                             store_dir, monkeypatch):
+    """The memo knows a file by its path, size, inode and modification time:
+    rewritten (same size) after an interruption, it is sent whole, and the
+    MD5 recorded is the new bytes'."""
+    path = tmp_path / "zen.2459000.9.txt"
+    path.write_bytes(os.urandom(3 << 20))
+    client = librarian_client.LibrarianClient(conn_config={
+        "url": small_body_server.url, "authenticator": AUTH["admin"]})
+    real = librarian_client.requests.Session.request
+    sent = []
+
+    def interrupted(self, method, url, **kw):
+        if method == "PATCH":
+            if sent:
+                raise KeyboardInterrupt
+            sent.append(len(kw["data"]))
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.upload(str(path), "zen.2459000.9.txt", null_obsid=True, chunk_size=1 << 20)
+    monkeypatch.setattr(librarian_client.requests.Session, "request", real)
+    new = os.urandom(3 << 20)
+    path.write_bytes(new)
+    os.utime(path, ns=(1, 1))  # unmistakably another modification time
+    reply = client.upload(str(path), "zen.2459000.9.txt", null_obsid=True, chunk_size=1 << 20)
+    assert reply["md5"] == hashlib.md5(new).hexdigest() and reply["created"]
+    with open(os.path.join(store_dir, "zen.2459000.9.txt"), "rb") as f:
+        assert f.read() == new
