@@ -38,7 +38,7 @@ import urllib.parse
 
 import bottle
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
-from webauth import authenticate, bearer_token, caller, require_level
+from webauth import AuthCache, authenticate, bearer_token, caller, require_level
 
 import copies
 import deletion
@@ -106,7 +106,7 @@ def setup(config):
     app = Bottle()
     app.config["librarian.settings"] = config
     app.config["librarian.context"] = Context(config)
-    app.config["librarian.auth_cache"] = {}
+    app.config["librarian.auth_cache"] = AuthCache()
     install_routes(app)
     app.add_hook("before_request", _open_db)
     app.add_hook("after_request", _close_db)
@@ -1554,7 +1554,7 @@ def cmd_add_store(args):
 def cmd_add_user(args):
     config = load_config(args.config)
     setup(config)
-    authenticator = args.authenticator or secrets.token_urlsafe(24)
+    authenticator = args.authenticator or models.new_authenticator()
     with database_of(config):
         try:
             models.create_source(args.name, authenticator, args.level)
@@ -1607,7 +1607,7 @@ def cmd_init_config(args):
     text = CONFIG_TEMPLATE.format(port=args.port, secret_key=secrets.token_hex(32),
                                   db_path=os.path.join(base, "librarian.db"),
                                   store_path=os.path.join(base, "store"),
-                                  authenticator=secrets.token_urlsafe(24))
+                                  authenticator=models.new_authenticator())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)

@@ -18,11 +18,14 @@ the web layer turns into HTTP replies.
 import calendar
 import datetime
 import hashlib
+import hmac
 import json
 import logging
 import os
 import re
+import secrets
 import socket
+import threading
 import unicodedata
 
 import peewee as pw
@@ -401,12 +404,14 @@ def check_caller_event_type(type):
 
 class Source(BaseModel):
     """A user or site that calls this Librarian. Only a hash of its
-    authenticator is kept; `lookup` is a short SHA-256 prefix of it that
-    narrows the candidates before the (slow, salted) Argon2 check, or empty
-    for a source configured by its hash alone."""
+    authenticator is kept: for one this server issued (`ISSUED_RE`, 256
+    random bits) `authenticator_hash` is `KEYED` and `lookup` its keyed
+    hash (HMAC-SHA256 under the database's `ServerKey`, hex), found by one
+    indexed query; for a secret a person chose, an Argon2 hash (salted,
+    slow) and an empty `lookup`."""
 
     name = pw.CharField(max_length=64, unique=True)
-    lookup = pw.CharField(max_length=16, index=True)
+    lookup = pw.CharField(max_length=64, index=True)
     authenticator_hash = pw.CharField(max_length=256)
     level = pw.CharField(max_length=16)
     created = pw.DateTimeField()
@@ -513,13 +518,42 @@ ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEven
               StagingDir, StoreIntent, WebSession]
 
 
+class ServerKey(BaseModel):
+    """Random keys this database was given when it was made (migration
+    010): `authenticator` keys the hashes of issued authenticators."""
+
+    name = pw.CharField(max_length=64, unique=True)
+    value = pw.CharField(max_length=128)
+
+    class Meta:
+        table_name = "server_key"
+
+
 # ---------------------------------------------------------------------------
 # Authenticators
 # ---------------------------------------------------------------------------
 
-def authenticator_lookup(authenticator):
-    """The 16-hex-digit SHA-256 prefix used to find a source's row."""
-    return hashlib.sha256(authenticator.encode("utf-8")).hexdigest()[:16]
+ISSUED_PREFIX = "lib_"
+ISSUED_RE = re.compile(r"^lib_[A-Za-z0-9_-]{43}$")  # new_authenticator's form
+KEYED = "hmac-sha256"  # authenticator_hash of an issued authenticator
+ARGON2_AT_ONCE = threading.BoundedSemaphore(2)  # 64 MiB and a core each, at most two
+
+
+def new_authenticator():
+    """A new authenticator: `lib_` and 256 random bits in base64url (47
+    characters). Its entropy makes a keyed fast hash the right storage."""
+    return ISSUED_PREFIX + secrets.token_urlsafe(32)
+
+
+def authenticator_key():
+    """The database's key for issued authenticators' hashes (bytes)."""
+    return bytes.fromhex(ServerKey.get(ServerKey.name == "authenticator").value)
+
+
+def keyed_lookup(authenticator, key):
+    """HMAC-SHA256 of an issued `authenticator` under `key`, hex: its
+    `Source.lookup`."""
+    return hmac.new(key, authenticator.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def check_authenticator_hash(value):
@@ -537,11 +571,11 @@ def check_authenticator_hash(value):
 
 
 def create_source(name, authenticator, level, authenticator_hash=None):
-    """Create a source (user) from its plaintext `authenticator` (stored as
-    an Argon2 hash) or, with `authenticator` None, from a ready
-    `authenticator_hash` (its `lookup` is then empty: the plaintext that
-    gives it is unknown here). Raises `LibrarianError(400)` on a bad level,
-    a bad hash or not exactly one of the two, `(409)` on a taken name."""
+    """Create a source (user) from its plaintext `authenticator` (one in
+    `new_authenticator`'s form stored by its keyed hash, any other as an
+    Argon2 hash) or, with `authenticator` None, from a ready Argon2
+    `authenticator_hash`. Raises `LibrarianError(400)` on a bad level, a
+    bad hash or not exactly one of the two, `(409)` on a taken name."""
     from argon2 import PasswordHasher
 
     if level not in LEVELS:
@@ -551,7 +585,10 @@ def create_source(name, authenticator, level, authenticator_hash=None):
     if authenticator is not None:
         if not authenticator:
             raise LibrarianError(400, "authenticator may not be empty")
-        lookup, hashed = authenticator_lookup(authenticator), PasswordHasher().hash(authenticator)
+        if ISSUED_RE.match(authenticator):
+            lookup, hashed = keyed_lookup(authenticator, authenticator_key()), KEYED
+        else:
+            lookup, hashed = "", PasswordHasher().hash(authenticator)
     else:
         try:
             lookup, hashed = "", check_authenticator_hash(authenticator_hash)
@@ -565,29 +602,30 @@ def create_source(name, authenticator, level, authenticator_hash=None):
         raise LibrarianError(409, "a source named %r already exists" % name) from None
 
 
-def find_source(authenticator):
-    """The Source whose authenticator this is, or None. Argon2 compares in
-    constant time; candidates are narrowed by `lookup` first, then the
-    sources created from a hash alone (empty `lookup`, few: those adopted
-    from an original Librarian's configuration) are tried; such a source
-    gets its `lookup` at its first call, so that it is tried only for its
-    own authenticator from then on."""
+def find_source(authenticator, key=None):
+    """The Source whose authenticator this is, or None. An issued one is
+    found by its keyed hash (`key`: `authenticator_key()`, which callers
+    may keep) in one indexed query; any other is checked with Argon2
+    (constant time, deliberately slow; at most `ARGON2_AT_ONCE`) against
+    the sources that have an Argon2 hash, which are few (people's and
+    other sites' chosen secrets): callers keep what it found
+    (`webauth.AuthCache`)."""
     from argon2 import PasswordHasher
-    from argon2.exceptions import VerificationError, InvalidHashError
+    from argon2.exceptions import InvalidHashError, VerificationError
 
+    if ISSUED_RE.match(authenticator):
+        digest = keyed_lookup(authenticator, key or authenticator_key())
+        source = Source.get_or_none(Source.lookup == digest)
+        if source is not None and hmac.compare_digest(source.lookup, digest):
+            return source
+        return None
     hasher = PasswordHasher()
-    candidates = (Source.select()
-                  .where(Source.lookup.in_([authenticator_lookup(authenticator), ""]))
-                  .order_by(Source.lookup.desc(), Source.id))
-    for source in candidates:
-        try:
-            hasher.verify(source.authenticator_hash, authenticator)
-        except (VerificationError, InvalidHashError):
-            continue
-        if not source.lookup:
-            with write_transaction():
-                Source.update(lookup=authenticator_lookup(authenticator)).where(
-                    (Source.id == source.id) & (Source.lookup == "")).execute()
+    for source in Source.select().where(Source.authenticator_hash != KEYED).order_by(Source.id):
+        with ARGON2_AT_ONCE:
+            try:
+                hasher.verify(source.authenticator_hash, authenticator)
+            except (VerificationError, InvalidHashError):
+                continue
         return source
     return None
 

@@ -207,7 +207,8 @@ def login():
     webauth.check_login_csrf(request.forms.getunicode("login_token"))
     authenticator = request.forms.getunicode("authenticator") or ""
     target = safe_next(request.forms.getunicode("next"))
-    source = models.find_source(authenticator) if authenticator else None
+    source = request.app.config["librarian.auth_cache"].find(authenticator) \
+        if authenticator else None
     if source is None:
         return render("login", "Log in", status=401, next=target,
                       error="That authenticator is not known here.",

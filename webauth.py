@@ -18,14 +18,16 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
+from collections import OrderedDict
 
 from bottle import HTTPError, request, response
 
 import models
 from models import Source, WebSession
 
-AUTH_CACHE_SECONDS = 60
+AUTH_CACHE_ENTRIES = 10000
 SESSION_COOKIE = "librarian_session"
 SESSION_SECONDS = 12 * 3600
 
@@ -62,37 +64,67 @@ def refuse_credentials(message, challenge):
     fail(400, message)
 
 
+class AuthCache:
+    """What this process found out about authenticators: the database's key
+    for issued ones (read once), and the sources whose chosen secrets Argon2
+    recognised, under a keyed hash with a key of this process only (never
+    stored), least recently used dropped beyond AUTH_CACHE_ENTRIES. An entry
+    holds while the source's stored hash is unchanged: no expiry, so no
+    moment when every client pays Argon2 again at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.process_key = secrets.token_bytes(32)
+        self.db_key = None
+        self.known = OrderedDict()  # keyed hash -> (source id, its authenticator_hash)
+
+    def find(self, authenticator):
+        """The Source calling with `authenticator` (text), or None."""
+        if self.db_key is None:
+            self.db_key = models.authenticator_key()
+        if models.ISSUED_RE.match(authenticator):  # one indexed query, microseconds
+            return models.find_source(authenticator, self.db_key)
+        mac = hmac.new(self.process_key, authenticator.encode("utf-8"),
+                       hashlib.sha256).digest()
+        with self.lock:
+            hit = self.known.get(mac)
+            if hit:
+                self.known.move_to_end(mac)
+        if hit:
+            source = Source.get_or_none(Source.id == hit[0])
+            if source is not None and source.authenticator_hash == hit[1]:
+                return source
+        source = models.find_source(authenticator, self.db_key)
+        with self.lock:
+            if source is None:
+                self.known.pop(mac, None)
+            else:
+                self.known[mac] = (source.id, source.authenticator_hash)
+                while len(self.known) > AUTH_CACHE_ENTRIES:
+                    self.known.popitem(last=False)
+        return source
+
+
 def authenticate(authenticator, level, challenge=False):
     """The Source calling with `authenticator`, if its level is at least
     `level`; otherwise 400 or, with `challenge`, 401 (missing or wrong; see
-    `refuse_credentials`), 400 (not valid text), 403 (too low). Verified
-    sources are cached for a minute so that Argon2's deliberate slowness is
-    paid once per client, not per request."""
+    `refuse_credentials`), 400 (not valid text), 403 (too low); see
+    `AuthCache` for the cost."""
     if authenticator is not None and not isinstance(authenticator, str):
         fail(400, "the authenticator must be a string")
     if not authenticator:
         refuse_credentials("no authenticator given", challenge)
     try:
-        raw = authenticator.encode("utf-8")
+        authenticator.encode("utf-8")
     except UnicodeEncodeError:
         fail(400, "the authenticator is not valid text (it holds a lone surrogate)")
     if len(authenticator) > MAX_AUTHENTICATOR_CHARS or "\0" in authenticator \
             or models.CONTROL_RE.search(authenticator):
         fail(400, "the authenticator is not one this server issues (at most %d characters, "
              "no control characters)" % MAX_AUTHENTICATOR_CHARS)
-    cache = request.app.config["librarian.auth_cache"]
-    key = hashlib.sha256(raw).hexdigest()
-    hit = cache.get(key)
-    source = None
-    if hit and hit[1] > time.monotonic():
-        source = Source.get_or_none(Source.id == hit[0])
+    source = request.app.config["librarian.auth_cache"].find(authenticator)
     if source is None:
-        source = models.find_source(authenticator)
-        if source is None:
-            refuse_credentials("unknown authenticator", challenge)
-        if len(cache) > 1000:
-            cache.clear()
-        cache[key] = (source.id, time.monotonic() + AUTH_CACHE_SECONDS)
+        refuse_credentials("unknown authenticator", challenge)
     return require_level(source, level)
 
 

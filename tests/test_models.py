@@ -2,6 +2,8 @@
 and the admin commands."""
 
 import datetime
+import hashlib
+import hmac
 import os
 
 import peewee as pw
@@ -150,3 +152,51 @@ def test_add_store_refuses_bad_names(app, config_path, name):
     models.db.close()
     with pytest.raises(SystemExit, match="store name"):
         librarian.main(["add-store", name, "/tmp/x", "--config", config_path])
+
+
+def test_an_issued_authenticator_is_stored_by_its_keyed_hash(app):
+    """An authenticator in the server's own form (256 random bits) is found
+    by one keyed hash; nothing stored is an unkeyed hash of any secret."""
+    issued = models.new_authenticator()
+    assert models.ISSUED_RE.match(issued) and len(issued) == 47
+    made = models.create_source("pipeline", issued, "read-append")
+    assert made.authenticator_hash == models.KEYED
+    key = models.authenticator_key()
+    assert len(key) == 32
+    assert made.lookup == hmac.new(key, issued.encode(), hashlib.sha256).hexdigest()
+    assert models.find_source(issued).name == "pipeline"
+    assert models.find_source(models.new_authenticator()) is None
+    assert models.find_source(issued[:-1] + ("A" if issued[-1] != "A" else "B")) is None
+    # a chosen secret has no lookup at all: only its salted Argon2 hash
+    unkeyed = {hashlib.sha256(s.encode()).hexdigest()[:16] for s in AUTH.values()}
+    for source in models.Source.select():
+        assert source.lookup not in unkeyed
+        if source.name != "pipeline":
+            assert source.lookup == "" and source.authenticator_hash.startswith("$argon2")
+
+
+def test_argon2_runs_once_per_process_for_a_chosen_secret(app, web, monkeypatch):
+    """After the first call, a chosen secret is recognised from memory; a
+    changed hash (the secret replaced) is noticed at the next call."""
+    from argon2 import PasswordHasher
+
+    calls = []
+    real = PasswordHasher.verify
+    monkeypatch.setattr(PasswordHasher, "verify",
+                        lambda self, h, p: calls.append(p) or real(self, h, p))
+    for _ in range(20):
+        api(web, "ping", auth="reader")
+    assert calls == ["reader-secret"] * _position("reader")  # the first call only
+    models.Source.update(authenticator_hash=PasswordHasher().hash("replaced")).where(
+        models.Source.name == "reader").execute()
+    reply = api(web, "ping", auth="reader", status=400)
+    assert "unknown authenticator" in reply["message"]
+    assert api(web, "ping", auth="replaced")["success"]
+
+
+def _position(name):
+    """How many Argon2 checks finding `name` takes: its place among the
+    sources with an Argon2 hash, in id order."""
+    names = [s.name for s in models.Source.select().order_by(models.Source.id)
+             if s.authenticator_hash != models.KEYED]
+    return names.index(name) + 1
