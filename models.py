@@ -537,6 +537,7 @@ ISSUED_PREFIX = "lib_"
 ISSUED_RE = re.compile(r"^lib_[A-Za-z0-9_-]{43}$")  # new_authenticator's form
 KEYED = "hmac-sha256"  # authenticator_hash of an issued authenticator
 ARGON2_AT_ONCE = threading.BoundedSemaphore(2)  # 64 MiB and a core each, at most two
+ARGON2_WAIT_SECONDS = 5.0  # beyond this wait for a turn, 503: a flood of guesses is refused
 
 
 def new_authenticator():
@@ -606,7 +607,8 @@ def find_source(authenticator, key=None):
     """The Source whose authenticator this is, or None. An issued one is
     found by its keyed hash (`key`: `authenticator_key()`, which callers
     may keep) in one indexed query; any other is checked with Argon2
-    (constant time, deliberately slow; at most `ARGON2_AT_ONCE`) against
+    (constant time, deliberately slow; at most `ARGON2_AT_ONCE`, and
+    `LibrarianError(503)` after waiting `ARGON2_WAIT_SECONDS` for a turn) against
     the sources that have an Argon2 hash, which are few (people's and
     other sites' chosen secrets): callers keep what it found
     (`webauth.AuthCache`)."""
@@ -621,11 +623,15 @@ def find_source(authenticator, key=None):
         return None
     hasher = PasswordHasher()
     for source in Source.select().where(Source.authenticator_hash != KEYED).order_by(Source.id):
-        with ARGON2_AT_ONCE:
-            try:
-                hasher.verify(source.authenticator_hash, authenticator)
-            except (VerificationError, InvalidHashError):
-                continue
+        if not ARGON2_AT_ONCE.acquire(timeout=ARGON2_WAIT_SECONDS):
+            raise LibrarianError(503, "too many authenticators are being checked at once; "
+                                 "try again in a few seconds")
+        try:
+            hasher.verify(source.authenticator_hash, authenticator)
+        except (VerificationError, InvalidHashError):
+            continue
+        finally:
+            ARGON2_AT_ONCE.release()
         return source
     return None
 

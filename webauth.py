@@ -64,28 +64,73 @@ def refuse_credentials(message, challenge):
     fail(400, message)
 
 
+class _Check:
+    """One Argon2 check in progress, for the requests waiting on it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error = None
+
+
 class AuthCache:
     """What this process found out about authenticators: the database's key
     for issued ones (read once), and the sources whose chosen secrets Argon2
     recognised, under a keyed hash with a key of this process only (never
     stored), least recently used dropped beyond AUTH_CACHE_ENTRIES. An entry
     holds while the source's stored hash is unchanged: no expiry, so no
-    moment when every client pays Argon2 again at once."""
+    moment when every client pays Argon2 again at once. Requests that bring
+    the same unknown secret at once wait for one Argon2 check (a pipeline's
+    workers after a restart), not one each."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.process_key = secrets.token_bytes(32)
         self.db_key = None
         self.known = OrderedDict()  # keyed hash -> (source id, its authenticator_hash)
+        self.checking = {}  # keyed hash -> its _Check in progress
 
     def find(self, authenticator):
-        """The Source calling with `authenticator` (text), or None."""
+        """The Source calling with `authenticator` (text), or None; raises
+        `LibrarianError(503)` when Argon2 is too busy (`models.find_source`)."""
         if self.db_key is None:
             self.db_key = models.authenticator_key()
         if models.ISSUED_RE.match(authenticator):  # one indexed query, microseconds
             return models.find_source(authenticator, self.db_key)
         mac = hmac.new(self.process_key, authenticator.encode("utf-8"),
                        hashlib.sha256).digest()
+        source = self._known(mac)
+        if source is not None:
+            return source
+        with self.lock:
+            check = self.checking.get(mac)
+            leader = check is None
+            if leader:
+                check = self.checking[mac] = _Check()
+        if not leader:  # the same secret is being checked: its outcome is ours
+            check.done.wait()
+            if check.error is not None:
+                raise check.error
+            return self._known(mac)
+        try:
+            source = self._known(mac) or models.find_source(authenticator, self.db_key)
+            with self.lock:
+                if source is None:
+                    self.known.pop(mac, None)
+                else:
+                    self.known[mac] = (source.id, source.authenticator_hash)
+                    while len(self.known) > AUTH_CACHE_ENTRIES:
+                        self.known.popitem(last=False)
+            return source
+        except Exception as e:
+            check.error = e
+            raise
+        finally:
+            with self.lock:
+                del self.checking[mac]
+            check.done.set()
+
+    def _known(self, mac):
+        """The cached Source for `mac`, if its stored hash is unchanged."""
         with self.lock:
             hit = self.known.get(mac)
             if hit:
@@ -94,15 +139,7 @@ class AuthCache:
             source = Source.get_or_none(Source.id == hit[0])
             if source is not None and source.authenticator_hash == hit[1]:
                 return source
-        source = models.find_source(authenticator, self.db_key)
-        with self.lock:
-            if source is None:
-                self.known.pop(mac, None)
-            else:
-                self.known[mac] = (source.id, source.authenticator_hash)
-                while len(self.known) > AUTH_CACHE_ENTRIES:
-                    self.known.popitem(last=False)
-        return source
+        return None
 
 
 def authenticate(authenticator, level, challenge=False):

@@ -11,6 +11,7 @@ import pytest
 
 import librarian
 import models
+import settings
 from conftest import AUTH, api
 
 
@@ -194,9 +195,88 @@ def test_argon2_runs_once_per_process_for_a_chosen_secret(app, web, monkeypatch)
     assert api(web, "ping", auth="replaced")["success"]
 
 
+def test_one_argon2_check_for_a_secret_brought_at_once(app, monkeypatch):
+    """Eight workers bringing the same unknown secret at once (a pipeline
+    after a restart) wait for one Argon2 check; a flood of guesses that
+    finds Argon2 busy gets 503, not a worker each for ever."""
+    import threading
+    import time
+
+    from argon2 import PasswordHasher
+
+    from webauth import AuthCache
+
+    calls = []
+    real = PasswordHasher.verify
+
+    def slow_verify(self, h, p):
+        calls.append(p)
+        time.sleep(0.05)
+        return real(self, h, p)
+
+    monkeypatch.setattr(PasswordHasher, "verify", slow_verify)
+    cache, found, errors = AuthCache(), [], []
+
+    def find(secret):
+        try:
+            found.append(cache.find(secret))
+        except models.LibrarianError as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=find, args=("reader-secret",)) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert [s.name for s in found] == ["reader"] * 8 and not errors
+    assert calls == ["reader-secret"] * _position("reader")
+
+    monkeypatch.setattr(models, "ARGON2_WAIT_SECONDS", 0.01)
+    for _ in range(2):
+        models.ARGON2_AT_ONCE.acquire()  # two checks already running
+    try:
+        find("a-guess")
+    finally:
+        for _ in range(2):
+            models.ARGON2_AT_ONCE.release()
+    assert errors and errors[0].status == 503 and "at once" in errors[0].message
+    assert cache.find("reader-secret").name == "reader"  # still known: no Argon2 needed
+
+
 def _position(name):
     """How many Argon2 checks finding `name` takes: its place among the
     sources with an Argon2 hash, in id order."""
     names = [s.name for s in models.Source.select().order_by(models.Source.id)
              if s.authenticator_hash != models.KEYED]
     return names.index(name) + 1
+
+
+def test_migration_010_keeps_every_source_working_without_reissue(config_path):
+    """A catalogue made before 010 (Argon2 hashes, unsalted SHA-256 lookup
+    prefixes, a source adopted by its hash alone) migrates: the prefixes are
+    gone, a key is made, and each old authenticator still works."""
+    from argon2 import PasswordHasher
+
+    from webauth import AuthCache
+
+    librarian.setup(settings.load(config_path))
+    try:
+        with models.db.connection_context():
+            librarian.migration_router().run("009_reconcile")
+            now = datetime.datetime(2026, 1, 1)
+            models.db.execute_sql(
+                "INSERT INTO source (name, lookup, authenticator_hash, level, created) "
+                "VALUES (%s, %s, %s, %s, %s), (%s, %s, %s, %s, %s)".replace(
+                    "%s", models.db.param),
+                ["pipeline", hashlib.sha256(b"old-issued").hexdigest()[:16],
+                 PasswordHasher().hash("old-issued"), "read-write", now,
+                 "adopted", "", PasswordHasher().hash("chosen by a person"), "read-only", now])
+            librarian.migration_router().run()
+            assert {s.lookup for s in models.Source.select()} == {""}
+            assert len(models.authenticator_key()) == 32
+            cache = AuthCache()
+            assert cache.find("old-issued").name == "pipeline"
+            assert cache.find("chosen by a person").name == "adopted"
+            assert cache.find("old-issued-not") is None
+    finally:
+        models.close_database()
