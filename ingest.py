@@ -208,55 +208,112 @@ def _unix_time(seconds, where):
         raise LibrarianError(400, "%s has a create_time out of range" % where) from None
 
 
-def _insert_session(row, where):
-    """Insert a session unless one with that id exists (records are
-    immutable: the first one stays); 400 when the database refuses it."""
-    try:
-        with db.atomic():
-            ObservingSession.insert(**row).execute()
-    except pw.IntegrityError:
-        if ObservingSession.get_or_none(ObservingSession.id == row["id"]) is None:
-            raise LibrarianError(400, "%s is not a valid session (does it stop before it "
-                                 "starts?)" % where) from None
+BATCH_ROWS = 500  # rows per INSERT: 7 columns each stays far below SQLite's 32,766 parameters
+
+
+def _batches(rows):
+    for i in range(0, len(rows), BATCH_ROWS):
+        yield rows[i:i + BATCH_ROWS]
+
+
+def _session_row(key, rec):
+    where = "session %s" % key
+    return {"id": _need(rec, "id", (int,), where),
+            "start_time_jd": _jd(rec, "start_time_jd", where),
+            "stop_time_jd": _jd(rec, "stop_time_jd", where)}
+
+
+def _observation_row(key, rec):
+    where = "observation %s" % key
+    obsid = _need(rec, "obsid", (int,), where)
+    optional = {"stop_time_jd": lambda: _jd(rec, "stop_time_jd", where, True),
+                "start_lst_hr": lambda: _need(rec, "start_lst_hr", (int, float), where, True),
+                "session_id": lambda: _need(rec, "session_id", (int,), where, True)}
+    row = {k: (get() if k in rec else None) for k, get in optional.items()}
+    row.update(obsid=obsid, start_time_jd=_jd(rec, "start_time_jd", where))
+    return row
+
+
+def _renamed(rows, key, field):
+    """`rows` with `key` given as the model's `field` name, for insert_many."""
+    return [{(field if k == key else k): v for k, v in r.items()} for r in rows]
+
+
+def _file_row(key, rec, source):
+    where = "file %s" % key
+    size = _need(rec, "size", (int,), where)
+    if size < 0:
+        raise LibrarianError(400, "%s has a negative size" % where)
+    if len(_need(rec, "type", (str,), where)) > MAX_TYPE_CHARS:
+        raise LibrarianError(400, "%s has a type longer than %d characters"
+                             % (where, MAX_TYPE_CHARS))
+    return {"name": check_file_name(_need(rec, "name", (str,), where)),
+            "type": _need(rec, "type", (str,), where),
+            "create_time": _unix_time(_need(rec, "create_time", (int,), where), where),
+            "obsid": _need(rec, "obsid", (int,), where, True),
+            "size": size, "md5": check_md5(_need(rec, "md5", (str,), where)), "source": source}
+
+
+def _missing(model, key, wanted):
+    """The values of `wanted` that are not a `key` of a `model` row."""
+    wanted = {v for v in wanted if v is not None}
+    if not wanted:
+        return set()
+    return wanted - {v for (v,) in model.select(key).where(key.in_(list(wanted))).tuples()}
+
+
+def _ingest_observations(rows):
+    """Insert the observations not yet known, a batch per statement; a known
+    one whose record names a session goes through `ensure_observation` (it
+    may need that session attached, or conflict with another)."""
+    for batch in _batches(rows):
+        unknown = _missing(ObservingSession, ObservingSession.id,
+                           (r["session_id"] for r in batch))
+        for r in batch:
+            if r["session_id"] in unknown:
+                raise LibrarianError(400, "observation %d names session %d, which is not known "
+                                     "here (send it in the record set's sessions)"
+                                     % (r["obsid"], r["session_id"]))
+        Observation.insert_many(_renamed(batch, "session_id", "session")) \
+            .on_conflict_ignore().execute()
+        stored = dict(Observation.select(Observation.obsid, Observation.session).where(
+            Observation.obsid.in_([r["obsid"] for r in batch])).tuples())
+        for r in batch:
+            if r["session_id"] is not None and stored.get(r["obsid"]) != r["session_id"]:
+                ensure_observation(r)
+
+
+def _ingest_files(rows):
+    """Insert the files not yet known, a batch per statement; 409 for a name
+    already registered with another size or MD5."""
+    for batch in _batches(rows):
+        for obsid in _missing(Observation, Observation.obsid, (r["obsid"] for r in batch)):
+            name = next(r["name"] for r in batch if r["obsid"] == obsid)
+            raise LibrarianError(400, "file %r refers to unknown observation %r" % (name, obsid))
+        File.insert_many(_renamed(batch, "obsid", "observation")).on_conflict_ignore().execute()
+        stored = {name: (size, md5) for name, size, md5 in
+                  File.select(File.name, File.size, File.md5)
+                  .where(File.name.in_([r["name"] for r in batch])).tuples()}
+        for r in batch:
+            if stored[r["name"]] != (r["size"], r["md5"]):
+                raise LibrarianError(409, "a different file named %r is already registered "
+                                     "(size %d, md5 %s)" % ((r["name"],) + stored[r["name"]]))
 
 
 def ingest_record_sets(files, observations, sessions, source):
     """Create the records of a record set (API.md, `initiate_upload`) that
-    are not yet known, sessions first. Identical re-sends are no-ops; a File
-    that conflicts with a known one is refused (409). Call inside a
-    transaction."""
-    for key, rec in (sessions or {}).items():
-        where = "session %s" % key
-        sid = _need(rec, "id", (int,), where)
-        row = {"id": sid, "start_time_jd": _jd(rec, "start_time_jd", where),
-               "stop_time_jd": _jd(rec, "stop_time_jd", where)}
-        _insert_session(row, where)
-    for key, rec in (observations or {}).items():
-        where = "observation %s" % key
-        _need(rec, "obsid", (int,), where)
-        ensure_observation({
-            "obsid": _need(rec, "obsid", (int,), where),
-            "start_time_jd": _jd(rec, "start_time_jd", where),
-            "stop_time_jd": _jd(rec, "stop_time_jd", where, True)
-            if "stop_time_jd" in rec else None,
-            "start_lst_hr": _need(rec, "start_lst_hr", (int, float), where, True)
-            if "start_lst_hr" in rec else None,
-            "session_id": _need(rec, "session_id", (int,), where, True)
-            if "session_id" in rec else None})
-    for key, rec in (files or {}).items():
-        where = "file %s" % key
-        size = _need(rec, "size", (int,), where)
-        if size < 0:
-            raise LibrarianError(400, "%s has a negative size" % where)
-        if len(_need(rec, "type", (str,), where)) > MAX_TYPE_CHARS:
-            raise LibrarianError(400, "%s has a type longer than %d characters"
-                                 % (where, MAX_TYPE_CHARS))
-        insert_file({"name": check_file_name(_need(rec, "name", (str,), where)),
-                     "type": _need(rec, "type", (str,), where),
-                     "create_time": _unix_time(_need(rec, "create_time", (int,), where), where),
-                     "obsid": _need(rec, "obsid", (int,), where, True),
-                     "size": size, "md5": check_md5(_need(rec, "md5", (str,), where))},
-                    source)
+    are not yet known, sessions first: every record is checked first (400
+    naming the record and field), then inserted `BATCH_ROWS` at a time.
+    Identical re-sends are no-ops; a File that conflicts with a known one is
+    refused (409), a known observation already in another session too.
+    Call inside a transaction (a refusal leaves nothing half-written)."""
+    session_rows = [_session_row(k, rec) for k, rec in (sessions or {}).items()]
+    observation_rows = [_observation_row(k, rec) for k, rec in (observations or {}).items()]
+    file_rows = [_file_row(k, rec, source) for k, rec in (files or {}).items()]
+    for batch in _batches(session_rows):
+        ObservingSession.insert_many(batch).on_conflict_ignore().execute()
+    _ingest_observations(observation_rows)
+    _ingest_files(file_rows)
 
 
 # ---------------------------------------------------------------------------

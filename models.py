@@ -58,15 +58,20 @@ def open_database(url):
     `postgresql://USER@HOST:PORT/DB`) and return the Peewee database.
 
     SQLite gets foreign keys, WAL and a busy timeout so that several threads
-    (and a worker process) can share it. Raises `ValueError` on a URL of an
+    (and a worker process) can share it. Both kinds are pools: a request
+    "closes" its connection back into it, so that it pays neither the
+    connect nor (SQLite) the pragmas. Raises `ValueError` on a URL of an
     unsupported kind."""
     if url.startswith("sqlite:"):
         # case_sensitive_like: LIKE in searches behaves as on PostgreSQL.
-        return db_url_connect(url, pragmas={"foreign_keys": 1, "journal_mode": "wal",
-                                            "busy_timeout": 30000, "synchronous": "normal",
-                                            "case_sensitive_like": 1})
+        # check_same_thread off: a pooled connection serves one thread at a
+        # time, but not always the same thread.
+        return db_url_connect("sqlite+pool:" + url.split(":", 1)[1], max_connections=64,
+                              check_same_thread=False,
+                              pragmas={"foreign_keys": 1, "journal_mode": "wal",
+                                       "busy_timeout": 30000, "synchronous": "normal",
+                                       "case_sensitive_like": 1})
     if url.startswith(("postgresql:", "postgres:")):
-        # A pool: each request "closes" its connection back into it.
         pooled = "postgresql+pool:" + url.split(":", 1)[1]
         return db_url_connect(pooled, max_connections=64, stale_timeout=300)
     raise ValueError("database url must start with sqlite:/// or postgresql://, got %r" % url)

@@ -123,21 +123,33 @@ def build(pg_base):
     return url
 
 
-SEARCHES = [
-    ("files", "name prefix", {"name-matches": "zen.2458500.%"}),
-    ("files", "obsid range", {"obsid-in-range": [FIRST_OBSID + 400 * 86400,
-                                                 FIRST_OBSID + 401 * 86400]}),
-    ("files", "LST range", {"start-lst-hr-in-range": [12.0, 12.05]}),
-    ("files", "no instance here", {"num-instances-less-than": 1}),
-    ("files", "obs-matches session", {"obs-matches": {"session-id-is-exactly":
-                                                      FIRST_OBSID + 700 * 86400}}),
-    ("files", "type and size", {"type-is-exactly": "calfits", "size-greater-than": 1_000_970}),
-    ("files", "JD range, xx only", {"start-time-jd-in-range": [2458600.5, 2458601.5],
-                                    "name-matches": "%.xx.%"}),
-    ("observations", "start JD range", {"start-time-jd-in-range": [2458300.5, 2458302.5]}),
-    ("sessions", "by num-files", {"num-files-greater-than": 999}),
-    ("sessions", "no-file-has-event", {"no-file-has-event": "rtp_notified"}),
-]
+def searches(first_obsid, first_jd, n_sessions, files_per_session=1000):
+    """The ten typical searches, as (kind, label, query), for a catalogue
+    of `n_sessions` nights from `first_jd` (sessions `first_obsid + s *
+    86400`), laid out as `build` makes it; shared with `compare_v1.py`."""
+    def night(fraction):
+        return int(n_sessions * fraction)
+    return [
+        ("files", "name prefix", {"name-matches": "zen.%d.%%" % int(first_jd + night(0.5))}),
+        ("files", "obsid range", {"obsid-in-range": [first_obsid + night(0.4) * 86400,
+                                                     first_obsid + (night(0.4) + 1) * 86400]}),
+        ("files", "LST range", {"start-lst-hr-in-range": [12.0, 12.05]}),
+        ("files", "no instance here", {"num-instances-less-than": 1}),
+        ("files", "obs-matches session", {"obs-matches": {
+            "session-id-is-exactly": first_obsid + night(0.7) * 86400}}),
+        ("files", "type and size", {"type-is-exactly": "calfits",
+                                    "size-greater-than": 1_000_970}),
+        ("files", "JD range, xx only", {"start-time-jd-in-range": [first_jd + night(0.6),
+                                                                   first_jd + night(0.6) + 1],
+                                        "name-matches": "%.xx.%"}),
+        ("observations", "start JD range", {"start-time-jd-in-range": [
+            first_jd + night(0.3), first_jd + night(0.3) + 2]}),
+        ("sessions", "by num-files", {"num-files-greater-than": files_per_session - 1}),
+        ("sessions", "no-file-has-event", {"no-file-has-event": "rtp_notified"}),
+    ]
+
+
+SEARCHES = searches(FIRST_OBSID, FIRST_JD, N_SESSIONS, OBS_PER_SESSION * FILES_PER_OBS)
 
 QUERIES = {"files": search.file_query, "observations": search.observation_query,
            "sessions": search.session_query}
