@@ -24,7 +24,7 @@ import peewee as pw
 import uvmeta
 from models import (DELETION_POLICIES, db, File, FileEvent, FileInstance, LibrarianError,
                     Observation, ObservingSession, check_file_name, check_md5, from_unix,
-                    is_postgres, short, utcnow)
+                    is_postgres, note_rows_written, short, utcnow)
 from stores import intents, split_store_path
 
 log = logging.getLogger("librarian")
@@ -276,6 +276,7 @@ def _ingest_observations(rows):
                                      % (r["obsid"], r["session_id"]))
         Observation.insert_many(_renamed(batch, "session_id", "session")) \
             .on_conflict_ignore().execute()
+        note_rows_written("observation", len(batch))
         stored = dict(Observation.select(Observation.obsid, Observation.session).where(
             Observation.obsid.in_([r["obsid"] for r in batch])).tuples())
         for r in batch:
@@ -291,6 +292,7 @@ def _ingest_files(rows):
             name = next(r["name"] for r in batch if r["obsid"] == obsid)
             raise LibrarianError(400, "file %r refers to unknown observation %r" % (name, obsid))
         File.insert_many(_renamed(batch, "obsid", "observation")).on_conflict_ignore().execute()
+        note_rows_written("file", len(batch))
         stored = {name: (size, md5) for name, size, md5 in
                   File.select(File.name, File.size, File.md5)
                   .where(File.name.in_([r["name"] for r in batch])).tuples()}
@@ -312,6 +314,7 @@ def ingest_record_sets(files, observations, sessions, source):
     file_rows = [_file_row(k, rec, source) for k, rec in (files or {}).items()]
     for batch in _batches(session_rows):
         ObservingSession.insert_many(batch).on_conflict_ignore().execute()
+        note_rows_written("observing_session", len(batch))
     _ingest_observations(observation_rows)
     _ingest_files(file_rows)
 

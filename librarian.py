@@ -217,6 +217,7 @@ def settle_all(context):
             continue
         if removed:
             log.info("removed %d staging leftovers on store %s", removed, row.name)
+    models.refresh_statistics()
     schedule_checks(context)
 
 
@@ -610,6 +611,7 @@ def op_initiate_upload(source, args):
         with models.write_transaction():
             ingest.ingest_record_sets(args["files"], args["observations"], args["sessions"],
                                       source.name)
+        models.refresh_statistics()  # a night's ingest must not leave the planner behind
         return {}
     known = args["known_staging_store"] is not None
     if known != (args["known_staging_subdir"] is not None):
@@ -634,6 +636,8 @@ def op_initiate_upload(source, args):
             store.release(staging)
         raise
     store.keep(staging)  # its issued-folder record holds it now
+    if any(args[k] for k in ("files", "observations", "sessions")):
+        models.refresh_statistics()
     # ssh_port (our addition): the port this server reaches the store host on,
     # which the client's --via-ssh uses unless told otherwise.
     return dict(store.row.to_dict(), available=store.free_space() or 0,

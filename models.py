@@ -691,3 +691,58 @@ def write_transaction():
     if isinstance(db.obj, pw.SqliteDatabase):
         return db.atomic("IMMEDIATE")
     return db.atomic()
+
+
+# ---------------------------------------------------------------------------
+# The planner's statistics
+# ---------------------------------------------------------------------------
+
+STATISTICS_SECONDS = 10.0  # at most one look per process this often
+_statistics_lock = threading.Lock()
+_statistics_looked = [0.0]
+_rows_written = {}  # table -> rows this process wrote since it last analysed the table
+
+
+def note_rows_written(table, n):
+    """Count `n` rows written to `table` for `refresh_statistics` (the
+    server's own counts reach `pg_stat_user_tables` only seconds later)."""
+    with _statistics_lock:
+        _rows_written[table] = _rows_written.get(table, 0) + n
+
+
+def refresh_statistics():
+    """Bring the planner's statistics up to date as autovacuum would, for
+    a database where it is off or slow to come: on PostgreSQL, ANALYZE each
+    of this schema's tables whose rows changed since its last analysis by
+    more than 50 + 10% of its rows (autovacuum's default thresholds; the
+    changes are `pg_stat_user_tables`' count, or this process's own
+    `note_rows_written` if larger); on SQLite, `PRAGMA optimize` (which
+    analyses where its planner would gain). Called after bulk ingest and
+    when a server settles; at most one look per process every
+    STATISTICS_SECONDS, none while another runs. Returns the tables
+    analysed (PostgreSQL)."""
+    import time
+
+    now = time.monotonic()
+    if now - _statistics_looked[0] < STATISTICS_SECONDS or \
+            not _statistics_lock.acquire(blocking=False):
+        return []
+    try:
+        _statistics_looked[0] = now
+        if not is_postgres():
+            db.execute_sql("PRAGMA optimize")
+            return []
+        stale = []
+        for name, changed, rows in db.execute_sql(
+                "SELECT s.relname, s.n_mod_since_analyze, c.reltuples FROM pg_stat_user_tables s "
+                "JOIN pg_class c ON c.oid = s.relid WHERE s.schemaname = current_schema()"):
+            if max(changed, _rows_written.get(name, 0)) > 50 + 0.1 * max(rows, 0):
+                stale.append(name)
+        for name in stale:
+            db.execute_sql('ANALYZE "%s"' % name.replace('"', '""'))
+            _rows_written.pop(name, None)
+        if stale:
+            log.info("analysed %s for the planner", ", ".join(stale))
+        return stale
+    finally:
+        _statistics_lock.release()

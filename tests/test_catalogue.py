@@ -316,3 +316,31 @@ def test_record_sets_with_impossible_julian_dates_are_refused(app, web):
         "x": {"obsid": 1700000000, "start_time_jd": -1e9, "stop_time_jd": -999999999.99}})
     assert "not a Julian Date of an observation" in reply["message"]
     assert models.Observation.select().count() == 0
+
+
+def test_bulk_ingest_leaves_the_planner_statistics_fresh(app, web, monkeypatch):
+    """After a record set large enough to move autovacuum's threshold, the
+    tables have statistics (PostgreSQL: analysed; the suite's database runs
+    with whatever autovacuum does, so the check is on our own ANALYZE)."""
+    monkeypatch.setattr(models, "STATISTICS_SECONDS", 0.0)
+    sid = 1234567890
+    files = {"bulk.%d.uvh5" % i: {"name": "bulk.%d.uvh5" % i, "type": "uvh5",
+                                  "create_time": 1577836800, "obsid": sid, "size": i,
+                                  "md5": "%032x" % i} for i in range(1200)}
+    records = {"sessions": {str(sid): {"id": sid, "start_time_jd": 2458000.5,
+                                       "stop_time_jd": 2458000.6}},
+               "observations": {str(sid): {"obsid": sid, "start_time_jd": 2458000.5,
+                                           "session_id": sid}},
+               "files": files}
+    analysed = []
+    real = models.refresh_statistics
+    monkeypatch.setattr(models, "refresh_statistics", lambda: analysed.append(real()))
+    api(web, "initiate_upload", upload_size=0, records_only=True, **records)
+    assert models.File.select().where(models.File.name.startswith("bulk.")).count() == 1200
+    if models.is_postgres():
+        assert "file" in analysed[-1]
+        (count,) = models.db.execute_sql(
+            "SELECT reltuples FROM pg_class WHERE oid = 'file'::regclass").fetchone()
+        assert count >= 1200
+    else:
+        assert analysed == [[]]
