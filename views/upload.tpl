@@ -59,7 +59,10 @@ its progress. Without it, use the <code>librarian upload</code> command.</p></no
       metadata: {dest: (prefix ? prefix + "/" : "") + file.name, filename: file.name,
                  deletion_policy: document.getElementById("deletion").value,
                  null_obsid: document.getElementById("null-obsid").checked ? "true" : "false"},
-      removeFingerprintOnSuccess: true,
+      // No resuming from an earlier page: the form sends no MD5 (browsers
+      // have none), so a file changed since then would be stored as a mix
+      // of old and new bytes. Within the page, a dropped connection resumes.
+      storeFingerprintForResuming: false,
       onProgress: function (sent, total) {
         progress.hidden = false;
         progress.value = total ? 100 * sent / total : 100;
@@ -68,14 +71,11 @@ its progress. Without it, use the <code>librarian upload</code> command.</p></no
       onError: function (error) {
         var response = error.originalResponse;
         say("Not stored: " + (response ? messageOf(response.getBody(), "the server refused it")
-                              : "the connection failed; send the file again to go on"), true);
+                              : "the connection failed; send the file again"), true);
       },
       onSuccess: function () { say("Checking the file...", false); finished(upload.url); }
     });
-    upload.findPreviousUploads().then(function (previous) {
-      if (previous.length) { upload.resumeFromPreviousUpload(previous[0]); }
-      upload.start();
-    });
+    upload.start();
   });
 })();
 </script>
