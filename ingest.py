@@ -217,10 +217,16 @@ def _batches(rows):
 
 
 def _session_row(key, rec):
+    """A session record checked as the table's constraints would (an
+    INSERT that ignores conflicts must not meet a CHECK)."""
     where = "session %s" % key
-    return {"id": _need(rec, "id", (int,), where),
-            "start_time_jd": _jd(rec, "start_time_jd", where),
-            "stop_time_jd": _jd(rec, "stop_time_jd", where)}
+    row = {"id": _need(rec, "id", (int,), where),
+           "start_time_jd": _jd(rec, "start_time_jd", where),
+           "stop_time_jd": _jd(rec, "stop_time_jd", where)}
+    if row["stop_time_jd"] < row["start_time_jd"]:
+        raise LibrarianError(400, "%s is not a valid session (does it stop before it "
+                             "starts?)" % where)
+    return row
 
 
 def _observation_row(key, rec):
@@ -231,6 +237,13 @@ def _observation_row(key, rec):
                 "session_id": lambda: _need(rec, "session_id", (int,), where, True)}
     row = {k: (get() if k in rec else None) for k, get in optional.items()}
     row.update(obsid=obsid, start_time_jd=_jd(rec, "start_time_jd", where))
+    if row["stop_time_jd"] is not None and row["stop_time_jd"] < row["start_time_jd"]:
+        raise LibrarianError(400, "observation %r is not valid: its times are out of order"
+                             % obsid)
+    lst = row["start_lst_hr"]
+    if lst is not None and not 0 <= lst < 24:
+        raise LibrarianError(400, "%s has a start_lst_hr of %r, not an hour from 0 to 24"
+                             % (where, lst))
     return row
 
 
