@@ -37,7 +37,7 @@ log = logging.getLogger("librarian")
 
 db = pw.DatabaseProxy()
 
-MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+MD5_RE = re.compile(r"^[0-9a-f]{32}\Z")  # \Z: no newline after
 CONTROL_RE = re.compile(r"[\x01-\x1f\x7f]")
 MAX_NAME_BYTES = 256
 
@@ -539,7 +539,7 @@ class ServerKey(BaseModel):
 # ---------------------------------------------------------------------------
 
 ISSUED_PREFIX = "lib_"
-ISSUED_RE = re.compile(r"^lib_[A-Za-z0-9_-]{43}$")  # new_authenticator's form
+ISSUED_RE = re.compile(r"^lib_[A-Za-z0-9_-]{43}\Z")  # new_authenticator's form
 KEYED = "hmac-sha256"  # authenticator_hash of an issued authenticator
 ARGON2_AT_ONCE = threading.BoundedSemaphore(2)  # 64 MiB and a core each, at most two
 ARGON2_WAIT_SECONDS = 5.0  # beyond this wait for a turn, 503: a flood of guesses is refused

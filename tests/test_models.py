@@ -280,3 +280,11 @@ def test_migration_010_keeps_every_source_working_without_reissue(config_path):
             assert cache.find("old-issued-not") is None
     finally:
         models.close_database()
+
+
+def test_an_md5_or_authenticator_with_a_trailing_newline_is_not_one():
+    """`$` would match before a final newline; the column holds 32 characters."""
+    with pytest.raises(models.LibrarianError):
+        models.check_md5("d41d8cd98f00b204e9800998ecf8427e\n")
+    assert models.check_md5("D41D8CD98F00B204E9800998ECF8427E") == "d41d8cd98f00b204e9800998ecf8427e"
+    assert not models.ISSUED_RE.match(models.new_authenticator() + "\n")
