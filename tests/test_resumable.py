@@ -332,17 +332,8 @@ def test_sending_the_same_file_again_after_an_interruption_goes_on(small_body_se
     path.write_bytes(os.urandom(4 << 20))
     client = librarian_client.LibrarianClient(conn_config={
         "url": small_body_server.url, "authenticator": AUTH["admin"]})
-    sent = []
     real = librarian_client.requests.Session.request
-
-    def interrupted(self, method, url, **kw):
-        if method == "PATCH":
-            if sum(sent) >= 2 << 20:
-                raise KeyboardInterrupt
-            sent.append(len(kw["data"]))
-        return real(self, method, url, **kw)
-
-    monkeypatch.setattr(librarian_client.requests.Session, "request", interrupted)
+    sent = _interrupt_patches(monkeypatch, lambda sent: sum(sent) >= 2 << 20)
     with pytest.raises(KeyboardInterrupt):
         client.upload(str(path), "zen.2459000.7.txt", null_obsid=True, chunk_size=1 << 20)
     monkeypatch.setattr(librarian_client.requests.Session, "request", real)
@@ -367,6 +358,23 @@ def test_sending_the_same_file_again_after_an_interruption_goes_on(small_body_se
     assert client.upload(str(other), "zen.2459000.8.txt", null_obsid=True)["created"]
 
 
+def _interrupt_patches(monkeypatch, stop):
+    """Make the client's PATCHes raise KeyboardInterrupt once `stop(sent)`
+    holds; returns `sent`, the sizes of the chunks sent before that."""
+    sent = []
+    real = librarian_client.requests.Session.request
+
+    def interrupted(self, method, url, **kw):
+        if method == "PATCH":
+            if stop(sent):
+                raise KeyboardInterrupt
+            sent.append(len(kw["data"]))
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", interrupted)
+    return sent
+
+
 def test_a_file_changed_since_the_interruption_starts_afresh(small_body_server, tmp_path,
                                                              store_dir, monkeypatch):
     """The memo knows a file by its path, size, inode and modification time:
@@ -377,16 +385,7 @@ def test_a_file_changed_since_the_interruption_starts_afresh(small_body_server, 
     client = librarian_client.LibrarianClient(conn_config={
         "url": small_body_server.url, "authenticator": AUTH["admin"]})
     real = librarian_client.requests.Session.request
-    sent = []
-
-    def interrupted(self, method, url, **kw):
-        if method == "PATCH":
-            if sent:
-                raise KeyboardInterrupt
-            sent.append(len(kw["data"]))
-        return real(self, method, url, **kw)
-
-    monkeypatch.setattr(librarian_client.requests.Session, "request", interrupted)
+    _interrupt_patches(monkeypatch, bool)  # stop before the second chunk
     with pytest.raises(KeyboardInterrupt):
         client.upload(str(path), "zen.2459000.9.txt", null_obsid=True, chunk_size=1 << 20)
     monkeypatch.setattr(librarian_client.requests.Session, "request", real)
