@@ -543,6 +543,10 @@ ISSUED_RE = re.compile(r"^lib_[A-Za-z0-9_-]{43}\Z")  # new_authenticator's form
 KEYED = "hmac-sha256"  # authenticator_hash of an issued authenticator
 ARGON2_AT_ONCE = threading.BoundedSemaphore(2)  # 64 MiB and a core each, at most two
 ARGON2_WAIT_SECONDS = 5.0  # beyond this wait for a turn, 503: a flood of guesses is refused
+# Requests searching the chosen secrets at once; one more is refused (503) at
+# once, so that a flood of guesses holds at most this many worker threads and
+# the rest keep serving callers with issued authenticators.
+ARGON2_SEARCHES = threading.BoundedSemaphore(4)
 
 
 def new_authenticator():
@@ -608,15 +612,16 @@ def create_source(name, authenticator, level, authenticator_hash=None):
         raise LibrarianError(409, "a source named %r already exists" % name) from None
 
 
-def find_source(authenticator, key=None):
+def find_source(authenticator, key=None, chosen=None):
     """The Source whose authenticator this is, or None. An issued one is
     found by its keyed hash (`key`: `authenticator_key()`, which callers
     may keep) in one indexed query; any other is checked with Argon2
-    (constant time, deliberately slow; at most `ARGON2_AT_ONCE`, and
-    `LibrarianError(503)` after waiting `ARGON2_WAIT_SECONDS` for a turn) against
-    the sources that have an Argon2 hash, which are few (people's and
-    other sites' chosen secrets): callers keep what it found
-    (`webauth.AuthCache`)."""
+    (constant time, deliberately slow) against `chosen` (default
+    `chosen_secret_sources()`), which are few (people's and other sites'
+    chosen secrets): callers keep what it found (`webauth.AuthCache`).
+    Raises `LibrarianError(503)` when `ARGON2_SEARCHES` requests are already
+    searching, or after waiting `ARGON2_WAIT_SECONDS` for one of the
+    `ARGON2_AT_ONCE` turns."""
     from argon2 import PasswordHasher
     from argon2.exceptions import InvalidHashError, VerificationError
 
@@ -626,19 +631,31 @@ def find_source(authenticator, key=None):
         if source is not None and hmac.compare_digest(source.lookup, digest):
             return source
         return None
-    hasher = PasswordHasher()
-    for source in Source.select().where(Source.authenticator_hash != KEYED).order_by(Source.id):
-        if not ARGON2_AT_ONCE.acquire(timeout=ARGON2_WAIT_SECONDS):
-            raise LibrarianError(503, "too many authenticators are being checked at once; "
-                                 "try again in a few seconds")
-        try:
-            hasher.verify(source.authenticator_hash, authenticator)
-        except (VerificationError, InvalidHashError):
-            continue
-        finally:
-            ARGON2_AT_ONCE.release()
-        return source
-    return None
+    busy = LibrarianError(503, "too many unknown authenticators are being checked at once; "
+                          "try again in a few seconds")
+    if not ARGON2_SEARCHES.acquire(blocking=False):
+        raise busy
+    try:
+        hasher = PasswordHasher()
+        for source in chosen_secret_sources() if chosen is None else chosen:
+            if not ARGON2_AT_ONCE.acquire(timeout=ARGON2_WAIT_SECONDS):
+                raise busy
+            try:
+                hasher.verify(source.authenticator_hash, authenticator)
+            except (VerificationError, InvalidHashError):
+                continue
+            finally:
+                ARGON2_AT_ONCE.release()
+            return source
+        return None
+    finally:
+        ARGON2_SEARCHES.release()
+
+
+def chosen_secret_sources():
+    """The sources whose authenticator a person chose (an Argon2 hash), in
+    id order: what `find_source` checks a secret of that kind against."""
+    return list(Source.select().where(Source.authenticator_hash != KEYED).order_by(Source.id))
 
 
 def _proc_stat(pid):

@@ -74,19 +74,23 @@ class _Check:
 
 class AuthCache:
     """What this process found out about authenticators: the database's key
-    for issued ones (read once), and the sources whose chosen secrets Argon2
-    recognised, under a keyed hash with a key of this process only (never
-    stored), least recently used dropped beyond AUTH_CACHE_ENTRIES. An entry
-    holds while the source's stored hash is unchanged: no expiry, so no
-    moment when every client pays Argon2 again at once. Requests that bring
-    the same unknown secret at once wait for one Argon2 check (a pipeline's
-    workers after a restart), not one each."""
+    for issued ones (read once), the sources whose chosen secrets Argon2
+    recognised, and the secrets it found to be nobody's, each under a keyed
+    hash with a key of this process only (never stored), least recently used
+    dropped beyond AUTH_CACHE_ENTRIES. A recognised entry holds while the
+    source's stored hash is unchanged: no expiry, so no moment when every
+    client pays Argon2 again at once. A refused one holds while the chosen
+    secrets are the same, so a client retrying a stale secret costs Argon2
+    once, not once per retry. Requests that bring the same unknown secret at
+    once wait for one Argon2 check (a pipeline's workers after a restart),
+    not one each."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.process_key = secrets.token_bytes(32)
         self.db_key = None
         self.known = OrderedDict()  # keyed hash -> (source id, its authenticator_hash)
+        self.refused = OrderedDict()  # keyed hash -> digest of the chosen secrets then
         self.checking = {}  # keyed hash -> its _Check in progress
 
     def find(self, authenticator):
@@ -101,7 +105,13 @@ class AuthCache:
         source = self._known(mac)
         if source is not None:
             return source
+        chosen = models.chosen_secret_sources()
+        generation = hashlib.sha256(repr([(s.id, s.authenticator_hash) for s in chosen])
+                                    .encode()).digest()
         with self.lock:
+            if self.refused.get(mac) == generation:
+                self.refused.move_to_end(mac)
+                return None
             check = self.checking.get(mac)
             leader = check is None
             if leader:
@@ -112,14 +122,9 @@ class AuthCache:
                 raise check.error
             return self._known(mac)
         try:
-            source = self._known(mac) or models.find_source(authenticator, self.db_key)
+            source = self._known(mac) or models.find_source(authenticator, self.db_key, chosen)
             with self.lock:
-                if source is None:
-                    self.known.pop(mac, None)
-                else:
-                    self.known[mac] = (source.id, source.authenticator_hash)
-                    while len(self.known) > AUTH_CACHE_ENTRIES:
-                        self.known.popitem(last=False)
+                self._remember(mac, source, generation)
             return source
         except Exception as e:
             check.error = e
@@ -128,6 +133,20 @@ class AuthCache:
             with self.lock:
                 del self.checking[mac]
             check.done.set()
+
+    def _remember(self, mac, source, generation):
+        """Note what Argon2 found for `mac` (`source`, or None for nobody's
+        under the chosen secrets `generation`); call holding the lock."""
+        if source is None:
+            self.known.pop(mac, None)
+            entries, value = self.refused, generation
+        else:
+            self.refused.pop(mac, None)
+            entries, value = self.known, (source.id, source.authenticator_hash)
+        entries[mac] = value
+        entries.move_to_end(mac)
+        while len(entries) > AUTH_CACHE_ENTRIES:
+            entries.popitem(last=False)
 
     def _known(self, mac):
         """The cached Source for `mac`, if its stored hash is unchanged."""

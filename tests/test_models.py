@@ -243,6 +243,47 @@ def test_one_argon2_check_for_a_secret_brought_at_once(app, monkeypatch):
     assert cache.find("reader-secret").name == "reader"  # still known: no Argon2 needed
 
 
+def test_a_flood_of_guesses_holds_few_workers_and_a_stale_secret_costs_argon2_once(
+        app, monkeypatch):
+    """Beyond ARGON2_SEARCHES requests searching the chosen secrets, an
+    unknown secret is refused with 503 at once (no Argon2, no wait), while
+    issued and already recognised authenticators still work; a wrong secret
+    brought again costs no Argon2 until the chosen secrets change."""
+    from argon2 import PasswordHasher
+
+    from webauth import AuthCache
+
+    calls = []
+    real = PasswordHasher.verify
+    monkeypatch.setattr(PasswordHasher, "verify",
+                        lambda self, h, p: calls.append(p) or real(self, h, p))
+    cache, issued = AuthCache(), models.new_authenticator()
+    models.create_source("pipeline", issued, "read-write")
+    assert cache.find("reader-secret").name == "reader"
+    held = 0
+    while models.ARGON2_SEARCHES.acquire(blocking=False):  # the searches a flood holds
+        held += 1
+    try:
+        assert held == 4
+        calls.clear()
+        with pytest.raises(models.LibrarianError) as refused:
+            cache.find("a-guess")
+        assert refused.value.status == 503 and calls == []
+        assert cache.find("reader-secret").name == "reader"
+        assert cache.find(issued).name == "pipeline"
+    finally:
+        for _ in range(held):
+            models.ARGON2_SEARCHES.release()
+
+    calls.clear()
+    assert cache.find("stale-secret") is None
+    assert len(calls) == len(models.chosen_secret_sources())
+    assert cache.find("stale-secret") is None and cache.find("stale-secret") is None
+    assert len(calls) == len(models.chosen_secret_sources())  # none for the retries
+    models.create_source("late", "stale-secret", "read-only")  # now it is someone's
+    assert cache.find("stale-secret").name == "late"
+
+
 def _position(name):
     """How many Argon2 checks finding `name` takes: its place among the
     sources with an Argon2 hash, in id order."""
