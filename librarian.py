@@ -40,6 +40,7 @@ import bottle
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 from webauth import AuthCache, authenticate, bearer_token, caller, require_level
 
+import bodybudget
 import copies
 import deletion
 import ingest
@@ -1467,7 +1468,12 @@ def cmd_serve(args):
     # Bodies are whole files: read the socket in large blocks (waitress's
     # 8 KiB default costs a system call and a buffer append per 8 KiB).
     try:
-        waitress.serve(app, host=host, port=port, ident="librarian", **waitress_limits(config))
+        server = waitress.create_server(app, host=host, port=port, ident="librarian",
+                                        **waitress_limits(config))
+        server.channel_class = bodybudget.channel_class(
+            bodybudget.BodyBudget(config.server["buffered_body_bytes"]),
+            config.server["max_body_bytes"])
+        server.run()
     except OSError as e:
         raise SystemExit("cannot listen on %s:%d: %s (is another server running there? see "
                          "[server] host and port in %s)" % (host, port, e.strerror,

@@ -137,6 +137,7 @@ SCHEMA = {
         "task_max_attempts": (_positive_int, 5),
         "protocol_additions": (_bool, True),
         "max_body_bytes": (_positive_int, 32 << 20),
+        "buffered_body_bytes": (_positive_int, 256 << 20),
         "upload_expiry_hours": (_positive_float, 24.0),
         "uploads_per_caller": (_positive_int, 100),
         "connection_limit": (_positive_int, 1000),
@@ -276,6 +277,10 @@ def parse(text, path=None):
     for label in ("server", "database", "librarian", "staging"):
         if label not in sections:
             sections[label] = _cast_section(label, SCHEMA[label], {})
+    server = sections["server"]
+    if server["buffered_body_bytes"] < server["max_body_bytes"]:
+        raise ConfigError("[server] buffered_body_bytes (%d) must be at least max_body_bytes (%d)"
+                          % (server["buffered_body_bytes"], server["max_body_bytes"]))
     for name, source in sections["source:*"].items():
         if (source["authenticator"] is None) == (source["authenticator_hash"] is None):
             raise ConfigError("[source:%s] needs exactly one of authenticator (the secret "

@@ -31,6 +31,8 @@ def test_defaults_are_filled_in():
     ("[store:a]\navailable = perhaps\n", "bad value 'perhaps' for available in [store:a]"),
     ("[store:a]\navailable = true\n", "missing key path_prefix in section [store:a]"),
     ("[source:x]\nauthenticator = a\nlevel = god\n", "bad value 'god' for level in [source:x]"),
+    ("[server]\nbuffered_body_bytes = 1000\n",
+     "[server] buffered_body_bytes (1000) must be at least max_body_bytes (33554432)"),
 ])
 def test_bad_configuration_names_the_key(extra, message):
     text = BASE.replace("[server]\n", "[server]\n" + extra.split("\n", 1)[1]) \

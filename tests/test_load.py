@@ -127,3 +127,51 @@ def test_expensive_searches_are_stopped_and_limited_per_caller(busy_server):
     assert set(codes) <= {200, 429, 503} and codes.count(429) >= 2, statuses
     assert all("search_timeout_seconds" in m for c, m in statuses if c == 503)
     assert max(took) < 10  # none ran past the 2 s limit by much
+
+
+def _answer(sock):
+    """The status line and headers a server sent on `sock` (text)."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            break
+        data += more
+    return data.decode("latin-1")
+
+
+def test_bodies_held_before_anyone_is_checked_are_bounded_over_all_connections(
+        app, config_path):
+    """Three anonymous 1 MiB bodies half sent fill a 3 MiB budget: a fourth
+    is answered 503 with Retry-After from its headers (no 100 Continue, so
+    none of it is read), a small request is still served, and a connection
+    that goes away gives its share back."""
+    text = open(config_path).read().replace(
+        "[server]\n", "[server]\nmax_body_bytes = 1048576\nbuffered_body_bytes = 3145728\n")
+    open(config_path, "w").write(text)
+    models.db.close()
+    srv = Server(config_path).start()
+    head = (b"PUT /api/upload/f.dat HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n%s\r\n")
+    try:
+        holders = []
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(head % b"" + b"\0" * (512 << 10))
+            holders.append(s)
+        time.sleep(0.3)
+        late = socket.create_connection(("127.0.0.1", srv.port))
+        late.sendall(head % b"Expect: 100-continue\r\n")
+        answer = _answer(late)
+        assert answer.startswith("HTTP/1.1 503") and "Retry-After: 5" in answer, answer
+        assert ping_seconds(srv) < 5
+        holders.pop().close()
+        time.sleep(0.3)
+        again = socket.create_connection(("127.0.0.1", srv.port))
+        again.sendall(head % b"" + b"\0" * (1 << 20))
+        answer = _answer(again)
+        assert answer.startswith("HTTP/1.1 401"), answer  # taken, then refused by the app
+        for s in holders + [late, again]:
+            s.close()
+    finally:
+        srv.stop()
