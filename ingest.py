@@ -479,7 +479,7 @@ def _register(store, store_path, size, md5, *, source, deletion_policy, meta_mod
 def register_staged(store, abs_staged, store_path, *, source, deletion_policy=None,
                     meta_mode="infer", null_obsid=False, inference_mode="none",
                     readonly=True, expected_md5=None, size=None, md5=None, claim=None,
-                    another_copy=False):
+                    another_copy=False, recorded=None):
     """Register the file or directory staged at `abs_staged` (out of any
     client's reach: in a staging folder of this process) as `store_path`
     on `store` (a `stores.StoreAccess`) and move it there, in one commit.
@@ -496,8 +496,10 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     caller to clean up). `claim`, if given, runs first inside the
     transaction (used to consume an issued staging directory exactly
     once). `another_copy`: add this instance even if the file has others
-    (offload). Raises `LibrarianError` (400, 409: also when the bytes
-    changed while they were checked)."""
+    (offload). `recorded(result)`, if given, runs inside the transaction
+    after the records are written, with the result: what must commit with
+    them (a resumable upload's outcome). Raises `LibrarianError` (400, 409:
+    also when the bytes changed while they were checked)."""
     _, name = split_store_path(store_path)
     store.check_tree(abs_staged)
     before = store.signature(abs_staged)
@@ -515,12 +517,16 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     if store.signature(abs_staged) != before:
         raise LibrarianError(409, "%s changed while it was being checked; complete it once it "
                              "is written" % name)
-    result = store.commit(abs_staged, store_path, lambda: _register(
-        store, store_path, size, md5, source=source, deletion_policy=deletion_policy,
-        meta_mode=meta_mode, obsid=obsid, meta=meta, claim=claim, another_copy=another_copy),
-        readonly=readonly)
-    result.update(size=size, md5=md5)
-    return result
+
+    def record():
+        result = _register(store, store_path, size, md5, source=source,
+                           deletion_policy=deletion_policy, meta_mode=meta_mode, obsid=obsid,
+                           meta=meta, claim=claim, another_copy=another_copy)
+        result.update(size=size, md5=md5)
+        if recorded is not None:
+            recorded(result)
+        return result
+    return store.commit(abs_staged, store_path, record, readonly=readonly)
 
 
 def _has_present_instance(registry, name):

@@ -1046,20 +1046,28 @@ def upload(dest_store_path):
 
 
 def finish_upload(store, staged, dest_store_path, source_name, expected_md5, null_obsid,
-                  deletion_policy, size, md5):
+                  deletion_policy, size, md5, recorded=None):
     """Verify and register the bytes staged at `staged` on `store` (`size`
     bytes with `md5`, as received) for `dest_store_path`, as every upload
     ends; returns (HTTP status: 201 created, 200 identical bytes already
-    here; the reply fields). Raises `LibrarianError` (409 for other bytes
-    under the name, 400 for a mismatch with `expected_md5`)."""
+    here; the reply fields). `recorded(status, reply)`, if given, runs in
+    the registration's transaction (`ingest.register_staged`). Raises
+    `LibrarianError` (409 for other bytes under the name, 400 for a
+    mismatch with `expected_md5`)."""
+    answer = []
+
+    def reply(result):
+        answer.append(((201 if result["created"] else 200), upload_outcome(result, store)))
+        if recorded is not None:
+            recorded(*answer[0])
     result = ingest.register_staged(
         store, staged, dest_store_path, source=source_name, deletion_policy=deletion_policy,
         null_obsid=null_obsid, expected_md5=expected_md5, size=size, md5=md5,
         inference_mode=cfg().librarian["obsid_inference_mode"],
-        readonly=cfg().librarian["permissions_mode"] == "readonly")
+        readonly=cfg().librarian["permissions_mode"] == "readonly", recorded=reply)
     if result["created"]:
         standing.after_upload(ctx())
-    return (201 if result["created"] else 200), upload_outcome(result, store)
+    return answer[0]
 
 
 # ---------------------------------------------------------------------------
@@ -1134,9 +1142,9 @@ def append_chunk(store, row, offset, data, checksum=None, final_md5=None):
     (`uploads.expected_md5`)."""
     expected = uploads.expected_md5(row, offset + len(data), final_md5)
 
-    def finish(staged, size, md5):
+    def finish(staged, size, md5, recorded):
         return finish_upload(store, staged, row.dest_store_path, row.source, expected,
-                             row.null_obsid, row.deletion_policy, size, md5)
+                             row.null_obsid, row.deletion_policy, size, md5, recorded)
     return uploads.append(store, row, offset, data, finish, checksum)
 
 

@@ -299,9 +299,11 @@ def release(row, offset=None, outcome=None):
 
 def append(store, row, offset, data, finish, checksum=None):
     """Write the chunk `data` at `offset` of the upload `row` (on `store`),
-    and when it is the last, call `finish(staged_path, size, md5)` (which
-    verifies and registers, returning the reply fields) and record its
-    outcome. The chunk's `checksum` (`parse_checksum`) is checked while it
+    and when it is the last, call `finish(staged_path, size, md5,
+    recorded)`, which verifies and registers, calling `recorded(status,
+    reply)` inside the registration's transaction: the upload's outcome
+    commits with the file's records, so a process killed between the two
+    leaves no finished upload that claims to be unfinished. The chunk's `checksum` (`parse_checksum`) is checked while it
     is written; a mismatch leaves the offset as it was (what was written
     beyond it is cut off by the next write). Returns the new offset.
     Raises `LibrarianError`: 460 for a damaged chunk, 409 for a wrong
@@ -331,7 +333,8 @@ def append(store, row, offset, data, finish, checksum=None):
         if new_offset < row.length:
             release(row, new_offset)
             return new_offset
-        outcome = _complete(store, row, partial, digest, finish)
+        _complete(store, row, partial, digest, finish)
+        intents.crash_point("upload:finished")
     except ChecksumMismatch:
         if digest is not None:  # still the MD5 of the bytes before the offset
             with _digests_lock:
@@ -349,7 +352,6 @@ def append(store, row, offset, data, finish, checksum=None):
     except BaseException:
         release(row)
         raise
-    release(row, row.length, outcome)
     store.remove_upload_dir(row.staging)
     return row.length
 
@@ -386,7 +388,7 @@ def _running_md5(store, row, partial, offset):
 
 def _complete(store, row, partial, digest, finish):
     """Turn the complete bytes into the staged item (a directory unpacked
-    from its tar) and `finish` it; returns the outcome to record."""
+    from its tar) and `finish` it, recording the outcome with it."""
     with _digests_lock:
         _digests.pop(row.id, None)
     staged = _staged(row)
@@ -395,8 +397,14 @@ def _complete(store, row, partial, digest, finish):
     else:
         store.rename_staged(partial, staged)
         size, md5 = row.length, digest.hexdigest()
-    status, reply = finish(staged, size, md5)
-    return dict(reply, success=True, status=status)
+
+    def recorded(status, reply):
+        n = (Upload.update(writer=None, offset=row.length, updated=utcnow(),
+                           outcome=json.dumps(dict(reply, success=True, status=status)))
+             .where((Upload.id == row.id) & (Upload.writer == this_process())).execute())
+        if n != 1:  # rolls the registration back: the claim was lost
+            raise Conflict("upload %s is no longer this request's to finish" % row.id)
+    finish(staged, size, md5, recorded)
 
 
 def outcome_of(row):

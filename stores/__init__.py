@@ -283,7 +283,7 @@ class StoreAccess:
 
     def remove_upload_dir(self, path):
         """Remove an upload's staging folder (quietly: the staging clean-up
-        takes what is left once its row is gone)."""
+        takes what is left once the upload is finished or gone)."""
         self._remove_quietly(path)
 
     def keep(self, path):
@@ -823,8 +823,10 @@ class StoreAccess:
             return 0
         held = intents.held_folders(self.row)  # read after listing: see held_folders
         held |= {s.path for s in StagingDir.select().where(StagingDir.store == self.row)}
+        # A finished upload's folder is done with (its outcome committed with
+        # its records); an unfinished one's holds the bytes so far.
         held |= {u.staging for u in Upload.select(Upload.staging)
-                 .where(Upload.store == self.row)}
+                 .where((Upload.store == self.row) & Upload.outcome.is_null())}
         removed = 0
         for entry, _ in entries:
             path = posixpath.join(root, entry)

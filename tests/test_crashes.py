@@ -4,6 +4,7 @@ mutation, then started again; a second server started beside one that is
 mid-upload. After each, the database and the disks must agree."""
 
 import base64
+import hashlib
 import os
 import time
 
@@ -132,6 +133,32 @@ def test_a_resumable_upload_killed_at_its_commit_finishes_when_sent_again(
         outcome = requests.get(url, headers=bearer()).json()["outcome"]
         assert outcome["status"] == 201, outcome
         assert agree(store_dir) == {dest}
+    finally:
+        srv.stop()
+
+
+def test_a_resumable_upload_killed_right_after_its_commit_is_finished(
+        quiet, config_path, store_dir):
+    """kill -9 once the last chunk's registration committed: the outcome
+    committed with it, so after a restart HEAD gives the whole length, GET
+    the registration's outcome, and the last chunk sent again is answered
+    409 (finished), not a server error."""
+    data = os.urandom(200_000)
+    srv = crashing(config_path, "upload:finished")
+    url, headers = tus_upload(srv, "t/g.dat", len(data))
+    assert patch(url, headers, 0, data[:50_000]).status_code == 204
+    with pytest.raises(requests.ConnectionError):
+        patch(url, headers, 50_000, data[50_000:])
+    died(srv)
+    srv = Server(config_path).start()
+    try:
+        assert int(requests.head(url, headers=headers).headers["Upload-Offset"]) == len(data)
+        outcome = requests.get(url, headers=bearer()).json()["outcome"]
+        assert (outcome["status"], outcome["md5"], outcome["store_path"]) == (
+            201, hashlib.md5(data).hexdigest(), "t/g.dat")
+        again = patch(url, headers, 50_000, data[50_000:])
+        assert again.status_code == 409 and "finished" in again.text, again.text
+        assert agree(store_dir) == {"t/g.dat"}
     finally:
         srv.stop()
 
