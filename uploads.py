@@ -303,8 +303,9 @@ def append(store, row, offset, data, finish, checksum=None):
     recorded)`, which verifies and registers, calling `recorded(status,
     reply)` inside the registration's transaction: the upload's outcome
     commits with the file's records, so a process killed between the two
-    leaves no finished upload that claims to be unfinished. The chunk's `checksum` (`parse_checksum`) is checked while it
-    is written; a mismatch leaves the offset as it was (what was written
+    leaves no finished upload that claims to be unfinished. The chunk's
+    `checksum` (`parse_checksum`) is checked while it is written; a
+    mismatch leaves the offset as it was (what was written
     beyond it is cut off by the next write). Returns the new offset.
     Raises `LibrarianError`: 460 for a damaged chunk, 409 for a wrong
     offset or a concurrent writer, 400 for bytes beyond the length, or
