@@ -21,8 +21,9 @@ Writes are serialised per upload by a compare-and-set in the database: the
 row's `writer` is claimed for the process (`models.this_process`) when the
 offset matches and no live process holds it, so two requests for one
 upload, in any processes, never write at once; a claim left by a dead
-process is free again, and whatever its interrupted write left beyond the
-offset is cut off by the next write.
+process, or by a request of this process that could not end it (the
+database away), is free again, and whatever its interrupted write left
+beyond the offset is cut off by the next write.
 
 This module imports nothing from Bottle: the routes in `librarian` parse
 headers and call these functions; errors are `errors.LibrarianError`.
@@ -31,6 +32,7 @@ headers and call these functions; errors are `errors.LibrarianError`.
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import json
@@ -71,6 +73,8 @@ METADATA_KEYS = {"dest", "md5", "null_obsid", "deletion_policy", "directory", "f
                  "filetype"}  # filename, filetype: what browser clients send; ignored
 PARTIAL = "upload.partial"  # the bytes so far, in the upload's staging folder
 
+_writing_here = set()  # ids of the uploads a request of this process is writing
+_writing_lock = threading.Lock()
 _digests = {}  # upload id -> RunningMD5 of a flat upload appended to here
 _digests_lock = threading.Lock()
 _hashers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="md5")
@@ -256,9 +260,41 @@ def expected_md5(row, end, final_md5):
     return final_md5
 
 
-def claim(row, offset):
-    """Claim `row` for this process at `offset` (compare-and-set); 409 when
-    the offset is not the upload's or a live process is writing it."""
+def _renew():
+    """Renew the claims of the uploads this process is writing (a long last
+    chunk must not look abandoned to another host); in the heartbeat's
+    transaction (`intents.RENEWALS`). A claim whose request has ended is not
+    renewed, even if ending it in the database failed."""
+    with _writing_lock:
+        ids = list(_writing_here)
+    if ids:
+        (Upload.update(updated=utcnow())
+         .where((Upload.writer == this_process()) & Upload.id.in_(ids)).execute())
+
+
+intents.RENEWALS.append(_renew)
+
+
+@contextlib.contextmanager
+def claimed(row, offset):
+    """Claim `row` for this process at `offset` (compare-and-set) for the
+    block, which gets the fresh row; 409 when the offset is not the
+    upload's or a live request is writing it. Afterwards the claim is
+    this process's no longer, also when the block could not end it in the
+    database (gone away meanwhile): `_writing` then counts it as free."""
+    with _writing_lock:  # first among this process's requests...
+        if row.id in _writing_here:
+            raise Conflict("upload %s is being written by another request" % row.id)
+        _writing_here.add(row.id)
+    try:
+        yield _claim(row, offset)  # ...then among all processes
+    finally:
+        with _writing_lock:
+            _writing_here.discard(row.id)
+
+
+def _claim(row, offset):
+    """The database's half of `claimed`; returns the fresh row."""
     me = this_process()
     with models.write_transaction():
         fresh = Upload.get_or_none(Upload.id == row.id)
@@ -267,7 +303,7 @@ def claim(row, offset):
         if fresh.offset != offset:
             raise Conflict("Upload-Offset %d is not the upload's offset, %d (ask with HEAD)"
                            % (offset, fresh.offset))
-        if _writing(fresh):
+        if fresh.writer != me and _writing(fresh):  # (no request of ours holds it)
             raise Conflict("upload %s is being written by another request" % row.id)
         n = (Upload.update(writer=me, updated=utcnow())
              .where((Upload.id == row.id) & (Upload.offset == offset)
@@ -279,9 +315,13 @@ def claim(row, offset):
 
 
 def _writing(row):
-    """Whether a live process holds the upload's claim: one of this host
-    whose process runs, or of another whose heartbeat (`updated`, renewed
-    by `intents.heartbeat`) is within the intents' lease."""
+    """Whether a live request holds the upload's claim: one of this process
+    still at work (a claim whose request ended without ending it, the
+    database away, is free); one of another process of this host that runs;
+    or of another host whose heartbeat (`updated`, renewed by `_renew`) is
+    within the intents' lease."""
+    if row.writer == this_process():
+        return row.id in _writing_here
     return bool(row.writer) and not intents.is_gone(row.writer, row.updated)
 
 
@@ -315,7 +355,12 @@ def append(store, row, offset, data, finish, checksum=None):
     if offset + len(data) > row.length:
         raise Refused("the chunk ends at byte %d, beyond the upload's length %d"
                       % (offset + len(data), row.length))
-    row = claim(row, offset)
+    with claimed(row, offset) as row:
+        return _append(store, row, offset, data, finish, checksum)
+
+
+def _append(store, row, offset, data, finish, checksum):
+    """`append` for a claimed `row`."""
     partial = posixpath.join(row.staging, PARTIAL)
     digest = None
     try:
@@ -421,8 +466,7 @@ def outcome_of(row):
 def terminate(store, row):
     """Remove an upload and its staging (tus termination); 409 while a live
     process writes it."""
-    claim(row, row.offset)
-    with models.write_transaction():
+    with claimed(row, row.offset), models.write_transaction():
         row.delete_instance()
     store.remove_upload_dir(row.staging)
 

@@ -33,7 +33,7 @@ import signal
 import socket
 import threading
 
-from models import (StoreIntent, Upload, process_is_gone, this_process, utcnow,
+from models import (StoreIntent, process_is_gone, this_process, utcnow,
                     write_transaction)
 
 log = logging.getLogger("librarian")
@@ -111,14 +111,18 @@ def is_gone(owner, heartbeat, now=None):
     return heartbeat < now - datetime.timedelta(seconds=LEASE_SECONDS)
 
 
+# What else `heartbeat` renews: functions called in its transaction (the
+# resumable uploads this process is writing register theirs: `uploads`).
+RENEWALS = []
+
+
 def heartbeat():
-    """Renew the lease of this process's intents, and of the resumable
-    uploads it is writing or registering (a long last chunk must not look
-    abandoned to another host)."""
+    """Renew the lease of this process's intents, and run `RENEWALS`."""
     with write_transaction():
         (StoreIntent.update(heartbeat=utcnow())
          .where(StoreIntent.owner == this_process()).execute())
-        Upload.update(updated=utcnow()).where(Upload.writer == this_process()).execute()
+        for renew in RENEWALS:
+            renew()
 
 
 def dead(store_row):

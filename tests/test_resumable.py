@@ -90,6 +90,36 @@ def test_a_damaged_chunk_is_refused_with_460_and_not_written(web, store_dir):
     assert models.File.get_by_id("zen.2.txt").md5 == hashlib.md5(data).hexdigest()
 
 
+def test_a_claim_the_database_could_not_end_is_free_once_its_request_ends(
+        web, store_dir, monkeypatch):
+    """The database fails while a chunk is written and again when its claim
+    would end: the next try of that chunk is written (no 409 until a
+    restart), and the heartbeat renews only claims a request still holds."""
+    data = os.urandom(3000)
+    url, _ = create(web, len(data), dest="zen.db.txt", null_obsid="true")
+    patch(web, url, 0, data[:1000])
+    store = type(ctx().open_store(models.Store.get()))
+    real_write, real_release = store.write_at, uploads.release
+
+    def failing(*args, **kwargs):
+        raise models.pw.OperationalError("server closed the connection unexpectedly")
+    monkeypatch.setattr(store, "write_at", failing)
+    monkeypatch.setattr(uploads, "release", failing)
+    patch(web, url, 1000, data[1000:2000], status=500)
+    row = models.Upload.get()
+    assert row.writer == models.this_process() and row.offset == 1000  # left claimed
+    stale = datetime.datetime(2026, 1, 1)
+    models.Upload.update(updated=stale).execute()
+    from stores import intents
+    intents.heartbeat()
+    assert models.Upload.get().updated == stale  # not renewed: no request holds it
+    monkeypatch.setattr(store, "write_at", real_write)
+    monkeypatch.setattr(uploads, "release", real_release)
+    patch(web, url, 1000, data[1000:2000])
+    patch(web, url, 2000, data[2000:])
+    assert models.File.get_by_id("zen.db.txt").md5 == hashlib.md5(data).hexdigest()
+
+
 def test_a_crc32_checksum_is_checked(web, store_dir):
     data = b"w" * 3000
     url, _ = create(web, len(data), dest="zen.4.txt", null_obsid="true")
