@@ -403,7 +403,10 @@ class LibrarianClient:
         RESUME_ATTEMPTS times in a row. `progress(n_bytes)` is called after
         each chunk. With `resume_url` (an upload of the same bytes begun
         earlier, which `on_created(url)` was given), the upload goes on
-        from the server's offset there, if the server still knows it.
+        from the server's offset there, if the server still knows it;
+        `on_created(None)` says when the server has answered the outcome
+        (nothing is left to resume). Creating the upload and asking its
+        outcome are tried again like the chunks.
         Returns the reply as `upload` does; raises `RPCError`.
 
         (Our own loop rather than the `tuspy` package: that one sets no
@@ -427,7 +430,7 @@ class LibrarianClient:
         if resume_url:
             offset = self._tus_offset(resume_url, headers, None, missing=None)
         if offset is None:
-            resp = self._send("upload", "POST", self.url + "api/uploads", headers=dict(
+            resp = self._retrying("upload", "POST", self.url + "api/uploads", headers=dict(
                 headers, **{"Upload-Length": str(length),
                             "Upload-Metadata": _tus_metadata(meta)}))
             if resp.status_code != 201:
@@ -436,11 +439,30 @@ class LibrarianClient:
             if on_created:
                 on_created(url)
         with ChunkReader(stream, length, chunk_size, hash_md5=md5 is None) as chunks:
-            reply = self._send_chunks(url, headers, offset, length, chunks, progress)
-        if reply.get("md5") != (md5 or chunks.md5()):
+            try:
+                reply = self._send_chunks(url, headers, offset, length, chunks, progress)
+            finally:
+                if on_created and chunks.finished:
+                    on_created(None)  # the server is done with it: nothing to resume
+            sent = md5 or chunks.whole_md5()
+        if reply.get("md5") != sent:
             raise RPCError("upload", "the server registered MD5 %s, but the bytes sent have %s"
-                           % (reply.get("md5"), md5 or chunks.md5()))
+                           % (reply.get("md5"), sent))
         return reply
+
+    def _retrying(self, operation, method, url, **kwargs):
+        """`_send`, tried again after a dropped connection or a server error
+        (5xx: also a server too busy to take a body now), up to
+        RESUME_ATTEMPTS times with growing pauses; returns the last answer."""
+        for failures in range(RESUME_ATTEMPTS + 1):
+            try:
+                resp = self.session.request(method, url, timeout=TIMEOUT, **kwargs)
+                if resp.status_code < 500 or failures == RESUME_ATTEMPTS:
+                    return resp
+            except requests.RequestException as e:
+                if failures == RESUME_ATTEMPTS:
+                    raise RPCError(operation, "cannot reach %s: %s" % (self.url, e)) from None
+            time.sleep(min(30.0, RESUME_DELAY * 2 ** (failures + 1)))
 
     def _send_chunks(self, url, headers, offset, length, chunks, progress):
         """PATCH the chunks from `offset` on (see `upload_stream`), then GET
@@ -464,7 +486,8 @@ class LibrarianClient:
                                                                         self.url))
             time.sleep(min(30.0, RESUME_DELAY * 2 ** failures))
             offset = self._tus_offset(url, headers, offset)
-        outcome = self._reply("upload", self._send("upload", "GET", url, headers=headers))
+        outcome = self._reply("upload", self._retrying("upload", "GET", url, headers=headers))
+        chunks.finished = True
         outcome = outcome.get("outcome") or {}
         if not outcome.get("success"):
             raise RPCError("upload", outcome.get("message", "the upload did not finish"),
@@ -504,7 +527,7 @@ class LibrarianClient:
 
     def _body_bound(self):
         """The largest request body the server reads (its tus OPTIONS)."""
-        resp = self._send("upload", "OPTIONS", self.url + "api/uploads")
+        resp = self._retrying("upload", "OPTIONS", self.url + "api/uploads")
         if resp.status_code >= 400 or "Tus-Version" not in resp.headers:
             raise RPCError("upload", "the server at %s takes no uploads over HTTP (HTTP %d); "
                            "use --via-ssh" % (self.url, resp.status_code), resp.status_code)
@@ -744,6 +767,7 @@ class ChunkReader:
         self.stream, self.length, self.size = stream, length, size
         self.pool, self.ahead = None, None
         self.digest, self.hashed = (hashlib.md5() if hash_md5 else None), 0
+        self.finished = False  # set once the server has answered the upload's outcome
 
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -759,6 +783,14 @@ class ChunkReader:
         if self.digest is None or self.hashed < self.length:
             return None
         return self.digest.hexdigest()
+
+    def whole_md5(self):
+        """The stream's MD5 (hex), reading what no chunk read (an upload
+        resumed after its last byte was sent); None without `hash_md5`."""
+        if self.digest is None:
+            return None
+        self.pool.submit(self._hash_up_to, self.length).result()  # the reader's thread
+        return self.md5()
 
     def _hash_up_to(self, offset):
         self.stream.seek(self.hashed)

@@ -388,6 +388,47 @@ def test_sending_the_same_file_again_after_an_interruption_goes_on(small_body_se
     assert client.upload(str(other), "zen.2459000.8.txt", null_obsid=True)["created"]
 
 
+def test_an_upload_stopped_after_its_last_byte_is_finished_by_sending_it_again(
+        small_body_server, tmp_path, store_dir, monkeypatch):
+    """The outcome's GET is tried again after dropped connections; a client
+    stopped (Ctrl-C) after the last chunk, before the outcome, sends no byte
+    again when run again: it reads the file for its MD5, gets the outcome,
+    and forgets the upload."""
+    monkeypatch.setattr(librarian_client, "RESUME_DELAY", 0.01)
+    path = tmp_path / "zen.2459000.6.txt"
+    data = os.urandom(2 << 20)
+    path.write_bytes(data)
+    client = librarian_client.LibrarianClient(conn_config={
+        "url": small_body_server.url, "authenticator": AUTH["admin"]})
+    real = librarian_client.requests.Session.request
+    calls = []
+
+    def flaky(self, method, url, **kw):
+        calls.append(method)
+        if method == "GET" and "/api/uploads/" in url:
+            if calls.count("GET") <= 2:
+                raise librarian_client.requests.ConnectionError("dropped")
+            if calls.count("GET") == 3:
+                raise KeyboardInterrupt
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        client.upload(str(path), "zen.2459000.6.txt", null_obsid=True, chunk_size=1 << 20)
+    assert calls.count("GET") == 3 and calls.count("PATCH") == 2  # tried again twice
+    calls.clear()
+
+    def counting(self, method, url, **kw):
+        calls.append(method)
+        return real(self, method, url, **kw)
+
+    monkeypatch.setattr(librarian_client.requests.Session, "request", counting)
+    reply = client.upload(str(path), "zen.2459000.6.txt", null_obsid=True, chunk_size=1 << 20)
+    assert "PATCH" not in calls and "POST" not in calls
+    assert reply["created"] and reply["md5"] == hashlib.md5(data).hexdigest()
+    assert librarian_client.UploadMemo()._load() == {}
+
+
 def _interrupt_patches(monkeypatch, stop):
     """Make the client's PATCHes raise KeyboardInterrupt once `stop(sent)`
     holds; returns `sent`, the sizes of the chunks sent before that."""
