@@ -1128,9 +1128,10 @@ def tus_create():
                                    uploads.parse_metadata(request.get_header("Upload-Metadata")))
     if request.content_length > 0:
         fail(400, "send the bytes with PATCH after creating the upload")
-    uploads.check_open_uploads(source.name, cfg().server["uploads_per_caller"])
+    limit = cfg().server["uploads_per_caller"]
+    uploads.check_open_uploads(source.name, limit)
     store = choose_store(fields["length"])
-    row = uploads.create(store, source.name, fields)
+    row = uploads.create(store, source.name, fields, limit)
     if row.length == 0:  # complete at creation, as tus clients expect
         append_chunk(store, row, 0, b"")
     return HTTPResponse(status=201, headers={"Location": "/api/uploads/" + row.id})

@@ -146,10 +146,13 @@ def check_request(length, meta):
                 deletion_policy=meta.get("deletion_policy"))
 
 
-def create(store, source, fields):
+def create(store, source, fields, limit):
     """Record a new upload of `fields` (from `check_request`) by `source`
-    (its name) on `store` (a `stores.StoreAccess` with room for it), then
-    make its staging folder; returns the Upload row."""
+    (its name) on `store` (a `stores.StoreAccess` that had room for it),
+    then make its staging folder; returns the Upload row. The reservation
+    is checked once the row is in (`check_open_uploads` with `limit`, and
+    the store's room), so that requests at once cannot all pass a check
+    made before any of them was recorded: 429 or 400, the row gone."""
     store.resolve(fields["dest_store_path"])  # a path leaving the store: refused now
     ingest.check_destination(store, fields["dest_store_path"])  # not after the last byte
     upload_id = uuid.uuid4().hex
@@ -159,6 +162,11 @@ def create(store, source, fields):
         row = Upload.create(id=upload_id, source=source, store=store.row, staging=staging,
                             created=now, updated=now, **fields)
     try:
+        check_open_uploads(source, limit, besides=upload_id)
+        free = store.free_space()
+        if free is not None and free < reserved(store.row):
+            raise Refused("store %s has no room for %d more bytes: other uploads begun at "
+                          "the same time took it" % (store.name, row.length))
         store.new_upload_dir(staging)
     except BaseException:
         with models.write_transaction():
@@ -174,9 +182,11 @@ def reserved(store_row):
     return int(total or 0)
 
 
-def check_open_uploads(source, limit):
-    """429 when `source` (a name) has `limit` unfinished uploads already."""
-    n = Upload.select().where((Upload.source == source) & Upload.outcome.is_null()).count()
+def check_open_uploads(source, limit, besides=None):
+    """429 when `source` (a name) has `limit` unfinished uploads already,
+    not counting the upload `besides` (an id)."""
+    n = Upload.select().where((Upload.source == source) & Upload.outcome.is_null()
+                              & (Upload.id != (besides or ""))).count()
     if n >= limit:
         raise LibrarianError(429, "%s has %d unfinished uploads, the most [server] "
                              "uploads_per_caller allows; finish or abandon (DELETE) some"
@@ -355,6 +365,11 @@ def append(store, row, offset, data, finish, checksum=None):
     if offset + len(data) > row.length:
         raise Refused("the chunk ends at byte %d, beyond the upload's length %d"
                       % (offset + len(data), row.length))
+    if not data and offset < row.length:  # nothing to write, and no sign of life for `expire`
+        if offset != row.offset:
+            raise Conflict("Upload-Offset %d is not the upload's offset, %d (ask with HEAD)"
+                           % (offset, row.offset))
+        return offset
     with claimed(row, offset) as row:
         return _append(store, row, offset, data, finish, checksum)
 

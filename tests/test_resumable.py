@@ -201,6 +201,31 @@ def test_unfinished_uploads_are_bounded_per_caller_and_reserve_their_space(web, 
     create(web, 10, who="writer", dest="zen.r5.txt", null_obsid="true")  # others are not held
 
 
+def test_uploads_created_at_once_cannot_reserve_more_than_there_is(web, app, monkeypatch):
+    """Requests that passed the checks at the same time are checked again
+    once recorded: the one that would take more room than the store has, or
+    one upload too many, is refused and leaves no row; an empty PATCH keeps
+    no abandoned upload from expiring."""
+    store = ctx().open_store(models.Store.get())
+    monkeypatch.setattr(type(store), "free_space", lambda self: 1000)
+    fields = uploads.check_request(600, {"dest": "zen.c1.txt", "null_obsid": "true"})
+    first = uploads.create(store, "admin", fields, limit=2)
+    with pytest.raises(models.LibrarianError) as refused:
+        uploads.create(store, "admin", dict(fields, dest_store_path="zen.c2.txt"), limit=2)
+    assert refused.value.status == 400 and "no room" in refused.value.message
+    uploads.create(store, "admin", dict(fields, length=10, dest_store_path="zen.c3.txt"), 2)
+    with pytest.raises(models.LibrarianError) as refused:
+        uploads.create(store, "admin", dict(fields, length=10, dest_store_path="zen.c4.txt"), 2)
+    assert refused.value.status == 429 and "has 2 unfinished" in refused.value.message
+    assert models.Upload.select().count() == 2
+
+    stale = models.utcnow() - datetime.timedelta(hours=48)
+    models.Upload.update(updated=stale).where(models.Upload.id == first.id).execute()
+    patch(web, "/api/uploads/" + first.id, 0, b"")
+    assert models.Upload.get_by_id(first.id).updated == stale
+    assert uploads.expire(ctx(), 24) == 1
+
+
 def test_termination_removes_the_staged_bytes(web, store_dir):
     url, _ = create(web, 10, dest="zen.7.txt", null_obsid="true")
     patch(web, url, 0, b"01234")
