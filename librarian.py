@@ -169,8 +169,9 @@ def pending_migrations():
 
 def sync_config_records(config):
     """Add the stores and sources named in the configuration to the database
-    if they are missing; a configured source's level follows its section
-    (existing stores are left as they are: their place is fixed)."""
+    if they are missing; a configured source's level and authenticator
+    follow its section (existing stores are left as they are: their place
+    is fixed)."""
     with models.write_transaction():
         for name, spec in config.stores.items():
             prefix = os.path.abspath(spec["path_prefix"])
@@ -186,10 +187,15 @@ def sync_config_records(config):
             if row is None:
                 models.create_source(name, spec["authenticator"], spec["level"],
                                      authenticator_hash=spec["authenticator_hash"])
-            elif row.level != spec["level"]:
+                continue
+            if row.level != spec["level"]:
                 Source.update(level=spec["level"]).where(Source.id == row.id).execute()
                 log.warning("source %s: level %s, as [source:%s] now says (was %s)", name,
                             spec["level"], name, row.level)
+            if models.follow_configured_authenticator(row, spec["authenticator"],
+                                                      spec["authenticator_hash"]):
+                log.warning("source %s: the authenticator [source:%s] now gives replaces the "
+                            "one recorded", name, name)
 
 
 def settle_all(context):

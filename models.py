@@ -586,30 +586,60 @@ def create_source(name, authenticator, level, authenticator_hash=None):
     Argon2 hash) or, with `authenticator` None, from a ready Argon2
     `authenticator_hash`. Raises `LibrarianError(400)` on a bad level, a
     bad hash or not exactly one of the two, `(409)` on a taken name."""
-    from argon2 import PasswordHasher
-
     if level not in LEVELS:
         raise LibrarianError(400, "level must be one of %s, got %r" % (", ".join(LEVELS), level))
-    if (authenticator is None) == (authenticator_hash is None):
-        raise LibrarianError(400, "give exactly one of an authenticator and its hash")
-    if authenticator is not None:
-        if not authenticator:
-            raise LibrarianError(400, "authenticator may not be empty")
-        if ISSUED_RE.match(authenticator):
-            lookup, hashed = keyed_lookup(authenticator, authenticator_key()), KEYED
-        else:
-            lookup, hashed = "", PasswordHasher().hash(authenticator)
-    else:
-        try:
-            lookup, hashed = "", check_authenticator_hash(authenticator_hash)
-        except ValueError as e:
-            raise LibrarianError(400, "authenticator hash of %r: %s" % (name, e)) from None
+    lookup, hashed = _stored_forms(name, authenticator, authenticator_hash)
     try:
         with db.atomic():
             return Source.create(name=name, lookup=lookup, authenticator_hash=hashed,
                                  level=level, created=utcnow())
     except pw.IntegrityError:
         raise LibrarianError(409, "a source named %r already exists" % name) from None
+
+
+def follow_configured_authenticator(source, authenticator, authenticator_hash=None):
+    """Make `source` (a Source) take the authenticator its configuration
+    section gives (plaintext `authenticator`, or `authenticator_hash`) if
+    the stored one is another; returns whether it changed. (Costs one
+    Argon2 check for a chosen secret: call it at start-up.)"""
+    from argon2 import PasswordHasher
+    from argon2.exceptions import InvalidHashError, VerificationError
+
+    if authenticator_hash is not None:
+        same = source.authenticator_hash == authenticator_hash
+    elif source.authenticator_hash == KEYED:
+        same = bool(ISSUED_RE.match(authenticator)) and hmac.compare_digest(
+            source.lookup, keyed_lookup(authenticator, authenticator_key()))
+    else:
+        try:
+            same = PasswordHasher().verify(source.authenticator_hash, authenticator)
+        except (VerificationError, InvalidHashError):
+            same = False
+    if same:
+        return False
+    lookup, hashed = _stored_forms(source.name, authenticator, authenticator_hash)
+    Source.update(lookup=lookup, authenticator_hash=hashed).where(Source.id == source.id) \
+        .execute()
+    return True
+
+
+def _stored_forms(name, authenticator, authenticator_hash):
+    """(lookup, authenticator_hash) to store for source `name`: see
+    `Source`. 400 unless exactly one of the two is given, valid."""
+    from argon2 import PasswordHasher
+
+    if (authenticator is None) == (authenticator_hash is None):
+        raise LibrarianError(400, "give exactly one of an authenticator and its hash")
+    if authenticator is not None:
+        if not authenticator:
+            raise LibrarianError(400, "authenticator may not be empty")
+        if ISSUED_RE.match(authenticator):
+            return keyed_lookup(authenticator, authenticator_key()), KEYED
+        return "", PasswordHasher().hash(authenticator)
+    try:
+        return "", check_authenticator_hash(authenticator_hash)
+    except ValueError as e:
+        raise LibrarianError(400, "authenticator hash of %r: %s" % (name, e)) from None
 
 
 def find_source(authenticator, key=None, chosen=None):

@@ -195,6 +195,33 @@ def test_argon2_runs_once_per_process_for_a_chosen_secret(app, web, monkeypatch)
     assert api(web, "ping", auth="replaced")["success"]
 
 
+def test_an_authenticator_changed_in_the_configuration_replaces_the_recorded_one(
+        app, config_path, caplog):
+    """Both kinds (a chosen secret, an issued one) and a configured hash:
+    the section's word wins at start-up, with a warning; unchanged ones are
+    left alone."""
+    from argon2 import PasswordHasher
+
+    issued = models.new_authenticator()
+    hashed = PasswordHasher().hash("from a hash")
+    text = open(config_path).read().replace("authenticator = reader-secret",
+                                            "authenticator = " + issued)
+    text = text.replace("authenticator = writer-secret", "authenticator_hash = " + hashed)
+    admin_before = models.Source.get(models.Source.name == "admin").authenticator_hash
+    with caplog.at_level("WARNING", logger="librarian"):
+        librarian.sync_config_records(settings.parse(text, config_path))
+    assert models.find_source(issued).name == "reader"
+    assert models.find_source("reader-secret") is None
+    assert models.find_source("from a hash").name == "writer"
+    assert models.Source.get(models.Source.name == "admin").authenticator_hash == admin_before
+    changed = [r.getMessage() for r in caplog.records if "replaces the one" in r.getMessage()]
+    assert len(changed) == 2 and "source reader" in changed[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="librarian"):
+        librarian.sync_config_records(settings.parse(text, config_path))  # again: no change
+    assert not [r for r in caplog.records if "replaces the one" in r.getMessage()]
+
+
 def test_one_argon2_check_for_a_secret_brought_at_once(app, monkeypatch):
     """Eight workers bringing the same unknown secret at once (a pipeline
     after a restart) wait for one Argon2 check; a flood of guesses that
