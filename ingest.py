@@ -86,6 +86,18 @@ def gather_observation(store, abs_path, name, *, null_obsid, inference_mode):
     return infer_obsid_from_name(name, inference_mode), None
 
 
+def refuse_unknown_obsid_early(store_path, is_dir, null_obsid, inference_mode):
+    """Refuse (400) before any byte is sent an upload that would be refused
+    after the last: a flat file that no reader reads (not `.uvh5`), not
+    known here already, sent without `null_obsid` while obsids are not
+    inferred from names. (A directory's kind is seen only in its bytes.)"""
+    name = split_store_path(store_path)[1]
+    if null_obsid or is_dir or inference_mode != "none" or name.endswith(".uvh5"):
+        return
+    if File.get_or_none(File.name == name) is None:
+        infer_obsid_from_name(name, inference_mode)  # raises, as at the end
+
+
 def stated_observation(store, abs_path, name, obsid):
     """(obsid, metadata or None) for a file whose caller stated its obsid:
     the Observation must be known already or readable from the data, and

@@ -1035,6 +1035,8 @@ def upload(dest_store_path):
     ingest.policy_code(deletion_policy)
     null_obsid = query_flag("null_obsid")
     is_tar = directory is not None
+    ingest.refuse_unknown_obsid_early(dest_store_path, is_tar, null_obsid,
+                                      cfg().librarian["obsid_inference_mode"])
     length = request.content_length
     if length < 0 and request.get_header("Transfer-Encoding") is None:
         # (A zero-length file is an ordinary file, with Content-Length: 0.)
@@ -1080,7 +1082,10 @@ def finish_upload(store, staged, dest_store_path, source_name, expected_md5, nul
 # Resumable uploads (tus 1.0; the protocol's logic is in `uploads`)
 # ---------------------------------------------------------------------------
 
+# tus's checksum extension answers 460; Bottle builds status lines from its
+# own table once, at import.
 bottle.HTTP_CODES[460] = "Checksum Mismatch"
+bottle._HTTP_STATUS_LINES[460] = "460 Checksum Mismatch"
 
 
 def tus(func):
@@ -1134,6 +1139,8 @@ def tus_create():
                                    uploads.parse_metadata(request.get_header("Upload-Metadata")))
     if request.content_length > 0:
         fail(400, "send the bytes with PATCH after creating the upload")
+    ingest.refuse_unknown_obsid_early(fields["dest_store_path"], fields["is_tar"],
+                                      fields["null_obsid"], cfg().librarian["obsid_inference_mode"])
     limit = cfg().server["uploads_per_caller"]
     uploads.check_open_uploads(source.name, limit)
     store = choose_store(fields["length"])

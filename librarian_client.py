@@ -40,7 +40,7 @@ import requests
 
 CHUNK = 1 << 20
 TUS_VERSION = "1.0.0"
-UPLOAD_CHUNK = 16 << 20  # bytes per request of a resumable upload (at most the server's bound)
+UPLOAD_CHUNK = 64 << 20  # most bytes per request of a resumable upload (and the server's bound)
 RESUME_ATTEMPTS = 8      # dropped connections or server errors in a row an upload survives
 RESUME_DELAY = 0.5       # seconds before the first resumption; doubling, up to 30
 CONFIG_PATH = os.path.join("~", ".hl_client.cfg")
@@ -531,7 +531,7 @@ class LibrarianClient:
         if resp.status_code >= 400 or "Tus-Version" not in resp.headers:
             raise RPCError("upload", "the server at %s takes no uploads over HTTP (HTTP %d); "
                            "use --via-ssh" % (self.url, resp.status_code), resp.status_code)
-        return int(resp.headers.get("X-Librarian-Max-Body", UPLOAD_CHUNK))
+        return int(resp.headers.get("X-Librarian-Max-Body", 16 << 20))  # (not ours: be modest)
 
     def upload_via_ssh(self, local_path, dest_store_path, ssh=None, use_rsync=False,
                        null_obsid=False, deletion_policy="disallowed", progress=None):

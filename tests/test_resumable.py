@@ -83,11 +83,26 @@ def test_a_damaged_chunk_is_refused_with_460_and_not_written(web, store_dir):
     url, _ = create(web, len(data), dest="zen.2.txt", null_obsid="true")
     good = "md5 " + base64.b64encode(hashlib.md5(data).digest()).decode()
     resp = patch(web, url, 0, b"y" + data[1:], status=460, checksum=good)
+    assert resp.status == "460 Checksum Mismatch"
     assert "Upload-Checksum" in resp.json["message"]
     assert offset_of(web, url) == 0
     patch(web, url, 0, data, checksum="sha1 " + base64.b64encode(
         hashlib.sha1(data).digest()).decode())
     assert models.File.get_by_id("zen.2.txt").md5 == hashlib.md5(data).hexdigest()
+
+
+def test_a_file_whose_obsid_cannot_be_known_is_refused_before_any_byte(web, store_dir):
+    """Without null_obsid, a file no reader reads is refused when the upload
+    is created (it would be after its last byte); a UVH5 name, a directory
+    and a file known here already are let through to their bytes."""
+    _, resp = create(web, 10, status=400, dest="zen.5.txt")
+    assert "null_obsid" in resp.json["message"] and models.Upload.select().count() == 0
+    resp = web.put("/api/upload/zen.5.txt", b"x" * 10, headers=bearer(), status=400)
+    assert "null_obsid" in resp.json["message"]
+    create(web, 10, dest="zen.5.uvh5")
+    create(web, 10, dest="zen.5.dir", directory="tar")
+    web.put("/api/upload/zen.6.txt?null_obsid=true", b"y" * 10, headers=bearer())
+    create(web, 10, dest="again/zen.6.txt")  # its obsid is known: the file's
 
 
 def test_a_claim_the_database_could_not_end_is_free_once_its_request_ends(
@@ -404,8 +419,8 @@ def test_sending_the_same_file_again_after_an_interruption_goes_on(small_body_se
     reply = client.upload(str(path), "zen.2459000.7.txt", null_obsid=True, chunk_size=1 << 20)
     assert reply["created"] and sum(sent) == 2 << 20 and before == 1
     assert librarian_client.UploadMemo()._load() == {}
-    # without null_obsid the text file is refused at its last chunk; sent again
-    # with it, the upload starts afresh instead of resuming the refused one
+    # without null_obsid the text file is refused (before any byte is sent);
+    # sent again with it, the upload goes through
     other = tmp_path / "zen.2459000.8.txt"
     other.write_bytes(b"not data")
     with pytest.raises(librarian_client.RPCError):
