@@ -777,13 +777,14 @@ def op_register_instances(source, args):
 # Catalogue: search, sessions, deletion
 # ---------------------------------------------------------------------------
 
+# output_format -> (the query of a search's text, its rows as listed dicts)
 SEARCH_OUTPUTS = {
-    "file-listing-json": (search.file_query, lambda f: f.to_dict()),
-    "instance-listing-json": (search.instance_query, lambda i: i.to_dict()),
+    "file-listing-json": (search.file_query, File.listed),
+    "instance-listing-json": (search.instance_query, FileInstance.listed),
     "remote-instance-listing-json": (search.remote_instance_query,
-                                     lambda r: dict(r.to_dict(), name=r.name)),
-    "obs-listing-json": (search.observation_query, lambda o: o.to_dict()),
-    "session-listing-json": (search.session_query, lambda s: s.to_dict()),
+                                     lambda q: (dict(r.to_dict(), name=r.name) for r in q)),
+    "obs-listing-json": (search.observation_query, models.Observation.listed),
+    "session-listing-json": (search.session_query, models.ObservingSession.listed),
 }
 openapi_doc.RULES["output_format"] = {"enum": sorted(SEARCH_OUTPUTS) + ["stage-the-files-json"]}
 
@@ -812,10 +813,10 @@ def op_search(source, args):
         require_level(source, "read-write")
         return staging.launch(ctx(), args["search"], args["stage_user"] or source.name,
                               args["stage_dest"] or "", source)
-    make_query, to_dict = SEARCH_OUTPUTS[fmt]
+    make_query, listed = SEARCH_OUTPUTS[fmt]
     query = page(make_query(args["search"]), args["limit"], args["offset"])
     with search_limits(source):
-        return {"results": [to_dict(row) for row in query]}
+        return {"results": list(listed(query))}
 
 
 def search_limits(source):

@@ -208,6 +208,14 @@ class ObservingSession(BaseModel):
         return {"id": self.id, "start_time_jd": self.start_time_jd,
                 "stop_time_jd": self.stop_time_jd}
 
+    @classmethod
+    def listed(cls, query):
+        """`to_dict` of each session `query` (a select of sessions) finds,
+        read as tuples: long listings cost a third of what building model
+        objects does."""
+        for id, start, stop in query.select(cls.id, cls.start_time_jd, cls.stop_time_jd).tuples():
+            yield {"id": id, "start_time_jd": start, "stop_time_jd": stop}
+
 
 class Observation(BaseModel):
     """One observation: `obsid` is the integer GPS second of its start;
@@ -224,9 +232,21 @@ class Observation(BaseModel):
         table_name = "observation"
 
     def to_dict(self):
-        return {"obsid": self.obsid, "start_time_jd": self.start_time_jd,
-                "stop_time_jd": self.stop_time_jd, "start_lst_hr": self.start_lst_hr,
-                "session_id": self.session_id}
+        return self._listing(self.obsid, self.start_time_jd, self.stop_time_jd,
+                             self.start_lst_hr, self.session_id)
+
+    @classmethod
+    def listed(cls, query):
+        """`to_dict` of each observation `query` finds, read as tuples (see
+        `ObservingSession.listed`)."""
+        columns = (cls.obsid, cls.start_time_jd, cls.stop_time_jd, cls.start_lst_hr, cls.session)
+        for row in query.select(*columns).tuples():
+            yield cls._listing(*row)
+
+    @staticmethod
+    def _listing(obsid, start, stop, lst, session_id):
+        return {"obsid": obsid, "start_time_jd": start, "stop_time_jd": stop,
+                "start_lst_hr": lst, "session_id": session_id}
 
 
 class File(BaseModel):
@@ -261,8 +281,21 @@ class File(BaseModel):
     def to_dict(self):
         """The record shape shared between Librarians (`create_time` is Unix
         seconds; `source` is local and not included)."""
-        return {"name": self.name, "type": self.type, "create_time": to_unix(self.create_time),
-                "obsid": self.obsid, "size": self.size, "md5": self.md5}
+        return self._listing(self.name, self.type, self.create_time, self.obsid, self.size,
+                             self.md5)
+
+    @classmethod
+    def listed(cls, query):
+        """`to_dict` of each file `query` finds, read as tuples (see
+        `ObservingSession.listed`)."""
+        columns = (cls.name, cls.type, cls.create_time, cls.observation, cls.size, cls.md5)
+        for row in query.select(*columns).tuples():
+            yield cls._listing(*row)
+
+    @staticmethod
+    def _listing(name, type, create_time, obsid, size, md5):
+        return {"name": name, "type": type, "create_time": to_unix(create_time),
+                "obsid": obsid, "size": size, "md5": md5}
 
 
 class FileInstance(BaseModel):
@@ -306,12 +339,29 @@ class FileInstance(BaseModel):
         return self.store.path_prefix.rstrip("/") + "/" + self.store_path
 
     def to_dict(self):
-        return {"store_name": self.store.name, "store_ssh_host": self.store.ssh_host,
-                "parent_dirs": self.parent_dirs, "name": self.name,
-                "deletion_policy": DELETION_POLICY_NAMES[self.deletion_policy],
-                "full_path_on_store": self.full_path_on_store,
-                "verified_at": to_unix(self.verified_at) if self.verified_at else None,
-                "verify_result": self.verify_result}
+        return self._listing(self.store.name, self.store.ssh_host, self.store.path_prefix,
+                             self.parent_dirs, self.name, self.deletion_policy,
+                             self.verified_at, self.verify_result)
+
+    @classmethod
+    def listed(cls, query):
+        """`to_dict` of each instance `query` (a select of instances joined
+        to their stores) finds, read as tuples (see `ObservingSession.listed`)."""
+        columns = (Store.name, Store.ssh_host, Store.path_prefix, cls.parent_dirs, cls.file,
+                   cls.deletion_policy, cls.verified_at, cls.verify_result)
+        for row in query.select(*columns).tuples():
+            yield cls._listing(*row)
+
+    @staticmethod
+    def _listing(store_name, ssh_host, prefix, parent_dirs, name, policy, verified_at,
+                 verify_result):
+        return {"store_name": store_name, "store_ssh_host": ssh_host,
+                "parent_dirs": parent_dirs, "name": name,
+                "deletion_policy": DELETION_POLICY_NAMES[policy],
+                "full_path_on_store": prefix.rstrip("/") + "/"
+                + "/".join(p for p in (parent_dirs, name) if p),
+                "verified_at": to_unix(verified_at) if verified_at else None,
+                "verify_result": verify_result}
 
 
 VERIFY_RESULTS = ("ok", "corrupt", "missing")

@@ -356,3 +356,28 @@ def test_an_md5_or_authenticator_with_a_trailing_newline_is_not_one():
         models.check_md5("d41d8cd98f00b204e9800998ecf8427e\n")
     assert models.check_md5("D41D8CD98F00B204E9800998ECF8427E") == "d41d8cd98f00b204e9800998ecf8427e"
     assert not models.ISSUED_RE.match(models.new_authenticator() + "\n")
+
+
+def test_listings_read_as_tuples_are_the_records_to_dict_gives(app):
+    """Search listings are built from tuples (`listed`); each must be what
+    the model's own `to_dict` says, whatever is null or set."""
+    m = models
+    session = m.ObservingSession.create(id=1234567890, start_time_jd=2459000.1,
+                                        stop_time_jd=2459000.2)
+    m.Observation.create(obsid=1234567890, start_time_jd=2459000.1, stop_time_jd=2459000.15,
+                         start_lst_hr=3.5, session=session)
+    m.Observation.create(obsid=1234567999, start_time_jd=2459000.3)
+    m.File.insert(**raw_file(obsid=1234567890)).execute()
+    m.File.insert(**raw_file(name="g.txt", type="txt")).execute()
+    store = m.Store.get()
+    m.FileInstance.create(store=store, parent_dirs="a/b", file="f.dat", deletion_policy=1,
+                          verified_at=datetime.datetime(2026, 5, 1, 12), verify_result="ok")
+    m.FileInstance.create(store=store, parent_dirs="", file="g.txt")
+    instances = m.FileInstance.select(m.FileInstance, m.Store).join(m.Store) \
+        .order_by(m.FileInstance.file)
+    for query in (m.ObservingSession.select(), m.Observation.select().order_by(m.Observation.obsid),
+                  m.File.select().order_by(m.File.name), instances):
+        listed = list(query.model.listed(query))
+        assert listed == [row.to_dict() for row in query] and len(listed) >= 1
+    assert list(m.FileInstance.listed(instances))[0]["full_path_on_store"] == \
+        store.path_prefix.rstrip("/") + "/a/b/f.dat"
