@@ -375,7 +375,8 @@ def test_listings_read_as_tuples_are_the_records_to_dict_gives(app):
     m.FileInstance.create(store=store, parent_dirs="", file="g.txt")
     instances = m.FileInstance.select(m.FileInstance, m.Store).join(m.Store) \
         .order_by(m.FileInstance.file)
-    for query in (m.ObservingSession.select(), m.Observation.select().order_by(m.Observation.obsid),
+    observations = m.Observation.select().order_by(m.Observation.obsid)
+    for query in (m.ObservingSession.select(), observations,
                   m.File.select().order_by(m.File.name), instances):
         listed = list(query.model.listed(query))
         assert listed == [row.to_dict() for row in query] and len(listed) >= 1
