@@ -1475,9 +1475,29 @@ def raise_open_file_limit(connections):
                         "%d needs", new, connections)
 
 
+MALLOC_ARENAS = 2  # glibc's default is 8 per core: each worker thread's garbage stays apart
+
+
+def limit_malloc_arenas():
+    """Ask glibc (where it is the C library) for at most MALLOC_ARENAS
+    malloc arenas, as MALLOC_ARENA_MAX would, before threads start: with
+    one arena per thread, memory freed after a large request (a record set
+    of 100,000 files) stays held by that thread's arena."""
+    import ctypes
+    import ctypes.util
+
+    M_ARENA_MAX = -8  # from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # not glibc: its own allocator's ways
+        pass
+
+
 def cmd_serve(args):
     import waitress
 
+    limit_malloc_arenas()
     config, app = make_server_app(args)
     raise_open_file_limit(config.server["connection_limit"])
     stop = threading.Event()
