@@ -104,6 +104,24 @@ def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
 
 
+def unix_seconds_sql(field):
+    """SQL for the whole Unix seconds of a naive UTC DateTimeField, as
+    `to_unix` gives them (fractions dropped), on either database."""
+    if is_postgres():
+        return pw.NodeList((pw.SQL("CAST(FLOOR(EXTRACT(EPOCH FROM"), field,
+                            pw.SQL(")) AS BIGINT)")), glue=" ")
+    # (SQLite's strftime rounds to milliseconds first, so :59.9999 would
+    # become the next second: the stored text's fraction is cut off first.)
+    return pw.fn.CAST(pw.NodeList((pw.fn.strftime("%s", pw.fn.substr(field, 1, 19)),
+                                   pw.SQL("AS INTEGER"))))
+
+
+def raw_rows(query):
+    """The rows of `query` as the driver gives them (tuples, no Peewee
+    conversion per value): for long listings whose columns need none."""
+    return db.execute(query).fetchall()
+
+
 def to_unix(dt):
     """Naive UTC datetime -> integer Unix seconds (host TZ plays no part)."""
     return calendar.timegm(dt.utctimetuple())
@@ -281,21 +299,22 @@ class File(BaseModel):
     def to_dict(self):
         """The record shape shared between Librarians (`create_time` is Unix
         seconds; `source` is local and not included)."""
-        return self._listing(self.name, self.type, self.create_time, self.obsid, self.size,
-                             self.md5)
+        return self._listing(self.name, self.type, to_unix(self.create_time), self.obsid,
+                             self.size, self.md5)
 
     @classmethod
     def listed(cls, query):
         """`to_dict` of each file `query` finds, read as tuples (see
         `ObservingSession.listed`)."""
-        columns = (cls.name, cls.type, cls.create_time, cls.observation, cls.size, cls.md5)
-        for row in query.select(*columns).tuples():
+        columns = (cls.name, cls.type, unix_seconds_sql(cls.create_time), cls.observation,
+                   cls.size, cls.md5)
+        for row in raw_rows(query.select(*columns)):
             yield cls._listing(*row)
 
     @staticmethod
-    def _listing(name, type, create_time, obsid, size, md5):
-        return {"name": name, "type": type, "create_time": to_unix(create_time),
-                "obsid": obsid, "size": size, "md5": md5}
+    def _listing(name, type, create_unix, obsid, size, md5):
+        return {"name": name, "type": type, "create_time": create_unix, "obsid": obsid,
+                "size": size, "md5": md5}
 
 
 class FileInstance(BaseModel):

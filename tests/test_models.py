@@ -368,7 +368,8 @@ def test_listings_read_as_tuples_are_the_records_to_dict_gives(app):
                          start_lst_hr=3.5, session=session)
     m.Observation.create(obsid=1234567999, start_time_jd=2459000.3)
     m.File.insert(**raw_file(obsid=1234567890)).execute()
-    m.File.insert(**raw_file(name="g.txt", type="txt")).execute()
+    m.File.insert(**raw_file(name="g.txt", type="txt", create_time=datetime.datetime(
+        2026, 5, 1, 12, 0, 59, 999999))).execute()  # its fraction is dropped, not rounded
     store = m.Store.get()
     m.FileInstance.create(store=store, parent_dirs="a/b", file="f.dat", deletion_policy=1,
                           verified_at=datetime.datetime(2026, 5, 1, 12), verify_result="ok")
