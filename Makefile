@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= var/librarian.ini
 
-.PHONY: serve test install clean
+.PHONY: serve test install clean screenshots
 
 # The virtualenv, (re)installed when the requirements change.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -26,6 +26,11 @@ serve: install $(CONFIG)
 # The whole test suite, on SQLite and on PostgreSQL.
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The README's screenshots, taken by the browser test (on SQLite).
+screenshots: install
+	LIBRARIAN_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q \
+		tests/test_browser.py -k sqlite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,9 @@
 """End to end in headless Chromium (Debian's `chromium`, driven by
 Playwright): log in, upload a sample data set through the form, find it,
-open its page, download it, mark a store unavailable. Saves screenshots of
-the home page and of a search result page in docs/screenshots/.
+open its page, download it, mark a store unavailable. Takes screenshots of
+the home page and of a search result page: into the test's temporary
+folder, or, with LIBRARIAN_SCREENSHOTS set to a folder (`make screenshots`
+sets docs/screenshots), there, for the README.
 
 Skipped when /usr/bin/chromium is missing, except under CI, where it fails.
 """
@@ -11,10 +13,9 @@ import os
 
 import pytest
 
-from conftest import AUTH, ROOT, UVH5, config_text, free_port, need_data
+from conftest import AUTH, UVH5, config_text, free_port, need_data
 
 CHROMIUM = os.environ.get("LIBRARIAN_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
 # Without the background-networking flags Chromium keeps trying to reach
 # Google's hosts, which a closed network refuses.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -78,8 +79,9 @@ def test_a_person_uploads_finds_downloads_and_manages_stores(server, page, tmp_p
     page.click("button[type=submit]")
     page.wait_for_selector("#count")
     assert page.inner_text("#count") == "1"
-    os.makedirs(SCREENSHOTS, exist_ok=True)
-    page.screenshot(path=os.path.join(SCREENSHOTS, "search-results.png"), full_page=True)
+    shots = os.environ.get("LIBRARIAN_SCREENSHOTS") or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    page.screenshot(path=os.path.join(shots, "search-results.png"), full_page=True)
 
     page.click("text=zen.2458432.34569.uvh5")
     page.wait_for_url(url + "/files/zen.2458432.34569.uvh5")
@@ -94,7 +96,7 @@ def test_a_person_uploads_finds_downloads_and_manages_stores(server, page, tmp_p
     requests.post(url + "/api/assign_observing_sessions",
                   json={}, headers={"Authorization": "Bearer " + AUTH["admin"]}, timeout=30)
     page.goto(url + "/")
-    page.screenshot(path=os.path.join(SCREENSHOTS, "home.png"), full_page=True)
+    page.screenshot(path=os.path.join(shots, "home.png"), full_page=True)
     assert "zen.2458432.34569.uvh5" in page.inner_text("main")
 
     page.goto(url + "/stores/main")
