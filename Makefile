@@ -23,9 +23,10 @@ serve: install $(CONFIG)
 	$(BIN)/python librarian.py show-admin --config $(CONFIG)
 	$(BIN)/python librarian.py serve --config $(CONFIG)
 
-# The whole test suite, on SQLite and on PostgreSQL.
+# The whole test suite, on SQLite and on PostgreSQL, two tests at a time
+# (each makes its own databases, folders and ports); the slowest are listed.
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
 
 # The README's screenshots, taken by the browser test (on SQLite).
 screenshots: install
