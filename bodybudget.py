@@ -12,13 +12,22 @@ budget is spent, waitress answers 503 with Retry-After from the headers and
 reads none of it (tus clients, ours included, retry). The reservation ends
 when the request is done or its connection goes. Small bodies are bounded
 by `connection_limit` x SMALL_BODY_BYTES.
+
+Callers this process has recognised (an `Authorization: Bearer` issued
+authenticator that authenticated before: `known`) may use the whole
+budget. Others (a v1 call's authenticator travels inside its body) share
+at most half of it, and one peer address at most a quarter (at least one
+body): a few anonymous connections that trickle their bodies cannot keep
+authenticated uploads out.
 """
 
+import functools
 import threading
 import weakref
 
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
+from waitress.server import BaseWSGIServer
 from waitress.utilities import Error
 
 SMALL_BODY_BYTES = 64 << 10  # a v1 call's JSON; bounded by the connection count instead
@@ -26,24 +35,40 @@ RETRY_AFTER_SECONDS = 5
 
 
 class BodyBudget:
-    """`total` bytes of request bodies that may be held at once."""
+    """`total` bytes of request bodies that may be held at once; at most
+    half by callers not `known`, and a quarter (at least `bound`) by one
+    peer of those."""
 
-    def __init__(self, total):
+    def __init__(self, total, bound):
         self.total = self.free = total
+        self.unknown_limit, self.peer_limit = total // 2, max(bound, total // 4)
+        self.unknown, self.peers = 0, {}  # bytes held by unknown callers, and per peer
         self.lock = threading.Lock()
 
-    def take(self, n):
-        """Reserve `n` bytes; False (nothing reserved) when fewer are free."""
+    def take(self, n, peer, known):
+        """Reserve `n` bytes for a body from `peer` (an address); False
+        (nothing reserved) when that would go over a limit."""
         with self.lock:
             if n > self.free:
                 return False
+            if not known:
+                held = self.peers.get(peer, 0)
+                if self.unknown + n > self.unknown_limit or held + n > self.peer_limit:
+                    return False
+                self.unknown += n
+                self.peers[peer] = held + n
             self.free -= n
             return True
 
-    def give(self, n):
-        """Return `n` bytes that `take` reserved."""
+    def give(self, n, peer, known):
+        """Return what `take(n, peer, known)` reserved."""
         with self.lock:
             self.free += n
+            if not known:
+                self.unknown -= n
+                held = self.peers.pop(peer) - n
+                if held:
+                    self.peers[peer] = held
 
 
 class BodiesBusy(Error):
@@ -57,28 +82,38 @@ class BodiesBusy(Error):
         return status, headers + [("Retry-After", str(RETRY_AFTER_SECONDS))], body
 
 
-def channel_class(budget, bound):
+def channel_class(budget, bound, known):
     """A waitress channel class whose requests reserve their bodies from
-    `budget` (`BodyBudget`); `bound` is the largest body taken (bytes)."""
+    `budget` (`BodyBudget`); `bound` is the largest body taken (bytes);
+    `known(authorization)` tells whether an Authorization header's value is
+    a caller this process has recognised (memory only: it runs in
+    waitress's I/O thread)."""
 
     class BudgetedParser(HTTPRequestParser):
         release = None
+
+        def __init__(self, adj, peer=None):
+            super().__init__(adj)
+            self.peer = peer
 
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
             n = bound if self.chunked else self.content_length
             if n <= SMALL_BODY_BYTES or n > bound:  # small, or refused (413) by waitress
                 return
-            if not budget.take(n):
+            recognised = known(self.headers.get("AUTHORIZATION", ""))
+            if not budget.take(n, self.peer, recognised):
                 self.expect_continue = False  # waitress would send 100 and read it all
                 self.error = BodiesBusy(
-                    "the server holds as many request bodies as [server] buffered_body_bytes "
-                    "allows (%d bytes); try again in a few seconds" % budget.total)
+                    "the server holds as many request bodies as it may (%s); try again in a "
+                    "few seconds" % ("[server] buffered_body_bytes, %d bytes" % budget.total
+                                     if recognised else "its share for callers not yet "
+                                     "known, or for one address"))
                 self.completed = True
                 return
             # Given back when the request is closed, or when a connection that
             # went away mid-body drops its parser.
-            self.release = weakref.finalize(self, budget.give, n)
+            self.release = weakref.finalize(self, budget.give, n, self.peer, recognised)
 
         def close(self):
             super().close()
@@ -86,7 +121,10 @@ def channel_class(budget, bound):
                 self.release()
 
     class BudgetedChannel(HTTPChannel):
-        parser_class = BudgetedParser
+        def __init__(self, server, sock, addr, adj, map=None):
+            peer = addr[0] if isinstance(addr, tuple) else addr
+            self.parser_class = functools.partial(BudgetedParser, peer=peer)
+            super().__init__(server, sock, addr, adj, map)
 
         def handle_close(self):
             with self.requests_lock:
@@ -96,3 +134,16 @@ def channel_class(budget, bound):
             super().handle_close()
 
     return BudgetedChannel
+
+
+def install(server, channel):
+    """Make every listening socket of the waitress `server` (one
+    TcpWSGIServer, or a MultiSocketServer of several: `host = localhost`
+    with IPv4 and IPv6) use `channel`; raises RuntimeError if none does."""
+    listeners = {id(s): s for s in [server, *getattr(server, "map", {}).values()]
+                 if isinstance(s, BaseWSGIServer)}
+    if not listeners:
+        raise RuntimeError("no waitress listener to bound request bodies on")
+    for listener in listeners.values():
+        listener.channel_class = channel
+    return len(listeners)

@@ -1460,6 +1460,21 @@ def waitress_limits(config):
                 channel_timeout=config.server["channel_timeout"])
 
 
+def waitress_server(app, config, **listen):
+    """The waitress server of `app` on `listen` (host and port, or listen),
+    with `waitress_limits` and its request bodies bounded over all its
+    listening sockets (`bodybudget`). Raises OSError when it cannot listen."""
+    import waitress
+
+    server = waitress.create_server(app, ident="librarian", **listen,
+                                    **waitress_limits(config))
+    bound = config.server["max_body_bytes"]
+    bodybudget.install(server, bodybudget.channel_class(
+        bodybudget.BodyBudget(config.server["buffered_body_bytes"], bound), bound,
+        app.config["librarian.auth_cache"].recognises))
+    return server
+
+
 def raise_open_file_limit(connections):
     """Raise the soft limit on open files to fit `connections` (and the
     files and databases beside them), up to the hard limit."""
@@ -1495,8 +1510,6 @@ def limit_malloc_arenas():
 
 
 def cmd_serve(args):
-    import waitress
-
     limit_malloc_arenas()
     config, app = make_server_app(args)
     raise_open_file_limit(config.server["connection_limit"])
@@ -1508,15 +1521,8 @@ def cmd_serve(args):
     host, port = config.server["host"], config.server["port"]
     log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
              config.server["threads"])
-    # Bodies are whole files: read the socket in large blocks (waitress's
-    # 8 KiB default costs a system call and a buffer append per 8 KiB).
     try:
-        server = waitress.create_server(app, host=host, port=port, ident="librarian",
-                                        **waitress_limits(config))
-        server.channel_class = bodybudget.channel_class(
-            bodybudget.BodyBudget(config.server["buffered_body_bytes"]),
-            config.server["max_body_bytes"])
-        server.run()
+        waitress_server(app, config, host=host, port=port).run()
     except OSError as e:
         raise SystemExit("cannot listen on %s:%d: %s (is another server running there? see "
                          "[server] host and port in %s)" % (host, port, e.strerror,

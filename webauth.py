@@ -13,6 +13,7 @@ without it.
 """
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -25,6 +26,7 @@ from collections import OrderedDict
 from bottle import HTTPError, request, response
 
 import models
+from errors import LibrarianError, short
 from models import Source, WebSession
 
 AUTH_CACHE_ENTRIES = 10000
@@ -77,7 +79,8 @@ class AuthCache:
     for issued ones (read once), the sources whose chosen secrets Argon2
     recognised, and the secrets it found to be nobody's, each under a keyed
     hash with a key of this process only (never stored), least recently used
-    dropped beyond AUTH_CACHE_ENTRIES. A recognised entry holds while the
+    dropped beyond AUTH_CACHE_ENTRIES; and the issued authenticators it
+    found a source for (`recognises`). A recognised entry holds while the
     source's stored hash is unchanged: no expiry, so no moment when every
     client pays Argon2 again at once. A refused one holds while the chosen
     secrets are the same, so a client retrying a stale secret costs Argon2
@@ -92,16 +95,40 @@ class AuthCache:
         self.known = OrderedDict()  # keyed hash -> (source id, its authenticator_hash)
         self.refused = OrderedDict()  # keyed hash -> digest of the chosen secrets then
         self.checking = {}  # keyed hash -> its _Check in progress
+        self.bearers = OrderedDict()  # keyed hashes of issued authenticators found here
+        self.searching = set()  # peers whose unknown secret Argon2 is checking
 
-    def find(self, authenticator):
+    def recognises(self, authorization):
+        """Whether the value of an Authorization header is `Bearer` and an
+        issued authenticator this process found a source for (memory only,
+        for `bodybudget`; the request is still authenticated in full)."""
+        if not authorization.startswith("Bearer "):
+            return False
+        token = authorization[len("Bearer "):].strip()
+        mac = hmac.new(self.process_key, token.encode("utf-8", "replace"),
+                       hashlib.sha256).digest()
+        with self.lock:
+            return mac in self.bearers
+
+    def find(self, authenticator, peer=None):
         """The Source calling with `authenticator` (text), or None; raises
-        `LibrarianError(503)` when Argon2 is too busy (`models.find_source`)."""
+        `LibrarianError(503)` when Argon2 is too busy (`models.find_source`)
+        or already checking another secret for the same `peer` (an address:
+        one flooding address holds one of the `ARGON2_SEARCHES`, so people's
+        first calls from elsewhere still get through)."""
         if self.db_key is None:
             self.db_key = models.authenticator_key()
-        if models.ISSUED_RE.match(authenticator):  # one indexed query, microseconds
-            return models.find_source(authenticator, self.db_key)
         mac = hmac.new(self.process_key, authenticator.encode("utf-8"),
                        hashlib.sha256).digest()
+        if models.ISSUED_RE.match(authenticator):  # one indexed query, microseconds
+            source = models.find_source(authenticator, self.db_key)
+            if source is not None:
+                with self.lock:
+                    self.bearers[mac] = True
+                    self.bearers.move_to_end(mac)
+                    while len(self.bearers) > AUTH_CACHE_ENTRIES:
+                        self.bearers.popitem(last=False)
+            return source
         source = self._known(mac)
         if source is not None:
             return source
@@ -122,7 +149,9 @@ class AuthCache:
                 raise check.error
             return self._known(mac)
         try:
-            source = self._known(mac) or models.find_source(authenticator, self.db_key, chosen)
+            with self._one_search_per(peer):
+                source = self._known(mac) or models.find_source(authenticator, self.db_key,
+                                                                chosen)
             with self.lock:
                 self._remember(mac, source, generation)
             return source
@@ -133,6 +162,20 @@ class AuthCache:
             with self.lock:
                 del self.checking[mac]
             check.done.set()
+
+    @contextlib.contextmanager
+    def _one_search_per(self, peer):
+        """At most one Argon2 search at once for `peer`; 503 beyond."""
+        with self.lock:
+            if peer is not None and peer in self.searching:
+                raise LibrarianError(503, "an authenticator from %s is being checked already; "
+                                     "try again in a few seconds" % short(peer))
+            self.searching.add(peer)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.searching.discard(peer)
 
     def _remember(self, mac, source, generation):
         """Note what Argon2 found for `mac` (`source`, or None for nobody's
@@ -178,7 +221,7 @@ def authenticate(authenticator, level, challenge=False):
             or models.CONTROL_RE.search(authenticator):
         fail(400, "the authenticator is not one this server issues (at most %d characters, "
              "no control characters)" % MAX_AUTHENTICATOR_CHARS)
-    source = request.app.config["librarian.auth_cache"].find(authenticator)
+    source = request.app.config["librarian.auth_cache"].find(authenticator, request.remote_addr)
     if source is None:
         refuse_credentials("unknown authenticator", challenge)
     return require_level(source, level)

@@ -13,7 +13,7 @@ import requests
 
 import librarian_client
 import models
-from conftest import AUTH, Server, bearer
+from conftest import AUTH, Server, bearer, free_port
 
 
 @pytest.fixture
@@ -141,37 +141,84 @@ def _answer(sock):
     return data.decode("latin-1")
 
 
+def _holder(port, length, source="127.0.0.1", auth=None):
+    """A connection that sends the headers of a PUT of `length` bytes and
+    half of its body, then waits."""
+    s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+    extra = b"Authorization: Bearer %s\r\n" % auth.encode() if auth else b""
+    s.sendall(b"PUT /api/upload/f.dat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n"
+              % (length, extra) + b"\0" * (length // 2))
+    return s
+
+
+def _refused_at_once(port, length, source="127.0.0.1", auth=None):
+    """Whether a PUT of `length` bytes is answered 503 with Retry-After from
+    its headers alone (Expect: 100-continue, and no 100 comes first)."""
+    s = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+    extra = b"Authorization: Bearer %s\r\n" % auth.encode() if auth else b""
+    s.sendall(b"PUT /api/upload/f.dat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+              b"Expect: 100-continue\r\n%s\r\n" % (length, extra))
+    answer = _answer(s)
+    s.close()
+    if answer.startswith("HTTP/1.1 503"):
+        assert "Retry-After: 5" in answer, answer
+        return True
+    assert answer.startswith("HTTP/1.1 100"), answer
+    return False
+
+
 def test_bodies_held_before_anyone_is_checked_are_bounded_over_all_connections(
         app, config_path):
-    """Three anonymous 1 MiB bodies half sent fill a 3 MiB budget: a fourth
-    is answered 503 with Retry-After from its headers (no 100 Continue, so
-    none of it is read), a small request is still served, and a connection
-    that goes away gives its share back."""
+    """A 4 MiB budget for 1 MiB bodies: an anonymous address may hold one
+    body, anonymous callers two in all; a caller whose issued authenticator
+    the server knows may use the rest; beyond, 503 with Retry-After from the
+    headers. Small requests are still served, and a connection that goes
+    away gives its share back."""
+    issued = models.new_authenticator()
+    models.create_source("pipeline", issued, "read-write")
     text = open(config_path).read().replace(
-        "[server]\n", "[server]\nmax_body_bytes = 1048576\nbuffered_body_bytes = 3145728\n")
+        "[server]\n", "[server]\nmax_body_bytes = 1048576\nbuffered_body_bytes = 4194304\n")
     open(config_path, "w").write(text)
     models.db.close()
     srv = Server(config_path).start()
-    head = (b"PUT /api/upload/f.dat HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n%s\r\n")
+    mib, held = 1 << 20, []
     try:
-        holders = []
-        for _ in range(3):
-            s = socket.create_connection(("127.0.0.1", srv.port))
-            s.sendall(head % b"" + b"\0" * (512 << 10))
-            holders.append(s)
+        assert requests.post(srv.url + "api/ping", data={"request": json.dumps(
+            {"authenticator": issued})}).json()["success"]  # now known to the server
+        held.append(_holder(srv.port, mib))
         time.sleep(0.3)
-        late = socket.create_connection(("127.0.0.1", srv.port))
-        late.sendall(head % b"Expect: 100-continue\r\n")
-        answer = _answer(late)
-        assert answer.startswith("HTTP/1.1 503") and "Retry-After: 5" in answer, answer
+        assert _refused_at_once(srv.port, mib)  # that address's share is taken
+        held.append(_holder(srv.port, mib, source="127.0.0.2"))
+        time.sleep(0.3)
+        assert _refused_at_once(srv.port, mib, source="127.0.0.3")  # anonymous half taken
+        held += [_holder(srv.port, mib, auth=issued) for _ in range(2)]
+        time.sleep(0.3)
+        assert _refused_at_once(srv.port, mib, auth=issued)  # all four taken
         assert ping_seconds(srv) < 5
-        holders.pop().close()
+        held.pop(0).close()
         time.sleep(0.3)
-        again = socket.create_connection(("127.0.0.1", srv.port))
-        again.sendall(head % b"" + b"\0" * (1 << 20))
-        answer = _answer(again)
-        assert answer.startswith("HTTP/1.1 401"), answer  # taken, then refused by the app
-        for s in holders + [late, again]:
-            s.close()
+        assert not _refused_at_once(srv.port, mib, source="127.0.0.3")  # given back
     finally:
+        for s in held:
+            s.close()
         srv.stop()
+
+
+def test_every_listening_socket_bounds_its_bodies(app, config_path):
+    """`host = localhost` may mean two sockets (IPv4 and IPv6): each of a
+    server's listeners gets the bounded channel."""
+    import bodybudget
+    import librarian
+    import settings
+
+    ports = [free_port(), free_port()]
+    server = librarian.waitress_server(app, settings.load(config_path), listen=" ".join(
+        "127.0.0.1:%d" % p for p in ports))
+    try:
+        listeners = [s for s in server.map.values()
+                     if isinstance(s, bodybudget.BaseWSGIServer)]
+        assert len(listeners) == 2
+        assert all(s.channel_class.__name__ == "BudgetedChannel" for s in listeners)
+    finally:
+        for s in list(server.map.values()):
+            s.close()

@@ -311,6 +311,27 @@ def test_a_flood_of_guesses_holds_few_workers_and_a_stale_secret_costs_argon2_on
     assert cache.find("stale-secret").name == "late"
 
 
+def test_one_address_checks_one_unknown_secret_at_a_time(app, monkeypatch):
+    """A flood from one address holds one Argon2 search: its next guess is
+    refused at once, while a person's first call from elsewhere is checked."""
+    from argon2 import PasswordHasher
+
+    from webauth import AuthCache
+
+    calls = []
+    real = PasswordHasher.verify
+    monkeypatch.setattr(PasswordHasher, "verify",
+                        lambda self, h, p: calls.append(p) or real(self, h, p))
+    cache = AuthCache()
+    cache.searching.add("192.0.2.7")  # a search of that address in progress
+    with pytest.raises(models.LibrarianError) as refused:
+        cache.find("a-guess", "192.0.2.7")
+    assert refused.value.status == 503 and "192.0.2.7" in refused.value.message
+    assert calls == []
+    assert cache.find("reader-secret", "198.51.100.1").name == "reader"
+    assert cache.searching == {"192.0.2.7"}  # the other's search ended
+
+
 def _position(name):
     """How many Argon2 checks finding `name` takes: its place among the
     sources with an Argon2 hash, in id order."""
