@@ -28,7 +28,7 @@ import weakref
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
-from waitress.utilities import Error
+from waitress.utilities import Error, RequestEntityTooLarge
 
 SMALL_BODY_BYTES = 64 << 10  # a v1 call's JSON; bounded by the connection count instead
 RETRY_AFTER_SECONDS = 5
@@ -82,6 +82,11 @@ class BodiesBusy(Error):
         return status, headers + [("Retry-After", str(RETRY_AFTER_SECONDS))], body
 
 
+class BodyTooLarge(RequestEntityTooLarge):
+    """waitress's 413, with a message naming the setting (its own names the
+    bound plus one)."""
+
+
 def channel_class(budget, bound, known):
     """A waitress channel class whose requests reserve their bodies from
     `budget` (`BodyBudget`); `bound` is the largest body taken (bytes);
@@ -95,6 +100,15 @@ def channel_class(budget, bound, known):
         def __init__(self, adj, peer=None):
             super().__init__(adj)
             self.peer = peer
+
+        def received(self, data):
+            n = super().received(data)
+            if type(self.error) is RequestEntityTooLarge:  # waitress's, naming bound + 1
+                self.error = BodyTooLarge(
+                    "the request body is over [server] max_body_bytes (%d bytes); files of "
+                    "any size travel as resumable uploads (tus) in chunks of at most that"
+                    % bound)
+            return n
 
         def parse_header(self, header_plus):
             super().parse_header(header_plus)

@@ -308,6 +308,7 @@ def test_a_body_over_the_bound_is_refused_from_its_headers(small_body_server, st
         s.settimeout(10)
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 413")
+    assert b"over [server] max_body_bytes (1048576 bytes)" in head, head
     assert store_contents(store_dir) == (set(), [])
 
 
