@@ -376,6 +376,9 @@ class LibrarianClient:
             signature = [os.path.abspath(local_path), st.st_size, st.st_mtime_ns, st.st_ino]
         memo = UploadMemo()
         key = [self.url, dest_store_path, signature, bool(null_obsid), deletion_policy]
+        for stale, url in memo.others(key):  # of bytes since changed: they hold space and a slot
+            self._abandon(url)
+            memo.put(stale, None)
         try:
             with stream:
                 reply = self.upload_stream(
@@ -388,6 +391,15 @@ class LibrarianClient:
             raise
         memo.put(key, None)
         return reply
+
+    def _abandon(self, url):
+        """Remove an unfinished upload on the server (tus termination), if
+        it is still there; failures are left to the server's expiry."""
+        try:
+            self.session.request("DELETE", url, timeout=TIMEOUT, headers=dict(
+                self._auth_header(), **{"Tus-Resumable": TUS_VERSION}))
+        except requests.RequestException:
+            pass
 
     def upload_stream(self, stream, md5, dest_store_path, is_dir=False, null_obsid=False,
                       deletion_policy="disallowed", progress=None, chunk_size=None,
@@ -735,6 +747,19 @@ class UploadMemo:
 
     def get(self, key):
         return self._load().get(json.dumps(key))
+
+    def others(self, key):
+        """(key, url) of the uploads remembered for the same server and
+        destination as `key` but other bytes or options."""
+        found = []
+        for text, url in self._load().items():
+            try:
+                other = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(other, list) and other[:2] == key[:2] and other != key:
+                found.append((other, url))
+        return found
 
     def put(self, key, url):
         """Remember `url` for `key` (None: forget it)."""

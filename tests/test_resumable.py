@@ -508,3 +508,7 @@ def test_a_file_changed_since_the_interruption_starts_afresh(small_body_server, 
     assert reply["md5"] == hashlib.md5(new).hexdigest() and reply["created"]
     with open(os.path.join(store_dir, "zen.2459000.9.txt"), "rb") as f:
         assert f.read() == new
+    # the upload of the old bytes was abandoned on the server, and forgotten
+    with models.db.connection_context():
+        assert models.Upload.select().where(models.Upload.outcome.is_null()).count() == 0
+    assert librarian_client.UploadMemo()._load() == {}
