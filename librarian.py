@@ -1624,6 +1624,24 @@ def cmd_add_user(args):
     return 0
 
 
+def cmd_remove_user(args):
+    """Remove a source: its authenticator and web sessions stop working at
+    once, in running servers too. A source that a [source:NAME] section
+    gives is refused (start-up would add it again)."""
+    config = load_config(args.config)
+    if args.name in config.sources:
+        raise SystemExit("source %s is given by [source:%s] in %s: remove that section "
+                         "(start-up adds configured sources back)" % (args.name, args.name,
+                                                                      config.path))
+    setup(config)
+    with database_of(config), models.write_transaction():
+        if not Source.delete().where(Source.name == args.name).execute():
+            raise SystemExit("no source named %s" % args.name)
+        models.WebSession.delete().where(models.WebSession.source == args.name).execute()
+    print("removed source %s (the files it sent keep it as their source)" % args.name)
+    return 0
+
+
 def cmd_reconcile(args):
     """Compare a store with the catalogue, or apply one of the fixes it
     offers (reconcile.py)."""
@@ -1782,6 +1800,10 @@ def build_parser():
     p.add_argument("--level", choices=models.LEVELS, default="read-only")
     p.add_argument("--authenticator", help="use this authenticator instead of a random one")
     p.set_defaults(func=cmd_add_user)
+    p = with_config(sub.add_parser("remove-user", help="remove a source (user): its "
+                                   "authenticator stops working at once"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_remove_user)
     p = with_config(sub.add_parser("reconcile", help="compare a store's bytes with the catalogue: "
                                    "lost, dark and size_mismatch as JSON; or fix one path"))
     p.add_argument("store")

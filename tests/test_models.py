@@ -127,6 +127,13 @@ def test_add_user_and_add_store_commands(app, config_path, web, tmp_path, capsys
     assert names == ["main", "second"]
     with pytest.raises(SystemExit, match="already exists"):
         librarian.main(["add-user", "pipeline", "--config", config_path])
+    assert librarian.main(["remove-user", "pipeline", "--config", config_path]) == 0
+    assert "unknown authenticator" in api(web, "ping", auth=authenticator, status=400)["message"]
+    with pytest.raises(SystemExit, match="no source named pipeline"):
+        librarian.main(["remove-user", "pipeline", "--config", config_path])
+    with pytest.raises(SystemExit, match=r"given by \[source:reader\]"):
+        librarian.main(["remove-user", "reader", "--config", config_path])
+    assert api(web, "ping", auth="reader")["success"]
 
 
 def test_num_instances_is_kept_exact_by_the_database(app, tmp_path):
