@@ -1036,8 +1036,6 @@ def upload(dest_store_path):
     ingest.policy_code(deletion_policy)
     null_obsid = query_flag("null_obsid")
     is_tar = directory is not None
-    ingest.refuse_unknown_obsid_early(dest_store_path, is_tar, null_obsid,
-                                      cfg().librarian["obsid_inference_mode"])
     length = request.content_length
     if length < 0 and request.get_header("Transfer-Encoding") is None:
         # (A zero-length file is an ordinary file, with Content-Length: 0.)
@@ -1045,6 +1043,8 @@ def upload(dest_store_path):
     store = choose_store(max(length, 0))
     store.resolve(dest_store_path)  # refuse paths leaving the store before any byte moves
     ingest.check_destination(store, dest_store_path)
+    ingest.refuse_unknown_obsid_early(dest_store_path, is_tar, null_obsid,
+                                      cfg().librarian["obsid_inference_mode"])
     with store.staging_dir() as staging:
         reader = BodyReader(request.environ["wsgi.input"], length if length >= 0 else None)
         staged = posixpath.join(staging, name)
@@ -1140,12 +1140,11 @@ def tus_create():
                                    uploads.parse_metadata(request.get_header("Upload-Metadata")))
     if request.content_length > 0:
         fail(400, "send the bytes with PATCH after creating the upload")
-    ingest.refuse_unknown_obsid_early(fields["dest_store_path"], fields["is_tar"],
-                                      fields["null_obsid"], cfg().librarian["obsid_inference_mode"])
     limit = cfg().server["uploads_per_caller"]
     uploads.check_open_uploads(source.name, limit)
     store = choose_store(fields["length"])
-    row = uploads.create(store, source.name, fields, limit)
+    row = uploads.create(store, source.name, fields, limit,
+                         cfg().librarian["obsid_inference_mode"])
     if row.length == 0:  # complete at creation, as tus clients expect
         append_chunk(store, row, 0, b"")
     return HTTPResponse(status=201, headers={"Location": "/api/uploads/" + row.id})

@@ -146,15 +146,20 @@ def check_request(length, meta):
                 deletion_policy=meta.get("deletion_policy"))
 
 
-def create(store, source, fields, limit):
+def create(store, source, fields, limit, inference_mode):
     """Record a new upload of `fields` (from `check_request`) by `source`
     (its name) on `store` (a `stores.StoreAccess` that had room for it),
-    then make its staging folder; returns the Upload row. The reservation
+    then make its staging folder; returns the Upload row. Whatever would
+    refuse it after its last byte and can be known now is refused first
+    (its destination; an obsid that cannot be known, `inference_mode` being
+    `[librarian] obsid_inference_mode`). The reservation
     is checked once the row is in (`check_open_uploads` with `limit`, and
     the store's room), so that requests at once cannot all pass a check
     made before any of them was recorded: 429 or 400, the row gone."""
     store.resolve(fields["dest_store_path"])  # a path leaving the store: refused now
     ingest.check_destination(store, fields["dest_store_path"])  # not after the last byte
+    ingest.refuse_unknown_obsid_early(fields["dest_store_path"], fields["is_tar"],
+                                      fields["null_obsid"], inference_mode)
     upload_id = uuid.uuid4().hex
     now = utcnow()
     staging = posixpath.join(store.staging_root(), upload_id)

@@ -409,7 +409,8 @@ def test_sshd_stopped_mid_upload_gives_a_clear_error_and_leaves_no_record(
     host, remote, config = _own_host(tmp_path, db_url, ssh_timeout="5")
     size = 256 << 20
     with open(config) as f:  # a single request of this size (bodies are held in memory)
-        text = f.read().replace("[server]\n", "[server]\nmax_body_bytes = %d\n" % (2 * size))
+        text = f.read().replace("[server]\n", "[server]\nmax_body_bytes = %d\n"
+                                "buffered_body_bytes = %d\n" % (2 * size, 4 * size))
     with open(config, "w") as f:
         f.write(text)
     _app(config)
