@@ -7,6 +7,7 @@ documented in `config.example.ini`, which a test checks against `SCHEMA`.
 """
 
 import configparser
+import functools
 import math
 import os
 import re
@@ -303,9 +304,11 @@ def redact_url(url):
     return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 
 
+@functools.lru_cache(maxsize=256)
 def names_this_host(host):
     """Whether `host` is a name of the host this server runs on (a store
-    there is reached directly unless `transport = ssh`)."""
+    there is reached directly unless `transport = ssh`). Kept per process:
+    `getfqdn` may ask the resolver, and stores are opened per request."""
     return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
 
 

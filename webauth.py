@@ -198,7 +198,7 @@ class AuthCache:
             if hit:
                 self.known.move_to_end(mac)
         if hit:
-            source = Source.get_or_none(Source.id == hit[0])
+            source = models.source_where(Source.id, hit[0])
             if source is not None and source.authenticator_hash == hit[1]:
                 return source
         return None
@@ -352,7 +352,7 @@ def session_source():
                                  & (WebSession.expires > models.utcnow()))
     if row is None:
         return None
-    return Source.get_or_none(Source.name == row.source)
+    return models.source_where(Source.name, row.source)
 
 
 def csrf_token():

@@ -27,6 +27,7 @@ client and server compute it in one way.
 """
 
 import contextlib
+import functools
 import hashlib
 import logging
 import posixpath
@@ -36,7 +37,7 @@ import uuid
 
 from errors import Conflict, LibrarianError, Refused, Unavailable
 from librarian_client import CHUNK  # noqa: F401 (callers stream in these chunks)
-from models import write_transaction
+from models import Reusable, write_transaction
 from settings import names_this_host
 from stores import intents
 from stores.intents import crash_point
@@ -134,15 +135,8 @@ class StoreRegistry:
         which copy the server reads from. Raises `StoreUnreachable` when no
         instance is present but one could be on a store that cannot be
         reached now."""
-        from models import FileInstance, Store
-
-        query = (FileInstance.select(FileInstance, Store).join(Store)
-                 .where((FileInstance.file == file_name) & FileInstance.in_service())
-                 .order_by(Store.name))
-        if available_only:
-            query = query.where(Store.available == True)  # noqa: E712
         unreachable = None
-        for inst in query:
+        for inst in _INSTANCES_IN_SERVICE[bool(available_only)].rows(file_name):
             store = self.open(inst.store)
             try:
                 path = store.resolve(inst.store_path)
@@ -153,6 +147,24 @@ class StoreRegistry:
         if unreachable is not None:
             raise unreachable
         return None, None, None
+
+
+def _instances_in_service(file_name, available_only):
+    """The query of `StoreRegistry.present_instance`."""
+    from models import FileInstance, Store
+
+    query = (FileInstance.select(FileInstance, Store).join(Store)
+             .where((FileInstance.file == file_name) & FileInstance.in_service())
+             .order_by(Store.name))
+    if available_only:
+        query = query.where(Store.available == True)  # noqa: E712
+    return query
+
+
+# On the path of every download and locate_file_instance: built once.
+_INSTANCES_IN_SERVICE = {flag: Reusable(functools.partial(_instances_in_service,
+                                                          available_only=flag))
+                         for flag in (False, True)}
 
 
 class StoreAccess:

@@ -411,3 +411,31 @@ def test_listings_read_as_tuples_are_the_records_to_dict_gives(app):
         assert listed == [row.to_dict() for row in query] and len(listed) >= 1
     assert list(m.FileInstance.listed(instances))[0]["full_path_on_store"] == \
         store.path_prefix.rstrip("/") + "/a/b/f.dat"
+
+
+def test_a_reusable_query_gives_what_the_query_gives_with_other_values(app, tmp_path):
+    """Built once per database, run with other values: the same models,
+    joins and constants as the query built afresh; a value that does not
+    reach the SQL as one parameter is refused."""
+    m = models
+    main = m.Store.get()
+    other = m.Store.create(name="other", ssh_host="localhost", path_prefix=str(tmp_path))
+    for name in ("a.dat", "b.dat"):
+        m.File.insert(**raw_file(name=name)).execute()
+        m.FileInstance.create(store=main, parent_dirs="x", file=name)
+    m.FileInstance.create(store=other, parent_dirs="", file="b.dat", verify_result="missing")
+    m.FileInstance.create(store=other, parent_dirs="y", file="a.dat", verify_result="ok")
+
+    def build(name):
+        return (m.FileInstance.select(m.FileInstance, m.Store).join(m.Store)
+                .where((m.FileInstance.file == name) & m.FileInstance.in_service())
+                .order_by(m.Store.name))
+    reusable = m.Reusable(build)
+    for name in ("a.dat", "b.dat", "a.dat", "none.dat"):
+        got = [(i.store.name, i.store_path, i.verify_result) for i in reusable.rows(name)]
+        assert got == [(i.store.name, i.store_path, i.verify_result) for i in build(name)]
+    assert len(list(reusable.rows("a.dat"))) == 2 and len(list(reusable.rows("b.dat"))) == 1
+    assert m.source_where(m.Source.name, "reader").level == "read-only"
+    assert m.source_where(m.Source.name, "nobody") is None
+    with pytest.raises(ValueError, match="one parameter"):
+        m.Reusable(lambda v: m.File.select().where(m.File.name.startswith(v))).first("a")

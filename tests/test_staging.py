@@ -250,7 +250,8 @@ def test_a_chown_command_that_floods_or_hangs_is_bounded(staged, app, web, tmp_p
     tasks.run_until_empty(ctx())
     errors = (staged / USER / "flood" / "STAGING-ERRORS").read_text()
     assert "exited with 2" in errors and len(errors) < 1000
-    script.write_text("#!/bin/sh\nsleep 30 &\nyes\n")  # and a child that outlives it
+    child = "sleep 30.%d" % os.getpid()  # (its own: tests run side by side)
+    script.write_text("#!/bin/sh\n%s &\nyes\n" % child)  # and a child that outlives it
     settings.staging["chown_timeout"] = 0.5
     started = time.monotonic()
     api(web, "search", search='{"name-matches": "one.%"}', output_format="stage-the-files-json",
@@ -259,7 +260,7 @@ def test_a_chown_command_that_floods_or_hangs_is_bounded(staged, app, web, tmp_p
     assert time.monotonic() - started < 15
     assert "did not finish within 0.5 s" in (staged / USER / "hang" / "STAGING-ERRORS").read_text()
     time.sleep(0.2)
-    assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1
+    assert subprocess.run(["pgrep", "-f", child], capture_output=True).returncode == 1
 
 
 def test_the_hand_over_never_follows_a_folder_swapped_after_the_copies(staged, app, web,
