@@ -104,6 +104,20 @@ def patch(url, headers, offset, data):
                           timeout=60)
 
 
+def killed_at_the_last_chunk(config_path, step, dest, data, first, **meta):
+    """A resumable upload of `data` to `dest` sent in two chunks (`first`
+    bytes, then the rest) to a server that kills itself at `step` while
+    taking the second; returns (the server started again, the upload's
+    URL, its chunk headers)."""
+    srv = crashing(config_path, step)
+    url, headers = tus_upload(srv, dest, len(data), **meta)
+    assert patch(url, headers, 0, data[:first]).status_code == 204
+    with pytest.raises(requests.ConnectionError):
+        patch(url, headers, first, data[first:])
+    died(srv)
+    return Server(config_path).start(), url, headers
+
+
 @pytest.mark.parametrize("directory", [False, True])
 def test_a_resumable_upload_killed_at_its_commit_finishes_when_sent_again(
         quiet, config_path, store_dir, tmp_path, directory):
@@ -118,13 +132,8 @@ def test_a_resumable_upload_killed_at_its_commit_finishes_when_sent_again(
         dest, meta = "t/d", {"directory": "tar"}
     else:
         data, dest, meta = os.urandom(300_000), "t/f.dat", {}
-    srv = crashing(config_path, "commit:moved")
-    url, headers = tus_upload(srv, dest, len(data), **meta)
-    assert patch(url, headers, 0, data[:100_000]).status_code == 204
-    with pytest.raises(requests.ConnectionError):
-        patch(url, headers, 100_000, data[100_000:])
-    died(srv)
-    srv = Server(config_path).start()
+    srv, url, headers = killed_at_the_last_chunk(config_path, "commit:moved", dest, data,
+                                                 100_000, **meta)
     try:
         assert agree(store_dir) == set()
         offset = int(requests.head(url, headers=headers).headers["Upload-Offset"])
@@ -144,13 +153,8 @@ def test_a_resumable_upload_killed_right_after_its_commit_is_finished(
     the registration's outcome, and the last chunk sent again is answered
     409 (finished), not a server error."""
     data = os.urandom(200_000)
-    srv = crashing(config_path, "upload:finished")
-    url, headers = tus_upload(srv, "t/g.dat", len(data))
-    assert patch(url, headers, 0, data[:50_000]).status_code == 204
-    with pytest.raises(requests.ConnectionError):
-        patch(url, headers, 50_000, data[50_000:])
-    died(srv)
-    srv = Server(config_path).start()
+    srv, url, headers = killed_at_the_last_chunk(config_path, "upload:finished", "t/g.dat",
+                                                 data, 50_000)
     try:
         assert int(requests.head(url, headers=headers).headers["Upload-Offset"]) == len(data)
         outcome = requests.get(url, headers=bearer()).json()["outcome"]
