@@ -62,7 +62,16 @@ def find_python2():
 
 def ensure_v1_client():
     """The virtualenv holding hera-librarian 0.1.6, built if missing or if
-    its requirements changed. Skips (fails under CI) without Python 2.7."""
+    its requirements changed, by one test process at a time (the others
+    wait: tests run side by side). Skips (fails under CI) without Python 2.7."""
+    import fcntl
+
+    with open(VENV + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_v1_client()
+
+
+def _ensure_v1_client():
     with open(REQUIREMENTS, "rb") as f:
         stamp = hashlib.sha256(f.read()).hexdigest()
     marker = os.path.join(VENV, ".requirements-sha256")
