@@ -227,8 +227,13 @@ def free_port():
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """The server could not listen: its port was taken meanwhile."""
+
+
 class Server:
-    """A `librarian.py serve` child process on a free loopback port."""
+    """A `librarian.py serve` child process on a free loopback port (another
+    one if a test beside took it first)."""
 
     def __init__(self, config_path, env=None):
         self.config_path = config_path
@@ -238,6 +243,18 @@ class Server:
         self.proc = None
 
     def start(self):
+        for _ in range(3):
+            try:
+                return self._start()
+            except PortTaken:  # another test, side by side, took the free port first
+                text = open(self.config_path).read().replace(
+                    "port = %d\n" % self.port, "port = %d\n" % free_port(), 1)
+                open(self.config_path, "w").write(text)
+                self.port = settings.load(self.config_path).server["port"]
+                self.url = "http://127.0.0.1:%d/" % self.port
+        return self._start()
+
+    def _start(self):
         self.log = open(self.config_path + ".log", "ab")
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "librarian.py"),
                                       "serve", "--config", self.config_path],
@@ -245,7 +262,11 @@ class Server:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("server exited: %s" % open(self.config_path + ".log").read())
+                self.log.close()
+                output = open(self.config_path + ".log").read()
+                if "Address already in use" in output:
+                    raise PortTaken(output)
+                raise RuntimeError("server exited: %s" % output)
             try:
                 requests.get(self.url, timeout=1)
                 return self
