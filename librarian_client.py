@@ -375,7 +375,8 @@ class LibrarianClient:
             st = os.fstat(stream.fileno())
             signature = [os.path.abspath(local_path), st.st_size, st.st_mtime_ns, st.st_ino]
         memo = UploadMemo()
-        key = [self.url, dest_store_path, signature, bool(null_obsid), deletion_policy]
+        caller = hashlib.sha256(self.authenticator.encode("utf-8")).hexdigest()[:16]
+        key = [self.url, dest_store_path, caller, signature, bool(null_obsid), deletion_policy]
         for stale, url in memo.others(key):  # of bytes since changed: they hold space and a slot
             self._abandon(url)
             memo.put(stale, None)
@@ -749,15 +750,15 @@ class UploadMemo:
         return self._load().get(json.dumps(key))
 
     def others(self, key):
-        """(key, url) of the uploads remembered for the same server and
-        destination as `key` but other bytes or options."""
+        """(key, url) of the uploads remembered for the same server,
+        destination and caller as `key` but other bytes or options."""
         found = []
         for text, url in self._load().items():
             try:
                 other = json.loads(text)
             except ValueError:
                 continue
-            if isinstance(other, list) and other[:2] == key[:2] and other != key:
+            if isinstance(other, list) and other[:3] == key[:3] and other != key:
                 found.append((other, url))
         return found
 

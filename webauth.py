@@ -30,6 +30,7 @@ from errors import LibrarianError, short
 from models import Source, WebSession
 
 AUTH_CACHE_ENTRIES = 10000
+BEARER_SECONDS = 60.0  # how long an issued authenticator that authenticated counts as known
 SESSION_COOKIE = "librarian_session"
 SESSION_SECONDS = 12 * 3600
 
@@ -101,14 +102,18 @@ class AuthCache:
     def recognises(self, authorization):
         """Whether the value of an Authorization header is `Bearer` and an
         issued authenticator this process found a source for (memory only,
-        for `bodybudget`; the request is still authenticated in full)."""
+        for `bodybudget`; the request is still authenticated in full),
+        in the last BEARER_SECONDS."""
         if not authorization.startswith("Bearer "):
             return False
         token = authorization[len("Bearer "):].strip()
         mac = hmac.new(self.process_key, token.encode("utf-8", "replace"),
                        hashlib.sha256).digest()
         with self.lock:
-            return mac in self.bearers
+            seen = self.bearers.get(mac)
+        # Only while it keeps authenticating: a source removed meanwhile (in
+        # another process) is a stranger again within BEARER_SECONDS.
+        return seen is not None and time.monotonic() - seen < BEARER_SECONDS
 
     def find(self, authenticator, peer=None):
         """The Source calling with `authenticator` (text), or None; raises
@@ -124,7 +129,7 @@ class AuthCache:
             source = models.find_source(authenticator, self.db_key)
             if source is not None:
                 with self.lock:
-                    self.bearers[mac] = True
+                    self.bearers[mac] = time.monotonic()
                     self.bearers.move_to_end(mac)
                     while len(self.bearers) > AUTH_CACHE_ENTRIES:
                         self.bearers.popitem(last=False)

@@ -339,6 +339,19 @@ def test_one_address_checks_one_unknown_secret_at_a_time(app, monkeypatch):
     assert cache.searching == {"192.0.2.7"}  # the other's search ended
 
 
+def test_an_issued_authenticator_is_known_to_the_body_budget_only_while_it_authenticates(
+        app, monkeypatch):
+    import webauth
+
+    cache, issued = webauth.AuthCache(), models.new_authenticator()
+    models.create_source("pipeline", issued, "read-write")
+    assert not cache.recognises("Bearer " + issued)  # not seen yet
+    assert cache.find(issued).name == "pipeline"
+    assert cache.recognises("Bearer " + issued) and not cache.recognises(issued)
+    monkeypatch.setattr(webauth, "BEARER_SECONDS", 0.0)  # (a removed source: no more finds)
+    assert not cache.recognises("Bearer " + issued)
+
+
 def _position(name):
     """How many Argon2 checks finding `name` takes: its place among the
     sources with an Argon2 hash, in id order."""

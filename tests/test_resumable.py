@@ -523,3 +523,16 @@ def test_a_file_changed_since_the_interruption_starts_afresh(small_body_server, 
     with models.db.connection_context():
         assert models.Upload.select().where(models.Upload.outcome.is_null()).count() == 0
     assert librarian_client.UploadMemo()._load() == {}
+    # another caller's unfinished upload to the same place is not this caller's to abandon
+    writer = librarian_client.LibrarianClient(conn_config={
+        "url": small_body_server.url, "authenticator": AUTH["writer"]})
+    _interrupt_patches(monkeypatch, bool)
+    with pytest.raises(KeyboardInterrupt):
+        writer.upload(str(path), "again/zen.2459000.9.txt", null_obsid=True, chunk_size=1 << 20)
+    monkeypatch.setattr(librarian_client.requests.Session, "request", real)
+    path.write_bytes(os.urandom(3 << 20))
+    with pytest.raises(librarian_client.RPCError):  # (a file of that name has other bytes)
+        client.upload(str(path), "again/zen.2459000.9.txt", null_obsid=True, chunk_size=1 << 20)
+    with models.db.connection_context():
+        assert models.Upload.select().where(models.Upload.outcome.is_null()).count() == 1
+    assert len(librarian_client.UploadMemo()._load()) == 1
