@@ -160,4 +160,3 @@ def install(server, channel):
         raise RuntimeError("no waitress listener to bound request bodies on")
     for listener in listeners.values():
         listener.channel_class = channel
-    return len(listeners)

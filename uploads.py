@@ -315,9 +315,7 @@ def _claim(row, offset):
         fresh = Upload.get_or_none(Upload.id == row.id)
         if fresh is None:
             raise NotFound("upload %s was removed" % row.id)
-        if fresh.offset != offset:
-            raise Conflict("Upload-Offset %d is not the upload's offset, %d (ask with HEAD)"
-                           % (offset, fresh.offset))
+        _check_offset(offset, fresh)
         if fresh.writer != me and _writing(fresh):  # (no request of ours holds it)
             raise Conflict("upload %s is being written by another request" % row.id)
         n = (Upload.update(writer=me, updated=utcnow())
@@ -327,6 +325,13 @@ def _claim(row, offset):
     if n != 1:
         raise Conflict("upload %s is being written by another request" % row.id)
     return fresh
+
+
+def _check_offset(offset, row):
+    """409 unless `offset` is the upload `row`'s offset."""
+    if row.offset != offset:
+        raise Conflict("Upload-Offset %d is not the upload's offset, %d (ask with HEAD)"
+                       % (offset, row.offset))
 
 
 def _writing(row):
@@ -371,9 +376,7 @@ def append(store, row, offset, data, finish, checksum=None):
         raise Refused("the chunk ends at byte %d, beyond the upload's length %d"
                       % (offset + len(data), row.length))
     if not data and offset < row.length:  # nothing to write, and no sign of life for `expire`
-        if offset != row.offset:
-            raise Conflict("Upload-Offset %d is not the upload's offset, %d (ask with HEAD)"
-                           % (offset, row.offset))
+        _check_offset(offset, row)
         return offset
     with claimed(row, offset) as row:
         return _append(store, row, offset, data, finish, checksum)

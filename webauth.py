@@ -75,6 +75,15 @@ class _Check:
         self.error = None
 
 
+def _put(entries, key, value):
+    """Set `key` in the OrderedDict `entries` as the most recently used,
+    the least recently used dropped beyond AUTH_CACHE_ENTRIES."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > AUTH_CACHE_ENTRIES:
+        entries.popitem(last=False)
+
+
 class AuthCache:
     """What this process found out about authenticators: the database's key
     for issued ones (read once), the sources whose chosen secrets Argon2
@@ -129,10 +138,7 @@ class AuthCache:
             source = models.find_source(authenticator, self.db_key)
             if source is not None:
                 with self.lock:
-                    self.bearers[mac] = time.monotonic()
-                    self.bearers.move_to_end(mac)
-                    while len(self.bearers) > AUTH_CACHE_ENTRIES:
-                        self.bearers.popitem(last=False)
+                    _put(self.bearers, mac, time.monotonic())
             return source
         source = self._known(mac)
         if source is not None:
@@ -187,14 +193,10 @@ class AuthCache:
         under the chosen secrets `generation`); call holding the lock."""
         if source is None:
             self.known.pop(mac, None)
-            entries, value = self.refused, generation
+            _put(self.refused, mac, generation)
         else:
             self.refused.pop(mac, None)
-            entries, value = self.known, (source.id, source.authenticator_hash)
-        entries[mac] = value
-        entries.move_to_end(mac)
-        while len(entries) > AUTH_CACHE_ENTRIES:
-            entries.popitem(last=False)
+            _put(self.known, mac, (source.id, source.authenticator_hash))
 
     def _known(self, mac):
         """The cached Source for `mac`, if its stored hash is unchanged."""
