@@ -1637,7 +1637,9 @@ def cmd_remove_user(args):
         if not Source.delete().where(Source.name == args.name).execute():
             raise SystemExit("no source named %s" % args.name)
         models.WebSession.delete().where(models.WebSession.source == args.name).execute()
-    print("removed source %s (the files it sent keep it as their source)" % args.name)
+        uploads.orphan(args.name)
+    print("removed source %s (the files it sent keep it as their source; its unfinished "
+          "uploads are removed)" % args.name)
     return 0
 
 

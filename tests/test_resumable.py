@@ -16,6 +16,7 @@ import zlib
 import pytest
 import requests
 
+import librarian
 import librarian_client
 import models
 import uploads
@@ -263,6 +264,25 @@ def test_an_abandoned_upload_expires_with_its_staging(web, store_dir):
     models.Upload.update(updated=models.utcnow() - datetime.timedelta(hours=2)).execute()
     assert uploads.expire(ctx(), 1.0) == 1
     assert models.Upload.select().count() == 0
+    assert store_contents(store_dir) == (set(), [])
+
+
+def test_a_removed_sources_uploads_are_not_a_later_namesakes(web, config_path, store_dir,
+                                                             capsys):
+    def add_pipeline():
+        models.db.close()
+        assert librarian.main(["add-user", "pipeline", "--level", "read-append",
+                               "--config", config_path]) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    first = add_pipeline()
+    url, _ = create(web, 10, who=first, dest="zen.10.txt", null_obsid="true")
+    patch(web, url, 0, b"01234", who=first)
+    assert librarian.main(["remove-user", "pipeline", "--config", config_path]) == 0
+    second = add_pipeline()
+    web.head(url, headers=dict(TUS, **bearer(second)), status=404)
+    patch(web, url, 5, b"56789", who=second, status=404)
+    assert uploads.expire(ctx(), 1.0) == 1  # the next sweep, however recent the bytes
     assert store_contents(store_dir) == (set(), [])
 
 
