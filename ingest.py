@@ -154,6 +154,13 @@ def ensure_observation(meta):
         (Observation.obsid == existing.obsid) & Observation.session.is_null()).execute()
 
 
+def different_file(known):
+    """The 409 for bytes or a record that differ from the known File
+    `known` of the same name."""
+    return LibrarianError(409, "a different file named %r is already registered (size %d, "
+                          "md5 %s)" % (known.name, known.size, known.md5))
+
+
 def insert_file(record, source):
     """Insert a File from `record` (`name, type, create_time (datetime),
     obsid, size, md5`) unless an identical one exists. Returns True when it
@@ -171,9 +178,7 @@ def insert_file(record, source):
             raise LibrarianError(400, "file %r refers to unknown observation %r"
                                  % (record["name"], record["obsid"])) from None
         if existing.size != record["size"] or existing.md5 != record["md5"]:
-            raise LibrarianError(409, "a different file named %r is already registered "
-                                 "(size %d, md5 %s)" % (existing.name, existing.size,
-                                                        existing.md5)) from None
+            raise different_file(existing) from None
         return False
 
 
@@ -322,9 +327,9 @@ def _ingest_files(rows):
                   File.select(File.name, File.size, File.md5)
                   .where(File.name.in_([r["name"] for r in batch])).tuples()}
         for r in batch:
-            if stored[r["name"]] != (r["size"], r["md5"]):
-                raise LibrarianError(409, "a different file named %r is already registered "
-                                     "(size %d, md5 %s)" % ((r["name"],) + stored[r["name"]]))
+            size, md5 = stored[r["name"]]
+            if (size, md5) != (r["size"], r["md5"]):
+                raise different_file(File(name=r["name"], size=size, md5=md5))
 
 
 def ingest_record_sets(files, observations, sessions, source):
@@ -523,6 +528,8 @@ def register_staged(store, abs_staged, store_path, *, source, deletion_policy=No
     known = File.get_or_none(File.name == name)
     if known is not None and (known.size, known.md5) == (size, md5):
         obsid, meta = known.obsid, None
+    elif known is not None and meta_mode != "direct":  # the name, not its metadata
+        raise different_file(known)
     else:
         obsid, meta = observation_of(store, abs_staged, name, meta_mode=meta_mode,
                                      null_obsid=null_obsid, inference_mode=inference_mode)

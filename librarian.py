@@ -1518,16 +1518,20 @@ def cmd_serve(args):
     intents.start_heartbeat(stop, functools.partial(settle_all, context))
     tasks.start_workers(context, config.server["workers"], stop)
     host, port = config.server["host"], config.server["port"]
-    log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
-             config.server["threads"])
     try:
-        waitress_server(app, config, host=host, port=port).run()
+        server = waitress_server(app, config, host=host, port=port)  # binds the port
     except OSError as e:
+        stop.set()
         raise SystemExit("cannot listen on %s:%d: %s (is another server running there? see "
                          "[server] host and port in %s)" % (host, port, e.strerror,
                                                             config.path)) from None
+    log.info("Librarian %s serving on http://%s:%d/ with %d threads", __version__, host, port,
+             config.server["threads"])
+    try:
+        server.run()
     finally:
         stop.set()
+        log.info("Librarian stopped")
         uvmeta.shutdown()
     return 0
 
@@ -1667,6 +1671,10 @@ url = sqlite:///{db_path}
 [store:local]
 path_prefix = {store_path}
 
+# Staging copies search results into dest_prefix/USER/FOLDER.
+[staging]
+dest_prefix = {staging_path}
+
 [source:admin]
 authenticator = {authenticator}
 level = admin
@@ -1675,17 +1683,20 @@ level = admin
 
 def cmd_init_config(args):
     """Write a config for an archive under the config's folder (SQLite
-    database and a local store), unless the file exists."""
+    database, a local store and a staging area), unless the file exists."""
     path = os.path.abspath(args.path)
     if os.path.exists(path):
-        print("%s exists; leaving it as it is" % path)
+        print("%s exists; leaving it as it is (remove it, or give another path, for a new "
+              "one)" % path)
         return 0
     base = os.path.dirname(path)
     os.makedirs(base, exist_ok=True)
     text = CONFIG_TEMPLATE.format(port=args.port, secret_key=secrets.token_hex(32),
                                   db_path=os.path.join(base, "librarian.db"),
                                   store_path=os.path.join(base, "store"),
+                                  staging_path=os.path.join(base, "staging"),
                                   authenticator=models.new_authenticator())
+    os.makedirs(os.path.join(base, "staging"), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)

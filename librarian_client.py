@@ -282,8 +282,12 @@ class LibrarianClient:
         n_bytes}`."""
         if not isinstance(search, str):
             search = json.dumps(search)
-        return self._do_http_post("search", search=search, output_format="stage-the-files-json",
-                                  stage_user=user, stage_dest=dest)
+        try:
+            return self._do_http_post("search", search=search,
+                                      output_format="stage-the-files-json", stage_user=user,
+                                      stage_dest=dest)
+        except RPCError as e:  # named as the caller asked it, not by the operation it rides
+            raise RPCError("stage-files", e.message, e.status) from None
 
     def verify_file(self, file_name, here_only=None, recompute=None):
         """Our addition: recompute every copy of a file, here and (unless
@@ -1155,7 +1159,7 @@ def cmd_describe_session(client, args):
     if not reply["any_matching"]:
         print("no session has files from %s lacking event %s" % (args.source, args.event_type))
         return
-    print("session %d: files from %s without a %s event" % (reply["session_id"], args.source,
+    print("session %d: files from %s without an event %s" % (reply["session_id"], args.source,
                                                            args.event_type))
     print("  %-15s %-4s %-9s %s" % ("START JD", "POL", "LENGTH", "HOST:PATH"))
     for i in reply["info"]:
@@ -1400,7 +1404,9 @@ def main(argv=None):
         print("librarian: %s" % e, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("librarian: interrupted", file=sys.stderr)
+        print("librarian: interrupted" + (
+            "; the same command again goes on from where the upload stopped"
+            if args.command == "upload" else ""), file=sys.stderr)
         return 1
     return 0
 

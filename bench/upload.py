@@ -72,19 +72,22 @@ def make_file(path, size):
             left -= len(block)
 
 
-def start_server(work, store_section):
+def start_server(work, store_section, server_extra=None):
     """Start `librarian.py serve` on a new SQLite database in `work` with
-    the `[store:...]` section `store_section` and an admin source whose
+    the `[store:...]` section `store_section` (and any further sections
+    after it), the `[server]` keys of the dict `server_extra`, and an admin
+    source whose
     authenticator is 'bench-secret'; returns (process, base URL) once it
     has answered one authenticated call (Argon2 verification itself peaks
     at its 64 MiB memory cost, which is not what the benchmarks measure)."""
     port = free_port()
     config = os.path.join(work, "librarian.ini")
     with open(config, "w") as f:
-        f.write("[server]\nport = %d\nsecret_key = bench\nlog_level = WARNING\n"
-                "[database]\nurl = sqlite:///%s\n%s"
-                "[source:bench]\nauthenticator = bench-secret\nlevel = admin\n"
-                % (port, os.path.join(work, "db.sqlite"), store_section))
+        f.write("[server]\nport = %d\nsecret_key = bench\nlog_level = WARNING\n%s"
+                "[database]\nurl = sqlite:///%s\n"
+                "[source:bench]\nauthenticator = bench-secret\nlevel = admin\n%s"
+                % (port, "".join("%s = %s\n" % kv for kv in (server_extra or {}).items()),
+                   os.path.join(work, "db.sqlite"), store_section))
     py = sys.executable
     subprocess.run([py, os.path.join(ROOT, "librarian.py"), "migrate", "--config", config],
                    check=True, capture_output=True)
@@ -124,9 +127,9 @@ def work_dir(prefix, keep):
 
 
 @contextmanager
-def running_server(work, store_section):
+def running_server(work, store_section, server_extra=None):
     """`start_server` for the block, stopped after it: yields (process, URL)."""
-    server, url = start_server(work, store_section)
+    server, url = start_server(work, store_section, server_extra)
     try:
         yield server, url
     finally:

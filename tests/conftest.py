@@ -43,7 +43,8 @@ LEVEL = {"admin": "admin", "reader": "read-only", "appender": "read-append",
 def need_data():
     """Skip (with a clear reason) when the sample data sets are absent."""
     if not (os.path.isdir(MIRIAD) and os.path.isfile(UVH5)):
-        pytest.skip("sample data sets not found in %s" % DATA)
+        pytest.skip("sample data sets not found in %s (give their folder as "
+                    "$LIBRARIAN_TEST_DATA)" % DATA)
 
 
 # ---------------------------------------------------------------------------

@@ -306,3 +306,23 @@ def test_a_staging_never_writes_into_another_sources_folders(staged, web):
         output_format="stage-the-files-json", stage_user="ann", stage_dest="elsewhere")
     assert tasks.run_until_empty(ctx()) == 2
     assert not (staged / "ann" / "night" / "data" / "b").exists()
+
+
+def test_the_client_names_stage_files_when_staging_is_off(client_config, capsys):
+    import librarian_client
+
+    assert librarian_client.main(["--config", client_config, "stage-files", "writer", "{}",
+                                  "run1"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "librarian: stage-files: staging is not configured on this Librarian")
+
+
+def test_init_config_writes_a_staging_area(tmp_path):
+    import librarian
+    import settings
+
+    path = tmp_path / "var" / "librarian.ini"
+    assert librarian.main(["init-config", str(path)]) == 0
+    config = settings.load(str(path))
+    assert config.staging["dest_prefix"] == str(tmp_path / "var" / "staging")
+    assert (tmp_path / "var" / "staging").is_dir()

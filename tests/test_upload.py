@@ -268,6 +268,11 @@ def test_same_bytes_again_is_a_no_op_and_other_bytes_are_a_conflict(web, store_d
     assert again.json["md5"] == first.json["md5"]
     reply = put(web, "a/same.dat", b"other bytes", status=409, null_obsid="true").json
     assert "different file" in reply["message"]
+    # Without the flag the first upload needed: still the name's refusal, which
+    # says what is wrong (not that the data carry no observation).
+    reply = put(web, "a/same.dat", b"other bytes", status=409).json
+    assert reply["message"] == ("a different file named 'same.dat' is already registered "
+                                "(size 11, md5 %s)" % first.json["md5"])
     assert models.FileInstance.select().count() == 1
     files, staging = store_contents(store_dir)
     assert files == {"a/same.dat"} and staging == []
