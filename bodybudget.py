@@ -113,7 +113,10 @@ def channel_class(budget, bound, known):
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
             n = bound if self.chunked else self.content_length
-            if n <= SMALL_BODY_BYTES or n > bound:  # small, or refused (413) by waitress
+            if n > bound:  # refused (413) by waitress from the headers alone
+                self.expect_continue = False  # else it would send 100 and read the body
+                return
+            if n <= SMALL_BODY_BYTES:
                 return
             recognised = known(self.headers.get("AUTHORIZATION", ""))
             if not budget.take(n, self.peer, recognised):

@@ -693,7 +693,7 @@ def op_complete_upload(source, args):
             store.release(folder)
     else:
         result = complete_known(store, folder, name, register)
-    standing.after_upload(ctx())
+    standing.sweep_soon(ctx())
     return upload_outcome(result, store)
 
 
@@ -766,7 +766,7 @@ def op_register_instances(source, args):
     with models.write_transaction():
         for item in prepared:
             ingest.register_prepared(store, item, source=source.name)
-    standing.after_upload(ctx())
+    standing.sweep_soon(ctx())
     if cfg().librarian["permissions_mode"] == "readonly":
         for item in prepared:
             store.make_readonly(item["abs_path"])
@@ -956,7 +956,6 @@ def op_create_standing_order(source, args):
     """Save a standing order: copy every file matching `search` to
     `conn_name`, once."""
     standing.create(ctx(), args["name"], args["search"], args["conn_name"])
-    standing.schedule_periodic(ctx())
     return {}
 
 
@@ -1075,7 +1074,7 @@ def finish_upload(store, staged, dest_store_path, source_name, expected_md5, nul
         inference_mode=cfg().librarian["obsid_inference_mode"],
         readonly=cfg().librarian["permissions_mode"] == "readonly", recorded=reply)
     if result["created"]:
-        standing.after_upload(ctx())
+        standing.sweep_soon(ctx())
     return answer[0]
 
 

@@ -543,7 +543,6 @@ def standing_order_form(name=None):
         if name is None:
             standing.create(of_request(), fields["name"], fields["search"],
                             fields["conn_name"])
-            standing.schedule_periodic(of_request())
             name = fields["name"]
         else:
             standing.update(of_request(), name, fields["search"] or None, fields["conn_name"] or None)

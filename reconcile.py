@@ -251,7 +251,7 @@ def register_dark(ctx, store_row, store_path, null_obsid=False):
         result = ingest.register_prepared(store, prepared, source="reconcile")
     if ctx.settings.librarian["permissions_mode"] == "readonly":
         store.make_readonly(real)
-    standing.after_upload(ctx)
+    standing.sweep_soon(ctx)
     return dict(result, size=prepared["size"], md5=prepared["md5"])
 
 

@@ -60,10 +60,12 @@ def create(ctx, name, search_text, conn_name):
     _check(ctx, name, search_text, conn_name)
     try:
         with write_transaction():
-            return StandingOrder.create(name=name, search=search_text, conn_name=conn_name,
-                                        created=utcnow())
+            order = StandingOrder.create(name=name, search=search_text, conn_name=conn_name,
+                                         created=utcnow())
     except pw.IntegrityError:
         raise LibrarianError(409, "a standing order named %r exists already" % name) from None
+    sweep_soon(ctx)
+    return order
 
 
 def get(name):
@@ -82,6 +84,7 @@ def update(ctx, name, search_text=None, conn_name=None):
     if fields:
         with write_transaction():
             StandingOrder.update(**fields).where(StandingOrder.id == order.id).execute()
+        sweep_soon(ctx)
 
 
 def delete(name):
@@ -144,9 +147,9 @@ def schedule_sweep(ctx, delay):
             tasks.enqueue(ctx, "standing_order_sweep", {}, delay=delay)
 
 
-def after_upload(ctx):
-    """Called when a file arrived: schedule a sweep after the batching delay,
-    if there are orders at all."""
+def sweep_soon(ctx):
+    """Called when a file arrived or an order was made or changed: schedule
+    a sweep after the batching delay, if there are orders at all."""
     if StandingOrder.select().exists():
         schedule_sweep(ctx, ctx.settings.librarian["standing_order_delay"])
 

@@ -96,8 +96,7 @@ def read_uvh5(path):
 
     try:
         with h5py.File(path, "r") as f:
-            header = f["Header"]
-            times = np.asarray(header["time_array"][()], dtype=float)
+            times = np.asarray(_dataset(f, "Header/time_array")[()], dtype=float)
             if times.size == 0:
                 raise MetadataError("UVH5 file has an empty time_array")
             if not np.all(np.isfinite(times)):
@@ -106,8 +105,8 @@ def read_uvh5(path):
             start_jd = _check_jd(float(times[first]), "the first time_array entry")
             stop_jd = _check_jd(float(times.max()), "the last time_array entry")
             lst = None
-            if "lst_array" in header:
-                lst = _lst_hours(header["lst_array"][first])
+            if "lst_array" in f["Header"]:
+                lst = _lst_hours(_dataset(f, "Header/lst_array")[first])
                 if not math.isfinite(lst):
                     lst = None
             obsid = int(math.floor(jd_to_gps_seconds(start_jd)))
@@ -117,6 +116,31 @@ def read_uvh5(path):
         raise MetadataError("cannot read UVH5 header: %s" % e) from e
     return {"obsid": obsid, "start_time_jd": start_jd, "stop_time_jd": stop_jd,
             "start_lst_hr": lst}
+
+
+def _dataset(f, path):
+    """The dataset at `path` ('Group/name') of the open h5py File `f`,
+    reached through hard links only and stored in the file itself: HDF5
+    lets a file point elsewhere (external links, external storage, virtual
+    datasets), and a header read must never read another file of the host
+    (a caller would learn its bytes from the refusal). Raises
+    `MetadataError`."""
+    import h5py
+
+    node = f
+    for part in path.split("/"):
+        link = node.get(part, getlink=True)
+        if link is None:
+            raise MetadataError("UVH5 file lacks %s" % path)
+        if not isinstance(link, h5py.HardLink):
+            raise MetadataError("UVH5 %s is a link to elsewhere, which is not read" % path)
+        node = node[part]
+    if not isinstance(node, h5py.Dataset):
+        raise MetadataError("UVH5 %s is not a dataset" % path)
+    if node.external or node.is_virtual:
+        raise MetadataError("UVH5 %s keeps its values outside the file, which are not read"
+                            % path)
+    return node
 
 
 class LocalFiles:
@@ -262,12 +286,43 @@ def run_reader(label, func, *args):
                                     "reader" % label) from None
 
 
+# A reader holding more than this after a read is replaced: a header can make
+# HDF5 keep memory that it reports as an ordinary error, not as MemoryError.
+KEEP_RSS_BYTES = 512 << 20
+
+
+def _resident_bytes(pid):
+    """Resident memory of process `pid` in bytes (Linux /proc); 0 if unknown."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _discard_if_bloated(pool):
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    if any(_resident_bytes(p.pid) > KEEP_RSS_BYTES for p in processes):
+        _discard_pool(pool)
+
+
 def _run_in(pool, label, func, *args):
-    """`run_reader` in `pool`: one read under LIMITS."""
+    """`run_reader` in `pool`: one read under LIMITS; a reader left holding
+    more than KEEP_RSS_BYTES afterwards is replaced."""
     try:
         future = pool.submit(func, *args)
     except RuntimeError:  # shut down by another caller meanwhile
         raise BrokenProcessPool("the reader was stopped") from None
+    try:
+        return _result(pool, label, future)
+    finally:
+        _discard_if_bloated(pool)
+
+
+def _result(pool, label, future):
     try:
         return future.result(timeout=LIMITS["seconds"])
     except MemoryError:

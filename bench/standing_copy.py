@@ -64,10 +64,10 @@ def main():
         os.makedirs(sender_dir)
         with running_server(receiver_dir, "[store:there]\npath_prefix = %s\n"
                             % os.path.join(receiver_dir, "store")) as (_, receiver):
-            # Sweeps often, so that the order's first sweep starts at once.
+            # The order's first sweep at once (the batching delay is for uploads).
             sender_extra = ("[store:here]\npath_prefix = %s\n"
                             "[connection:receiver]\nurl = %s\nauthenticator = bench-secret\n"
-                            "[librarian]\nstanding_order_interval = 0.2\n"
+                            "[librarian]\nstanding_order_delay = 0.1\n"
                             % (os.path.join(sender_dir, "store"), receiver))
             with running_server(sender_dir, sender_extra,
                                 {"workers": args.workers}) as (_, sender):

@@ -194,6 +194,43 @@ def test_an_allocation_bomb_header_is_refused_and_the_reader_recovers(app, tmp_p
     assert ctx() is not None
 
 
+@pytest.mark.parametrize("how", ["external storage", "external link", "virtual dataset"])
+def test_a_header_never_reads_another_file_of_the_host(tmp_path, how):
+    """HDF5 can keep a dataset's values in another file: a header read that
+    followed it would tell the caller that file's bytes in its refusal."""
+    secret = tmp_path / "secret.ini"
+    secret.write_bytes(np.array([2458432.5], dtype="<f8").tobytes())  # a plausible JD
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_group("Header")["time_array"] = np.array([2458432.5])
+    path = tmp_path / "zen.sneaky.uvh5"
+    with h5py.File(path, "w") as f:
+        header = f.create_group("Header")
+        if how == "external storage":
+            header.create_dataset("time_array", shape=(1,), dtype="<f8",
+                                  external=[(str(secret), 0, 8)])
+        elif how == "external link":
+            header["time_array"] = h5py.ExternalLink(str(other), "/Header/time_array")
+        else:
+            layout = h5py.VirtualLayout(shape=(1,), dtype="f8")
+            layout[:] = h5py.VirtualSource(str(other), "Header/time_array", shape=(1,))
+            header.create_virtual_dataset("time_array", layout)
+    with pytest.raises(uvmeta.MetadataError) as e:
+        uvmeta.read_observation(str(path))
+    assert "Header/time_array" in str(e.value) and "2458432" not in str(e.value)
+
+
+def test_a_reader_left_holding_memory_is_replaced(monkeypatch):
+    from conftest import UVH5, need_data
+
+    need_data()
+    assert uvmeta.read_observation(UVH5)["obsid"] > 0
+    pool = uvmeta._pool
+    monkeypatch.setattr(uvmeta, "KEEP_RSS_BYTES", 1 << 20)  # every reader holds more
+    assert uvmeta.read_observation(UVH5)["obsid"] > 0
+    assert uvmeta._pool is None and pool is not None  # the next read starts a fresh one
+
+
 def tar_bytes(build, mode="w"):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as tar:

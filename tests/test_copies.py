@@ -216,6 +216,11 @@ def test_standing_orders_copy_matching_new_files_exactly_once(trio):
     assert [t for t, _ in events(sender_dir, "b.dat")] == ["create_instance"]
     listed = call(sender, "list_standing_orders", who="reader")["standing_orders"]
     assert [o["name"] for o in listed] == ["notes-to-r2", "uvh5-to-r1"]
+    # An order made after its files arrived copies them within the batching
+    # delay, not at the next periodic sweep (ten minutes away).
+    call(sender, "create_standing_order", name="dat-to-r1", search='{"name-is-exactly": "b.dat"}',
+         conn_name="r1")
+    wait_for(lambda: "b.dat" in names_on(r1), seconds=30)
 
 
 @pytest.mark.parametrize("trio", ["disabled"], indirect=True)

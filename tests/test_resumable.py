@@ -341,6 +341,12 @@ def test_a_body_over_the_bound_is_refused_from_its_headers(small_body_server, st
     assert head.startswith(b"HTTP/1.1 413")
     assert b"over [server] max_body_bytes (1048576 bytes)" in head, head
     assert store_contents(store_dir) == (set(), [])
+    # A client that waits for 100 Continue is told 413 instead, and sends nothing.
+    with socket.create_connection(("127.0.0.1", small_body_server.port)) as s:
+        s.sendall(b"POST /api/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        s.settimeout(10)
+        assert s.recv(12) == b"HTTP/1.1 413"
 
 
 def test_the_client_uploads_in_chunks_and_resumes_after_a_dropped_connection(
