@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import re
+import sqlite3
 import threading
 import time
 
@@ -35,7 +36,7 @@ from models import (File, FileEvent, FileInstance, LibrarianError, Observation,
 UNIX_EPOCH_JD = 2440587.5
 SECONDS_PER_DAY = 86400.0
 MAX_CLAUSES = 1000
-MAX_DEPTH = 32
+MAX_DEPTH = 16  # SQLite's SQL parser overflows its stack at 23 levels of and/or
 INT64 = (-2**63, 2**63 - 1)
 # A JSON string, or a comment running from # to the end of its line.
 STRING_OR_COMMENT_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*')
@@ -491,7 +492,7 @@ def limited(caller, seconds, per_caller):
                     yield
                 finally:
                     conn.set_progress_handler(None, 0)
-    except pw.OperationalError as e:
+    except (pw.OperationalError, sqlite3.OperationalError) as e:  # raw: from a cursor's rows
         text = str(e).lower()
         if "interrupted" not in text and "statement timeout" not in text:
             raise

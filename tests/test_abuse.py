@@ -147,6 +147,11 @@ def test_a_search_over_its_time_limit_is_stopped_with_a_clear_error(web):
         with search.limited("someone", 0.001, 4):
             list(search.file_query(ors))
     assert e.value.status == 503 and "search_timeout_seconds" in e.value.message
+    every_row = ors[:-2] + ', "name-matches": "f%"}}'  # a first row soon, the rest slowly
+    with pytest.raises(models.LibrarianError) as e:  # rows fetched by the driver itself
+        with search.limited("someone", 0.001, 4):
+            models.raw_rows(search.file_query(every_row))
+    assert e.value.status == 503 and "search_timeout_seconds" in e.value.message
     # the connection is usable afterwards, and a quick search passes
     with search.limited("someone", 30, 4):
         assert len(list(search.file_query('{"name-matches": "f0000%"}'))) == 10

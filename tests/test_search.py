@@ -7,6 +7,7 @@ import json
 import pytest
 
 import models
+import search
 from conftest import QueryCounter, api
 
 A, B, C = "zen.1000.a.uv", "zen.1000.b.uvh5", "zen.1001.a.uv"
@@ -149,7 +150,7 @@ ERROR_CASES = [
     ('{"not-older-than": 1e300}', "out of range"),
     ('{"name-is-exactly": "\\ud800"}', "not valid Unicode"),
     ('{"name-is-exactly": "a\\u0000"}', "NUL"),
-    ('{"and": ' * 40 + "{}" + "}" * 40, "nested deeper than 32"),
+    ('{"and": ' * 40 + "{}" + "}" * 40, "nested deeper than 16"),
     ('{"name-is-exactly": "a"', "not valid JSON"),
     ('["name-is-exactly"]', "must be a JSON object"),
     ("# only a comment", "the search is empty"),
@@ -165,6 +166,16 @@ def test_bad_searches_are_400_naming_the_clause(catalogue, web, text, message):
     assert reply["success"] is False
     assert re.search(message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)"),
                      reply["message"]), reply["message"]
+
+
+def test_the_deepest_search_allowed_runs_on_both_databases(catalogue, web):
+    query = {"name-matches": "%"}
+    for i in range(search.MAX_DEPTH - 1):  # each level an object of two clauses
+        query = {"name-matches": "nothing-%d" % i, ("or" if i % 2 else "and"): query}
+    api(web, "search", auth="reader", search=json.dumps(query),
+        output_format="file-listing-json")
+    api(web, "search", auth="reader", search=json.dumps({"or": query}), status=400,
+        output_format="file-listing-json")
 
 
 def test_hash_inside_a_string_is_not_a_comment(catalogue, web):
