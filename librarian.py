@@ -453,7 +453,10 @@ def read_api_payload():
         fail(413, "request payload of %d bytes is larger than the %d allowed"
              % (request.content_length, bottle.BaseRequest.MEMFILE_MAX))
     if request.content_type.split(";")[0].strip() == "application/json":
-        raw = request.body.read().decode("utf-8", "replace")
+        try:
+            raw = request.body.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            fail(400, "request payload is not UTF-8 text (byte %d)" % e.start)
     else:
         raw = request.forms.getunicode("request") or request.query.getunicode("request")
     if not raw:
@@ -1264,19 +1267,33 @@ def instance_response(inst):
     return resp
 
 
-def byte_range(size):
+RANGE_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
+
+
+def byte_range(size, etag):
     """The (start, end exclusive) of the request's Range, or None for the
     whole body, by RFC 9110 section 14: a unit other than bytes is
     ignored, and so are several ranges (the whole body is the allowed
-    answer); a single unsatisfiable bytes range is 416."""
+    answer), a malformed one, and any under an If-Range other than `etag`
+    (13.1.5); a single unsatisfiable bytes range is 416."""
     header = request.environ.get("HTTP_RANGE", "")
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:  # (units are case-insensitive)
+    if unit.strip().lower() != "bytes":  # (units are case-insensitive)
         return None
-    ranges = list(bottle.parse_range_header("bytes=" + spec.strip(), size))
-    if not ranges:
+    if_range = request.environ.get("HTTP_IF_RANGE")
+    if if_range is not None and if_range.strip() != etag:
+        return None
+    match = RANGE_SPEC.fullmatch(spec.strip())
+    if match is None or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if not first:  # the last `last` bytes
+        start, end = max(0, size - int(last)), size
+    else:
+        start, end = int(first), min(size, int(last) + 1) if last else size
+    if start >= end:  # beyond the end, reversed, or a suffix of none
         raise HTTPResponse(status=416, headers={"Content-Range": "bytes */%d" % size})
-    return ranges[0]
+    return start, end
 
 
 def file_response(store, path, inst):
@@ -1288,8 +1305,10 @@ def file_response(store, path, inst):
     (`wsgi.file_wrapper`, bounded by Content-Length), so that a client that
     does not read holds no worker thread."""
     size = inst.file.size
-    headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
-    wanted = byte_range(size)
+    etag = '"%s"' % inst.file.md5  # the bytes of a file never change
+    headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+               "ETag": etag}
+    wanted = byte_range(size, etag)
     start, end = wanted or (0, size)
     status = 200 if wanted is None else 206
     if wanted is not None:

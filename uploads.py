@@ -202,7 +202,8 @@ def find(upload_id, source):
     """The Upload `upload_id` of `source` (a models.Source; an admin sees
     every one); 404 otherwise, so that nobody learns of others' uploads."""
     row = Upload.get_or_none(Upload.id == upload_id) if len(upload_id) == 32 else None
-    if row is None or (row.source != source.name and not source.allows("admin")):
+    if row is None or not row.source or (  # no source: orphaned, for expiry alone
+            row.source != source.name and not source.allows("admin")):
         raise NotFound("no upload %s" % short(upload_id))
     return row
 

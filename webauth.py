@@ -39,11 +39,14 @@ def fail(status, message):
     raise HTTPError(status, message)
 
 
-def bearer_token():
-    """The token of an `Authorization: Bearer` header, or None."""
-    header = request.get_header("Authorization", "")
-    if header.startswith("Bearer "):
-        return header[len("Bearer "):].strip()
+def bearer_token(header=None):
+    """The token of an `Authorization: Bearer` header value (by default the
+    request's), or None. The scheme is case-insensitive (RFC 9110 11.1)."""
+    if header is None:
+        header = request.get_header("Authorization", "")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     return None
 
 
@@ -113,9 +116,9 @@ class AuthCache:
         issued authenticator this process found a source for (memory only,
         for `bodybudget`; the request is still authenticated in full),
         in the last BEARER_SECONDS."""
-        if not authorization.startswith("Bearer "):
+        token = bearer_token(authorization)
+        if token is None:
             return False
-        token = authorization[len("Bearer "):].strip()
         mac = hmac.new(self.process_key, token.encode("utf-8", "replace"),
                        hashlib.sha256).digest()
         with self.lock:

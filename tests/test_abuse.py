@@ -3,6 +3,7 @@ error echo, credentials, Range, login CSRF, search limits and the header
 reader's limits; on SQLite and PostgreSQL."""
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -76,6 +77,13 @@ def test_authenticators_that_are_not_text_get_400_and_wrong_ones_401(web):
                                                      **{"Content-Type": "application/json"}),
                     status=401)
     assert resp.headers["WWW-Authenticate"]
+    # the scheme's name is case-insensitive (RFC 9110 11.1)
+    web.post("/api/ping", "{}", headers={"Authorization": "bEARER " + AUTH["admin"],
+                                         "Content-Type": "application/json"}, status=200)
+    # a JSON body that is not UTF-8 is refused, never read with replacement characters
+    resp = web.post("/api/create_file_event", b'{"type": "q\xff"}', status=400,
+                    headers=dict(bearer(), **{"Content-Type": "application/json"}))
+    assert "not UTF-8" in resp.json["message"]
 
 
 def test_errors_quote_only_a_prefix_of_bad_input(web):
@@ -106,6 +114,16 @@ def test_range_follows_rfc_9110(web, flat_file):
     assert resp.headers["Content-Range"] == "bytes */10240"
     assert web.get(url, headers=dict(bearer(), Range="bytes=-5"), status=206).body == \
         flat_file[-5:]
+    # malformed numbers are no range at all (Python's int() would take them)
+    for spec in ("bytes=+5-10", "bytes=1_0-20", "bytes= 5 - 9", "bytes=-"):
+        assert web.get(url, headers=dict(bearer(), Range=spec), status=200).body == flat_file
+    # If-Range: the range only while the validator (the MD5 as ETag) matches
+    etag = web.head(url, headers=bearer()).headers["ETag"]
+    assert etag == '"%s"' % hashlib.md5(flat_file).hexdigest()
+    assert web.get(url, headers=dict(bearer(), Range="bytes=0-1", **{"If-Range": etag}),
+                   status=206).body == flat_file[:2]
+    assert web.get(url, headers=dict(bearer(), Range="bytes=0-1", **{"If-Range": '"other"'}),
+                   status=200).body == flat_file
 
 
 def test_concurrent_session_assignments_do_not_conflict(web):

@@ -282,6 +282,7 @@ def test_a_removed_sources_uploads_are_not_a_later_namesakes(web, config_path, s
     second = add_pipeline()
     web.head(url, headers=dict(TUS, **bearer(second)), status=404)
     patch(web, url, 5, b"56789", who=second, status=404)
+    patch(web, url, 5, b"56789", who="admin", status=404)  # nobody's: a file without source
     assert uploads.expire(ctx(), 1.0) == 1  # the next sweep, however recent the bytes
     assert store_contents(store_dir) == (set(), [])
 
