@@ -156,10 +156,28 @@ def channel_class(budget, bound, known):
 def install(server, channel):
     """Make every listening socket of the waitress `server` (one
     TcpWSGIServer, or a MultiSocketServer of several: `host = localhost`
-    with IPv4 and IPv6) use `channel`; raises RuntimeError if none does."""
+    with IPv4 and IPv6) use `channel`, and close its stalled connections
+    (`close_stalled`); raises RuntimeError if there is no listener."""
     listeners = {id(s): s for s in [server, *getattr(server, "map", {}).values()]
                  if isinstance(s, BaseWSGIServer)}
     if not listeners:
         raise RuntimeError("no waitress listener to bound request bodies on")
     for listener in listeners.values():
         listener.channel_class = channel
+        listener.maintenance = functools.partial(close_stalled, listener,
+                                                 listener.maintenance)
+
+
+def close_stalled(listener, maintenance, now):
+    """waitress's look for idle connections, which marks those idle for
+    `channel_timeout` to be closed, and then the closing of those among
+    them that still hold output: waitress closes a connection only when
+    its socket can be written to, which never happens for a client that
+    stopped reading (a file sent by the I/O loop would hold its slot for
+    ever). Runs in waitress's I/O thread."""
+    maintenance(now)
+    cutoff = now - listener.adj.channel_timeout
+    for ch in list(listener.active_channels.values()):
+        if ch.will_close and not ch.requests and ch.total_outbufs_len and \
+                ch.last_activity < cutoff:
+            ch.handle_close()

@@ -1465,16 +1465,25 @@ def make_server_app(args):
     return config, app
 
 
+MAX_HEADER_BYTES = 64 << 10  # a request's headers (waitress's default: 256 KiB each)
+# A response streamed by a thread waits while this much is unsent, held in
+# memory (waitress's defaults: 16 MiB, spooled to a temporary file past 1 MiB).
+OUTBUF_BYTES = 4 << 20
+
+
 def waitress_limits(config):
     """waitress's settings from `[server]`: a body over `max_body_bytes` is
     refused (413) from its headers, and one within it is held in memory
     (never spooled to a temporary file) until the handler reads it once."""
-    limit = config.server["max_body_bytes"]
-    # (waitress refuses a body of max_request_body_size bytes or more.)
+    limit, idle = config.server["max_body_bytes"], config.server["channel_timeout"]
+    # (waitress refuses a body of max_request_body_size bytes or more; it looks
+    # for idle connections every cleanup_interval seconds.)
     return dict(threads=config.server["threads"], max_request_body_size=limit + 1,
                 inbuf_overflow=limit + 1, recv_bytes=RECV_BYTES,
                 connection_limit=config.server["connection_limit"],
-                channel_timeout=config.server["channel_timeout"])
+                channel_timeout=idle, cleanup_interval=max(1.0, min(30.0, idle / 2)),
+                max_request_header_size=MAX_HEADER_BYTES,
+                outbuf_high_watermark=OUTBUF_BYTES, outbuf_overflow=OUTBUF_BYTES + 1)
 
 
 def waitress_server(app, config, **listen):

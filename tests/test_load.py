@@ -21,7 +21,7 @@ def busy_server(app, config_path, tmp_path):
     """A real server with 4 threads, short send and idle timeouts, holding
     a 48 MiB flat file and a directory of 48 MiB."""
     text = open(config_path).read().replace("threads = 8", "threads = 4").replace(
-        "[server]\n", "[server]\nsend_timeout = 2\nchannel_timeout = 30\n"
+        "[server]\n", "[server]\nsend_timeout = 2\nchannel_timeout = 2\n"
         "search_timeout_seconds = 2\nsearches_per_caller = 2\n")
     open(config_path, "w").write(text)
     models.db.close()
@@ -57,6 +57,26 @@ def stalled_get(server, path, headers=b""):
     return s
 
 
+def server_connections(server):
+    """How many TCP connections the server process holds open to its port."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % server.proc.pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (server.proc.pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in list(f)[1:]:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if fields[3] == "01" and local_port == server.port and fields[9] in inodes:
+                count += 1  # ESTABLISHED, on the server's side
+    return count
+
+
 def test_idle_connections_do_not_stop_service(busy_server):
     idle = [socket.create_connection(("127.0.0.1", busy_server.port)) for _ in range(150)]
     try:
@@ -76,6 +96,12 @@ def test_clients_that_never_read_a_range_hold_no_thread(busy_server):
     try:
         time.sleep(0.5)
         assert ping_seconds(busy_server) < 5
+        # After channel_timeout (2 s) and waitress's next look (1 s later at most),
+        # the server has closed their connections, which no longer take its slots.
+        held = server_connections(busy_server)
+        assert held >= 24
+        time.sleep(4)
+        assert server_connections(busy_server) < held - 20
     finally:
         for s in stalled:
             s.close()
