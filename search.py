@@ -20,6 +20,7 @@ parameters (LIKE patterns included).
 
 import collections
 import contextlib
+import difflib
 import json
 import math
 import re
@@ -283,13 +284,27 @@ class Kind:
                 compiled = attribute_clause(clause, attr, kind, expr, nullable, payload)
                 if compiled is not None:
                     return compiled
-                raise SearchError("unknown clause %r: %s is %s attribute" % (
-                    clause, attr, {"string": "a string", "int": "an integer",
-                                   "float": "a float (no exact equality)"}[kind]))
-        raise SearchError("unknown clause %r for %s search; its attributes are %s, and its "
-                          "other clauses %s" % (clause, self.label,
-                                                ", ".join(sorted(attrs)),
-                                                ", ".join(EXTRA[type(self)] + GENERIC)))
+                raise SearchError("unknown clause %r%s: %s is %s attribute, whose clauses "
+                                  "are %s" % (clause, self.guess(clause), attr, {
+                                      "string": "a string", "int": "an integer",
+                                      "float": "a float (no exact equality)"}[kind],
+                                      ", ".join("%s-%s" % (attr, op) for op in OPERATORS[kind])))
+        raise SearchError("unknown clause %r for %s search%s; its attributes are %s, and its "
+                          "other clauses %s" % (
+                              clause, self.label, self.guess(clause), ", ".join(sorted(attrs)),
+                              ", ".join(EXTRA[type(self)] + GENERIC)))
+
+    def guess(self, clause):
+        """' (did you mean NAME?)' for the clause of this kind closest to
+        the unknown `clause`, if one is close; else ''."""
+        close = difflib.get_close_matches(clause, self.clause_names(), n=1, cutoff=0.8)
+        return " (did you mean %s?)" % close[0] if close else ""
+
+    def clause_names(self):
+        """Every clause this kind of search takes (for suggestions)."""
+        return ([attr + "-" + op for attr, (kind, _, _) in self.attributes().items()
+                 for op in OPERATORS[kind]] + EXTRA[type(self)] + GENERIC
+                + list(ALIASES.get(type(self), {})))
 
     def query(self, text):
         """The SELECT of the records matching search `text`."""

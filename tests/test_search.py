@@ -133,6 +133,12 @@ def test_results_are_ordered_and_paginated(catalogue, web):
 
 ERROR_CASES = [
     ('{"colour-is-exactly": "red"}', "unknown clause 'colour-is-exactly'"),
+    ('{"nmae-matches": "zen.%"}', "unknown clause 'nmae-matches' for a file search "
+                                  "(did you mean name-matches?); its attributes are "),
+    ('{"obs-matches": {"start-time-jd-greather-than": 1}}',
+     "did you mean start-time-jd-greater-than?"),
+    ('{"name-greater-than": "a"}', "name is a string attribute, whose clauses are "
+                                   "name-is-exactly, name-is-not, name-matches"),
     ('{"size-greater-than": "5"}', 'size-greater-than needs an integer, got "5"'),
     ('{"size-greater-than": 5.0}', "size-greater-than needs an integer, got 5.0"),
     ('{"size-greater-than": true}', "size-greater-than needs an integer, got true"),
@@ -164,7 +170,8 @@ def test_bad_searches_are_400_naming_the_clause(catalogue, web, text, message):
     reply = api(web, "search", auth="reader", status=400, search=text,
                 output_format="file-listing-json")
     assert reply["success"] is False
-    assert re.search(message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)"),
+    assert re.search(message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+                     .replace("?", r"\?"),
                      reply["message"]), reply["message"]
 
 
