@@ -1058,13 +1058,35 @@ def cmd_add_file_event(client, args):
 
 
 def _search_text(text):
-    """A search given on the command line, checked to be JSON early so that
-    a typo is a usage error, not a round trip."""
+    """A search given on the command line (`-`: read from stdin), checked
+    to be JSON early (as it is, or without `#` comments) so that a typo is
+    a usage error, not a round trip."""
+    if text == "-":
+        text = sys.stdin.read()
     try:
-        json.loads("\n".join(line.split("#", 1)[0] for line in text.splitlines()))
-    except ValueError as e:
-        raise UsageError("the search is not valid JSON: %s" % e) from None
+        json.loads(text)
+    except ValueError:
+        try:
+            json.loads("\n".join(line.split("#", 1)[0] for line in text.splitlines()))
+        except ValueError as e:
+            raise UsageError("the search is not valid JSON: %s" % e) from None
     return text
+
+
+def _print_table(header, rows, what):
+    """`rows` (tuples of text) under `header`, in aligned columns on
+    stdout, and how many there are (`what`: the singular noun) on stderr."""
+    table = [header] + rows
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    sys.stdout.flush()
+    print("%d %s%s" % (len(rows), what, "" if len(rows) == 1 else "s"), file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _or_dash(value, fmt="%s"):
+    return "-" if value is None else fmt % value
 
 
 def cmd_search_files(client, args):
@@ -1074,16 +1096,35 @@ def cmd_search_files(client, args):
         for f in files:
             print(f["name"])
         return
-    rows = [("NAME", "SIZE", "OBSID", "TYPE", "CREATED (UTC)")]
-    for f in files:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["create_time"]))
-        rows.append((f["name"], str(f["size"]), "-" if f["obsid"] is None else str(f["obsid"]),
-                     f["type"], created))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    print("%d file%s" % (len(files), "" if len(files) == 1 else "s"), file=sys.stderr)
-    sys.stderr.flush()
+    _print_table(("NAME", "SIZE", "OBSID", "TYPE", "CREATED (UTC)"), [
+        (f["name"], str(f["size"]), _or_dash(f["obsid"]), f["type"],
+         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["create_time"]))) for f in files],
+        "file")
+
+
+def cmd_search_obs(client, args):
+    found = client.search_observations(_search_text(args.search), limit=args.limit,
+                                       offset=args.offset)
+    if args.ids:
+        for o in found:
+            print(o["obsid"])
+        return
+    _print_table(("OBSID", "START JD", "STOP JD", "START LST (h)", "SESSION"), [
+        (str(o["obsid"]), "%.5f" % o["start_time_jd"], _or_dash(o["stop_time_jd"], "%.5f"),
+         _or_dash(o["start_lst_hr"], "%.4f"), _or_dash(o["session_id"])) for o in found],
+        "observation")
+
+
+def cmd_search_sessions(client, args):
+    found = client.search_sessions(_search_text(args.search), limit=args.limit,
+                                   offset=args.offset)
+    if args.ids:
+        for o in found:
+            print(o["id"])
+        return
+    _print_table(("SESSION", "START JD", "STOP JD", "HOURS"), [
+        (str(o["id"]), "%.5f" % o["start_time_jd"], "%.5f" % o["stop_time_jd"],
+         "%.2f" % ((o["stop_time_jd"] - o["start_time_jd"]) * 24)) for o in found], "session")
 
 
 def cmd_assign_sessions(client, args):
@@ -1294,13 +1335,21 @@ def build_parser():
     p.add_argument("dest", nargs="?", help="where to put it (default: ./FILE_NAME)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("search-files", help="search files with the JSON search language")
-    p.add_argument("conn_name")
-    p.add_argument("search", help='e.g. \'{"name-matches": "zen.2458043.%%"}\'')
-    p.add_argument("--names", action="store_true", help="print only names, one per line")
-    p.add_argument("--limit", type=int, help="at most this many results")
-    p.add_argument("--offset", type=int, help="skip this many results first")
-    p.set_defaults(func=cmd_search_files)
+    for command, kind, example, func, only in (
+            ("search-files", "files", '{"name-matches": "zen.2458043.%%"}', cmd_search_files,
+             ("--names", "print only names, one per line")),
+            ("search-obs", "observations", '{"start-lst-hr-in-range": [18.0, 18.5]}',
+             cmd_search_obs, ("--ids", "print only obsids, one per line")),
+            ("search-sessions", "observing sessions", '{"start-time-jd-greater-than": '
+             '2458000}', cmd_search_sessions, ("--ids", "print only session ids, one per line"))):
+        p = sub.add_parser(command, help="search %s with the JSON search language" % kind)
+        p.add_argument("conn_name", help="a connection of the client configuration")
+        p.add_argument("search", help="the search (JSON; - reads it from stdin), e.g. '%s'"
+                       % example)
+        p.add_argument(only[0], action="store_true", help=only[1])
+        p.add_argument("--limit", type=int, help="at most this many results")
+        p.add_argument("--offset", type=int, help="skip this many results first")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("assign-sessions", help="group observations into sessions")
     p.add_argument("conn_name")

@@ -3,6 +3,7 @@ real client library and `librarian` command, concurrency and broken
 connections."""
 
 import hashlib
+import io
 import os
 import socket
 import subprocess
@@ -201,6 +202,33 @@ def test_catalogue_commands_of_the_client(server, client_config, store_dir, caps
     assert run_cli(client_config, "describe-session", "reader", "appender", "seen") == 0
     out = capsys.readouterr().out
     assert out.startswith("session 1192201262:") and "xx" in out
+
+    # Observations and sessions, as files: a table, or only their ids.
+    uvh5 = uvh5_reference(UVH5)
+    assert run_cli(client_config, "search-obs", "reader", '{"obsid-is-exactly": 1225829886}') == 0
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    assert table[0].split() == ["OBSID", "START", "JD", "STOP", "JD", "START", "LST", "(h)",
+                                "SESSION"]
+    assert table[1].split() == ["1225829886", "%.5f" % uvh5["start_time_jd"],
+                                "%.5f" % uvh5["stop_time_jd"], "%.4f" % uvh5["start_lst_hr"],
+                                "1225829886"]
+    assert captured.err == "1 observation\n"
+    assert run_cli(client_config, "search-obs", "reader", '{"start-time-jd-greater-than": 0}',
+                   "--ids") == 0
+    assert capsys.readouterr().out.split() == ["1192201262", "1225829886"]
+    assert run_cli(client_config, "search-sessions", "reader",
+                   '{"session-id-is-exactly": 1225829886}') == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:3] == ["1225829886", "%.5f" % uvh5["start_time_jd"],
+                       "%.5f" % uvh5["stop_time_jd"]]
+    assert float(row[3]) == pytest.approx((uvh5["stop_time_jd"] - uvh5["start_time_jd"]) * 24,
+                                          abs=0.01)
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"always-true": 0}  # every session'))
+    assert run_cli(client_config, "search-sessions", "reader", "-", "--ids") == 0
+    assert capsys.readouterr().out.split() == ["1192201262", "1225829886"]
+    assert run_cli(client_config, "search-obs", "reader", '{"obsid-is-exactley": 1}') == 1
+    assert "did you mean obsid-is-exactly?" in capsys.readouterr().err
 
     # Deletion: the sole copy of a file is never deleted (deletion_min_other_copies = 1),
     # and --noop says so for each instance.
