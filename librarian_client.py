@@ -180,7 +180,12 @@ class LibrarianClient:
         try:
             return self.session.request(method, url, timeout=TIMEOUT, **kwargs)
         except requests.RequestException as e:
-            raise RPCError(operation, "cannot reach %s: %s" % (self.url, e)) from None
+            raise self._unreachable(operation, e) from None
+
+    def _unreachable(self, operation, error):
+        """The RPCError for a server that could not be reached: the URL and
+        the reason in a few words (requests' own text nests three errors)."""
+        return RPCError(operation, "cannot reach %s: %s" % (self.url, unreachable_reason(error)))
 
     def _do_http_post(self, operation, **kwargs):
         """Call `/api/<operation>` with the existing protocol; arguments
@@ -478,7 +483,7 @@ class LibrarianClient:
                     return resp
             except requests.RequestException as e:
                 if failures == RESUME_ATTEMPTS:
-                    raise RPCError(operation, "cannot reach %s: %s" % (self.url, e)) from None
+                    raise self._unreachable(operation, e) from None
             time.sleep(min(30.0, RESUME_DELAY * 2 ** (failures + 1)))
 
     def _send_chunks(self, url, headers, offset, length, chunks, progress):
@@ -626,6 +631,24 @@ class LibrarianClient:
                                % (file_name, md5, expected))
             os.rename(staged, dest_path)
         return size, md5
+
+
+def unreachable_reason(error):
+    """Why a request (a `requests.RequestException`) got no answer, in a
+    few words: the system's reason for a refused or failed connection
+    ('Connection refused', 'Name or service not known'), or a timeout."""
+    import re
+
+    if isinstance(error, requests.Timeout):
+        return "no answer within %d s" % (TIMEOUT[0] if isinstance(
+            error, requests.ConnectTimeout) else TIMEOUT[1])
+    text = str(error)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if found:
+        return found.group(1).strip().rstrip(".")
+    if "RemoteDisconnected" in text or "Connection aborted" in text:
+        return "the connection was closed before an answer"
+    return text[:200]
 
 
 def ssh_failure_reason(e):

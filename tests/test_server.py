@@ -110,11 +110,18 @@ def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
 
     from conftest import free_port
 
+    url = "http://127.0.0.1:%d/" % free_port()
     cfg = tmp_path / "c.cfg"
-    cfg.write_text(json.dumps({"connections": {"x": {"url": "http://127.0.0.1:%d/" % free_port(),
+    cfg.write_text(json.dumps({"connections": {"x": {"url": url, "authenticator": "a"},
+                                               "y": {"url": "http://no-such-host.invalid/",
                                                      "authenticator": "a"}}}))
     assert librarian_client.main(["--config", str(cfg), "locate-file", "x", "f"]) == 1
-    assert "cannot reach http://127.0.0.1:" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("librarian: locate_file_instance: cannot reach %s: "
+                                       "Connection refused\n" % url)
+    assert librarian_client.main(["--config", str(cfg), "search-files", "y", "{}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("librarian: search: cannot reach http://no-such-host.invalid/: ")
+    assert err.count("\n") == 1 and len(err) < 150, err
 
 
 def test_concurrent_uploads_register_each_name_once_without_orphans(server, store_dir):
