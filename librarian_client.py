@@ -1453,7 +1453,34 @@ def build_parser():
     p.add_argument("event_type")
     p.add_argument("key_values", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_add_file_event)
+    _fill_help(parser)
     return parser
+
+
+# What the arguments many commands share mean (by their names), for --help.
+ARGUMENT_HELP = {
+    "conn_name": "a connection of the client configuration (~/.hl_client.cfg)",
+    "local_path": "the file or directory to send",
+    "file_name": "the file's name in the archive",
+    "policy": "disallowed or allowed",
+    "store_name": "the store the paths are on (as the server names it)",
+    "paths": "paths on that store, absolute, of files already there",
+    "event_type": "an event type (e.g. rtp_notified)",
+    "source_store": "the store whose sole copies move",
+    "dest_store": "the store they move to",
+    "key_values": "the event's payload, as KEY=VALUE pairs (VALUE read as JSON if it is)",
+}
+
+
+def _fill_help(parser):
+    """Give every argument of `parser` and its commands without help text
+    the shared one of ARGUMENT_HELP (KeyError names any still missing)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _fill_help(command)
+        elif action.help is None:
+            action.help = ARGUMENT_HELP[action.dest]
 
 
 def main(argv=None):

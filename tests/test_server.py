@@ -324,3 +324,21 @@ def test_sigterm_stops_the_header_reader_process_too(server):
     while any(os.path.exists("/proc/%d" % pid) for pid in children):
         assert time.monotonic() < deadline, "reader processes outlived the server"
         time.sleep(0.1)
+
+
+def test_every_argument_of_the_client_has_help_text():
+    import argparse
+
+    def missing(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    yield from missing(sub, command)
+            elif not action.help:
+                yield name, action.dest
+
+    parser = librarian_client.build_parser()
+    assert list(missing(parser, "librarian")) == []
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"search-files", "search-obs", "search-sessions"} <= set(commands.choices)
+    assert "~/.hl_client.cfg" in commands.choices["upload"].format_help()
