@@ -255,8 +255,70 @@ def file_page(name):
               .order_by(FileEvent.time.desc(), FileEvent.id.desc()).limit(PAGE_SIZE))
     remote = RemoteInstance.select().where(RemoteInstance.file == name) \
         .order_by(RemoteInstance.librarian)
+    choice = quick_look_choice()
+    look, why = quick_look(record, *choice)
     return render("file", name, file=record, instances=list(instances), events=list(events),
-                  remote_instances=list(remote))
+                  remote_instances=list(remote), look=look, no_look=why,
+                  look_query=look_query(*choice))
+
+
+def look_query(baseline, pol):
+    """The query text of a quick-look choice (`quick_look_choice` reads it)."""
+    query = {"baseline": "%d-%d" % baseline if baseline else None, "pol": pol}
+    return urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+
+
+def quick_look_choice():
+    """(baseline as (ant1, ant2) or None, polarization or None) asked for
+    in the query (`baseline=A-B`, `pol=xx`); 400 when malformed."""
+    baseline, pol = request.query.get("baseline") or None, request.query.get("pol") or None
+    if baseline is not None:
+        match = re.fullmatch(r"(\d{1,9})-(\d{1,9})", baseline)
+        if match is None:
+            raise HTTPError(400, "baseline must be two antenna numbers, as 12-13")
+        baseline = (int(match.group(1)), int(match.group(2)))
+    if pol is not None and not re.fullmatch(r"[a-zA-Z]{1,4}|-?\d{1,2}", pol):
+        raise HTTPError(400, "pol must be a polarization name, as xx")
+    return baseline, pol
+
+
+def quick_look(file, baseline, pol):
+    """(the quick look of a file as `quicklook.look` gives it, or None; and
+    when None, the reason in words) from a present instance here, cached by
+    MD5 and choice: the second view reads nothing."""
+    import quicklook
+    import uvmeta
+
+    try:
+        inst, store, path = of_request().stores.present_instance(file.name)
+    except LibrarianError as e:
+        return None, "No quick look: %s" % e.message
+    if inst is None:
+        return None, "No quick look: no copy of the file is here."
+    try:
+        look = quicklook.cached((file.md5, baseline, pol),
+                                lambda: store.quick_look(path, baseline, pol))
+    except (quicklook.QuickLookError, uvmeta.MetadataError) as e:
+        return None, "No quick look: %s." % str(e).rstrip(".")
+    except LibrarianError as e:
+        return None, "No quick look: %s" % e.message
+    if look is None:
+        return None, "No quick look: this file is not visibility data (UVH5 or MIRIAD)."
+    return look, None
+
+
+def waterfall_png(name):
+    """GET /files/<name>/waterfall.png: the quick look's picture."""
+    person()
+    record = File.get_or_none(File.name == name)
+    if record is None:
+        raise HTTPError(404, "No file named %r is known here." % name)
+    look, why = quick_look(record, *quick_look_choice())
+    if look is None:
+        raise HTTPError(404, why)
+    response.content_type = "image/png"
+    response.set_header("Cache-Control", "private, max-age=86400")  # a file's bytes never change
+    return look["png"]
 
 
 def observations():
@@ -621,6 +683,7 @@ def install(app):
     app.route("/logout", "GET", logout)
     app.route("/", "GET", home)
     app.route("/files/<name>", "GET", file_page)
+    app.route("/files/<name>/waterfall.png", "GET", waterfall_png)
     app.route("/observations", "GET", observations)
     app.route("/observations/<obsid:int>", "GET", observation_page)
     app.route("/sessions/recent", "GET", sessions_recent)

@@ -528,6 +528,12 @@ class StoreAccess:
         """Observation metadata of a data set (see `uvmeta`), or None."""
         return self.fs.read_observation(abs_path)
 
+    def quick_look(self, abs_path, baseline=None, pol=None):
+        """`quicklook.look` of the data set at `abs_path` in the reader
+        process, or None when it is not visibility data (UVH5 or MIRIAD).
+        Raises `quicklook.QuickLookError` or `uvmeta.MetadataError`."""
+        return self.fs.quick_look(abs_path, baseline, pol)
+
     def commit(self, abs_staged, store_path, record, readonly=True):
         """Move the staged item `abs_staged` to `store_path` and run
         `record()` (the database writes that register it) in one

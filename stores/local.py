@@ -19,6 +19,7 @@ import stat
 import subprocess
 import tempfile
 
+import quicklook
 import uvmeta
 from librarian_client import CHUNK, path_md5
 from stores.ssh import DiskUsage, remote_error
@@ -296,6 +297,15 @@ class LocalFS:
     def read_observation(self, path):
         """`uvmeta.read_observation` of the file or directory at `path`."""
         return uvmeta.read_observation(path)
+
+    def quick_look(self, path, baseline, pol):
+        """`quicklook.look` of the data set at `path`, in the reader process;
+        None for what is not one."""
+        kind = uvmeta.data_kind(path)
+        if kind is None:
+            return None
+        return uvmeta.run_reader("data set", quicklook.look, kind, os.path.abspath(path),
+                                 baseline, pol)
 
     def command_output(self, argv):
         """Yield the standard output of the command `argv` (a list) as it

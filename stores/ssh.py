@@ -871,6 +871,19 @@ class SSHFS:
                                  % (path, self.where, e)) from None
 
 
+    def quick_look(self, path, baseline, pol):
+        """`quicklook.look` of the data set at `path` on the store host, in
+        the reader process (`look_remote`); None for what is not one."""
+        with self.conn.sftp() as sftp:
+            if uvmeta.data_kind(path, _SFTPFiles(sftp)) is None:
+                return None
+        try:
+            return uvmeta.run_reader("data set", look_remote, self.conn.target, path, baseline,
+                                     pol)
+        except OSError as e:
+            raise LibrarianError(503, "cannot read %s on %s: %s" % (path, self.where, e)) from None
+
+
 class _SFTPFiles:
     """The bytes of a store host's files through an SFTP session, as
     `uvmeta.read_via` fetches them: the readers decide what to read."""
@@ -906,8 +919,41 @@ def read_remote_observation(target, path):
 
 
 def _read_remote(target, path):
+    with _reader_sftp(target) as sftp:
+        return uvmeta.read_via(_SFTPFiles(sftp), path)
+
+
+def _reader_sftp(target):
+    """An SFTP session to `target` on the reader process's shared client."""
     client = _reader_clients.get(target)
     if client is None or not client.get_transport() or not client.get_transport().is_active():
         client = _reader_clients[target] = ssh_connect(target)
-    with client.open_sftp() as sftp:
-        return uvmeta.read_via(_SFTPFiles(sftp), path)
+    return client.open_sftp()
+
+
+def look_remote(target, path, baseline, pol):
+    """Runs in uvmeta's reader process: `quicklook.look` of a data set on
+    another host. A UVH5 file is read by h5py straight from the SFTP file
+    (only the parts the picture needs); a MIRIAD data set, whose records
+    are read in sequence, is fetched into a temporary folder first."""
+    import tempfile
+
+    import quicklook
+
+    try:
+        with _reader_sftp(target) as sftp:
+            files = _SFTPFiles(sftp)
+            if uvmeta.data_kind(path, files) == "uvh5":
+                with files.open(path) as f:
+                    return quicklook.look("uvh5", f, baseline, pol)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, posixpath.basename(path))
+                os.mkdir(local)
+                for item in files.listdir(path):
+                    sftp.get(posixpath.join(path, item), os.path.join(local, item))
+                return quicklook.look("miriad", local, baseline, pol)
+    except (uvmeta.MetadataError, quicklook.QuickLookError, MemoryError):
+        raise
+    except Exception as e:  # paramiko's errors do not all survive pickling
+        _reader_clients.pop(target, None)
+        raise OSError(ssh_failure_reason(e)) from None

@@ -19,6 +19,38 @@ none
 % elif instances:
 <p class="note" id="no-good-copy">No good copy to download here: every instance is corrupt or missing.</p>
 % end
+<h2>Quick look</h2>
+% if look is None:
+<p class="note" id="no-quick-look">{{no_look}}</p>
+% else:
+% s = look['summary']
+<div class="quicklook">
+<img id="waterfall" src="/files/{{quote(file.name)}}/waterfall.png{{'?' + look_query if look_query else ''}}"
+ width="720" height="440"
+ alt="Waterfall of baseline {{look['baseline'][0]}}-{{look['baseline'][1]}}, polarization {{look['pol']}}: visibility amplitude over {{s['n_times']}} integrations ({{'%.1f' % s['span_minutes']}} minutes from JD {{'%.5f' % s['start_jd']}}) and {{s['n_channels']}} channels from {{'%.3f' % s['freq_min_mhz']}} to {{'%.3f' % s['freq_max_mhz']}} MHz.">
+<table id="header-summary">
+<tr><th>Antennas</th><td>{{s['n_antennas']}}</td></tr>
+<tr><th>Baselines</th><td>{{s['n_baselines']}}</td></tr>
+<tr><th>Frequencies</th><td>{{'%.3f' % s['freq_min_mhz']}} to {{'%.3f' % s['freq_max_mhz']}} MHz, {{s['n_channels']}} channels{{(' of %.3f kHz' % s['channel_width_khz']) if s['channel_width_khz'] else ''}}</td></tr>
+<tr><th>Integration</th><td>{{'%.3f' % s['integration_s']}} s</td></tr>
+<tr><th>Polarizations</th><td>{{', '.join(s['polarizations'])}}</td></tr>
+<tr><th>Time span</th><td>{{s['n_times']}} integrations, {{'%.2f' % s['span_minutes']}} minutes: JD {{'%.5f' % s['start_jd']}} to {{'%.5f' % s['stop_jd']}}</td></tr>
+</table>
+</div>
+<form method="get" action="/files/{{quote(file.name)}}" id="quicklook-choice">
+<label>Baseline <select name="baseline">
+% for a, b in look['baselines']:
+<option value="{{a}}-{{b}}"{{' selected' if (a, b) == tuple(look['baseline']) else ''}}>{{a}}-{{b}}</option>
+% end
+</select></label>
+<label>Polarization <select name="pol">
+% for p in look['pols']:
+<option{{' selected' if p == look['pol'] else ''}}>{{p}}</option>
+% end
+</select></label>
+<button type="submit">Show</button>
+</form>
+% end
 <h2>Instances</h2>
 % if not instances:
 <p class="note">No instance here: this Librarian knows the file only by its record.</p>

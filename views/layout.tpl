@@ -28,6 +28,7 @@ h1.mono { font-size: 1.6em; word-break: break-all; }
 textarea { width: 100%; max-width: 60em; font-family: ui-monospace, monospace; }
 form.inline { display: inline; }
 .pager a { margin-right: 1em; }
+.quicklook img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 </style>
 </head>
 <body>
