@@ -64,6 +64,25 @@ def test_the_store_is_reached_over_ssh(app, web, sshd):
     assert "over SSH as %s to 127.0.0.1 port %d" % (sshd.user, sshd.port) in page
 
 
+def test_quick_looks_of_files_on_the_remote_store_match_local_ones(web, store_dir):
+    """The waterfall and summary read over SFTP (UVH5 in place, MIRIAD
+    fetched first) are those of the local sample files."""
+    import quicklook
+
+    need_data()
+    with open(UVH5, "rb") as f:
+        put(web, ODD_DIR + "/zen.2458432.34569.uvh5", f.read())
+    put(web, "zen.2458043.12552.xx.HH.uvA", tar_of(MIRIAD, "zen.2458043.12552.xx.HH.uvA"),
+        headers={"X-Librarian-Directory": "tar"})
+    store = ctx().open_store(models.Store.get())
+    for kind, local, path in (("uvh5", UVH5, ODD_DIR + "/zen.2458432.34569.uvh5"),
+                              ("miriad", MIRIAD, "zen.2458043.12552.xx.HH.uvA")):
+        remote = store.quick_look(store.resolve(path), None, None)
+        here = quicklook.look(kind, local)
+        assert remote["summary"] == here["summary"] and remote["png"] == here["png"]
+    assert store.quick_look(store.resolve(ODD_DIR), None, None) is None
+
+
 # ---------------------------------------------------------------------------
 # Uploads
 # ---------------------------------------------------------------------------
