@@ -1,7 +1,8 @@
 """End to end in headless Chromium (Debian's `chromium`, driven by
 Playwright): log in, upload a sample data set through the form, find it,
-open its page, download it, mark a store unavailable. Takes screenshots of
-the home page and of a search result page: into the test's temporary
+open its page, see its quick look, download it, mark a store unavailable.
+Takes screenshots of the home page, a search result page and a file's
+quick look: into the test's temporary
 folder, or, with LIBRARIAN_SCREENSHOTS set to a folder (`make screenshots`
 sets docs/screenshots), there, for the README.
 
@@ -90,6 +91,18 @@ def test_a_person_uploads_finds_downloads_and_manages_stores(server, page, tmp_p
     saved = tmp_path / "downloaded.uvh5"
     download_info.value.save_as(saved)
     assert hashlib.md5(saved.read_bytes()).hexdigest() == md5
+
+    # The quick look: the waterfall loads as a 720 x 440 PNG; the form picks another.
+    size = page.eval_on_selector("#waterfall", "img => img.complete && "
+                                 "[img.naturalWidth, img.naturalHeight]")
+    assert size == [720, 440]
+    page.select_option("select[name=baseline]", "1-12")
+    page.click("#quicklook-choice button")
+    page.wait_for_url(url + "/files/zen.2458432.34569.uvh5?baseline=1-12&pol=xx")
+    page.wait_for_function("document.getElementById('waterfall').complete")
+    assert page.eval_on_selector("#waterfall", "img => img.naturalWidth") == 720
+    assert "Waterfall of baseline 1-12" in page.get_attribute("#waterfall", "alt")
+    page.screenshot(path=os.path.join(shots, "quick-look.png"), full_page=True)
 
     import requests
 
