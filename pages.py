@@ -233,6 +233,7 @@ def home():
     import librarian
 
     return render("home", settings().server["displayed_site_name"], source=source,
+                  volume_alt=picture_alt("volume"),
                   version=librarian.__version__, now_utc=now.strftime("%Y-%m-%d %H:%M:%S"),
                   now_site=now.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S"),
                   zone=zone, sessions=list(sessions), files=list(files), stores=stores)
@@ -307,6 +308,53 @@ def quick_look(file, baseline, pol):
     return look, None
 
 
+PICTURE_SECONDS = 60.0  # a picture of the archive is drawn again at most this often
+_pictures = {}  # name -> [monotonic time of its numbers, numbers, text alternative, PNG]
+
+
+def _picture(name):
+    """The cache entry of the picture `name` ('volume' or 'sessions', see
+    `pictures`): its numbers, read at most every PICTURE_SECONDS."""
+    import time
+
+    import pictures
+
+    entry = _pictures.get(name)
+    if entry is None or time.monotonic() - entry[0] > PICTURE_SECONDS:
+        zone = settings().server["telescope_timezone"]
+        if name == "volume":
+            numbers = pictures.volume_by_night(zone)
+            alt = pictures.describe_volume(numbers)
+        else:
+            numbers = pictures.session_coverage(zone)
+            alt = pictures.describe_timeline(numbers)
+        entry = _pictures[name] = [time.monotonic(), numbers, alt, None]
+    return entry
+
+
+def picture_alt(name):
+    """The text alternative of the picture `name`, for its page."""
+    return _picture(name)[2]
+
+
+def picture_png(name):
+    """GET /pictures/<name>.png: a picture of the archive, drawn by the
+    reader process (matplotlib stays out of the server's memory)."""
+    import pictures
+    import uvmeta
+
+    person()
+    if name not in ("volume", "sessions"):
+        raise HTTPError(404, "No picture named %r." % name)
+    entry = _picture(name)
+    if entry[3] is None:
+        draw = pictures.volume_png if name == "volume" else pictures.timeline_png
+        entry[3] = uvmeta.run_reader("picture", draw, entry[1])
+    response.content_type = "image/png"
+    response.set_header("Cache-Control", "private, max-age=%d" % PICTURE_SECONDS)
+    return entry[3]
+
+
 def waterfall_png(name):
     """GET /files/<name>/waterfall.png: the quick look's picture."""
     person()
@@ -354,7 +402,7 @@ def sessions_recent():
     rows = session_rows(ObservingSession.select()
                         .order_by(ObservingSession.start_time_jd.desc()).limit(30))
     return render("sessions", "Recent sessions", sessions=list(rows), page=1, more=False,
-                  all_link=True)
+                  all_link=True, timeline_alt=picture_alt("sessions"))
 
 
 def sessions_all():
@@ -362,7 +410,7 @@ def sessions_all():
     rows, page, more = paginate(session_rows(ObservingSession.select()
                                              .order_by(ObservingSession.start_time_jd.desc())))
     return render("sessions", "All sessions", sessions=rows, page=page, more=more,
-                  all_link=False)
+                  all_link=False, timeline_alt=picture_alt("sessions"))
 
 
 def session_page(session_id):
@@ -684,6 +732,7 @@ def install(app):
     app.route("/", "GET", home)
     app.route("/files/<name>", "GET", file_page)
     app.route("/files/<name>/waterfall.png", "GET", waterfall_png)
+    app.route("/pictures/<name>.png", "GET", picture_png)
     app.route("/observations", "GET", observations)
     app.route("/observations/<obsid:int>", "GET", observation_page)
     app.route("/sessions/recent", "GET", sessions_recent)

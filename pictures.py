@@ -1,0 +1,158 @@
+"""Pictures of the archive for the web pages, drawn with matplotlib (Agg)
+as PNG (by the pages, in the reader process): the data ingested per night
+with the archive's total over time (home page), and the observing
+sessions' nights with their LST coverage (sessions page). Each picture's
+numbers come from one function (`volume_by_night`, `session_coverage`)
+that the tests check against a catalogue built for the purpose; each page
+gives them in words as the image's text alternative.
+
+A night is the telescope's local night: the local date at the evening it
+began (times from local noon to the next noon belong to it), in `[server]
+telescope_timezone`.
+"""
+
+import datetime
+import io
+import zoneinfo
+
+import peewee as pw
+
+from models import File, Observation, ObservingSession, unix_seconds_sql
+
+SIDEREAL_PER_SOLAR = 1.00273790935  # sidereal hours per solar hour
+UNIX_EPOCH_JD = 2440587.5
+SIZE = (720, 300)  # pixels of each picture
+DPI = 80
+
+
+def night_of(moment_utc, zone):
+    """The local night (a date) of a naive UTC datetime at `zone`."""
+    local = moment_utc.replace(tzinfo=datetime.timezone.utc).astimezone(zoneinfo.ZoneInfo(zone))
+    return (local - datetime.timedelta(hours=12)).date()
+
+
+def _offset_seconds(zone):
+    """The zone's UTC offset now, in seconds (the nights of a zone that
+    keeps one offset, as observatories' do, are exact)."""
+    return int(datetime.datetime.now(zoneinfo.ZoneInfo(zone)).utcoffset().total_seconds())
+
+
+def volume_by_night(zone):
+    """[(night, bytes of the files registered that night)], oldest first,
+    for nights with files; one grouped statement on either database."""
+    night = pw.fn.FLOOR((unix_seconds_sql(File.create_time) + (_offset_seconds(zone) - 43200))
+                        / 86400.0)
+    rows = (File.select(night.alias("night"), pw.fn.SUM(File.size))
+            .group_by(night).order_by(night).tuples())
+    epoch = datetime.date(1970, 1, 1)
+    return [(epoch + datetime.timedelta(days=int(n)), int(total)) for n, total in rows]
+
+
+def session_coverage(zone):
+    """[(night, start JD, stop JD, start LST h, stop LST h)] of each session,
+    oldest first. The start LST is the first observation's; the stop LST
+    follows from the session's length in sidereal time (mod 24)."""
+    first_lst = (Observation.select(Observation.start_lst_hr)
+                 .where(Observation.session == ObservingSession.id)
+                 .order_by(Observation.start_time_jd).limit(1))
+    rows = (ObservingSession.select(ObservingSession.start_time_jd,
+                                    ObservingSession.stop_time_jd, first_lst.alias("lst"))
+            .order_by(ObservingSession.start_time_jd).tuples())
+    out = []
+    for start, stop, lst in rows:
+        moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(
+            days=start - UNIX_EPOCH_JD)
+        stop_lst = None if lst is None else (
+            lst + (stop - start) * 24.0 * SIDEREAL_PER_SOLAR) % 24.0
+        out.append((night_of(moment, zone), start, stop, lst, stop_lst))
+    return out
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(SIZE[0] / DPI, SIZE[1] / DPI), dpi=DPI)
+
+
+def _png(fig):
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=DPI)
+    return out.getvalue()
+
+
+def volume_png(nights):
+    """Bars of GB per night and, on a second axis, the archive's total
+    (TB) after each night; `nights` from `volume_by_night`."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    if not nights:
+        ax.text(0.5, 0.5, "no files yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _png(fig)
+    days = [n for n, _ in nights]
+    sizes = [b / 1e9 for _, b in nights]
+    ax.bar(days, sizes, width=0.8, color="#3b6ea5", label="per night")
+    ax.set_ylabel("GB per night")
+    total = ax.twinx()
+    running, cumulative = 0, []
+    for _, b in nights:
+        running += b
+        cumulative.append(running / 1e12)
+    total.step(days, cumulative, where="post", color="#c0392b", label="archive total")
+    total.set_ylabel("archive total (TB)")
+    total.set_ylim(bottom=0)
+    ax.set_title("Data ingested per night (local nights)")
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
+def timeline_png(coverage):
+    """Each session as a vertical bar over its night (x) covering its LST
+    range (y, hours, wrapping at 24); `coverage` from `session_coverage`."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    spans = [c for c in coverage if c[3] is not None]
+    if not spans:
+        ax.text(0.5, 0.5, "no sessions yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _png(fig)
+    for night, _, _, lst0, lst1 in spans:
+        pieces = [(lst0, lst1)] if lst1 >= lst0 else [(lst0, 24.0), (0.0, lst1)]
+        for low, high in pieces:
+            ax.bar(night, max(high - low, 0.05), bottom=low, width=0.8, color="#2e8b57")
+    ax.set_ylim(0, 24)
+    ax.set_yticks(range(0, 25, 4))
+    ax.set_ylabel("LST (hours)")
+    ax.set_title("Observing sessions: nights and LST coverage")
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
+def describe_volume(nights):
+    """The text alternative of `volume_png`."""
+    if not nights:
+        return "No files have been registered yet."
+    busiest = max(nights, key=lambda n: n[1])
+    return ("Data ingested per night on %d nights from %s to %s; the most, %s, on the night "
+            "of %s; the archive holds %s in all." % (
+                len(nights), nights[0][0], nights[-1][0], _bytes(busiest[1]), busiest[0],
+                _bytes(sum(b for _, b in nights))))
+
+
+def describe_timeline(coverage):
+    """The text alternative of `timeline_png`."""
+    if not coverage:
+        return "No observing sessions yet."
+    return "%d observing sessions on %d nights from %s to %s." % (
+        len(coverage), len({c[0] for c in coverage}), coverage[0][0], coverage[-1][0])
+
+
+def _bytes(n):
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
+        n /= 1000.0
