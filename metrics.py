@@ -32,7 +32,8 @@ import alerts
 import webauth
 from context import of_request
 from errors import LibrarianError
-from models import File, FileEvent, FileInstance, RemoteInstance, Store, is_postgres, utcnow
+from models import (BaseModel, File, FileEvent, FileInstance, RemoteInstance, Store, is_postgres,
+                    utcnow, write_transaction)
 from tasks import Task
 
 RECENT_COPIES = 100   # the copies the recent copy rate is averaged over
@@ -265,8 +266,34 @@ _reported = weakref.WeakKeyDictionary()  # context -> names of the stores report
 _reported_lock = threading.Lock()       # heartbeats of several threads may check at once
 
 
+class StoreSample(BaseModel):
+    """A store's used and free space (bytes) on a UTC `day`: the last
+    reading of that day (`check_store_fill` records one with each look)."""
+
+    store = pw.ForeignKeyField(Store, column_name="store", on_delete="CASCADE")
+    day = pw.DateField()
+    used_bytes = pw.BigIntegerField()
+    free_bytes = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "store_sample"
+        indexes = ((("store", "day"), True),)
+
+
+def record_sample(row, usage, day=None):
+    """Keep `usage` (total, used, free) as the store `row`'s sample of `day`
+    (default today, UTC), replacing an earlier one of that day."""
+    day = day or utcnow().date()
+    with write_transaction():
+        (StoreSample.insert(store=row, day=day, used_bytes=usage.used, free_bytes=usage.free)
+         .on_conflict(conflict_target=[StoreSample.store, StoreSample.day],
+                      update={StoreSample.used_bytes: usage.used,
+                              StoreSample.free_bytes: usage.free}).execute())
+
+
 def check_store_fill(ctx):
-    """Alert `store_full` for each store filled beyond `[librarian]
+    """Record each reachable store's space of the day (`record_sample`),
+    and alert `store_full` for each store filled beyond `[librarian]
     store_full_fraction` (see `fill`), once per crossing: a store is
     reported again only after it went below. An unreachable store changes
     nothing. Returns the names of the stores reported now."""
@@ -277,6 +304,7 @@ def check_store_fill(ctx):
         fraction = fill(usage)
         if fraction is None:
             continue
+        record_sample(row, usage)
         with _reported_lock:
             reported = _reported.setdefault(ctx, set())
             news = fraction > limit and row.name not in reported

@@ -450,9 +450,24 @@ def store_page(name):
     count, size = (FileInstance.select(pw.fn.COUNT(pw.SQL("*")),
                                        pw.fn.COALESCE(pw.fn.SUM(File.size), 0))
                    .join(File).where(FileInstance.store == row).tuples().get())
+    import pictures
+
     return render("store", "Store " + name, store=row, usage=store_usage(row), n_instances=count,
                   instance_bytes=size, access=of_request().stores.describe_access(row),
-                  problem=of_request().open_store(row).problem())
+                  problem=of_request().open_store(row).problem(),
+                  space_alt=pictures.describe_space(pictures.store_history(row)))
+
+
+def store_space_png(name):
+    """GET /stores/<name>/space.png: the store's space over time, drawn by
+    the reader process."""
+    import pictures
+    import uvmeta
+
+    person()
+    history = pictures.store_history(store_or_404(name))
+    response.content_type = "image/png"
+    return uvmeta.run_reader("picture", pictures.space_png, history)
 
 
 def store_or_404(name):
@@ -733,6 +748,7 @@ def install(app):
     app.route("/files/<name>", "GET", file_page)
     app.route("/files/<name>/waterfall.png", "GET", waterfall_png)
     app.route("/pictures/<name>.png", "GET", picture_png)
+    app.route("/stores/<name>/space.png", "GET", store_space_png)
     app.route("/observations", "GET", observations)
     app.route("/observations/<obsid:int>", "GET", observation_page)
     app.route("/sessions/recent", "GET", sessions_recent)

@@ -1,9 +1,10 @@
 """Pictures of the archive for the web pages, drawn with matplotlib (Agg)
 as PNG (by the pages, in the reader process): the data ingested per night
-with the archive's total over time (home page), and the observing
-sessions' nights with their LST coverage (sessions page). Each picture's
-numbers come from one function (`volume_by_night`, `session_coverage`)
-that the tests check against a catalogue built for the purpose; each page
+with the archive's total over time (home page), the observing sessions'
+nights with their LST coverage (sessions page), and a store's used and
+free space over time (its page, from the daily `metrics.StoreSample`s).
+Each picture's numbers come from one function (`volume_by_night`,
+`session_coverage`, `store_history`) that the tests check against a catalogue built for the purpose; each page
 gives them in words as the image's text alternative.
 
 A night is the telescope's local night: the local date at the evening it
@@ -68,6 +69,16 @@ def session_coverage(zone):
     return out
 
 
+def store_history(store_row):
+    """[(day, used bytes, free bytes)] of a store's daily samples, oldest
+    first."""
+    from metrics import StoreSample
+
+    return list(StoreSample.select(StoreSample.day, StoreSample.used_bytes,
+                                   StoreSample.free_bytes)
+                .where(StoreSample.store == store_row).order_by(StoreSample.day).tuples())
+
+
 def _figure():
     import matplotlib
 
@@ -130,6 +141,38 @@ def timeline_png(coverage):
     ax.set_title("Observing sessions: nights and LST coverage")
     fig.autofmt_xdate()
     return _png(fig)
+
+
+def space_png(history):
+    """Used and free space (TB, stacked) of a store by day; `history` from
+    `store_history`."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    if not history:
+        ax.text(0.5, 0.5, "no daily samples yet", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return _png(fig)
+    days = [d for d, _, _ in history]
+    used = [u / 1e12 for _, u, _ in history]
+    free = [f / 1e12 for _, _, f in history]
+    ax.stackplot(days, used, free, labels=["used", "free"], colors=["#3b6ea5", "#c9d6e3"],
+                 step="post")
+    ax.set_ylabel("TB")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper left")
+    ax.set_title("Used and free space by day")
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
+def describe_space(history):
+    """The text alternative of `space_png`."""
+    if not history:
+        return "No daily samples of this store's space yet."
+    day, used, free = history[-1]
+    return ("Used and free space on %d days from %s to %s; on %s, %s used and %s free."
+            % (len(history), history[0][0], day, day, _bytes(used), _bytes(free)))
 
 
 def describe_volume(nights):

@@ -73,3 +73,27 @@ def test_the_pages_show_the_pictures_with_text_alternatives(catalogue, web):
     assert img["alt"] == "2 observing sessions on 2 nights from 2026-12-02 to 2026-12-03."
     assert png_size(web.get(img["src"]).body) == pictures.SIZE
     web.get("/pictures/nothing.png", status=404)
+
+
+def test_a_store_keeps_one_sample_a_day_and_its_page_shows_them(app, web):
+    import metrics
+    from conftest import ctx
+
+    row = models.Store.get()
+    usage = ctx().open_store(row).disk_usage()
+    metrics.check_store_fill(ctx())  # the periodic look records today's sample
+    [(day, used, free)] = pictures.store_history(row)
+    assert day == models.utcnow().date() and used > 0 and free > 0
+    assert abs(free - usage.free) < 1 << 30  # the same file system, read moments apart
+    Usage = type(usage)
+    for when, used_bytes in ((datetime.date(2026, 11, 1), 10), (datetime.date(2026, 11, 2), 20),
+                             (datetime.date(2026, 11, 2), 30)):  # the day's last reading wins
+        metrics.record_sample(row, Usage(total=100, used=used_bytes, free=100 - used_bytes),
+                              day=when)
+    assert pictures.store_history(row)[:2] == [(datetime.date(2026, 11, 1), 10, 90),
+                                               (datetime.date(2026, 11, 2), 30, 70)]
+    web_login(web, AUTH["reader"])
+    img = web.get("/stores/%s" % row.name).html.find("img", id="space")
+    assert img["alt"].startswith("Used and free space on 3 days from 2026-11-01 to %s" % day)
+    assert png_size(web.get(img["src"]).body) == pictures.SIZE
+    web.get("/stores/nothing/space.png", status=404)

@@ -12,6 +12,7 @@
 <tr><th>Instances</th><td>{{n_instances}} ({{human_size(instance_bytes)}})</td></tr>
 <tr><th>Reconciliation</th><td><a id="reconcile" href="/stores/{{quote(store.name)}}/reconcile">last report, or run one now</a></td></tr>
 </table>
+<div class="quicklook"><img id="space" src="/stores/{{quote(store.name)}}/space.png" width="720" height="300" alt="{{space_alt}}"></div>
 % if me.level == 'admin':
 <form method="post" action="/stores/{{quote(store.name)}}/{{'make-unavailable' if store.available else 'make-available'}}">
   <input type="hidden" name="csrf_token" value="{{csrf}}">
