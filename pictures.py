@@ -4,8 +4,9 @@ with the archive's total over time (home page), the observing sessions'
 nights with their LST coverage (sessions page), and a store's used and
 free space over time (its page, from the daily `metrics.StoreSample`s).
 Each picture's numbers come from one function (`volume_by_night`,
-`session_coverage`, `store_history`) that the tests check against a catalogue built for the purpose; each page
-gives them in words as the image's text alternative.
+`session_coverage`, `store_history`) that the tests check against a
+catalogue built for the purpose; each page gives them in words as the
+image's text alternative.
 
 A night is the telescope's local night: the local date at the evening it
 began (times from local noon to the next noon belong to it), in `[server]
