@@ -369,10 +369,18 @@ def waterfall_png(name):
     return look["png"]
 
 
+def observation_rows(query):
+    """Observations with their file count and total size (bytes), in one
+    statement (`n_files`, `size` on each row)."""
+    files = File.select().where(File.observation == Observation.obsid)
+    return query.select(Observation, files.select(pw.fn.COUNT(pw.SQL("*"))).alias("n_files"),
+                        files.select(pw.fn.COALESCE(pw.fn.SUM(File.size), 0)).alias("size"))
+
+
 def observations():
     person()
-    rows, page, more = paginate(Observation.select()
-                                .order_by(Observation.start_time_jd.desc(), Observation.obsid))
+    rows, page, more = paginate(observation_rows(
+        Observation.select().order_by(Observation.start_time_jd.desc(), Observation.obsid)))
     return render("observations", "Observations", observations=rows, page=page, more=more)
 
 
@@ -420,8 +428,8 @@ def session_page(session_id):
         if in_int64(session_id) else []
     if not found:
         raise HTTPError(404, "No session %d is known here." % session_id)
-    obs = (Observation.select().where(Observation.session == session_id)
-           .order_by(Observation.start_time_jd).limit(1000))
+    obs = observation_rows(Observation.select().where(Observation.session == session_id)
+                           .order_by(Observation.start_time_jd).limit(1000))
     files = (File.select().join(Observation, on=(File.observation == Observation.obsid))
              .where(Observation.session == session_id)
              .order_by(Observation.start_time_jd, File.name).limit(1000))
@@ -553,7 +561,7 @@ def search_results(kind, text, fmt):
         return file_results(text, fmt)
     if kind == "obs":
         query = search.observation_query(text)
-        rows, page, more = paginate(query)
+        rows, page, more = paginate(observation_rows(query))
         return render("results_obs", "Observations found", observations=rows, page=page,
                       more=more, text=text, count=count_of(query))
     query = search.session_query(text)

@@ -126,6 +126,11 @@ def test_download_link_works_with_the_session(browser, sample):
 def test_observation_pages(browser, sample):
     page = browser.get("/observations").text
     assert page.index("1225829886") < page.index("1192201262"), "most recent first"
+    rows = {tr.find("a").text: tr for tr in browser.get("/observations").html.find_all("tr")[1:]}
+    cells = [rows["1192201900"].find("td", class_=c).text for c in ("duration", "n-files", "size")]
+    assert cells == ["14.4 min", "1", "5.0 GiB"]
+    assert rows["1225829886"].find("td", class_="duration").text == "-"  # no stop time
+    assert rows["1225829886"].find("td", class_="size")["title"] == "224073 bytes"
     page = browser.get("/observations/1192201262").text
     assert "JD 2458043.12552 · 2017-10-16 15:00:44 UTC" in page
     assert "18.1290 h" in page and "zen.2458043.12552.xx.HH.uvA" in page
