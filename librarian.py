@@ -586,13 +586,7 @@ def op_probe_stores(source, args):
 @operation("create_file_event", "read-append", file_name=str, type=str, payload=dict)
 def op_create_file_event(source, args):
     """Append an event of `type` with a JSON object `payload` to a file's log."""
-    if not args["type"]:
-        fail(400, "event type may not be empty")
-    models.check_caller_event_type(args["type"])
-    with models.write_transaction():
-        if File.get_or_none(File.name == args["file_name"]) is None:
-            fail(400, "no file named %r" % args["file_name"])
-        FileEvent.record(args["file_name"], args["type"], args["payload"])
+    models.record_caller_event(args["file_name"], args["type"], args["payload"])
     return {}
 
 

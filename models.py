@@ -479,6 +479,23 @@ def check_caller_event_type(type):
                              "may not add it" % type[:80])
 
 
+def record_caller_event(file_name, type, payload):
+    """Append a caller's event of `type` (at most 64 characters, not one
+    the server reserves) with the JSON object `payload` (a dict) to the
+    log of the file `file_name`: what the API and the file page add.
+    Raises LibrarianError: 400 for an empty or long type or an unknown
+    file, 403 for a reserved type."""
+    if not type.strip():
+        raise LibrarianError(400, "event type may not be empty")
+    if len(type) > 64:
+        raise LibrarianError(400, "event type %s... is longer than 64 characters" % type[:40])
+    check_caller_event_type(type)
+    with write_transaction():
+        if File.get_or_none(File.name == file_name) is None:
+            raise LibrarianError(400, "no file named %r" % file_name[:200])
+        FileEvent.record(file_name, type, payload)
+
+
 class Source(BaseModel):
     """A user or site that calls this Librarian. Only a hash of its
     authenticator is kept: for one this server issued (`ISSUED_RE`, 256

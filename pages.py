@@ -10,6 +10,7 @@ units with exact bytes on hover, JD with five decimals, LST in hours).
 """
 
 import datetime
+import json
 import os
 import re
 import urllib.parse
@@ -267,6 +268,27 @@ def look_query(baseline, pol):
     """The query text of a quick-look choice (`quick_look_choice` reads it)."""
     query = {"baseline": "%d-%d" % baseline if baseline else None, "pol": pol}
     return urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+
+
+def add_file_event(name):
+    """POST /files/<name>/events (read-append and up, CSRF-checked): the
+    form's event `type` and `payload` (a JSON object, empty for none) go
+    into the file's log, by the API's rule (`models.record_caller_event`)."""
+    person("read-append")
+    check_form_csrf()
+    text = (request.forms.getunicode("payload") or "").strip() or "{}"
+    try:
+        payload = json.loads(text)
+    except ValueError as e:
+        raise HTTPError(400, "The payload is not JSON: %s." % e) from None
+    if not isinstance(payload, dict):
+        raise HTTPError(400, "The payload must be a JSON object, as {\"score\": 0.9}.")
+    try:
+        models.record_caller_event(name, (request.forms.getunicode("type") or "").strip(),
+                                   payload)
+    except LibrarianError as e:
+        raise HTTPError(e.status, e.message[:1].upper() + e.message[1:] + ".") from None
+    redirect("/files/" + urllib.parse.quote(name, safe="") + "#events")
 
 
 def quick_look_choice():
@@ -755,6 +777,7 @@ def install(app):
     app.route("/", "GET", home)
     app.route("/files/<name>", "GET", file_page)
     app.route("/files/<name>/waterfall.png", "GET", waterfall_png)
+    app.route("/files/<name>/events", "POST", add_file_event)
     app.route("/pictures/<name>.png", "GET", picture_png)
     app.route("/stores/<name>/space.png", "GET", store_space_png)
     app.route("/observations", "GET", observations)

@@ -305,3 +305,23 @@ def test_standing_order_pages_create_edit_delete(browser, web, app, monkeypatch)
     browser.get("/standing-orders/nope", status=404)
     login_as(web, "reader")
     assert "New standing order" not in web.get("/standing-orders").text
+
+
+def test_events_are_added_from_the_file_page_by_read_append_and_up(web, sample):
+    login_as(web, "reader")
+    assert web.get("/files/readme.txt").forms.get("add-event") is None
+    login_as(web, "appender")
+    form = web.get("/files/readme.txt").forms["add-event"]
+    form["type"], form["payload"] = "qa_checked", '{"score": 0.9}'
+    assert form.submit(status="3*").location.endswith("/files/readme.txt#events")
+    latest = models.FileEvent.select().where(models.FileEvent.file == "readme.txt") \
+        .order_by(models.FileEvent.id.desc()).first()
+    assert (latest.type, latest.to_dict()["payload"]) == ("qa_checked", {"score": 0.9})
+    form["type"], form["payload"] = "qa_checked", "[1]"
+    assert "must be a JSON object" in form.submit(status=400).text
+    form["type"], form["payload"] = "create_instance", ""
+    assert "written by the server itself" in form.submit(status=403).text
+    form["csrf_token"] = "forged"
+    form["type"] = "qa_checked"
+    form.submit(status=403)
+    assert models.FileEvent.select().where(models.FileEvent.type == "qa_checked").count() == 1

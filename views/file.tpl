@@ -77,7 +77,15 @@ none
 % end
 </table>
 % end
-<h2>Events</h2>
+<h2 id="events">Events</h2>
+% if me.allows('read-append'):
+<form method="post" action="/files/{{quote(file.name)}}/events" id="add-event">
+<input type="hidden" name="csrf_token" value="{{csrf}}">
+<label>Event type <input name="type" required maxlength="64" placeholder="qa_checked"></label>
+<label>Payload (JSON object) <input name="payload" placeholder='{"score": 0.9}'></label>
+<button type="submit">Add event</button>
+</form>
+% end
 % if not events:
 <p class="note">No events.</p>
 % else:
