@@ -38,6 +38,11 @@ INT64 = (-2**63, 2**63 - 1)
 # Metadata
 # ---------------------------------------------------------------------------
 
+# How to say that a file has no observation, in every caller's words (the
+# web upload form shows its own in place of this text).
+SAY_NULL_OBSID = "null_obsid; --null-obsid in the client"
+
+
 def infer_obsid_from_name(name, mode):
     """The obsid of a new file whose data carry none, by configuration
     `obsid_inference_mode`: `hera` copies the obsid of existing files whose
@@ -46,8 +51,7 @@ def infer_obsid_from_name(name, mode):
     Raises `LibrarianError(400)`."""
     if mode != "hera":
         raise LibrarianError(400, "cannot determine the obsid of %r from its data; if the file "
-                             "has no observation, say so (null_obsid; --null-obsid in the "
-                             "client; the checkbox on the upload page)" % name)
+                             "has no observation, say so (%s)" % (name, SAY_NULL_OBSID))
     bits = name.split(".")
     if len(bits) < 4:
         raise LibrarianError(400, "cannot infer the obsid of %r: a HERA name has at least "
@@ -74,8 +78,8 @@ def gather_observation(store, abs_path, name, *, null_obsid, inference_mode):
     except uvmeta.MetadataError as e:
         if null_obsid:  # as the original: data that cannot be read carry no obsid
             return None, None
-        raise LibrarianError(400, "%s: %s; if it has no observation, say so (null_obsid; "
-                             "--null-obsid in the client)" % (name, e)) from None
+        raise LibrarianError(400, "%s: %s; if it has no observation, say so (%s)"
+                             % (name, e, SAY_NULL_OBSID)) from None
     if null_obsid:
         if meta is not None:
             raise LibrarianError(400, "%s was sent with null_obsid but its data carry obsid %d"

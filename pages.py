@@ -621,7 +621,10 @@ def file_results(text, fmt):
 def upload_page():
     person("read-append")
     chunk = settings().server["max_body_bytes"]
-    return render("upload", "Upload", chunk=chunk, chunk_mib="%g MiB" % (chunk / 2**20))
+    import ingest
+
+    return render("upload", "Upload", chunk=chunk, chunk_mib="%g MiB" % (chunk / 2**20),
+                  say_null_obsid=ingest.SAY_NULL_OBSID)
 
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")

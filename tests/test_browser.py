@@ -111,6 +111,37 @@ def test_a_person_uploads_finds_downloads_and_manages_stores(server, page, tmp_p
     page.goto(url + "/")
     page.screenshot(path=os.path.join(shots, "home.png"), full_page=True)
     assert "zen.2458432.34569.uvh5" in page.inner_text("main")
+    # The pictures of the archive load at their size.
+    page.wait_for_function("document.getElementById('volume').complete")
+    assert page.eval_on_selector("#volume", "img => [img.naturalWidth, img.naturalHeight]") \
+        == [720, 300]
+    page.goto(url + "/sessions/recent")
+    page.wait_for_function("document.getElementById('timeline').complete")
+    assert page.eval_on_selector("#timeline", "img => img.naturalWidth") == 720
+
+    # No empty error boxes where nothing is wrong.
+    empty_boxes = ("els => els.filter(e => !e.textContent.trim() && e.offsetHeight > 0)"
+                   ".length")
+    for path in ("/connectivity", "/stores/main"):
+        page.goto(url + path)
+        assert page.eval_on_selector_all(".error", empty_boxes) == 0, path
+
+    # A refused upload says why in the form's words, and shows no finished bar.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a note without an observation")
+    page.goto(url + "/upload")
+    page.set_input_files("#file", str(notes))
+    page.click("#send")
+    page.wait_for_selector("#status.error")
+    message = page.inner_text("#status")
+    assert message.startswith("Not stored: ") and 'tick "The file has no observation"' in message
+    assert "--null-obsid" not in message and page.is_hidden("#progress")
+
+    # At phone width a file's page does not overflow sideways.
+    page.set_viewport_size({"width": 375, "height": 700})
+    page.goto(url + "/files/zen.2458432.34569.uvh5")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.set_viewport_size({"width": 1280, "height": 800})
 
     page.goto(url + "/stores/main")
     assert page.inner_text("#available") == "yes"

@@ -21,6 +21,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 code, .mono { font-family: ui-monospace, monospace; font-size: .92em; }
 h1.mono { font-size: 1.6em; word-break: break-all; }
 .error { color: #a40000; background: #fff0f0; border: 1px solid #f2c5c5; padding: .4em .7em; }
+.error:empty { display: none; }
+td { overflow-wrap: anywhere; }
+@media (max-width: 40em) { main { padding: .6em; } table { display: block; overflow-x: auto; } }
 .note { color: #4a5561; }
 .bar { display: inline-block; width: 12em; height: .8em; background: #e3e7eb;
        vertical-align: middle; }

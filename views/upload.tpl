@@ -24,8 +24,12 @@ its progress. Without it, use the <code>librarian upload</code> command.</p></no
     status.className = isError ? "error" : "note";
     if (isError) { progress.hidden = true; }
   }
+  function webWords(message) {
+    // The server's refusals name the API's flag; here it is the checkbox.
+    return message.split("({{say_null_obsid}})").join('(tick "The file has no observation")');
+  }
   function messageOf(body, fallback) {
-    try { return JSON.parse(body).message || fallback; } catch (e) { return fallback; }
+    try { return webWords(JSON.parse(body).message || fallback); } catch (e) { return fallback; }
   }
   function finished(uploadUrl) {
     // The last part registered the file; its outcome says where it is.
@@ -42,7 +46,7 @@ its progress. Without it, use the <code>librarian upload</code> command.</p></no
           link.textContent = "Its page";
           status.appendChild(link);
         } else {
-          say("Not stored: " + (outcome.message || "the upload did not finish"), true);
+          say("Not stored: " + webWords(outcome.message || "the upload did not finish"), true);
         }
       }, function () { say("The server could not be asked how the upload ended.", true); });
   }
