@@ -26,16 +26,20 @@ Connections are `[connection:NAME]` sections of the configuration, or else
 entries of `~/.hl_client.cfg`.
 """
 
+import collections
+import contextlib
 import json
 import logging
 import os
 import posixpath
+import threading
 import time
 import urllib.parse
 
 import integrity
 import librarian_client
 import remotes
+import settings
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
@@ -45,6 +49,29 @@ from stores import SSHTarget, check_relative_folder
 log = logging.getLogger("librarian")
 
 REPORT_EVERY = 64 << 20  # bytes between progress reports
+WAIT_FOR_SLOT_SECONDS = 1.0  # a copy over its connection's copies_in_flight waits this long
+_in_flight = collections.Counter()  # connection name -> copies this process sends now
+_in_flight_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def slot(ctx, connection_name):
+    """One of the connection's `copies_in_flight` slots (`[connection:NAME]`,
+    in this process) for the block; `tasks.Deferred` when all are taken,
+    so that the worker takes other work meanwhile. How many copies run at
+    once in all is `[server] workers`."""
+    spec = ctx.settings.connections.get(connection_name) or {}  # ({}: ~/.hl_client.cfg's)
+    limit = spec.get("copies_in_flight") or settings.SCHEMA["connection:*"]["copies_in_flight"][1]
+    with _in_flight_lock:
+        if _in_flight[connection_name] >= limit:
+            raise tasks.Deferred(WAIT_FOR_SLOT_SECONDS, "%s has %d copies in flight already"
+                                 % (connection_name, limit))
+        _in_flight[connection_name] += 1
+    try:
+        yield
+    finally:
+        with _in_flight_lock:
+            _in_flight[connection_name] -= 1
 
 
 def client_for(ctx, connection_name):
@@ -260,7 +287,8 @@ def copy_to_librarian(ctx, task, args):
     try:
         inst, store, path = local_copy(ctx, file.name)
         client = client_for(ctx, args["connection_name"])
-        size, theirs = send(ctx, client, inst, store, path, task, progress)
+        with slot(ctx, args["connection_name"]):
+            size, theirs = send(ctx, client, inst, store, path, task, progress)
     except librarian_client.RPCError as e:
         error = from_peer(e.status, e.message)
         if not error.retryable:  # refused: sending again will not help

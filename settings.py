@@ -195,6 +195,7 @@ SCHEMA = {
         "ssh_timeout": (_positive_float, 15.0),
         "ssh_hosts": (_words, None),
         "source": (_nonempty, None),
+        "copies_in_flight": (_positive_int, 2),
     },
     "rolling_deletion:*": {
         "store": (_nonempty, REQUIRED),

@@ -70,6 +70,25 @@ def cancel(ctx, task_id, by):
     return True
 
 
+class Deferred(Exception):
+    """Raised by a handler that cannot start now (a limit of in-flight
+    work): the task goes back to pending for `seconds`, the attempt not
+    counted."""
+
+    def __init__(self, seconds, why):
+        super().__init__(why)
+        self.seconds = seconds
+
+
+def postpone(task, seconds, now=None):
+    """Put a claimed task back to pending, due in `seconds`, uncounted."""
+    now = now or utcnow()
+    with write_transaction():
+        (Task.update(state="pending", worker=None, attempts=Task.attempts - 1,
+                     next_attempt=now + datetime.timedelta(seconds=seconds))
+         .where((Task.id == task.id) & (Task.state == "running")).execute())
+
+
 class Permanent(LibrarianError):
     """A failure that retrying cannot fix (bad arguments, unknown file)."""
     status = 400
@@ -234,6 +253,8 @@ def run_one(ctx, task, now=None):
     beater.start()
     try:
         HANDLERS[task.kind](ctx, task, json.loads(task.args))
+    except Deferred as e:
+        postpone(task, e.seconds, now=now)
     except Exception as e:
         if is_retryable(e):  # the one place that decides whether a task tries again
             log.warning("task %d (%s) failed: %s\n%s", task.id, task.kind, e,

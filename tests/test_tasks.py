@@ -150,3 +150,32 @@ def test_remote_path_must_end_in_the_file_name(app, web, monkeypatch):
     msg = api(web, "launch_file_copy", status=400, file_name="f1.dat", connection_name="b",
               remote_store_path="other.dat")["message"]
     assert "must end in the file's name" in msg
+
+
+def test_a_copy_over_its_connections_copies_in_flight_waits_uncounted(app, monkeypatch):
+    import copies
+
+    context = ctx()
+    monkeypatch.setitem(context.settings.connections, "peer",
+                        {"url": "http://127.0.0.1:9/", "copies_in_flight": 1})
+    ran = []
+
+    @tasks.handler("test_copy_slot")
+    def copy_slot(ctx_, task, args):
+        with copies.slot(ctx_, "peer"):
+            ran.append(task.id)
+
+    task = tasks.enqueue(context, "test_copy_slot", {})
+    t0 = models.utcnow()
+    with copies.slot(context, "peer"):  # another copy to peer is in flight
+        assert tasks.run_until_empty(context, now=t0) == 1
+        row = tasks.Task.get_by_id(task.id)
+        assert (row.state, row.attempts, row.last_error) == ("pending", 0, None)
+        assert row.next_attempt == t0 + datetime.timedelta(seconds=copies.WAIT_FOR_SLOT_SECONDS)
+        with copies.slot(context, "other"):  # other connections are not held up
+            pass
+    assert ran == []
+    later = t0 + datetime.timedelta(seconds=2)
+    assert tasks.run_until_empty(context, now=later) == 1
+    row = tasks.Task.get_by_id(task.id)
+    assert (row.state, row.attempts, ran) == ("done", 1, [task.id])
