@@ -1112,42 +1112,43 @@ def _or_dash(value, fmt="%s"):
     return "-" if value is None else fmt % value
 
 
-def cmd_search_files(client, args):
-    files = client.search_files(_search_text(args.search), limit=args.limit,
-                                offset=args.offset)
-    if args.names:
-        for f in files:
-            print(f["name"])
+def _file_row(f):
+    return (f["name"], str(f["size"]), _or_dash(f["obsid"]), f["type"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["create_time"])))
+
+
+def _obs_row(o):
+    return (str(o["obsid"]), "%.5f" % o["start_time_jd"], _or_dash(o["stop_time_jd"], "%.5f"),
+            _or_dash(o["start_lst_hr"], "%.4f"), _or_dash(o["session_id"]))
+
+
+def _session_row(s):
+    return (str(s["id"]), "%.5f" % s["start_time_jd"], "%.5f" % s["stop_time_jd"],
+            "%.2f" % ((s["stop_time_jd"] - s["start_time_jd"]) * 24))
+
+
+# command -> (output format, the field --names/--ids prints, the noun, the
+# table's header, a record's row)
+SEARCH_COMMANDS = {
+    "search-files": ("file-listing-json", "name", "file",
+                     ("NAME", "SIZE", "OBSID", "TYPE", "CREATED (UTC)"), _file_row),
+    "search-obs": ("obs-listing-json", "obsid", "observation",
+                   ("OBSID", "START JD", "STOP JD", "START LST (h)", "SESSION"), _obs_row),
+    "search-sessions": ("session-listing-json", "id", "session",
+                        ("SESSION", "START JD", "STOP JD", "HOURS"), _session_row),
+}
+
+
+def cmd_search(client, args):
+    """search-files, search-obs, search-sessions: a table of what the
+    search finds (its count on stderr), or only the names or ids."""
+    fmt, key, noun, header, row = SEARCH_COMMANDS[args.command]
+    found = client.search(_search_text(args.search), fmt, limit=args.limit, offset=args.offset)
+    if args.only:
+        for record in found:
+            print(record[key])
         return
-    _print_table(("NAME", "SIZE", "OBSID", "TYPE", "CREATED (UTC)"), [
-        (f["name"], str(f["size"]), _or_dash(f["obsid"]), f["type"],
-         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(f["create_time"]))) for f in files],
-        "file")
-
-
-def cmd_search_obs(client, args):
-    found = client.search_observations(_search_text(args.search), limit=args.limit,
-                                       offset=args.offset)
-    if args.ids:
-        for o in found:
-            print(o["obsid"])
-        return
-    _print_table(("OBSID", "START JD", "STOP JD", "START LST (h)", "SESSION"), [
-        (str(o["obsid"]), "%.5f" % o["start_time_jd"], _or_dash(o["stop_time_jd"], "%.5f"),
-         _or_dash(o["start_lst_hr"], "%.4f"), _or_dash(o["session_id"])) for o in found],
-        "observation")
-
-
-def cmd_search_sessions(client, args):
-    found = client.search_sessions(_search_text(args.search), limit=args.limit,
-                                   offset=args.offset)
-    if args.ids:
-        for o in found:
-            print(o["id"])
-        return
-    _print_table(("SESSION", "START JD", "STOP JD", "HOURS"), [
-        (str(o["id"]), "%.5f" % o["start_time_jd"], "%.5f" % o["stop_time_jd"],
-         "%.2f" % ((o["stop_time_jd"] - o["start_time_jd"]) * 24)) for o in found], "session")
+    _print_table(header, [row(r) for r in found], noun)
 
 
 def cmd_assign_sessions(client, args):
@@ -1358,21 +1359,21 @@ def build_parser():
     p.add_argument("dest", nargs="?", help="where to put it (default: ./FILE_NAME)")
     p.set_defaults(func=cmd_download)
 
-    for command, kind, example, func, only in (
-            ("search-files", "files", '{"name-matches": "zen.2458043.%%"}', cmd_search_files,
+    for command, kind, example, only in (
+            ("search-files", "files", '{"name-matches": "zen.2458043.%%"}',
              ("--names", "print only names, one per line")),
             ("search-obs", "observations", '{"start-lst-hr-in-range": [18.0, 18.5]}',
-             cmd_search_obs, ("--ids", "print only obsids, one per line")),
+             ("--ids", "print only obsids, one per line")),
             ("search-sessions", "observing sessions", '{"start-time-jd-greater-than": '
-             '2458000}', cmd_search_sessions, ("--ids", "print only session ids, one per line"))):
+             '2458000}', ("--ids", "print only session ids, one per line"))):
         p = sub.add_parser(command, help="search %s with the JSON search language" % kind)
-        p.add_argument("conn_name", help="a connection of the client configuration")
+        p.add_argument("conn_name")
         p.add_argument("search", help="the search (JSON; - reads it from stdin), e.g. '%s'"
                        % example)
-        p.add_argument(only[0], action="store_true", help=only[1])
+        p.add_argument(only[0], dest="only", action="store_true", help=only[1])
         p.add_argument("--limit", type=int, help="at most this many results")
         p.add_argument("--offset", type=int, help="skip this many results first")
-        p.set_defaults(func=func)
+        p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("assign-sessions", help="group observations into sessions")
     p.add_argument("conn_name")
