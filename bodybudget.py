@@ -1,5 +1,6 @@
-"""A bound on the request bodies waitress holds in memory, over all
-connections at once.
+"""What we add to waitress: a bound on the request bodies it holds in
+memory, over all connections at once, and the closing of connections
+whose clients stopped reading (`close_stalled`).
 
 waitress reads a whole body before the application sees the request (and
 so before anyone has checked the caller), and we have it keep bodies in
@@ -22,6 +23,7 @@ authenticated uploads out.
 """
 
 import functools
+import logging
 import threading
 import weakref
 
@@ -32,6 +34,7 @@ from waitress.utilities import Error, RequestEntityTooLarge
 
 SMALL_BODY_BYTES = 64 << 10  # a v1 call's JSON; bounded by the connection count instead
 RETRY_AFTER_SECONDS = 5
+log = logging.getLogger("librarian")
 
 
 class BodyBudget:
@@ -153,11 +156,12 @@ def channel_class(budget, bound, known):
     return BudgetedChannel
 
 
-def install(server, channel):
+def install(server, channel, send_timeout):
     """Make every listening socket of the waitress `server` (one
     TcpWSGIServer, or a MultiSocketServer of several: `host = localhost`
-    with IPv4 and IPv6) use `channel`, and close its stalled connections
-    (`close_stalled`); raises RuntimeError if there is no listener."""
+    with IPv4 and IPv6) use `channel`, and close its connections stalled
+    for `send_timeout` seconds (`close_stalled`); raises RuntimeError if
+    there is no listener."""
     listeners = {id(s): s for s in [server, *getattr(server, "map", {}).values()]
                  if isinstance(s, BaseWSGIServer)}
     if not listeners:
@@ -165,19 +169,29 @@ def install(server, channel):
     for listener in listeners.values():
         listener.channel_class = channel
         listener.maintenance = functools.partial(close_stalled, listener,
-                                                 listener.maintenance)
+                                                 listener.maintenance, send_timeout)
 
 
-def close_stalled(listener, maintenance, now):
-    """waitress's look for idle connections, which marks those idle for
-    `channel_timeout` to be closed, and then the closing of those among
-    them that still hold output: waitress closes a connection only when
-    its socket can be written to, which never happens for a client that
-    stopped reading (a file sent by the I/O loop would hold its slot for
-    ever). Runs in waitress's I/O thread."""
+def close_stalled(listener, maintenance, send_timeout, now):
+    """waitress's look for idle connections, and then ours for stalled
+    ones: a connection holding an answer of which nothing was sent for
+    `send_timeout` seconds (its client stopped reading) is closed, so that
+    such clients hold neither a connection slot (waitress closes only a
+    connection whose socket can be written to, which never happens) nor a
+    worker thread (waitress blocks one whose output is over its high
+    watermark, without a limit). A client that reads, however slowly,
+    makes bytes go and is never cut off. Runs in waitress's I/O thread,
+    within its poll: the closing is left to the trigger, which runs after
+    the poll's select."""
     maintenance(now)
-    cutoff = now - listener.adj.channel_timeout
+    cutoff = now - send_timeout
     for ch in list(listener.active_channels.values()):
-        if ch.will_close and not ch.requests and ch.total_outbufs_len and \
-                ch.last_activity < cutoff:
-            ch.handle_close()
+        if ch.total_outbufs_len and ch.last_activity < cutoff:
+            listener.trigger.pull_trigger(functools.partial(_close_if_stalled, ch, cutoff,
+                                                            send_timeout))
+
+
+def _close_if_stalled(ch, cutoff, send_timeout):
+    if ch.connected and ch.total_outbufs_len and ch.last_activity < cutoff:
+        log.warning("closed a connection whose client took nothing for %g s", send_timeout)
+        ch.handle_close()  # (wakes a thread that waits to add output)

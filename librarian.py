@@ -61,7 +61,7 @@ import uploads
 import uvmeta
 import errors
 from errors import http_status
-from models import (File, FileEvent, FileInstance, LibrarianError, Source, StagingDir, Store,
+from models import (File, FileInstance, LibrarianError, Source, StagingDir, Store,
                     db)
 from context import Context
 from stores import BodyReader, StoreUnreachable, intents, split_store_path
@@ -302,6 +302,8 @@ def render_error(error):
     """Render any HTTP error: JSON `{success: false, message}` under `/api/`,
     an HTML page elsewhere. A 500 never carries exception text."""
     status = error.status_code
+    if status == 500 and getattr(error, "traceback", None):  # (bottle caught it: not logged yet)
+        log.error("unhandled error in %s %s\n%s", request.method, request.path, error.traceback)
     message = error.body if status != 500 else "internal error; see the server log"
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
@@ -313,7 +315,12 @@ def render_error(error):
         response.content_type = "application/json"
         return json.dumps({"success": False, "message": message or error.status_line})
     response.content_type = "text/html; charset=utf-8"
-    return bottle.template("error", status=error.status_line, message=message)
+    import pages
+
+    try:  # inside the site's frame, with its navigation for whoever is logged in
+        return pages.render("error", error.status_line, status=status, message=message)
+    except Exception:  # (the database itself may be what failed)
+        return bottle.template("error", title=error.status_line, message=message)
 
 
 def fail(status, message):
@@ -1322,73 +1329,13 @@ def file_response(store, path, inst):
     return HTTPResponse(body, status=status, **headers)
 
 
-class SlowReaderGuard:
-    """Closes the connection of a response streamed by a worker thread
-    (a directory's tar, a file on another host) whose client has not taken
-    a chunk for `[server] send_timeout` seconds, so that clients that stop
-    reading cannot hold every worker thread: waitress blocks the thread
-    while the connection's buffer is full, and has no limit of its own.
-    The connection is closed in waitress's I/O loop (its trigger), which
-    wakes the blocked thread; under other WSGI servers nothing is watched."""
-
-    def __init__(self):
-        self.streams = {}  # id -> (monotonic time of the last chunk taken, close)
-        self.lock = threading.Lock()
-        self.thread = None
-
-    def watch(self, chunks, seconds):
-        """`chunks`, watched; see the class docstring."""
-        check = request.environ.get("waitress.client_disconnected")
-        channel = getattr(check, "__self__", None)
-        if channel is None or not hasattr(channel, "server"):
-            return chunks
-
-        def close():
-            channel.server.trigger.pull_trigger(channel.handle_close)
-
-        def watched():
-            key = object()
-            try:
-                for chunk in chunks:
-                    with self.lock:
-                        self.streams[key] = (time.monotonic(), close)
-                    yield chunk
-            finally:
-                with self.lock:
-                    self.streams.pop(key, None)
-                getattr(chunks, "close", lambda: None)()
-
-        self._start(seconds)
-        return watched()
-
-    def _start(self, seconds):
-        with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, args=(seconds,), daemon=True,
-                                               name="slow-readers")
-                self.thread.start()
-
-    def _loop(self, seconds):
-        while True:
-            time.sleep(min(5.0, seconds / 4))
-            cutoff = time.monotonic() - seconds
-            with self.lock:
-                stalled = [k for k, (t, _) in self.streams.items() if t < cutoff]
-                closers = [self.streams.pop(k)[1] for k in stalled]
-            for close in closers:
-                log.warning("closed a connection whose client took nothing for %g s", seconds)
-                close()
-
-
-slow_readers = SlowReaderGuard()
-
-
 def primed(chunks):
     """The stream with its first chunk already read, so that a failure to
     start it (a store that cannot be reached, a file that shrank) is an
     error of the request, answered and logged by `handle_errors`, not a
-    broken body; watched for clients that stop reading (`SlowReaderGuard`)."""
-    chunks = slow_readers.watch(iter(chunks), cfg().server["send_timeout"])
+    broken body. (A client that stops reading it is cut off after
+    send_timeout: `bodybudget.close_stalled`.)"""
+    chunks = iter(chunks)
     try:
         first = next(chunks)
     except StopIteration:
@@ -1470,12 +1417,14 @@ def waitress_limits(config):
     refused (413) from its headers, and one within it is held in memory
     (never spooled to a temporary file) until the handler reads it once."""
     limit, idle = config.server["max_body_bytes"], config.server["channel_timeout"]
+    shortest = min(idle, config.server["send_timeout"])
     # (waitress refuses a body of max_request_body_size bytes or more; it looks
-    # for idle connections every cleanup_interval seconds.)
+    # for idle connections every cleanup_interval seconds, and so do we for
+    # stalled ones: `bodybudget.close_stalled`.)
     return dict(threads=config.server["threads"], max_request_body_size=limit + 1,
                 inbuf_overflow=limit + 1, recv_bytes=RECV_BYTES,
                 connection_limit=config.server["connection_limit"],
-                channel_timeout=idle, cleanup_interval=max(1.0, min(30.0, idle / 2)),
+                channel_timeout=idle, cleanup_interval=max(1.0, min(30.0, shortest / 2)),
                 max_request_header_size=MAX_HEADER_BYTES,
                 outbuf_high_watermark=OUTBUF_BYTES, outbuf_overflow=OUTBUF_BYTES + 1)
 
@@ -1491,7 +1440,7 @@ def waitress_server(app, config, **listen):
     bound = config.server["max_body_bytes"]
     bodybudget.install(server, bodybudget.channel_class(
         bodybudget.BodyBudget(config.server["buffered_body_bytes"], bound), bound,
-        app.config["librarian.auth_cache"].recognises))
+        app.config["librarian.auth_cache"].recognises), config.server["send_timeout"])
     return server
 
 

@@ -96,7 +96,17 @@ def fmt_days(days):
     return "%.1f min" % (days * 1440) if abs(days) < 1 else "%.3f d" % days
 
 
+def fill_percent(total, used, free):
+    """How full a store is, in percent, as `df` and the health page count
+    it (`metrics.fill`), or None."""
+    from stores.ssh import DiskUsage
+
+    fraction = metrics.fill(DiskUsage(total, used, free)) if used is not None else None
+    return None if fraction is None else 100.0 * fraction
+
+
 HELPERS = {"human_size": human_size, "fmt_jd": fmt_jd, "jd_to_utc": jd_to_utc,
+           "fill_percent": fill_percent,
            "fmt_lst": fmt_lst, "fmt_time": fmt_time, "fmt_days": fmt_days,
            "quote": lambda s: urllib.parse.quote(str(s), safe=""), "PAGE_SIZE": PAGE_SIZE}
 
@@ -261,7 +271,7 @@ def file_page(name):
     look, why = quick_look(record, *choice)
     return render("file", name, file=record, instances=list(instances), events=list(events),
                   remote_instances=list(remote), look=look, no_look=why,
-                  look_query=look_query(*choice))
+                  look_query="" if why else look_query(*choice))  # (why: the default shown)
 
 
 def look_query(baseline, pol):
@@ -318,16 +328,25 @@ def quick_look(file, baseline, pol):
         return None, "No quick look: %s" % e.message
     if inst is None:
         return None, "No quick look: no copy of the file is here."
-    try:
-        look = quicklook.cached((file.md5, baseline, pol),
+    def looked(baseline, pol):
+        return quicklook.cached((file.md5, baseline, pol),
                                 lambda: store.quick_look(path, baseline, pol))
+    try:
+        try:
+            look, why = looked(baseline, pol), None
+        except quicklook.QuickLookError as e:
+            if baseline is None and pol is None:
+                raise
+            # What the file has instead, with the form to choose among it.
+            look, why = looked(None, None), "%s; the default is shown." % e
+            why = why[:1].upper() + why[1:]
     except (quicklook.QuickLookError, uvmeta.MetadataError) as e:
         return None, "No quick look: %s." % str(e).rstrip(".")
     except LibrarianError as e:
         return None, "No quick look: %s" % e.message
     if look is None:
         return None, "No quick look: this file is not visibility data (UVH5 or MIRIAD)."
-    return look, None
+    return look, why
 
 
 PICTURE_SECONDS = 60.0  # a picture of the archive is drawn again at most this often
@@ -384,7 +403,7 @@ def waterfall_png(name):
     if record is None:
         raise HTTPError(404, "No file named %r is known here." % name)
     look, why = quick_look(record, *quick_look_choice())
-    if look is None:
+    if look is None or why:
         raise HTTPError(404, why)
     response.content_type = "image/png"
     response.set_header("Cache-Control", "private, max-age=86400")  # a file's bytes never change

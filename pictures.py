@@ -96,74 +96,103 @@ def _png(fig):
     return out.getvalue()
 
 
+def _unit(largest):
+    """(divisor, name) of the decimal unit in which `largest` bytes reads
+    as a number from 1 to 1000."""
+    for divisor, name in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if largest >= divisor:
+            return divisor, name
+    return 1.0, "bytes"
+
+
+def _days_axis(ax, days):
+    """Dates on the x axis, days only (never hours), with room on each side
+    (a day, or a thirtieth of the span), so that a single day is a visible
+    bar and the first and last are not cut in half."""
+    import matplotlib.dates as mdates
+
+    first, last = min(days), max(days)
+    room = datetime.timedelta(days=max(1, (last - first).days // 30))
+    ax.set_xlim(first - room, last + room)
+    span = (last - first).days + 2
+    ax.xaxis.set_major_locator(mdates.DayLocator(interval=max(1, span // 6)))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    for label in ax.get_xticklabels():
+        label.set_rotation(20)
+        label.set_horizontalalignment("right")
+
+
+def _empty(fig, ax, text):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return _png(fig)
+
+
 def volume_png(nights):
-    """Bars of GB per night and, on a second axis, the archive's total
-    (TB) after each night; `nights` from `volume_by_night`."""
+    """Bars of the bytes registered per night and, on a second axis, the
+    archive's total after each night; `nights` from `volume_by_night`."""
     fig = _figure()
     ax = fig.add_subplot()
     if not nights:
-        ax.text(0.5, 0.5, "no files yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return _png(fig)
+        return _empty(fig, ax, "no files yet")
     days = [n for n, _ in nights]
-    sizes = [b / 1e9 for _, b in nights]
-    ax.bar(days, sizes, width=0.8, color="#3b6ea5", label="per night")
-    ax.set_ylabel("GB per night")
-    total = ax.twinx()
+    divisor, unit = _unit(max(b for _, b in nights))
+    ax.bar(days, [b / divisor for _, b in nights], width=0.8, color="#3b6ea5")
+    ax.set_ylabel("%s per night" % unit)
     running, cumulative = 0, []
     for _, b in nights:
         running += b
-        cumulative.append(running / 1e12)
-    total.step(days, cumulative, where="post", color="#c0392b", label="archive total")
-    total.set_ylabel("archive total (TB)")
+        cumulative.append(running)
+    total_divisor, total_unit = _unit(running)
+    total = ax.twinx()
+    total.plot(days, [c / total_divisor for c in cumulative], "o-", color="#c0392b",
+               drawstyle="steps-post", markersize=4)
+    total.set_ylabel("archive total (%s)" % total_unit, color="#c0392b")
     total.set_ylim(bottom=0)
-    ax.set_title("Data ingested per night (local nights)")
-    fig.autofmt_xdate()
+    _days_axis(ax, days)
+    ax.set_title("Data registered per night (bars) and the archive's total (line)")
     return _png(fig)
 
 
 def timeline_png(coverage):
     """Each session as a vertical bar over its night (x) covering its LST
-    range (y, hours, wrapping at 24); `coverage` from `session_coverage`."""
+    range (y, hours, wrapping at 24); `coverage` from `session_coverage`.
+    Bars are drawn a fixed width in points, so that a short session on a
+    long axis stays visible."""
     fig = _figure()
     ax = fig.add_subplot()
     spans = [c for c in coverage if c[3] is not None]
     if not spans:
-        ax.text(0.5, 0.5, "no sessions yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return _png(fig)
+        return _empty(fig, ax, "no sessions with observations yet")
     for night, _, _, lst0, lst1 in spans:
         pieces = [(lst0, lst1)] if lst1 >= lst0 else [(lst0, 24.0), (0.0, lst1)]
         for low, high in pieces:
-            ax.bar(night, max(high - low, 0.05), bottom=low, width=0.8, color="#2e8b57")
+            ax.vlines(night, low, max(high, low + 0.5), linewidth=6, color="#2e8b57")
     ax.set_ylim(0, 24)
     ax.set_yticks(range(0, 25, 4))
     ax.set_ylabel("LST (hours)")
+    _days_axis(ax, [c[0] for c in spans])
     ax.set_title("Observing sessions: nights and LST coverage")
-    fig.autofmt_xdate()
     return _png(fig)
 
 
 def space_png(history):
-    """Used and free space (TB, stacked) of a store by day; `history` from
-    `store_history`."""
+    """Used and free space of a store by day, as stacked bars; `history`
+    from `store_history`."""
     fig = _figure()
     ax = fig.add_subplot()
     if not history:
-        ax.text(0.5, 0.5, "no daily samples yet", ha="center", va="center",
-                transform=ax.transAxes)
-        ax.set_axis_off()
-        return _png(fig)
+        return _empty(fig, ax, "no daily samples yet")
     days = [d for d, _, _ in history]
-    used = [u / 1e12 for _, u, _ in history]
-    free = [f / 1e12 for _, _, f in history]
-    ax.stackplot(days, used, free, labels=["used", "free"], colors=["#3b6ea5", "#c9d6e3"],
-                 step="post")
-    ax.set_ylabel("TB")
-    ax.set_ylim(bottom=0)
+    divisor, unit = _unit(max(u + f for _, u, f in history))
+    used = [u / divisor for _, u, _ in history]
+    ax.bar(days, used, width=0.8, color="#3b6ea5", label="used")
+    ax.bar(days, [f / divisor for _, _, f in history], bottom=used, width=0.8,
+           color="#c9d6e3", label="free")
+    ax.set_ylabel(unit)
     ax.legend(loc="upper left")
+    _days_axis(ax, days)
     ax.set_title("Used and free space by day")
-    fig.autofmt_xdate()
     return _png(fig)
 
 

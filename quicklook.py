@@ -44,6 +44,8 @@ def _choose(baselines, baseline):
     `baselines`, in the file's order), else the first cross-correlation."""
     if baseline is not None:
         baseline = tuple(int(a) for a in baseline)
+        if baseline not in baselines and baseline[::-1] in baselines:
+            return baseline[::-1]  # the same baseline (conjugate data: the same amplitudes)
         if baseline not in baselines:
             raise QuickLookError("the file has no baseline %d-%d" % baseline)
         return baseline
@@ -130,7 +132,9 @@ def miriad_waterfall(path, baseline=None, pol=None):
 
 def _summary(antennas, n_baselines, freqs, inttime, pols, times):
     """The header summary shown beside a waterfall (frequencies in MHz,
-    times in JD, integration time in s, span in minutes)."""
+    times in JD, integration time in s; the span, in minutes, is from the
+    first integration's time to the last's, as an observation's start and
+    stop are)."""
     start, stop = float(np.min(times)), float(np.max(times))
     return {"n_antennas": len(antennas), "n_baselines": n_baselines,
             "n_channels": int(freqs.size), "freq_min_mhz": float(freqs.min()) / 1e6,
@@ -139,12 +143,13 @@ def _summary(antennas, n_baselines, freqs, inttime, pols, times):
                                   if freqs.size > 1 else None),
             "integration_s": inttime, "polarizations": list(pols),
             "n_times": int(np.unique(times).size), "start_jd": start, "stop_jd": stop,
-            "span_minutes": (stop - start) * 1440.0 + inttime / 60.0}
+            "span_minutes": (stop - start) * 1440.0}
 
 
-def render(times, freqs, amplitude, title):
+def render(times, freqs, amplitude, title, inttime):
     """A PNG (bytes) of IMAGE_SIZE pixels: amplitude (colour) against
-    frequency (MHz, x) and time (minutes since the first integration, y)."""
+    frequency (MHz, x) and time (minutes since the first integration, y;
+    each row an integration of `inttime` seconds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +158,8 @@ def render(times, freqs, amplitude, title):
     fig = Figure(figsize=(IMAGE_SIZE[0] / DPI, IMAGE_SIZE[1] / DPI), dpi=DPI)
     ax = fig.add_subplot()
     minutes = (times - times[0]) * 1440.0
-    extent = (freqs[0] / 1e6, freqs[-1] / 1e6, minutes[-1] if minutes.size else 0, 0)
+    extent = (freqs[0] / 1e6, freqs[-1] / 1e6, (minutes[-1] if minutes.size else 0)
+              + inttime / 60.0, 0)
     image = ax.imshow(amplitude, aspect="auto", interpolation="nearest", extent=extent,
                       cmap="viridis")
     fig.colorbar(image, ax=ax, label="amplitude (correlator units)")
@@ -180,7 +186,8 @@ def look(kind, source, baseline=None, pol=None):
         raise
     except Exception as e:  # what the readers raise for a malformed file varies
         raise QuickLookError("cannot read the data: %s" % str(e)[:300]) from None
-    png = render(times, freqs, amplitude, "baseline %d-%d, %s" % (chosen + (pol,)))
+    png = render(times, freqs, amplitude, "baseline %d-%d, %s" % (chosen + (pol,)),
+                 summary["integration_s"])
     return {"summary": summary, "baselines": baselines, "pols": pols, "baseline": chosen,
             "pol": pol, "png": png}
 

@@ -107,6 +107,47 @@ def test_clients_that_never_read_a_range_hold_no_thread(busy_server):
             s.close()
 
 
+def test_a_client_that_reads_slowly_is_never_cut_off(busy_server):
+    """64 KiB every half second, for three times send_timeout (2 s): the
+    bytes keep coming."""
+    s = stalled_get(busy_server, "/api/download/zen.big.dat", b"Range: bytes=1-\r\n")
+    try:
+        s.settimeout(5)
+        got, started = 0, time.monotonic()
+        while time.monotonic() - started < 6:
+            more = s.recv(64 << 10)
+            assert more, "cut off after %d bytes" % got
+            got += len(more)
+            time.sleep(0.5)
+        assert got > 0 and busy_server.proc.poll() is None
+    finally:
+        s.close()
+
+
+def test_pipelined_answers_nobody_reads_are_closed_and_the_server_lives(busy_server):
+    """Eight connections of 110 pipelined requests each, never read (the
+    answers go over waitress's high watermark and block the four threads):
+    after send_timeout they are closed, the threads are free again, and the
+    server is still there."""
+    many = b"GET /static/tus.min.js HTTP/1.1\r\nHost: x\r\n\r\n" * 110
+    stalled = []
+    for _ in range(8):
+        s = socket.create_connection(("127.0.0.1", busy_server.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(many)
+        stalled.append(s)
+    try:
+        time.sleep(1)
+        assert ping_seconds(busy_server, timeout=30) < 15
+        time.sleep(4)
+        assert busy_server.proc.poll() is None
+        assert server_connections(busy_server) < 4
+        assert ping_seconds(busy_server) < 5
+    finally:
+        for s in stalled:
+            s.close()
+
+
 def test_clients_that_never_read_a_tar_are_cut_off(busy_server):
     """Directory downloads are streamed by threads: 8 stalled readers hold
     all four for at most send_timeout, then are cut off."""

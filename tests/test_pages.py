@@ -318,10 +318,21 @@ def test_events_are_added_from_the_file_page_by_read_append_and_up(web, sample):
         .order_by(models.FileEvent.id.desc()).first()
     assert (latest.type, latest.to_dict()["payload"]) == ("qa_checked", {"score": 0.9})
     form["type"], form["payload"] = "qa_checked", "[1]"
-    assert "must be a JSON object" in form.submit(status=400).text
+    refused = form.submit(status=400).text
+    assert "must be a JSON object" in refused
+    assert 'href="/logout"' in refused and 'href="/search-files"' in refused  # the site's frame
     form["type"], form["payload"] = "create_instance", ""
     assert "written by the server itself" in form.submit(status=403).text
     form["csrf_token"] = "forged"
     form["type"] = "qa_checked"
     form.submit(status=403)
     assert models.FileEvent.select().where(models.FileEvent.type == "qa_checked").count() == 1
+
+
+def test_store_fill_is_counted_one_way_on_every_page(browser, sample):
+    import re as _re
+
+    home = browser.get("/").text
+    bar = float(_re.search(r'class="bar" title="([\d.]+)% used"', home).group(1))
+    health = browser.get("/health").text
+    assert "%.1f%%" % bar in health  # as df counts it: used / (used + free)

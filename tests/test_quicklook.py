@@ -92,7 +92,7 @@ def test_the_file_page_shows_a_waterfall_and_the_header_summary(browser):
     img = page.html.find("img", id="waterfall")
     assert img["width"] == "720" and img["height"] == "440"
     assert img["alt"].startswith("Waterfall of baseline 26-0, polarization xx: visibility "
-                                 "amplitude over 8 integrations")
+                                 "amplitude over 8 integrations (1.00 minutes from JD")
     summary = page.html.find("table", id="header-summary").text
     assert "46.921 to 54.611 MHz, 64 channels of 122.070 kHz" in summary
     assert "xx, yy, xy, yx" in summary
@@ -105,8 +105,15 @@ def test_the_file_page_shows_a_waterfall_and_the_header_summary(browser):
     img = chosen.html.find("img", id="waterfall")
     assert img["src"].endswith("waterfall.png?baseline=1-12&pol=yy")
     assert browser.get(img["src"]).body != picture.body
-    page = browser.get("/files/zen.2458432.34569.uvh5?baseline=7-8").text
-    assert "No quick look: the file has no baseline 7-8." in page
+    page = browser.get("/files/zen.2458432.34569.uvh5?baseline=7-8")
+    assert page.html.find(id="quick-look-choice-refused").text == \
+        "The file has no baseline 7-8; the default is shown."
+    assert page.html.find("img", id="waterfall")["src"].endswith("/waterfall.png")
+    assert page.forms["quicklook-choice"]["baseline"].value == "26-0"
+    # a baseline named the other way round is the same baseline
+    img = browser.get("/files/zen.2458432.34569.uvh5?baseline=12-1").html.find(
+        "img", id="waterfall")
+    assert img["alt"].startswith("Waterfall of baseline 1-12,")
     browser.get("/files/zen.2458432.34569.uvh5?baseline=x", status=400)
     browser.get("/files/zen.2458432.34569.uvh5/waterfall.png?baseline=7-8", status=404)
 

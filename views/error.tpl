@@ -1,3 +1,3 @@
-% rebase('layout', title=status)
-<h1>{{status}}</h1>
+% rebase('layout', title=title)
+<h1>{{title}}</h1>
 <p class="error">{{message}}</p>

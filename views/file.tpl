@@ -24,17 +24,20 @@ none
 <p class="note" id="no-quick-look">{{no_look}}</p>
 % else:
 % s = look['summary']
+% if no_look:
+<p class="error" id="quick-look-choice-refused">{{no_look}}</p>
+% end
 <div class="quicklook">
 <img id="waterfall" src="/files/{{quote(file.name)}}/waterfall.png{{'?' + look_query if look_query else ''}}"
  width="720" height="440"
- alt="Waterfall of baseline {{look['baseline'][0]}}-{{look['baseline'][1]}}, polarization {{look['pol']}}: visibility amplitude over {{s['n_times']}} integrations ({{'%.1f' % s['span_minutes']}} minutes from JD {{'%.5f' % s['start_jd']}}) and {{s['n_channels']}} channels from {{'%.3f' % s['freq_min_mhz']}} to {{'%.3f' % s['freq_max_mhz']}} MHz.">
+ alt="Waterfall of baseline {{look['baseline'][0]}}-{{look['baseline'][1]}}, polarization {{look['pol']}}: visibility amplitude over {{s['n_times']}} integrations ({{'%.2f' % s['span_minutes']}} minutes from JD {{'%.5f' % s['start_jd']}}) and {{s['n_channels']}} channels from {{'%.3f' % s['freq_min_mhz']}} to {{'%.3f' % s['freq_max_mhz']}} MHz.">
 <table id="header-summary">
 <tr><th>Antennas</th><td>{{s['n_antennas']}}</td></tr>
 <tr><th>Baselines</th><td>{{s['n_baselines']}}</td></tr>
 <tr><th>Frequencies</th><td>{{'%.3f' % s['freq_min_mhz']}} to {{'%.3f' % s['freq_max_mhz']}} MHz, {{s['n_channels']}} channels{{(' of %.3f kHz' % s['channel_width_khz']) if s['channel_width_khz'] else ''}}</td></tr>
 <tr><th>Integration</th><td>{{'%.3f' % s['integration_s']}} s</td></tr>
 <tr><th>Polarizations</th><td>{{', '.join(s['polarizations'])}}</td></tr>
-<tr><th>Time span</th><td>{{s['n_times']}} integrations, {{'%.2f' % s['span_minutes']}} minutes: JD {{'%.5f' % s['start_jd']}} to {{'%.5f' % s['stop_jd']}}</td></tr>
+<tr><th>Time span</th><td>{{s['n_times']}} integrations, JD {{'%.5f' % s['start_jd']}} to {{'%.5f' % s['stop_jd']}} ({{'%.2f' % s['span_minutes']}} minutes from the first to the last)</td></tr>
 </table>
 </div>
 <form method="get" action="/files/{{quote(file.name)}}" id="quicklook-choice">

@@ -8,8 +8,9 @@
 <td class="num" title="{{used}} bytes">{{human_size(used)}}</td>
 <td class="num" title="{{free}} bytes">{{human_size(free)}}</td>
 <td>
-% if total:
-<span class="bar" title="{{'%.1f' % (100.0 * used / total)}}% used"><span style="width: {{'%.1f' % (100.0 * used / total)}}%"></span></span>
+% fill = fill_percent(total, used, free)
+% if fill is not None:
+<span class="bar" title="{{'%.1f' % fill}}% used"><span style="width: {{'%.1f' % fill}}%"></span></span>
 % else:
 unreachable
 % end
