@@ -824,9 +824,8 @@ def op_search(source, args):
 
 
 def search_limits(source):
-    """`search.limited` with this server's settings, for `source`."""
-    return search.limited(source.name, cfg().server["search_timeout_seconds"],
-                          cfg().server["searches_per_caller"])
+    """`search.limited_by` this server's settings, for `source`."""
+    return search.limited_by(cfg(), source.name)
 
 
 @operation("assign_observing_sessions", "read-append", minimum_start_jd_Q=float,
@@ -1610,8 +1609,7 @@ def cmd_remove_user(args):
     with database_of(config), models.write_transaction():
         if not Source.delete().where(Source.name == args.name).execute():
             raise SystemExit("no source named %s" % args.name)
-        models.WebSession.delete().where(models.WebSession.source == args.name).execute()
-        uploads.orphan(args.name)
+        models.detach_source(args.name)
     print("removed source %s (the files it sent keep it as their source; its unfinished "
           "uploads are removed)" % args.name)
     return 0

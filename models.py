@@ -607,6 +607,18 @@ class WebSession(BaseModel):
         table_name = "web_session"
 
 
+def detach_source(name):
+    """What a removed source leaves (within the caller's transaction): its
+    web sessions end; its unfinished uploads and issued staging folders
+    become nobody's, so that a source added later under the same name can
+    neither resume nor complete them (the next upload expiry and staging
+    settle remove them, sparing what a live process is still writing)."""
+    WebSession.delete().where(WebSession.source == name).execute()
+    Upload.update(source="", updated=datetime.datetime(1970, 1, 1)).where(
+        Upload.source == name).execute()
+    StagingDir.update(source="").where(StagingDir.source == name).execute()
+
+
 ALL_MODELS = [Store, ObservingSession, Observation, File, FileInstance, FileEvent, Source, Upload,
               StagingDestination,
               StagingDir, StoreIntent, WebSession]

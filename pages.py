@@ -583,10 +583,8 @@ def run_search():
         raise HTTPError(400, "type must be files, obs or sessions, not %r" % kind)
     if fmt not in OUTPUT_FORMATS[kind]:
         raise HTTPError(400, "output_format %r does not go with type %r" % (fmt, kind))
-    server = settings().server
     try:
-        with search.limited(source.name, server["search_timeout_seconds"],
-                            server["searches_per_caller"]):
+        with search.limited_by(settings(), source.name):
             return search_results(kind, text, fmt)
     except LibrarianError as e:
         if e.status != 400:

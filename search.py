@@ -221,14 +221,22 @@ def _now_jd():
 # The three kinds of record
 # ---------------------------------------------------------------------------
 
+JOIN_GROUP = 32  # clauses joined in one parenthesised list
+
+
 def _join(conds, glue, empty):
-    """`conds` joined by `glue` (' AND ' / ' OR ') in one flat, parenthesised
-    list (nested binary expressions would nest SQL parentheses a hundred
-    deep for a hundred clauses); `empty` when there are none."""
+    """`conds` joined by `glue` (' AND ' / ' OR '): in flat, parenthesised
+    lists of at most JOIN_GROUP, lists of those lists beyond. (Nested
+    binary expressions would nest SQL parentheses a hundred deep for a
+    hundred clauses; one flat list of a thousand is an expression tree a
+    thousand deep to SQLite, past its limit.) `empty` when there are none."""
     if not conds:
         return empty
     if len(conds) == 1:
         return conds[0]
+    if len(conds) > JOIN_GROUP:
+        return _join([_join(conds[i:i + JOIN_GROUP], glue, empty)
+                      for i in range(0, len(conds), JOIN_GROUP)], glue, empty)
     return pw.NodeList([pw.NodeList((c,), parens=True) for c in conds], glue=glue, parens=True)
 
 
@@ -478,6 +486,14 @@ def instance_query(text):
 
 _running = collections.Counter()  # caller -> searches running now, in this process
 _running_lock = threading.Lock()
+
+
+def limited_by(settings, caller):
+    """`limited` for the source named `caller` under `[server]
+    search_timeout_seconds` and `searches_per_caller` of `settings`: the
+    one way every search of a caller is run (API, web pages, staging)."""
+    return limited(caller, settings.server["search_timeout_seconds"],
+                   settings.server["searches_per_caller"])
 
 
 @contextlib.contextmanager

@@ -189,7 +189,8 @@ def launch(ctx, search_text, user, stage_dest, source):
     claim_destination(dest, source, ctx.settings.staging["dest_prefix"])
     if ctx.settings.staging["chown_command"]:
         check_user_may_have(dest, user)
-    n, size = totals(search_text)
+    with search.limited_by(ctx.settings, source.name):  # the caller's search, as any other
+        n, size = totals(search_text)
     fd = open_folder(ctx, dest, create=True)
     try:
         try:

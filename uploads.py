@@ -495,15 +495,6 @@ def terminate(store, row):
     store.remove_upload_dir(row.staging)
 
 
-def orphan(source_name):
-    """Detach the uploads of a removed source (within the caller's
-    transaction): nobody can resume them (not a source added later under
-    the same name either), and the next `expire` removes them and their
-    staging, sparing any that a live process is still writing."""
-    Upload.update(source="", updated=datetime.datetime(1970, 1, 1)).where(
-        Upload.source == source_name).execute()
-
-
 def expire(context, hours):
     """Remove uploads untouched for `hours` (and their staging) that no
     live process is writing; returns how many."""

@@ -36,6 +36,29 @@ def test_record_sets_need_read_write(web):
     assert models.StagingDir.select().count() == 1
 
 
+def test_a_removed_sources_issued_folder_is_not_a_later_namesakes(web, config_path, store_dir,
+                                                                  capsys):
+    import librarian
+
+    def add_bob():
+        models.db.close()
+        assert librarian.main(["add-user", "bob", "--level", "read-append",
+                               "--config", config_path]) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    first = add_bob()
+    info = api(web, "initiate_upload", auth=first, upload_size=3)
+    with open(os.path.join(store_dir, info["staging_dir"], "zen.old.txt"), "wb") as f:
+        f.write(b"abc")
+    assert librarian.main(["remove-user", "bob", "--config", config_path]) == 0
+    second = add_bob()
+    reply = api(web, "complete_upload", auth=second, status=403, store_name="main",
+                staging_dir=info["staging_dir"], dest_store_path="zen.old.txt",
+                meta_mode="infer", null_obsid=True)
+    assert "issued to another source" in reply["message"]
+    assert models.File.select().count() == 0
+
+
 def test_server_event_types_cannot_be_forged(web):
     web.put("/api/upload/zen.2.txt?null_obsid=true", b"abc", headers=bearer("appender"),
             status=201)

@@ -185,6 +185,16 @@ def test_the_deepest_search_allowed_runs_on_both_databases(catalogue, web):
         output_format="file-listing-json")
 
 
+@pytest.mark.parametrize("fmt", ["file-listing-json", "instance-listing-json",
+                                 "remote-instance-listing-json"])
+def test_the_most_clauses_allowed_run_on_both_databases(catalogue, web, fmt):
+    many = "{%s}" % ", ".join('"obsid-greater-than": %d' % i for i in range(search.MAX_CLAUSES - 2))
+    api(web, "search", auth="reader", search=many, output_format=fmt)
+    ors = '{"or": {%s}}' % ", ".join('"name-matches": "x%d%%"' % i
+                                     for i in range(search.MAX_CLAUSES - 1))
+    api(web, "search", auth="reader", search=ors, output_format=fmt)
+
+
 def test_hash_inside_a_string_is_not_a_comment(catalogue, web):
     models.File.create(name="form #1.txt", type="txt", create_time=models.utcnow(), size=1,
                        md5="0" * 32, source="t")

@@ -326,3 +326,25 @@ def test_init_config_writes_a_staging_area(tmp_path):
     config = settings.load(str(path))
     assert config.staging["dest_prefix"] == str(tmp_path / "var" / "staging")
     assert (tmp_path / "var" / "staging").is_dir()
+
+
+def test_the_staging_search_is_bounded_like_any_other(staged, app, web, monkeypatch):
+    """Its time limit and the caller's share of searches at once."""
+    with models.write_transaction():
+        models.File.insert_many(
+            [{"name": "f%05d.txt" % i, "type": "txt", "create_time": models.utcnow(),
+              "size": 1, "md5": "0" * 32, "source": "x", "num_instances": 1}
+             for i in range(3000)]).execute()
+    ors = '{"or": {%s}}' % ", ".join('"name-matches": "%%%d%%%d%%%d%%"' % (i, i + 1, i + 2)
+                                     for i in range(300))
+    server = app.config["librarian.settings"].server
+    monkeypatch.setitem(server, "search_timeout_seconds", 0.001)
+    reply = api(web, "search", auth="writer", status=503, search=ors,
+                output_format="stage-the-files-json", stage_dest="slow")
+    assert "search_timeout_seconds" in reply["message"]
+    monkeypatch.setitem(server, "search_timeout_seconds", 30)
+    monkeypatch.setitem(server, "searches_per_caller", 0)  # as if its share were running
+    reply = api(web, "search", auth="writer", status=429, search="{}",
+                output_format="stage-the-files-json", stage_dest="again")
+    assert "searches_per_caller" in reply["message"]
+    assert not os.path.exists(staged / "writer" / "slow")
