@@ -179,19 +179,51 @@ def close_stalled(listener, maintenance, send_timeout, now):
     such clients hold neither a connection slot (waitress closes only a
     connection whose socket can be written to, which never happens) nor a
     worker thread (waitress blocks one whose output is over its high
-    watermark, without a limit). A client that reads, however slowly,
-    makes bytes go and is never cut off. Runs in waitress's I/O thread,
+    watermark, without a limit). A client that reads slowly keeps its
+    connection while its bytes move (`_stalled_since`); one whose TCP
+    window stays shut for that long cannot be told from one that stopped.
+    Runs in waitress's I/O thread,
     within its poll: the closing is left to the trigger, which runs after
     the poll's select."""
     maintenance(now)
-    cutoff = now - send_timeout
     for ch in list(listener.active_channels.values()):
-        if ch.total_outbufs_len and ch.last_activity < cutoff:
-            listener.trigger.pull_trigger(functools.partial(_close_if_stalled, ch, cutoff,
+        if ch.total_outbufs_len and _stalled_since(ch, now) <= now - send_timeout:
+            listener.trigger.pull_trigger(functools.partial(_close_if_stalled, ch, now,
                                                             send_timeout))
 
 
-def _close_if_stalled(ch, cutoff, send_timeout):
-    if ch.connected and ch.total_outbufs_len and ch.last_activity < cutoff:
+def _unsent(sock):
+    """Bytes waiting in the socket's kernel send queue (Linux SIOCOUTQ), or
+    None where that cannot be asked."""
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                              b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _stalled_since(ch, now):
+    """When the client of channel `ch` last took bytes, as far as we can
+    tell: waitress's last send, or later, the last shrinking of the
+    kernel's send queue (a slow reader drains it long before the socket
+    reads as writable again, and waitress sends nothing meanwhile)."""
+    unsent = _unsent(ch.socket)
+    if unsent is None:
+        return ch.last_activity
+    previous = getattr(ch, "librarian_unsent", None)  # (queue length, when it last shrank)
+    if previous is None or unsent < previous[0]:
+        previous = (unsent, now)
+    ch.librarian_unsent = (unsent, previous[1])
+    return max(ch.last_activity, previous[1])
+
+
+def _close_if_stalled(ch, when, send_timeout):
+    shrank = getattr(ch, "librarian_unsent", (None, 0.0))[1]
+    if ch.connected and ch.total_outbufs_len and \
+            max(ch.last_activity, shrank) <= when - send_timeout:
         log.warning("closed a connection whose client took nothing for %g s", send_timeout)
         ch.handle_close()  # (wakes a thread that waits to add output)
