@@ -489,6 +489,8 @@ def record_caller_event(file_name, type, payload):
         raise LibrarianError(400, "event type may not be empty")
     if len(type) > 64:
         raise LibrarianError(400, "event type %s... is longer than 64 characters" % type[:40])
+    if "\0" in type:
+        raise LibrarianError(400, "event type may not contain a NUL character")
     check_caller_event_type(type)
     with write_transaction():
         if File.get_or_none(File.name == file_name) is None:

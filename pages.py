@@ -10,7 +10,6 @@ units with exact bytes on hover, JD with five decimals, LST in hours).
 """
 
 import datetime
-import json
 import os
 import re
 import urllib.parse
@@ -286,11 +285,10 @@ def add_file_event(name):
     into the file's log, by the API's rule (`models.record_caller_event`)."""
     person("read-append")
     check_form_csrf()
+    import librarian
+
     text = (request.forms.getunicode("payload") or "").strip() or "{}"
-    try:
-        payload = json.loads(text)
-    except ValueError as e:
-        raise HTTPError(400, "The payload is not JSON: %s." % e) from None
+    payload = librarian.parse_json(text, "the payload")  # the API's rules (depth, constants)
     if not isinstance(payload, dict):
         raise HTTPError(400, "The payload must be a JSON object, as {\"score\": 0.9}.")
     try:
@@ -328,9 +326,11 @@ def quick_look(file, baseline, pol):
         return None, "No quick look: %s" % e.message
     if inst is None:
         return None, "No quick look: no copy of the file is here."
+    caller = webauth.session_source().name
+
     def looked(baseline, pol):
         return quicklook.cached((file.md5, baseline, pol),
-                                lambda: store.quick_look(path, baseline, pol))
+                                lambda: store.quick_look(path, baseline, pol), caller)
     try:
         try:
             look, why = looked(baseline, pol), None

@@ -44,10 +44,15 @@ def volume_by_night(zone):
     for nights with files; one grouped statement on either database."""
     night = pw.fn.FLOOR((unix_seconds_sql(File.create_time) + (_offset_seconds(zone) - 43200))
                         / 86400.0)
-    rows = (File.select(night.alias("night"), pw.fn.SUM(File.size))
-            .group_by(night).order_by(night).tuples())
-    epoch = datetime.date(1970, 1, 1)
-    return [(epoch + datetime.timedelta(days=int(n)), int(total)) for n, total in rows]
+    rows = list(File.select(night.alias("night"), pw.fn.SUM(File.size))
+                .group_by(night).order_by(night).tuples())  # (all read: no cursor left open)
+    epoch, out = datetime.date(1970, 1, 1), []
+    for n, total in rows:
+        try:
+            out.append((epoch + datetime.timedelta(days=int(n)), int(total)))
+        except (OverflowError, ValueError):  # a create time a record set made up (year 1)
+            continue
+    return out
 
 
 def session_coverage(zone):
@@ -57,13 +62,16 @@ def session_coverage(zone):
     first_lst = (Observation.select(Observation.start_lst_hr)
                  .where(Observation.session == ObservingSession.id)
                  .order_by(Observation.start_time_jd).limit(1))
-    rows = (ObservingSession.select(ObservingSession.start_time_jd,
-                                    ObservingSession.stop_time_jd, first_lst.alias("lst"))
-            .order_by(ObservingSession.start_time_jd).tuples())
+    rows = list(ObservingSession.select(ObservingSession.start_time_jd,
+                                        ObservingSession.stop_time_jd, first_lst.alias("lst"))
+                .order_by(ObservingSession.start_time_jd).tuples())
     out = []
     for start, stop, lst in rows:
-        moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(
-            days=start - UNIX_EPOCH_JD)
+        try:
+            moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(
+                days=start - UNIX_EPOCH_JD)
+        except (OverflowError, ValueError):  # a JD no calendar date has
+            continue
         stop_lst = None if lst is None else (
             lst + (stop - start) * 24.0 * SIDEREAL_PER_SOLAR) % 24.0
         out.append((night_of(moment, zone), start, stop, lst, stop_lst))

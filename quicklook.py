@@ -19,6 +19,7 @@ small in-memory cache (`cached`) keyed by the file's MD5 and the choice.
 
 import collections
 import io
+import math
 import threading
 
 import numpy as np
@@ -29,6 +30,7 @@ POLARIZATIONS = {1: "pI", 2: "pQ", 3: "pU", 4: "pV", -1: "rr", -2: "ll", -3: "rl
 IMAGE_SIZE = (720, 440)  # pixels of a waterfall PNG
 DPI = 80
 CACHE_ENTRIES = 32
+LISTED_BASELINES = 2048  # baselines a look lists for the form (the first, in file order)
 
 
 class QuickLookError(Exception):
@@ -180,31 +182,57 @@ def look(kind, source, baseline=None, pol=None):
     try:
         summary, baselines, pols, chosen, pol, times, freqs, amplitude = read(
             source, baseline, pol)
-    except QuickLookError:
+        if not (np.all(np.isfinite(freqs)) and np.all(np.isfinite(times))
+                and math.isfinite(summary["integration_s"])):
+            raise QuickLookError("its times, frequencies or integration time are not all "
+                                 "finite numbers")
+        png = render(times, freqs, amplitude, "baseline %d-%d, %s" % (chosen + (pol,)),
+                     summary["integration_s"])
+    except (QuickLookError, MemoryError):
         raise
-    except MemoryError:
-        raise
-    except Exception as e:  # what the readers raise for a malformed file varies
+    except Exception as e:  # what the readers (and the drawing) raise for bad data varies
         raise QuickLookError("cannot read the data: %s" % str(e)[:300]) from None
-    png = render(times, freqs, amplitude, "baseline %d-%d, %s" % (chosen + (pol,)),
-                 summary["integration_s"])
-    return {"summary": summary, "baselines": baselines, "pols": pols, "baseline": chosen,
-            "pol": pol, "png": png}
+    return {"summary": summary, "baselines": baselines[:LISTED_BASELINES], "pols": pols,
+            "baseline": chosen, "pol": pol, "png": png}
 
 
 _cache = collections.OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def cached(key, compute):
-    """`compute()`, remembered under `key` (the last CACHE_ENTRIES kept)."""
+_drawing = collections.Counter()  # caller -> looks being read for it now
+
+
+def cached(key, compute, caller):
+    """`compute()`, remembered under `key` (the last CACHE_ENTRIES kept),
+    and so is the QuickLookError it raises: a file that cannot be looked at
+    is not read again for each request. One look at a time is read for
+    each `caller` (a source name); another is refused with QuickLookError
+    meanwhile, so that nobody's requests can hold all the threads."""
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
-            return _cache[key]
-    value = compute()
+            value = _cache[key]
+            if isinstance(value, QuickLookError):
+                raise value
+            return value
+        if _drawing[caller]:
+            raise QuickLookError("another quick look of yours is being drawn; reload the page "
+                                 "in a moment")
+        _drawing[caller] += 1
+    try:
+        value = compute()
+    except QuickLookError as e:
+        value = e
+    finally:
+        with _cache_lock:
+            _drawing[caller] -= 1
+            if not _drawing[caller]:
+                del _drawing[caller]
     with _cache_lock:
         _cache[key] = value
         while len(_cache) > CACHE_ENTRIES:
             _cache.popitem(last=False)
+    if isinstance(value, QuickLookError):
+        raise value
     return value

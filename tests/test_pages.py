@@ -321,6 +321,10 @@ def test_events_are_added_from_the_file_page_by_read_append_and_up(web, sample):
     refused = form.submit(status=400).text
     assert "must be a JSON object" in refused
     assert 'href="/logout"' in refused and 'href="/search-files"' in refused  # the site's frame
+    form["type"], form["payload"] = "qa_checked", "[" * 100000 + "]" * 100000
+    assert "nested too deeply" in form.submit(status=400).text
+    form["type"], form["payload"] = "qa\0checked", ""
+    assert "NUL" in form.submit(status=400).text
     form["type"], form["payload"] = "create_instance", ""
     assert "written by the server itself" in form.submit(status=403).text
     form["csrf_token"] = "forged"

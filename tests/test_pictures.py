@@ -97,3 +97,13 @@ def test_a_store_keeps_one_sample_a_day_and_its_page_shows_them(app, web):
     assert img["alt"].startswith("Used and free space on 3 days from 2026-11-01 to %s" % day)
     assert png_size(web.get(img["src"]).body) == pictures.SIZE
     web.get("/stores/nothing/space.png", status=404)
+
+
+def test_a_made_up_date_of_year_one_does_not_break_the_pictures(catalogue, web):
+    add_file("ancient.dat", 7, datetime.datetime(1, 1, 1, 0, 0))
+    nights = pictures.volume_by_night(ZONE)
+    assert (datetime.date(2026, 11, 30), 300) in nights
+    web_login(web, AUTH["reader"])
+    web.get("/")
+    assert png_size(web.get("/pictures/volume.png").body) == pictures.SIZE
+    web.post("/logout", status="*")  # a write after it: no read transaction was left open

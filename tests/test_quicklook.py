@@ -132,3 +132,49 @@ def test_files_that_are_not_visibility_data_say_so(browser):
     page = browser.get("/files/readme.txt").text
     assert "No quick look: this file is not visibility data (UVH5 or MIRIAD)." in page
     assert 'id="waterfall"' not in page
+
+
+def test_a_file_whose_axes_are_not_finite_has_no_quick_look_and_a_page(browser, tmp_path):
+    need_data()
+    bad = tmp_path / "zen.2458432.99999.uvh5"
+    import shutil
+
+    shutil.copy(UVH5, bad)
+    with h5py.File(bad, "r+") as f:
+        f["Header/freq_array"][0, 3] = np.nan
+    with pytest.raises(quicklook.QuickLookError, match="not all finite"):
+        quicklook.look("uvh5", str(bad))
+    put(browser, "x/zen.2458432.99999.uvh5", bad.read_bytes())
+    page = browser.get("/files/zen.2458432.99999.uvh5").text  # 200, not 500
+    assert "No quick look: its times, frequencies or integration time are not all" in page
+
+
+def test_failures_are_remembered_and_one_look_at_a_time_is_drawn_per_caller(monkeypatch):
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise quicklook.QuickLookError("the file has no baseline 1-2")
+
+    for _ in range(3):
+        with pytest.raises(quicklook.QuickLookError, match="no baseline 1-2"):
+            quicklook.cached(("md5-x", (1, 2), None), failing, "reader")
+    assert calls == [1]  # read once
+
+    def nested():  # while one of the reader's looks is drawn, another is refused
+        with pytest.raises(quicklook.QuickLookError, match="another quick look of yours"):
+            quicklook.cached(("md5-y", None, None), lambda: {"png": b""}, "reader")
+        assert quicklook.cached(("md5-z", None, None), lambda: {"png": b"z"}, "writer") \
+            == {"png": b"z"}  # others are not held up
+        return {"png": b"y"}
+
+    assert quicklook.cached(("md5-w", None, None), nested, "reader") == {"png": b"y"}
+    assert quicklook.cached(("md5-y", None, None), lambda: {"png": b"y2"}, "reader") \
+        == {"png": b"y2"}
+
+
+def test_a_look_lists_at_most_the_first_baselines(monkeypatch):
+    need_data()
+    monkeypatch.setattr(quicklook, "LISTED_BASELINES", 3)
+    look = quicklook.look("miriad", MIRIAD)
+    assert len(look["baselines"]) == 3 and look["summary"]["n_baselines"] == 28
