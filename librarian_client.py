@@ -1392,7 +1392,7 @@ def build_parser():
     p = sub.add_parser("delete-files",
                        help="delete the instances of matching files whose policy allows it")
     p.add_argument("conn_name")
-    p.add_argument("search", help="JSON file search")
+    p.add_argument("search", help="the file search (JSON; - reads it from stdin)")
     p.add_argument("--store", help="only instances on this store")
     p.add_argument("--noop", action="store_true", help="only report what would be deleted")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -1421,7 +1421,7 @@ def build_parser():
 
     p = sub.add_parser("stage-files", help="copy matching files to the staging area")
     p.add_argument("conn_name")
-    p.add_argument("search", help="JSON file search")
+    p.add_argument("search", help="the file search (JSON; - reads it from stdin)")
     p.add_argument("dest", help="folder under your part of the staging area")
     p.add_argument("--user", help="staging area of this user (default: your source name)")
     p.add_argument("--wait", action="store_true", help="wait until it is done (this host "

@@ -192,6 +192,14 @@ def web_login(web, authenticator, next="/", status=302):
     return form.submit(status=status)
 
 
+def add_user(config_path, name, capsys, level="read-append"):
+    """`librarian.py add-user NAME` on the test's configuration; returns the
+    authenticator it printed."""
+    models.db.close()
+    assert librarian.main(["add-user", name, "--level", level, "--config", config_path]) == 0
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
 def bearer(who="admin"):
     return {"Authorization": "Bearer " + AUTH.get(who, who)}
 

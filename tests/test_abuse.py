@@ -39,19 +39,14 @@ def test_record_sets_need_read_write(web):
 def test_a_removed_sources_issued_folder_is_not_a_later_namesakes(web, config_path, store_dir,
                                                                   capsys):
     import librarian
+    from conftest import add_user
 
-    def add_bob():
-        models.db.close()
-        assert librarian.main(["add-user", "bob", "--level", "read-append",
-                               "--config", config_path]) == 0
-        return capsys.readouterr().out.strip().splitlines()[-1]
-
-    first = add_bob()
+    first = add_user(config_path, "bob", capsys)
     info = api(web, "initiate_upload", auth=first, upload_size=3)
     with open(os.path.join(store_dir, info["staging_dir"], "zen.old.txt"), "wb") as f:
         f.write(b"abc")
     assert librarian.main(["remove-user", "bob", "--config", config_path]) == 0
-    second = add_bob()
+    second = add_user(config_path, "bob", capsys)
     reply = api(web, "complete_upload", auth=second, status=403, store_name="main",
                 staging_dir=info["staging_dir"], dest_store_path="zen.old.txt",
                 meta_mode="infer", null_obsid=True)

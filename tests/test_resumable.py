@@ -20,7 +20,8 @@ import librarian
 import librarian_client
 import models
 import uploads
-from conftest import (AUTH, MIRIAD, UVH5, Server, bearer, ctx, need_data, store_contents)
+from conftest import (AUTH, MIRIAD, UVH5, Server, add_user, bearer, ctx, need_data,
+                      store_contents)
 from reference import shell_md5
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -269,17 +270,11 @@ def test_an_abandoned_upload_expires_with_its_staging(web, store_dir):
 
 def test_a_removed_sources_uploads_are_not_a_later_namesakes(web, config_path, store_dir,
                                                              capsys):
-    def add_pipeline():
-        models.db.close()
-        assert librarian.main(["add-user", "pipeline", "--level", "read-append",
-                               "--config", config_path]) == 0
-        return capsys.readouterr().out.strip().splitlines()[-1]
-
-    first = add_pipeline()
+    first = add_user(config_path, "pipeline", capsys)
     url, _ = create(web, 10, who=first, dest="zen.10.txt", null_obsid="true")
     patch(web, url, 0, b"01234", who=first)
     assert librarian.main(["remove-user", "pipeline", "--config", config_path]) == 0
-    second = add_pipeline()
+    second = add_user(config_path, "pipeline", capsys)
     web.head(url, headers=dict(TUS, **bearer(second)), status=404)
     patch(web, url, 5, b"56789", who=second, status=404)
     patch(web, url, 5, b"56789", who="admin", status=404)  # nobody's: a file without source
