@@ -22,8 +22,11 @@ body): a few anonymous connections that trickle their bodies cannot keep
 authenticated uploads out.
 """
 
+import fcntl
 import functools
 import logging
+import struct
+import termios
 import threading
 import weakref
 
@@ -195,10 +198,6 @@ def close_stalled(listener, maintenance, send_timeout, now):
 def _unsent(sock):
     """Bytes waiting in the socket's kernel send queue (Linux SIOCOUTQ), or
     None where that cannot be asked."""
-    import fcntl
-    import struct
-    import termios
-
     try:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
                                               b"\0\0\0\0"))[0]

@@ -354,22 +354,17 @@ _pictures = {}  # name -> [monotonic time of its numbers, numbers, text alternat
 
 
 def _picture(name):
-    """The cache entry of the picture `name` ('volume' or 'sessions', see
-    `pictures`): its numbers, read at most every PICTURE_SECONDS."""
+    """The cache entry of the picture `name` (of `pictures.ARCHIVE`): its
+    numbers, read at most every PICTURE_SECONDS."""
     import time
 
     import pictures
 
     entry = _pictures.get(name)
     if entry is None or time.monotonic() - entry[0] > PICTURE_SECONDS:
-        zone = settings().server["telescope_timezone"]
-        if name == "volume":
-            numbers = pictures.volume_by_night(zone)
-            alt = pictures.describe_volume(numbers)
-        else:
-            numbers = pictures.session_coverage(zone)
-            alt = pictures.describe_timeline(numbers)
-        entry = _pictures[name] = [time.monotonic(), numbers, alt, None]
+        read, describe, _ = pictures.ARCHIVE[name]
+        numbers = read(settings().server["telescope_timezone"])
+        entry = _pictures[name] = [time.monotonic(), numbers, describe(numbers), None]
     return entry
 
 
@@ -385,12 +380,11 @@ def picture_png(name):
     import uvmeta
 
     person()
-    if name not in ("volume", "sessions"):
+    if name not in pictures.ARCHIVE:
         raise HTTPError(404, "No picture named %r." % name)
     entry = _picture(name)
     if entry[3] is None:
-        draw = pictures.volume_png if name == "volume" else pictures.timeline_png
-        entry[3] = uvmeta.run_reader("picture", draw, entry[1])
+        entry[3] = uvmeta.run_reader("picture", pictures.ARCHIVE[name][2], entry[1])
     response.content_type = "image/png"
     response.set_header("Cache-Control", "private, max-age=%d" % PICTURE_SECONDS)
     return entry[3]

@@ -237,3 +237,9 @@ def _bytes(n):
         if n < 1000 or unit == "TB":
             return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
         n /= 1000.0
+
+
+# The pictures of the archive by name (/pictures/NAME.png): (its numbers from
+# a time zone, their text alternative, their PNG).
+ARCHIVE = {"volume": (volume_by_night, describe_volume, volume_png),
+           "sessions": (session_coverage, describe_timeline, timeline_png)}
