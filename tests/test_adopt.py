@@ -24,7 +24,7 @@ import librarian
 import models
 import settings
 import v1site
-from conftest import PG_BASE, ROOT, Server, api, config_text, free_port, web_login
+from conftest import AUTH, PG_BASE, ROOT, Server, api, config_text, free_port, web_login
 
 T0 = datetime.datetime(2017, 10, 23, 5, 14, 32)
 EVENT_TIME = datetime.datetime(2017, 10, 23, 5, 20, 1, 123456)   # v1 events keep microseconds
@@ -172,7 +172,7 @@ def reasons(report, table, kind="refused"):
 
 
 def login(web):
-    web_login(web, "admin-secret")
+    web_login(web, AUTH["admin"])
 
 
 def test_adoption_takes_every_table_and_the_api_sees_it(v1, app, web, config_path, store_dir,

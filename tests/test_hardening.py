@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 import models
-from conftest import ctx, MIRIAD, ROOT, UVH5, api, bearer, need_data, store_contents
+from conftest import AUTH, ctx, MIRIAD, ROOT, UVH5, api, bearer, need_data, store_contents
 from reference import shell_size
 
 
@@ -191,6 +191,7 @@ def test_uvh5_with_impossible_times_is_a_400(web, store_dir, tmp_path, times):
      '"start_time_jd": 2459000.5, "stop_time_jd": 2459000.4}}}', "not a valid session"),
 ])
 def test_malformed_payloads_are_400_not_500(web, raw, message):
+    raw = raw.replace("admin-secret", AUTH["admin"])
     resp = web.post("/api/initiate_upload", {"request": raw}, status=400)
     assert message in resp.json["message"]
     assert models.File.select().count() == models.ObservingSession.select().count() == 0

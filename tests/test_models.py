@@ -68,6 +68,7 @@ def test_observation_times_are_checked(app):
                                       start_lst_hr=24.5).execute()
 
 
+@pytest.mark.chosen_secrets
 def test_authenticators_are_stored_hashed_and_verified(app):
     admin = models.Source.get(models.Source.name == "admin")
     assert AUTH["admin"] not in admin.authenticator_hash
@@ -162,6 +163,7 @@ def test_add_store_refuses_bad_names(app, config_path, name):
         librarian.main(["add-store", name, "/tmp/x", "--config", config_path])
 
 
+@pytest.mark.chosen_secrets
 def test_an_issued_authenticator_is_stored_by_its_keyed_hash(app):
     """An authenticator in the server's own form (256 random bits) is found
     by one keyed hash; nothing stored is an unkeyed hash of any secret."""
@@ -183,6 +185,7 @@ def test_an_issued_authenticator_is_stored_by_its_keyed_hash(app):
             assert source.lookup == "" and source.authenticator_hash.startswith("$argon2")
 
 
+@pytest.mark.chosen_secrets
 def test_argon2_runs_once_per_process_for_a_chosen_secret(app, web, monkeypatch):
     """After the first call, a chosen secret is recognised from memory; a
     changed hash (the secret replaced) is noticed at the next call."""
@@ -202,6 +205,7 @@ def test_argon2_runs_once_per_process_for_a_chosen_secret(app, web, monkeypatch)
     assert api(web, "ping", auth="replaced")["success"]
 
 
+@pytest.mark.chosen_secrets
 def test_an_authenticator_changed_in_the_configuration_replaces_the_recorded_one(
         app, config_path, caplog):
     """Both kinds (a chosen secret, an issued one) and a configured hash:
@@ -229,6 +233,7 @@ def test_an_authenticator_changed_in_the_configuration_replaces_the_recorded_one
     assert not [r for r in caplog.records if "replaces the one" in r.getMessage()]
 
 
+@pytest.mark.chosen_secrets
 def test_one_argon2_check_for_a_secret_brought_at_once(app, monkeypatch):
     """Eight workers bringing the same unknown secret at once (a pipeline
     after a restart) wait for one Argon2 check; a flood of guesses that
@@ -277,6 +282,7 @@ def test_one_argon2_check_for_a_secret_brought_at_once(app, monkeypatch):
     assert cache.find("reader-secret").name == "reader"  # still known: no Argon2 needed
 
 
+@pytest.mark.chosen_secrets
 def test_a_flood_of_guesses_holds_few_workers_and_a_stale_secret_costs_argon2_once(
         app, monkeypatch):
     """Beyond ARGON2_SEARCHES requests searching the chosen secrets, an
@@ -318,6 +324,7 @@ def test_a_flood_of_guesses_holds_few_workers_and_a_stale_secret_costs_argon2_on
     assert cache.find("stale-secret").name == "late"
 
 
+@pytest.mark.chosen_secrets
 def test_one_address_checks_one_unknown_secret_at_a_time(app, monkeypatch):
     """A flood from one address holds one Argon2 search: its next guess is
     refused at once, while a person's first call from elsewhere is checked."""
