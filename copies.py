@@ -43,7 +43,7 @@ import settings
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
-from errors import from_peer
+from errors import Corrupt, from_peer
 from stores import SSHTarget, check_relative_folder
 
 log = logging.getLogger("librarian")
@@ -186,19 +186,39 @@ def _finished(file_name, args, code, message, seconds, size):
 def send_instance(ctx, client, inst, store, path, task, progress):
     """Send the bytes of the instance `inst` at `path` on `store` (a
     directory as a tar) to the receiver as a resumable upload, with the MD5
-    of the record: the receiver refuses bytes that do not match it, and we
-    verify what we read (`integrity.reading`: bytes that differ never
-    complete the upload, and mark the instance corrupt). The upload's URL
-    is kept in the task, so that a later attempt (after a restart, say)
-    goes on from where the receiver's bytes end. Returns the receiver's
-    reply (its store, path, size and MD5)."""
+    of the record. The receiver hashes what arrives and refuses bytes that
+    do not match it, so we do not hash them too (an MD5 pass is most of a
+    copy's processor time); when it refuses, our instance is verified
+    (`integrity.verify_instance`), and one whose bytes differ is marked
+    corrupt and raises `Corrupt`. The upload's URL is kept in the task, so
+    that a later attempt (after a restart, say) goes on from where the
+    receiver's bytes end. Returns the receiver's reply (its store, path,
+    size and MD5)."""
     args, file = json.loads(task.args), inst.file
-    with integrity.reading(ctx, inst, "copy"), \
-            store.seekable_stream(path, file.name, file.size, md5=file.md5) as stream:
-        return client.upload_stream(stream, file.md5, args["remote_store_path"],
-                                    is_dir=store.is_dir(path), null_obsid=file.obsid is None,
-                                    progress=progress, resume_url=args.get("upload_url"),
-                                    on_created=lambda url: task.remember(upload_url=url))
+    try:
+        with store.seekable_stream(path, file.name, file.size) as stream:
+            return client.upload_stream(stream, file.md5, args["remote_store_path"],
+                                        is_dir=store.is_dir(path), null_obsid=file.obsid is None,
+                                        progress=progress, resume_url=args.get("upload_url"),
+                                        on_created=lambda url: task.remember(upload_url=url))
+    except librarian_client.RPCError as e:
+        if e.status is not None and 400 <= e.status < 500:  # refused: maybe for our bytes
+            check_sent(ctx, inst)
+        raise
+
+
+def check_sent(ctx, inst):
+    """After the receiver refused what we sent of `inst`: verify it here,
+    raising `Corrupt` (and so recorded) when its bytes differ from the
+    record; other failures to read are left to the refusal's message."""
+    try:
+        report = integrity.verify_instance(ctx, inst, how="copy")
+    except (LibrarianError, OSError) as e:
+        log.warning("could not verify %s after a refused copy: %s", inst.file.name, e)
+        return
+    if not report["ok"]:
+        raise Corrupt("the bytes of %s do not match the file's record (%s); that instance is "
+                      "out of service" % (integrity.describe(inst), report["result"]))
 
 
 def peer_host(ctx, connection_name, store_name, host):

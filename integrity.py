@@ -1,11 +1,14 @@
 """Integrity over time: every full read of an instance verifies its bytes,
 a scrub re-reads every instance on a schedule, and what they find is kept.
 
-- `verified(ctx, inst, chunks)` wraps a full read (download, copy,
-  staging, offload) of an instance whose store stream was opened with the
+- `verified(ctx, inst, chunks)` wraps a full read (download, staging,
+  offload) of an instance whose store stream was opened with the
   record's MD5 (`StoreAccess.stream(..., md5=)`): on a mismatch the stream
   ends without its last chunk (an HTTP response is cut short), the instance
   is marked corrupt and `Corrupt` is raised naming it.
+  A copy to another Librarian is verified by its receiver, which hashes
+  what arrives against the record; when it refuses, the instance is
+  verified here (`copies.check_sent`).
 - `record(ctx, inst, result)` keeps a full read's result on the instance
   (`verified_at`, `verify_result`: ok, corrupt, missing). An instance found
   corrupt or missing is out of service (`FileInstance.in_service()`: never

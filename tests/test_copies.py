@@ -113,6 +113,25 @@ def test_a_copy_arrives_with_its_records_and_both_sides_log_it(pair):
     assert not (receiver_dir / "store" / "elsewhere").exists()
 
 
+def test_a_copy_of_bytes_that_differ_from_the_record_is_refused_and_marks_them_corrupt(pair):
+    """The sender does not hash what it sends: the receiver does, refuses,
+    and the sender then verifies its instance and takes it out of service."""
+    sender, sender_dir, receiver, receiver_dir = pair
+    put_bytes(sender, "flip/flip.dat", b"good bytes " * 1000)
+    stored = sender_dir / "store" / "flip" / "flip.dat"
+    os.chmod(stored, 0o644)
+    stored.write_bytes(b"evil bytes " * 1000)  # same size, other bytes
+    call(sender, "launch_file_copy", who="writer", file_name="flip.dat",
+         connection_name="receiver")
+    done = wait_for(lambda: [p for t, p in events(sender_dir, "flip.dat")
+                             if t == "copy_finished"])
+    assert done[0]["error_code"] != 0 and "do not match the file's record" in \
+        done[0]["error_message"]
+    assert "instance_corrupt" in [t for t, _ in events(sender_dir, "flip.dat")]
+    assert not files_on(receiver, {"name-matches": "flip.dat", "num-instances-greater-than": 0})
+    assert not (receiver_dir / "store" / "flip").exists()
+
+
 def test_a_copy_to_a_receiver_that_is_down_is_retried_until_it_is_up(pair):
     need_data()
     sender, sender_dir, receiver, receiver_dir = pair
