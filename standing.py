@@ -125,7 +125,10 @@ def sweep(ctx):
     queued = {}
     for order in StandingOrder.select().order_by(StandingOrder.name):
         queued[order.name] = 0
-        for f in pending_for(order):
+        # (The matches are read whole first: on SQLite, a cursor left open
+        # while writing fails at once when another writer, such as the worker
+        # that takes the first copy, is committing.)
+        for f in list(pending_for(order)):
             try:
                 copies.launch(ctx, f.name, order.conn_name, standing_order=order.name)
                 queued[order.name] += 1

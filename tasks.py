@@ -41,7 +41,8 @@ BASE_DELAY = 10.0        # seconds before the first retry
 MAX_DELAY = 3600.0       # seconds: the back-off never waits longer
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 120.0    # a running task without a heartbeat this long is reclaimed
-IDLE_SECONDS = 2.0       # how long an idle worker sleeps before looking again
+IDLE_SECONDS = 2.0       # an idle worker looks again at least this often (other processes' tasks)
+SOON_SECONDS = 0.05      # after a task was queued here, the first look again if it was not seen
 
 HANDLERS = {}
 CANCEL_HOOKS = {}
@@ -149,9 +150,48 @@ def enqueue(ctx, kind, args, max_attempts=None, delay=0.0, file_name=None,
         raise ValueError("no handler for task kind %r" % kind)
     max_attempts = max_attempts or ctx.settings.server["task_max_attempts"]
     now = utcnow()
-    return Task.create(kind=kind, args=json.dumps(args), max_attempts=max_attempts,
+    task = Task.create(kind=kind, args=json.dumps(args), max_attempts=max_attempts,
                        next_attempt=now + datetime.timedelta(seconds=delay), created=now,
                        file_name=file_name, standing_order=standing_order)
+    _nudge()
+    return task
+
+
+# Idle workers of this process wait on this for a task queued here (`_nudge`)
+# instead of sleeping IDLE_SECONDS: a copy or a sweep starts at once.
+_queued = threading.Condition()
+_queued_count = [0]
+
+
+def _nudge():
+    """Wake this process's idle workers: a task was queued."""
+    with _queued:
+        _queued_count[0] += 1
+        _queued.notify_all()
+
+
+def _pause(stop, seen, seconds):
+    """Wait up to `seconds` for a task queued here after `seen` (a count of
+    `_nudge` calls) or for `stop`; returns (the count now, whether it
+    changed). (`stop` is looked at every 0.25 s: nobody nudges for it.)"""
+    deadline = time.monotonic() + seconds
+    with _queued:
+        while _queued_count[0] == seen and not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _queued.wait(min(left, 0.25))
+        return _queued_count[0], _queued_count[0] != seen
+
+
+def next_due_seconds(now=None):
+    """Seconds until the earliest pending task is due (0 when one is due
+    now), or None when none is pending."""
+    first = (Task.select(Task.next_attempt).where(Task.state == "pending")
+             .order_by(Task.next_attempt).first())
+    if first is None:
+        return None
+    return max(0.0, (first.next_attempt - (now or utcnow())).total_seconds())
 
 
 def active_args(kind):
@@ -280,9 +320,14 @@ def worker_name(index):
 
 def work(ctx, name, stop, idle=IDLE_SECONDS):
     """A worker's loop: reclaim stale tasks (now and then), claim, run;
-    until `stop` (an Event) is set."""
-    last_reclaim = 0.0
+    until `stop` (an Event) is set. Idle, it waits until the next pending
+    task is due, a task is queued in this process, or `idle` seconds have
+    passed (tasks queued by other processes); after a task was queued here
+    it looks again soon (the queueing transaction may not have committed
+    when it woke), backing off to `idle`."""
+    last_reclaim, seen, pause = 0.0, _queued_count[0], idle
     while not stop.is_set():
+        due = None
         try:
             with db.connection_context():
                 if time.monotonic() - last_reclaim > STALE_SECONDS / 2:
@@ -292,9 +337,12 @@ def work(ctx, name, stop, idle=IDLE_SECONDS):
                 if task is not None:
                     run_one(ctx, task)
                     continue
+                due = next_due_seconds()
         except Exception:
             log.error("worker %s: %s", name, traceback.format_exc())
-        stop.wait(idle)
+        wait = pause if due is None else max(SOON_SECONDS, min(pause, due))
+        seen, nudged = _pause(stop, seen, wait)
+        pause = SOON_SECONDS if nudged else min(idle, pause * 2)
 
 
 def start_workers(ctx, n, stop):

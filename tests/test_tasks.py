@@ -179,3 +179,32 @@ def test_a_copy_over_its_connections_copies_in_flight_waits_uncounted(app, monke
     assert tasks.run_until_empty(context, now=later) == 1
     row = tasks.Task.get_by_id(task.id)
     assert (row.state, row.attempts, ran) == ("done", 1, [task.id])
+
+
+def test_an_idle_worker_takes_a_task_queued_here_at_once_and_one_due_soon_when_due(
+        app, tmp_path):
+    """Workers wait on the queue of their process, not a fixed sleep: with
+    an idle interval of a minute, a task queued here runs within a second,
+    and one queued to be due in 0.3 s runs when it is due."""
+    import threading
+    import time
+
+    log = tmp_path / "log"
+    stop = threading.Event()
+    worker = threading.Thread(target=tasks.work, args=(ctx(), "w", stop), kwargs={"idle": 60})
+    worker.start()
+    try:
+        time.sleep(0.3)  # idle now, for a minute unless something wakes it
+        first = tasks.enqueue(ctx(), "test_record", {"log": str(log)})
+        later = tasks.enqueue(ctx(), "test_record", {"log": str(log)}, delay=0.3)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(log.read_text().split()
+                                                  if log.exists() else []) < 2:
+            time.sleep(0.02)
+        assert log.read_text().split() == [str(first.id), str(later.id)]
+        assert tasks.Task.get_by_id(later.id).started >= tasks.Task.get_by_id(
+            later.id).next_attempt
+    finally:
+        stop.set()
+        worker.join(5)
+    assert not worker.is_alive()  # stop is seen while idle
