@@ -43,7 +43,7 @@ import settings
 import tasks
 from models import (File, FileEvent, LibrarianError, Observation,
                     ObservingSession, write_transaction)
-from errors import Corrupt, from_peer
+from errors import from_peer
 from stores import SSHTarget, check_relative_folder
 
 log = logging.getLogger("librarian")
@@ -217,8 +217,7 @@ def check_sent(ctx, inst):
         log.warning("could not verify %s after a refused copy: %s", inst.file.name, e)
         return
     if not report["ok"]:
-        raise Corrupt("the bytes of %s do not match the file's record (%s); that instance is "
-                      "out of service" % (integrity.describe(inst), report["result"]))
+        raise integrity.out_of_service(inst, report["result"])
 
 
 def peer_host(ctx, connection_name, store_name, host):

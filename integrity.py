@@ -104,9 +104,14 @@ def reading(ctx, inst, how):
         yield
     except Mismatch as e:
         record(ctx, inst, "corrupt", md5=e.md5, how=how)
-        found = "they read as %s" % e.md5 if e.md5 else e
-        raise Corrupt("the bytes of %s do not match the file's record (%s); that instance is "
-                      "out of service" % (describe(inst), found)) from None
+        raise out_of_service(inst, "they read as %s" % e.md5 if e.md5 else e) from None
+
+
+def out_of_service(inst, found):
+    """The `Corrupt` for `inst`, whose bytes were found (`found`: how) not
+    to match the file's record, and recorded so."""
+    return Corrupt("the bytes of %s do not match the file's record (%s); that instance is "
+                   "out of service" % (describe(inst), found))
 
 
 def verified(ctx, inst, chunks, how):

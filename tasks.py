@@ -333,11 +333,11 @@ def work(ctx, name, stop, idle=IDLE_SECONDS):
                 if time.monotonic() - last_reclaim > STALE_SECONDS / 2:
                     reclaim_stale()
                     last_reclaim = time.monotonic()
-                task = claim(name)
+                due = next_due_seconds()  # (one indexed query when idle)
+                task = claim(name) if due == 0 else None
                 if task is not None:
                     run_one(ctx, task)
                     continue
-                due = next_due_seconds()
         except Exception:
             log.error("worker %s: %s", name, traceback.format_exc())
         wait = pause if due is None else max(SOON_SECONDS, min(pause, due))
